@@ -1,0 +1,323 @@
+//! A Rust client of protocol v1: derives keys from a room secret, creates and joins rooms
+//! (solving proof of work when asked), encrypts and decrypts message envelopes, and rejects
+//! replays by `(sid, n)`. The integration tests drive the real server through it; benchmarks
+//! and tools build on it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::crypto::{self, CHALLENGE_LEN, IV_LEN, RoomKeys};
+use crate::protocol::{ServerFrame, WireMsg, b64u, from_b64u};
+
+/// A client failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The WebSocket failed.
+    #[error("websocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    /// The server closed the socket (code and reason when given).
+    #[error("closed by server: {0:?}")]
+    Closed(Option<(u16, String)>),
+    /// The server sent something that is not protocol v1.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// No frame arrived in time.
+    #[error("timed out waiting for a frame")]
+    Timeout,
+    /// The server answered with an error frame.
+    #[error("server error {code}: {message}")]
+    Server {
+        /// Stable code.
+        code: String,
+        /// Human text.
+        message: String,
+    },
+}
+
+/// The `hello` a server sends on open.
+#[derive(Debug, Clone)]
+pub struct Hello {
+    /// This socket's join challenge.
+    pub challenge: [u8; CHALLENGE_LEN],
+    /// Proof of work currently required for `create`.
+    pub pow_bits: u8,
+    /// Largest ciphertext accepted.
+    pub max_ct: usize,
+    /// Messages returned by `join`.
+    pub history: u32,
+}
+
+/// One connection to a server.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The server's hello.
+    pub hello: Hello,
+    /// How long `recv` waits.
+    pub timeout: Duration,
+}
+
+impl Client {
+    /// Connect to `ws://host:port/ws` and read the hello.
+    pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let mut client = Client {
+            ws,
+            hello: Hello {
+                challenge: [0; CHALLENGE_LEN],
+                pow_bits: 0,
+                max_ct: 0,
+                history: 0,
+            },
+            timeout: Duration::from_secs(10),
+        };
+        match client.recv().await? {
+            ServerFrame::Hello {
+                v: 1,
+                challenge,
+                pow_bits,
+                max_ct,
+                history,
+            } => {
+                client.hello = Hello {
+                    challenge: from_b64u(&challenge)
+                        .and_then(|c| c.try_into().ok())
+                        .ok_or_else(|| ClientError::Protocol("bad challenge".into()))?,
+                    pow_bits,
+                    max_ct,
+                    history,
+                };
+                Ok(client)
+            }
+            other => Err(ClientError::Protocol(format!(
+                "expected hello, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Send raw text (tests use it for malformed frames).
+    pub async fn send_text(&mut self, text: impl Into<String>) -> Result<(), ClientError> {
+        self.ws.send(Message::text(text.into())).await?;
+        Ok(())
+    }
+
+    /// Send a JSON value as one frame.
+    pub async fn send_json(&mut self, value: &serde_json::Value) -> Result<(), ClientError> {
+        self.send_text(value.to_string()).await
+    }
+
+    /// Send a binary frame (which the server refuses).
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) -> Result<(), ClientError> {
+        self.ws.send(Message::binary(bytes)).await?;
+        Ok(())
+    }
+
+    /// The next frame as raw text; pings are answered, close becomes `Closed`.
+    pub async fn recv_text(&mut self) -> Result<String, ClientError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .map_err(|_| ClientError::Timeout)?;
+            match next {
+                None => return Err(ClientError::Closed(None)),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(Message::Text(t))) => return Ok(t.as_str().to_owned()),
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(ClientError::Closed(frame.map(
+                        |CloseFrame { code, reason }| (u16::from(code), reason.as_str().to_owned()),
+                    )));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// The next frame.
+    pub async fn recv(&mut self) -> Result<ServerFrame, ClientError> {
+        let text = self.recv_text().await?;
+        serde_json::from_str(&text)
+            .map_err(|e| ClientError::Protocol(format!("unparseable frame {text:?}: {e}")))
+    }
+
+    /// The next frame, turning an error frame into `Err(Server)`.
+    pub async fn recv_ok(&mut self) -> Result<ServerFrame, ClientError> {
+        match self.recv().await? {
+            ServerFrame::Error { code, message, .. } => Err(ClientError::Server { code, message }),
+            frame => Ok(frame),
+        }
+    }
+
+    /// Ask for a proof-of-work token; returns (token, bits).
+    pub async fn pow_token(&mut self) -> Result<(Vec<u8>, u8), ClientError> {
+        self.send_json(&serde_json::json!({"type": "pow"})).await?;
+        match self.recv_ok().await? {
+            ServerFrame::Pow { token, bits, .. } => Ok((
+                from_b64u(&token).ok_or_else(|| ClientError::Protocol("bad token".into()))?,
+                bits,
+            )),
+            other => Err(ClientError::Protocol(format!(
+                "expected pow, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Create a room (solving proof of work if the hello asks for it); returns the answer frame.
+    pub async fn create(&mut self, keys: &RoomKeys) -> Result<ServerFrame, ClientError> {
+        let mut frame = serde_json::json!({
+            "type": "create",
+            "room": b64u(&keys.room_id),
+            "auth_key": b64u(&keys.auth_key),
+        });
+        if self.hello.pow_bits > 0 {
+            let (token, bits) = self.pow_token().await?;
+            let counter = crypto::pow_solve(&token, &keys.room_id, bits);
+            frame["pow"] = serde_json::json!({"token": b64u(&token), "counter": counter});
+        }
+        self.send_json(&frame).await?;
+        self.recv().await
+    }
+
+    /// Join a room with the proof for this socket's challenge; returns the answer frame.
+    pub async fn join(
+        &mut self,
+        keys: &RoomKeys,
+        after: Option<i64>,
+    ) -> Result<ServerFrame, ClientError> {
+        let proof = crypto::join_proof(&keys.auth_key, &self.hello.challenge, &keys.room_id);
+        let mut frame = serde_json::json!({
+            "type": "join",
+            "room": b64u(&keys.room_id),
+            "proof": b64u(&proof),
+        });
+        if let Some(after) = after {
+            frame["after"] = after.into();
+        }
+        self.send_json(&frame).await?;
+        self.recv().await
+    }
+
+    /// Send an already encrypted message.
+    pub async fn send_sealed(
+        &mut self,
+        reference: &str,
+        sealed: &Sealed,
+    ) -> Result<(), ClientError> {
+        self.send_json(&serde_json::json!({
+            "type": "send",
+            "ref": reference,
+            "epoch": sealed.epoch,
+            "iv": b64u(&sealed.iv),
+            "ct": b64u(&sealed.ct),
+        }))
+        .await
+    }
+
+    /// Close the socket politely.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// The plaintext of a message (PROTOCOL.md §2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Sender's nickname (≤ 64 characters).
+    pub nick: String,
+    /// Message text.
+    pub text: String,
+    /// b64u of 8 random bytes, one per client session.
+    pub sid: String,
+    /// Counter, starting at 1.
+    pub n: u64,
+    /// Client time, ms.
+    pub ts: i64,
+}
+
+/// An encrypted message ready to send.
+#[derive(Debug, Clone)]
+pub struct Sealed {
+    /// Epoch of the key used.
+    pub epoch: u32,
+    /// Random IV.
+    pub iv: [u8; IV_LEN],
+    /// Ciphertext with tag.
+    pub ct: Vec<u8>,
+}
+
+/// Why a received message was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// Did not decrypt (wrong room, epoch, tampered) or is not an envelope.
+    #[error("message does not decrypt")]
+    Undecryptable,
+    /// `(sid, n)` already seen, or `n` not above the highest seen for `sid`.
+    #[error("message replayed")]
+    Replayed,
+}
+
+/// A client's view of one room: its keys, its own `(sid, n)`, and the replay state.
+pub struct RoomSession {
+    /// The room's keys.
+    pub keys: RoomKeys,
+    sid: String,
+    n: u64,
+    highest: HashMap<String, u64>,
+}
+
+impl RoomSession {
+    /// Start a session for a room with a fresh random `sid`.
+    pub fn new(keys: RoomKeys) -> Self {
+        let mut sid = [0u8; 8];
+        rand::fill(&mut sid);
+        Self {
+            keys,
+            sid: b64u(&sid),
+            n: 0,
+            highest: HashMap::new(),
+        }
+    }
+
+    /// Encrypt a text with today's key.
+    pub fn seal(&mut self, nick: &str, text: &str) -> Sealed {
+        let now = crate::store::now_ms();
+        self.n += 1;
+        let env = Envelope {
+            nick: nick.to_owned(),
+            text: text.to_owned(),
+            sid: self.sid.clone(),
+            n: self.n,
+            ts: now,
+        };
+        let epoch = crypto::epoch_of(now);
+        let mut iv = [0u8; IV_LEN];
+        rand::fill(&mut iv);
+        let plain = serde_json::to_vec(&env).expect("envelopes serialize");
+        Sealed {
+            epoch,
+            iv,
+            ct: crypto::seal_message(&self.keys, epoch, &iv, &plain),
+        }
+    }
+
+    /// Decrypt a received message and apply the replay rule.
+    pub fn open(&mut self, msg: &WireMsg) -> Result<Envelope, Rejected> {
+        let iv = from_b64u(&msg.iv).ok_or(Rejected::Undecryptable)?;
+        let ct = from_b64u(&msg.ct).ok_or(Rejected::Undecryptable)?;
+        let plain =
+            crypto::open_message(&self.keys, msg.epoch, &iv, &ct).ok_or(Rejected::Undecryptable)?;
+        let env: Envelope = serde_json::from_slice(&plain).map_err(|_| Rejected::Undecryptable)?;
+        let highest = self.highest.entry(env.sid.clone()).or_insert(0);
+        if env.n <= *highest {
+            return Err(Rejected::Replayed);
+        }
+        *highest = env.n;
+        Ok(env)
+    }
+}

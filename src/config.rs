@@ -1,0 +1,465 @@
+//! Settings, layered once: defaults in code, then an optional TOML file (`--config PATH` or
+//! `NANOCHAT_CONFIG`), then environment variables `NANOCHAT__SECTION__KEY`. Every key is listed
+//! with its default and environment name in `deploy/nanochat.toml`.
+//!
+//! Unknown keys are errors (a typo must not silently fall back to a default), and
+//! [`Settings::validate`] names the key of every value out of range.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// All settings of one server process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Listeners, data directory and secret.
+    pub server: ServerSettings,
+    /// Storage backend.
+    pub database: DatabaseSettings,
+    /// Message and room expiry.
+    pub retention: RetentionSettings,
+    /// Protocol and connection limits.
+    pub limits: LimitSettings,
+    /// Proof of work for room creation.
+    pub pow: PowSettings,
+    /// Group commit of messages.
+    pub store: StoreSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Public listener (browser client, `/ws`, health).
+    pub listen: String,
+    /// Admin listener (`/metrics`).
+    pub admin_listen: String,
+    /// Data directory (SQLite database, default secret file).
+    pub data_dir: PathBuf,
+    /// Server secret file; default `<data_dir>/secret`.
+    pub secret_file: Option<PathBuf>,
+    /// HTTP worker threads; 0 = one per CPU.
+    pub workers: usize,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// Postgres connection string; unset = embedded SQLite in the data directory.
+    pub url: Option<String>,
+    /// Largest number of pooled Postgres connections.
+    pub pool_size: usize,
+    /// Seconds to wait for a connection before a request fails with `unavailable`.
+    pub connect_timeout_secs: u64,
+}
+
+/// `[retention]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// Days a message is kept; also how long an idle room lives.
+    pub days: u32,
+    /// Days a wiped room's tombstone refuses re-creation.
+    pub tombstone_days: u32,
+    /// Seconds between maintenance runs.
+    pub maintenance_interval_secs: u64,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Messages returned by `join` without `after`, and the default `history` page.
+    pub history: u32,
+    /// Largest WebSocket frame, bytes.
+    pub max_frame_bytes: usize,
+    /// Largest ciphertext, bytes (decoded).
+    pub max_ct_bytes: usize,
+    /// Frames queued for one socket before it counts as a slow consumer and is disconnected.
+    pub send_queue: usize,
+    /// Seconds a write to one socket may block before the socket is dropped.
+    pub send_timeout_secs: u64,
+    /// Unacknowledged `send`s one socket may have in flight; reading pauses beyond it.
+    pub max_inflight_sends: usize,
+    /// Seconds between server pings.
+    pub ping_interval_secs: u64,
+    /// Seconds of client silence (no frame, no pong) before the socket is closed.
+    pub idle_timeout_secs: u64,
+    /// Sustained frames per second one socket may send.
+    pub frames_per_second: u32,
+    /// Frames one socket may send in a burst.
+    pub frames_burst: u32,
+}
+
+/// `[pow]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PowSettings {
+    /// `off` or `on`.
+    pub mode: PowMode,
+    /// Leading zero bits required when on.
+    pub bits: u8,
+    /// Seconds a token stays valid.
+    pub token_ttl_secs: u64,
+}
+
+/// Whether room creation needs proof of work.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PowMode {
+    /// Never.
+    Off,
+    /// Always, at `pow.bits`.
+    On,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// Most messages written in one transaction.
+    pub batch_max: usize,
+    /// Messages waiting for the writer before senders wait.
+    pub queue: usize,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+    /// Filter in `RUST_LOG` syntax; `RUST_LOG` itself wins when set.
+    pub filter: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9464".into(),
+            data_dir: PathBuf::from("./data"),
+            secret_file: None,
+            workers: 0,
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            pool_size: 16,
+            connect_timeout_secs: 5,
+        }
+    }
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            days: 30,
+            tombstone_days: 365,
+            maintenance_interval_secs: 3600,
+        }
+    }
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            history: 100,
+            max_frame_bytes: 65536,
+            max_ct_bytes: 8192,
+            send_queue: 256,
+            send_timeout_secs: 10,
+            max_inflight_sends: 64,
+            ping_interval_secs: 20,
+            idle_timeout_secs: 60,
+            frames_per_second: 20,
+            frames_burst: 60,
+        }
+    }
+}
+
+impl Default for PowSettings {
+    fn default() -> Self {
+        Self {
+            mode: PowMode::Off,
+            bits: 18,
+            token_ttl_secs: 300,
+        }
+    }
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            batch_max: 512,
+            queue: 8192,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// A configuration error; the text names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Settings {
+    /// Load settings: defaults, then `file` (if any), then `NANOCHAT__*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment (tests use this).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let defaults = config::Config::try_from(&Settings::default())
+            .map_err(|e| ConfigError(e.to_string()))?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("NANOCHAT__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("NANOCHAT")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Check every value that has a range; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn check(ok: bool, key: &str, what: &str) -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError(format!("{key}: {what}")))
+            }
+        }
+        check(
+            self.server.listen.parse::<SocketAddr>().is_ok(),
+            "server.listen",
+            "must be an address like 127.0.0.1:8080",
+        )?;
+        check(
+            self.server.admin_listen.parse::<SocketAddr>().is_ok(),
+            "server.admin_listen",
+            "must be an address like 127.0.0.1:9464",
+        )?;
+        check(
+            !self.server.data_dir.as_os_str().is_empty(),
+            "server.data_dir",
+            "must not be empty",
+        )?;
+        if let Some(url) = &self.database.url {
+            check(
+                url.parse::<tokio_postgres::Config>().is_ok(),
+                "database.url",
+                "is not a valid Postgres connection string",
+            )?;
+        }
+        check(
+            (1..=1024).contains(&self.database.pool_size),
+            "database.pool_size",
+            "must be between 1 and 1024",
+        )?;
+        check(
+            (1..=300).contains(&self.database.connect_timeout_secs),
+            "database.connect_timeout_secs",
+            "must be between 1 and 300",
+        )?;
+        check(
+            (1..=3650).contains(&self.retention.days),
+            "retention.days",
+            "must be between 1 and 3650",
+        )?;
+        check(
+            self.retention.tombstone_days <= 36500,
+            "retention.tombstone_days",
+            "must be at most 36500",
+        )?;
+        check(
+            (1..=86400).contains(&self.retention.maintenance_interval_secs),
+            "retention.maintenance_interval_secs",
+            "must be between 1 and 86400",
+        )?;
+        let l = &self.limits;
+        check(
+            (1..=crate::protocol::MAX_HISTORY_LIMIT).contains(&l.history),
+            "limits.history",
+            "must be between 1 and 200",
+        )?;
+        check(
+            (16..=1 << 20).contains(&l.max_ct_bytes),
+            "limits.max_ct_bytes",
+            "must be between 16 and 1048576",
+        )?;
+        // A send frame carries the ciphertext in base64 (4/3 larger) plus ~200 bytes of JSON.
+        check(
+            l.max_frame_bytes <= 16 << 20 && l.max_frame_bytes >= l.max_ct_bytes * 4 / 3 + 256,
+            "limits.max_frame_bytes",
+            "must be at most 16 MiB and hold a send frame of limits.max_ct_bytes (4/3 of it + 256)",
+        )?;
+        check(
+            (1..=65536).contains(&l.send_queue),
+            "limits.send_queue",
+            "must be between 1 and 65536",
+        )?;
+        check(
+            (1..=3600).contains(&l.send_timeout_secs),
+            "limits.send_timeout_secs",
+            "must be between 1 and 3600",
+        )?;
+        check(
+            (1..=4096).contains(&l.max_inflight_sends),
+            "limits.max_inflight_sends",
+            "must be between 1 and 4096",
+        )?;
+        check(
+            (1..=3600).contains(&l.ping_interval_secs),
+            "limits.ping_interval_secs",
+            "must be between 1 and 3600",
+        )?;
+        check(
+            l.idle_timeout_secs > l.ping_interval_secs && l.idle_timeout_secs <= 86400,
+            "limits.idle_timeout_secs",
+            "must be above limits.ping_interval_secs and at most 86400",
+        )?;
+        check(
+            l.frames_per_second >= 1,
+            "limits.frames_per_second",
+            "must be at least 1",
+        )?;
+        check(
+            l.frames_burst >= 1,
+            "limits.frames_burst",
+            "must be at least 1",
+        )?;
+        check(self.pow.bits <= 40, "pow.bits", "must be at most 40")?;
+        check(
+            (10..=86400).contains(&self.pow.token_ttl_secs),
+            "pow.token_ttl_secs",
+            "must be between 10 and 86400",
+        )?;
+        check(
+            (1..=65536).contains(&self.store.batch_max),
+            "store.batch_max",
+            "must be between 1 and 65536",
+        )?;
+        check(
+            self.store.queue >= 1 && self.store.queue <= 1 << 20,
+            "store.queue",
+            "must be between 1 and 1048576",
+        )?;
+        Ok(())
+    }
+
+    /// The server secret file: `server.secret_file`, or `<data_dir>/secret`.
+    pub fn secret_path(&self) -> PathBuf {
+        self.server
+            .secret_file
+            .clone()
+            .unwrap_or_else(|| self.server.data_dir.join("secret"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_the_documented_values() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s, Settings::default());
+        assert_eq!(s.server.listen, "127.0.0.1:8080");
+        assert_eq!(s.retention.days, 30);
+        assert_eq!(s.secret_path(), PathBuf::from("./data/secret"));
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("NANOCHAT__SERVER__LISTEN", "0.0.0.0:9000"),
+                ("NANOCHAT__LIMITS__MAX_CT_BYTES", "4096"),
+                ("NANOCHAT__DATABASE__URL", "postgres://u@localhost/db"),
+                ("NANOCHAT_CONFIG", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.listen, "0.0.0.0:9000");
+        assert_eq!(s.limits.max_ct_bytes, 4096);
+        assert_eq!(s.database.url.as_deref(), Some("postgres://u@localhost/db"));
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let e = Settings::load_from(None, env(&[("NANOCHAT__RETENTION__DAYS", "0")])).unwrap_err();
+        assert!(e.to_string().contains("retention.days"), "{e}");
+        let e =
+            Settings::load_from(None, env(&[("NANOCHAT__SERVER__LISTEN", "nowhere")])).unwrap_err();
+        assert!(e.to_string().contains("server.listen"), "{e}");
+        let e = Settings::load_from(None, env(&[("NANOCHAT__SERVER__LISTN", "x")])).unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+        let e =
+            Settings::load_from(None, env(&[("NANOCHAT__LIMITS__HISTORY", "many")])).unwrap_err();
+        assert!(e.to_string().contains("history"), "{e}");
+    }
+}

@@ -1,0 +1,252 @@
+//! Rooms -> subscribers, and fan-out of committed messages to the sockets of a room.
+//!
+//! A broadcast frame is serialized once by the caller and its bytes ([`ByteString`], a
+//! reference-counted buffer) are shared by every recipient: fan-out to n sockets costs n
+//! reference-count increments and n channel pushes, never n serializations or copies.
+//!
+//! # Concurrency
+//! The room map is split into shards, each behind a `std::sync::Mutex`: the critical sections
+//! are short and never `.await` (pushing to a subscriber uses `try_send`), so an async mutex
+//! would only add cost. Room ids are uniformly random, so the first byte picks a shard evenly.
+//!
+//! # Slow consumers
+//! Each socket has a bounded queue (`limits.send_queue` frames). When a publish finds it full,
+//! the subscriber is removed from the room and *kicked*: its session closes the socket with
+//! close code 4008 ("too slow"). Memory per socket therefore stays bounded whatever a client
+//! does, and the room's other members never wait for it. Nothing is lost: every message is in
+//! storage, and the client catches up by rejoining with `after`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use bytestring::ByteString;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::crypto::RoomId;
+use crate::metrics::Metrics;
+
+const SHARDS: usize = 16;
+
+/// Identifies one socket for the life of the process.
+pub type SessionId = u64;
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh session id.
+pub fn next_session_id() -> SessionId {
+    NEXT_SESSION.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A frame queued to one socket, with the seq it carries so a session can drop frames it has
+/// already delivered from storage.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// Sequence number of the message in the frame.
+    pub seq: i64,
+    /// The serialized frame, shared with every other recipient.
+    pub frame: ByteString,
+}
+
+/// Why a session was kicked out of its room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickReason {
+    /// The socket's queue was full.
+    SlowConsumer,
+    /// The room was wiped by `panic`.
+    Nuked,
+}
+
+/// A one-shot signal from the hub to a session.
+#[derive(Debug, Clone, Default)]
+pub struct Kick {
+    token: CancellationToken,
+    reason: Arc<AtomicU8>,
+}
+
+impl Kick {
+    fn fire(&self, reason: KickReason) {
+        // The first reason wins: a nuked room stays nuked even if the queue was also full.
+        let code = match reason {
+            KickReason::SlowConsumer => 1,
+            KickReason::Nuked => 2,
+        };
+        let _ = self
+            .reason
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        self.token.cancel();
+    }
+
+    /// Wait until the session is kicked; returns why.
+    pub async fn kicked(&self) -> KickReason {
+        self.token.cancelled().await;
+        match self.reason.load(Ordering::Acquire) {
+            2 => KickReason::Nuked,
+            _ => KickReason::SlowConsumer,
+        }
+    }
+}
+
+struct Subscriber {
+    id: SessionId,
+    tx: mpsc::Sender<Outbound>,
+    kick: Kick,
+}
+
+/// A room subscription held by a session.
+pub struct Subscription {
+    /// Frames for this socket.
+    pub rx: mpsc::Receiver<Outbound>,
+    /// Fires when the socket must leave the room.
+    pub kick: Kick,
+}
+
+/// The in-process registry of rooms and their sockets.
+pub struct Hub {
+    shards: Vec<Mutex<HashMap<RoomId, Vec<Subscriber>>>>,
+    queue: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    /// A hub whose sockets queue at most `queue` frames.
+    pub fn new(queue: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            queue,
+            metrics,
+        }
+    }
+
+    fn shard(&self, room: &RoomId) -> std::sync::MutexGuard<'_, HashMap<RoomId, Vec<Subscriber>>> {
+        // A panic never happens while a shard is locked (no user code runs there), so a
+        // poisoned lock still guards a consistent map.
+        self.shards[room[0] as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Add a socket to a room.
+    pub fn subscribe(&self, room: &RoomId, id: SessionId) -> Subscription {
+        let (tx, rx) = mpsc::channel(self.queue);
+        let kick = Kick::default();
+        self.shard(room).entry(*room).or_default().push(Subscriber {
+            id,
+            tx,
+            kick: kick.clone(),
+        });
+        Subscription { rx, kick }
+    }
+
+    /// Remove a socket from a room (on close).
+    pub fn unsubscribe(&self, room: &RoomId, id: SessionId) {
+        let mut shard = self.shard(room);
+        if let Some(subs) = shard.get_mut(room) {
+            subs.retain(|s| s.id != id);
+            if subs.is_empty() {
+                shard.remove(room);
+            }
+        }
+    }
+
+    /// Queue a frame to every socket of a room except `except`; returns how many got it.
+    pub fn publish(
+        &self,
+        room: &RoomId,
+        seq: i64,
+        frame: &ByteString,
+        except: Option<SessionId>,
+    ) -> usize {
+        let mut shard = self.shard(room);
+        let Some(subs) = shard.get_mut(room) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        let mut slow = 0;
+        subs.retain(|s| {
+            if Some(s.id) == except {
+                return true;
+            }
+            let out = Outbound {
+                seq,
+                frame: frame.clone(),
+            };
+            match s.tx.try_send(out) {
+                Ok(()) => {
+                    delivered += 1;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.kick.fire(KickReason::SlowConsumer);
+                    slow += 1;
+                    false
+                }
+                // The session ended without unsubscribing yet; drop it here.
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        if subs.is_empty() {
+            shard.remove(room);
+        }
+        drop(shard);
+        self.metrics
+            .messages_fanned_out_total
+            .inc_by(delivered as u64);
+        self.metrics.slow_consumers_total.inc_by(slow);
+        delivered
+    }
+
+    /// Kick every socket of a wiped room; returns how many there were.
+    pub fn nuke(&self, room: &RoomId) -> usize {
+        let subs = self.shard(room).remove(room).unwrap_or_default();
+        for s in &subs {
+            s.kick.fire(KickReason::Nuked);
+        }
+        subs.len()
+    }
+
+    /// Sockets currently in a room.
+    pub fn members(&self, room: &RoomId) -> usize {
+        self.shard(room).get(room).map_or(0, Vec::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_kicks_only_that_subscriber() {
+        let hub = Hub::new(2, Arc::new(Metrics::new()));
+        let room = [1u8; 16];
+        let mut fast = hub.subscribe(&room, 1);
+        let slow = hub.subscribe(&room, 2);
+        let frame = ByteString::from_static("x");
+        for seq in 1..=3 {
+            assert!(hub.publish(&room, seq, &frame, None) >= 1);
+            assert_eq!(fast.rx.recv().await.map(|o| o.seq), Some(seq));
+        }
+        assert_eq!(slow.kick.kicked().await, KickReason::SlowConsumer);
+        assert_eq!(hub.members(&room), 1);
+    }
+
+    #[tokio::test]
+    async fn publish_skips_the_sender_and_nuke_kicks_everyone() {
+        let hub = Hub::new(8, Arc::new(Metrics::new()));
+        let room = [2u8; 16];
+        let mut a = hub.subscribe(&room, 1);
+        let mut b = hub.subscribe(&room, 2);
+        assert_eq!(
+            hub.publish(&room, 1, &ByteString::from_static("m"), Some(1)),
+            1
+        );
+        assert_eq!(b.rx.recv().await.map(|o| o.seq), Some(1));
+        assert!(a.rx.try_recv().is_err());
+        assert_eq!(hub.nuke(&room), 2);
+        assert_eq!(a.kick.kicked().await, KickReason::Nuked);
+        assert_eq!(b.kick.kicked().await, KickReason::Nuked);
+        assert_eq!(hub.members(&room), 0);
+    }
+}

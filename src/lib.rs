@@ -1,0 +1,26 @@
+//! NanoChat server: an anonymous, end-to-end-encrypted web chat server that stores and relays
+//! ciphertexts it cannot read. Protocol: `docs/protocol.md`.
+//!
+//! # Layout
+//! - [`config`]: settings, layered defaults -> TOML file -> `NANOCHAT__*` environment.
+//! - [`telemetry`]: tracing-subscriber setup.
+//! - [`metrics`]: every Prometheus metric, defined once.
+//! - [`crypto`]: HKDF, HMAC join proofs, proof-of-work tokens, key wrapping; shared with the
+//!   client.
+//! - [`protocol`]: wire frames, their validation, the stable error codes.
+//! - [`hub`]: rooms -> sockets, fan-out, slow-consumer policy.
+//! - [`session`]: one WebSocket connection's loop.
+//! - [`store`]: the `Store` trait, its SQLite and Postgres backends, and the group-commit writer.
+//! - [`startup`]: `Application`: listeners, routes, background tasks.
+//! - [`client`]: a Rust client of the protocol (tests, benchmarks, tools).
+
+pub mod client;
+pub mod config;
+pub mod crypto;
+pub mod hub;
+pub mod metrics;
+pub mod protocol;
+pub mod session;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

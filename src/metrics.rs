@@ -1,0 +1,196 @@
+//! Every Prometheus metric of the server, defined once with its help text. Each
+//! [`Application`](crate::startup::Application) owns its own registry, so tests can run many
+//! servers in one process. No metric carries a room id or an IP as a label.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::protocol::ErrorCode;
+
+/// The metrics of one server.
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections_open: IntGauge,
+    /// WebSocket connections accepted.
+    pub connections_total: IntCounter,
+    /// Join attempts by result (`ok`, `auth_failed`, `room_gone`, `error`).
+    pub joins_total: IntCounterVec,
+    /// Rooms created.
+    pub rooms_created_total: IntCounter,
+    /// Rooms wiped with panic.
+    pub rooms_wiped_total: IntCounter,
+    /// Messages committed to storage.
+    pub messages_stored_total: IntCounter,
+    /// Message frames queued to room members.
+    pub messages_fanned_out_total: IntCounter,
+    /// Sockets disconnected because they could not keep up.
+    pub slow_consumers_total: IntCounter,
+    /// Error frames sent, by code.
+    pub frames_rejected_total: IntCounterVec,
+    /// Duration of one group-commit write.
+    pub store_batch_seconds: Histogram,
+    /// Messages per group-commit write.
+    pub store_batch_size: Histogram,
+    /// Storage operations that failed, by operation.
+    pub store_errors_total: IntCounterVec,
+    /// Maintenance runs by result.
+    pub maintenance_runs_total: IntCounterVec,
+    /// Message-history partitions dropped by maintenance (Postgres).
+    pub partitions_dropped_total: IntCounter,
+    /// Rooms deleted by maintenance (idle or tombstone expired).
+    pub rooms_expired_total: IntCounter,
+    /// Time from receiving a `send` to its `ack`.
+    pub ack_latency_seconds: HistogramVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    registry
+        .register(Box::new(metric.clone()))
+        // Names are unique constants in this module; a clash is a programming error.
+        .expect("metric names are unique");
+    metric
+}
+
+impl Metrics {
+    /// Create and register every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let counter =
+            |name: &str, help: &str| reg(r, IntCounter::new(name, help).expect("valid metric"));
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let m = Metrics {
+            connections_open: reg(
+                r,
+                IntGauge::new("nanochat_connections_open", "Open WebSocket connections.")
+                    .expect("valid metric"),
+            ),
+            connections_total: counter(
+                "nanochat_connections_total",
+                "WebSocket connections accepted.",
+            ),
+            joins_total: counter_vec(
+                "nanochat_joins_total",
+                "Join attempts by result.",
+                &["result"],
+            ),
+            rooms_created_total: counter("nanochat_rooms_created_total", "Rooms created."),
+            rooms_wiped_total: counter(
+                "nanochat_rooms_wiped_total",
+                "Rooms wiped by the panic button.",
+            ),
+            messages_stored_total: counter(
+                "nanochat_messages_stored_total",
+                "Messages committed to storage.",
+            ),
+            messages_fanned_out_total: counter(
+                "nanochat_messages_fanned_out_total",
+                "Message frames queued to room members.",
+            ),
+            slow_consumers_total: counter(
+                "nanochat_slow_consumers_total",
+                "Sockets disconnected because they could not keep up with their room.",
+            ),
+            frames_rejected_total: counter_vec(
+                "nanochat_frames_rejected_total",
+                "Error frames sent, by code.",
+                &["code"],
+            ),
+            store_batch_seconds: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "nanochat_store_batch_seconds",
+                        "Duration of one group-commit write.",
+                    )
+                    .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid")),
+                )
+                .expect("valid metric"),
+            ),
+            store_batch_size: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "nanochat_store_batch_size",
+                        "Messages written per group-commit transaction.",
+                    )
+                    .buckets(prometheus::exponential_buckets(1.0, 2.0, 14).expect("valid")),
+                )
+                .expect("valid metric"),
+            ),
+            store_errors_total: counter_vec(
+                "nanochat_store_errors_total",
+                "Storage operations that failed, by operation.",
+                &["op"],
+            ),
+            maintenance_runs_total: counter_vec(
+                "nanochat_maintenance_runs_total",
+                "Maintenance runs by result.",
+                &["result"],
+            ),
+            partitions_dropped_total: counter(
+                "nanochat_partitions_dropped_total",
+                "Daily message partitions dropped by maintenance.",
+            ),
+            rooms_expired_total: counter(
+                "nanochat_rooms_expired_total",
+                "Rooms deleted by maintenance: idle past retention or tombstone expired.",
+            ),
+            ack_latency_seconds: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "nanochat_ack_latency_seconds",
+                        "Time from receiving a send to its ack, by result.",
+                    )
+                    .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid")),
+                    &["result"],
+                )
+                .expect("valid metric"),
+            ),
+            registry,
+        };
+        // Pre-create the labelled series so dashboards see zeros instead of gaps.
+        for code in ErrorCode::ALL {
+            m.frames_rejected_total.with_label_values(&[code.as_str()]);
+        }
+        for result in ["ok", "auth_failed", "room_gone", "error"] {
+            m.joins_total.with_label_values(&[result]);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            // Registered once per registry; cannot clash.
+            let _ = m.registry.register(Box::new(pc));
+        }
+        m
+    }
+
+    /// Count an error frame.
+    pub fn rejected(&self, code: ErrorCode) {
+        self.frames_rejected_total
+            .with_label_values(&[code.as_str()])
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

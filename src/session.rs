@@ -1,0 +1,643 @@
+//! One WebSocket connection: the hello, the frame loop, heartbeats and limits.
+//!
+//! # The loop
+//! A single task per socket `select!`s over, in priority order:
+//! 1. a kick from the hub (room wiped, or this socket too slow),
+//! 2. commits of this socket's `send`s, answered with `ack` in send order,
+//! 3. frames queued for this socket by the hub,
+//! 4. the next client frame, read only while fewer than `limits.max_inflight_sends` sends are
+//!    waiting for their commit (so a fast sender is paced by the database, not buffered),
+//! 5. the heartbeat tick: close after `limits.idle_timeout_secs` of client silence, else ping.
+//!
+//! Writes to the socket are bounded by `limits.send_timeout_secs`; a client that stops reading
+//! is dropped instead of holding the task. Nothing here holds a lock across an `.await`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
+
+use crate::crypto::{self, CHALLENGE_LEN, RoomId};
+use crate::hub::{Kick, KickReason, Outbound, SessionId, next_session_id};
+use crate::protocol::{
+    ClientFrame, ErrorCode, FrameError, FrameLimits, HistoryQuery, PROTOCOL_VERSION, PowSolution,
+    ServerFrame, WireMsg, b64u, parse_client_frame, room_to_wire,
+};
+use crate::startup::AppState;
+use crate::store::writer::WriteResult;
+use crate::store::{CreateOutcome, NewMessage, Page, StoreError, now_ms};
+
+/// Close code for a socket that could not keep up with its room.
+pub const CLOSE_TOO_SLOW: u16 = 4008;
+
+type PendingAck =
+    Pin<Box<dyn Future<Output = (String, Result<WriteResult, oneshot::error::RecvError>)>>>;
+
+/// Why the loop ended, turned into a close frame.
+enum End {
+    /// The client closed or vanished; nothing to send.
+    Gone,
+    /// Close with this code and reason.
+    Close(CloseCode, &'static str),
+}
+
+struct Joined {
+    room: RoomId,
+    /// Highest seq this socket has been given; live frames at or below it are duplicates of
+    /// what `joined` already carried.
+    high_seq: i64,
+}
+
+struct Conn {
+    id: SessionId,
+    state: Arc<AppState>,
+    ws: actix_ws::Session,
+    challenge: [u8; CHALLENGE_LEN],
+    joined: Option<Joined>,
+    pending: FuturesOrdered<PendingAck>,
+    limiter: DefaultDirectRateLimiter,
+    send_timeout: Duration,
+}
+
+fn refuse(code: ErrorCode, message: &'static str) -> FrameError {
+    FrameError::new(code, message)
+}
+
+fn store_refusal(e: &StoreError, op: &'static str, state: &AppState) -> FrameError {
+    tracing::warn!(error = %e, op, "storage operation failed");
+    state
+        .metrics
+        .store_errors_total
+        .with_label_values(&[op])
+        .inc();
+    match e {
+        StoreError::Unavailable(_) => refuse(
+            ErrorCode::Unavailable,
+            "storage is unavailable right now; nothing was changed, try again shortly",
+        ),
+        StoreError::Corrupt(_) => refuse(ErrorCode::Internal, "internal error"),
+    }
+}
+
+fn wire_messages(page: Page) -> (Vec<WireMsg>, bool, i64) {
+    let high = page.messages.last().map_or(0, |m| m.seq);
+    let msgs = page
+        .messages
+        .into_iter()
+        .map(|m| WireMsg {
+            seq: m.seq,
+            ts: m.ts,
+            epoch: m.epoch,
+            iv: b64u(&m.iv),
+            ct: b64u(&m.ct),
+        })
+        .collect();
+    (msgs, page.more, high)
+}
+
+async fn next_outbound(rx: &mut Option<mpsc::Receiver<Outbound>>) -> Option<Outbound> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_kick(kick: &Option<Kick>) -> KickReason {
+    match kick {
+        Some(k) => k.kicked().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Run one connection to its end.
+pub async fn run(state: Arc<AppState>, ws: actix_ws::Session, stream: actix_ws::MessageStream) {
+    let limits = &state.settings.limits;
+    let max_frame = limits.max_frame_bytes;
+    let mut stream = stream
+        .max_frame_size(max_frame)
+        .aggregate_continuations()
+        .max_continuation_size(max_frame);
+    let quota = Quota::per_second(
+        std::num::NonZeroU32::new(limits.frames_per_second).unwrap_or(std::num::NonZeroU32::MIN),
+    )
+    .allow_burst(
+        std::num::NonZeroU32::new(limits.frames_burst).unwrap_or(std::num::NonZeroU32::MIN),
+    );
+    let mut challenge = [0u8; CHALLENGE_LEN];
+    rand::fill(&mut challenge);
+    let ping_every = Duration::from_secs(limits.ping_interval_secs);
+    let idle_after = Duration::from_secs(limits.idle_timeout_secs);
+    let max_inflight = limits.max_inflight_sends;
+    let mut conn = Conn {
+        id: next_session_id(),
+        send_timeout: Duration::from_secs(limits.send_timeout_secs),
+        state: state.clone(),
+        ws,
+        challenge,
+        joined: None,
+        pending: FuturesOrdered::new(),
+        limiter: RateLimiter::direct(quota),
+    };
+    state.metrics.connections_open.inc();
+    state.metrics.connections_total.inc();
+
+    let hello = ServerFrame::Hello {
+        v: PROTOCOL_VERSION,
+        challenge: b64u(&conn.challenge),
+        pow_bits: state.pow_bits(),
+        max_ct: state.settings.limits.max_ct_bytes,
+        history: state.settings.limits.history,
+    };
+    let mut rx: Option<mpsc::Receiver<Outbound>> = None;
+    let mut kick: Option<Kick> = None;
+    let mut last_heard = Instant::now();
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+
+    let end = if conn.send(hello.to_text()).await.is_err() {
+        End::Gone
+    } else {
+        loop {
+            tokio::select! {
+                biased;
+                reason = next_kick(&kick) => {
+                    break match reason {
+                        KickReason::Nuked => {
+                            let _ = conn.send(ServerFrame::Nuked.to_text()).await;
+                            End::Close(CloseCode::Normal, "room wiped")
+                        }
+                        KickReason::SlowConsumer => {
+                            End::Close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow")
+                        }
+                    };
+                }
+                Some((reference, result)) = conn.pending.next(), if !conn.pending.is_empty() => {
+                    if conn.finish_send(reference, result).await.is_err() {
+                        break End::Gone;
+                    }
+                }
+                out = next_outbound(&mut rx) => {
+                    let Some(out) = out else {
+                        // The hub dropped us without a kick: treat as too slow.
+                        break End::Close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow");
+                    };
+                    let joined = conn.joined.as_mut().expect("a receiver exists only once joined");
+                    if out.seq > joined.high_seq {
+                        joined.high_seq = out.seq;
+                        if conn.send(out.frame).await.is_err() {
+                            break End::Gone;
+                        }
+                    }
+                }
+                msg = stream.recv(), if conn.pending.len() < max_inflight => {
+                    last_heard = Instant::now();
+                    match msg {
+                        None => break End::Gone,
+                        Some(Ok(AggregatedMessage::Text(text))) => {
+                            match conn.handle_text(&text).await {
+                                Ok(Some(sub)) => {
+                                    rx = Some(sub.rx);
+                                    kick = Some(sub.kick);
+                                }
+                                Ok(None) => {}
+                                Err(()) => break End::Gone,
+                            }
+                        }
+                        Some(Ok(AggregatedMessage::Binary(_))) => {
+                            let err = refuse(ErrorCode::BadRequest, "binary frames are not accepted; send JSON text frames");
+                            let _ = conn.send_error(&err, None).await;
+                            break End::Close(CloseCode::Unsupported, "binary frame");
+                        }
+                        Some(Ok(AggregatedMessage::Ping(bytes))) => {
+                            if conn.ws.pong(&bytes).await.is_err() {
+                                break End::Gone;
+                            }
+                        }
+                        Some(Ok(AggregatedMessage::Pong(_))) => {}
+                        Some(Ok(AggregatedMessage::Close(_))) => break End::Close(CloseCode::Normal, ""),
+                        Some(Err(ProtocolError::Overflow)) => {
+                            let err = refuse(ErrorCode::TooLarge, "the frame is larger than this server accepts");
+                            let _ = conn.send_error(&err, None).await;
+                            break End::Close(CloseCode::Size, "frame too large");
+                        }
+                        Some(Err(_)) => break End::Close(CloseCode::Protocol, "protocol error"),
+                    }
+                }
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() >= idle_after {
+                        break End::Close(CloseCode::Away, "idle timeout");
+                    }
+                    if conn.ws.ping(b"").await.is_err() {
+                        break End::Gone;
+                    }
+                }
+            }
+        }
+    };
+
+    if let Some(joined) = &conn.joined {
+        state.hub.unsubscribe(&joined.room, conn.id);
+    }
+    state.metrics.connections_open.dec();
+    if let End::Close(code, description) = end {
+        let reason = CloseReason {
+            code,
+            description: (!description.is_empty()).then(|| description.to_owned()),
+        };
+        let _ = tokio::time::timeout(conn.send_timeout, conn.ws.close(Some(reason))).await;
+    }
+}
+
+impl Conn {
+    /// Send one text frame, giving up after the send timeout.
+    async fn send(&mut self, text: impl Into<bytestring::ByteString>) -> Result<(), ()> {
+        match tokio::time::timeout(self.send_timeout, self.ws.text(text)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    async fn send_error(
+        &mut self,
+        err: &FrameError,
+        retry_after_ms: Option<u64>,
+    ) -> Result<(), ()> {
+        self.state.metrics.rejected(err.code);
+        self.send(ServerFrame::error(err, retry_after_ms).to_text())
+            .await
+    }
+
+    async fn finish_send(
+        &mut self,
+        reference: String,
+        result: Result<WriteResult, oneshot::error::RecvError>,
+    ) -> Result<(), ()> {
+        let frame = match result {
+            Ok(Ok(c)) => ServerFrame::Ack {
+                reference,
+                seq: c.seq,
+                ts: c.ts,
+            },
+            Ok(Err(code)) => {
+                let message = match code {
+                    ErrorCode::Replay => "this room already has a message with this IV",
+                    ErrorCode::RoomGone => "this room was wiped",
+                    _ => "storage is unavailable right now; the message was not stored, retry it",
+                };
+                self.state.metrics.rejected(code);
+                ServerFrame::error(
+                    &FrameError {
+                        code,
+                        message,
+                        reference: Some(reference),
+                    },
+                    None,
+                )
+            }
+            // The writer dropped the job without answering: it was not stored.
+            Err(_) => {
+                self.state.metrics.rejected(ErrorCode::Unavailable);
+                ServerFrame::error(
+                    &FrameError {
+                        code: ErrorCode::Unavailable,
+                        message: "the message was not stored, retry it",
+                        reference: Some(reference),
+                    },
+                    None,
+                )
+            }
+        };
+        self.send(frame.to_text()).await
+    }
+
+    /// Handle one text frame. `Ok(Some(_))` when the socket just joined a room; `Err` when the
+    /// socket is gone.
+    async fn handle_text(&mut self, text: &str) -> Result<Option<crate::hub::Subscription>, ()> {
+        if let Err(not_until) = self.limiter.check() {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let err = refuse(ErrorCode::RateLimited, "too many frames; slow down");
+            self.send_error(&err, Some(wait.as_millis().max(1) as u64))
+                .await?;
+            return Ok(None);
+        }
+        let limits = FrameLimits {
+            max_ct_bytes: self.state.settings.limits.max_ct_bytes,
+            default_history: self.state.settings.limits.history,
+        };
+        let received = Instant::now();
+        let frame = match parse_client_frame(text, &limits) {
+            Ok(f) => f,
+            Err(err) => {
+                self.send_error(&err, None).await?;
+                return Ok(None);
+            }
+        };
+        let outcome = match frame {
+            ClientFrame::Pow => self.pow().await.map(|()| None),
+            ClientFrame::Create {
+                room,
+                auth_key,
+                pow,
+            } => self.create(room, auth_key, pow).await.map(Some),
+            ClientFrame::Join { room, proof, after } => {
+                self.join(room, proof, after).await.map(Some)
+            }
+            ClientFrame::Send {
+                reference,
+                epoch,
+                iv,
+                ct,
+            } => self
+                .submit(reference, epoch, iv, ct, received)
+                .await
+                .map(|()| None),
+            ClientFrame::History { query, limit } => {
+                self.history(query, limit).await.map(|()| None)
+            }
+            ClientFrame::Panic => self.panic().await.map(|()| None),
+        };
+        match outcome {
+            Ok(sub) => Ok(sub),
+            Err(Refusal::Frame(err)) => {
+                self.send_error(&err, None).await?;
+                Ok(None)
+            }
+            Err(Refusal::Gone) => Err(()),
+        }
+    }
+
+    async fn pow(&mut self) -> Result<(), Refusal> {
+        let bits = self.state.pow_bits();
+        let expires = now_ms() as u64 + self.state.settings.pow.token_ttl_secs * 1000;
+        let token = self.state.keys.issue_pow_token(expires, bits);
+        let frame = ServerFrame::Pow {
+            token: b64u(&token),
+            bits,
+            expires,
+        };
+        self.send(frame.to_text()).await.map_err(|()| Refusal::Gone)
+    }
+
+    async fn check_pow(&self, room: &RoomId, pow: Option<PowSolution>) -> Result<(), Refusal> {
+        let required = self.state.pow_bits();
+        if required == 0 {
+            return Ok(());
+        }
+        let Some(sol) = pow else {
+            return Err(refuse(
+                ErrorCode::PowRequired,
+                "creating a room needs proof of work right now: ask for a token with a pow frame",
+            )
+            .into());
+        };
+        let invalid = || {
+            refuse(
+                ErrorCode::PowInvalid,
+                "the proof of work is wrong, expired or already used",
+            )
+        };
+        let now = now_ms();
+        // Cheapest first: length, version, expiry and tag (no I/O), then the work (one hash),
+        // and only then the replay set, which may be a database round trip. Checking the work
+        // before spending the token also means a wrong counter does not burn a valid token.
+        let token = self
+            .state
+            .keys
+            .open_pow_token(&sol.token, now as u64)
+            .map_err(|_| invalid())?;
+        if !crypto::pow_check(&sol.token, room, sol.counter, token.bits) {
+            return Err(invalid().into());
+        }
+        match self
+            .state
+            .store
+            .redeem_token(&token.nonce, token.expires_ms as i64, now)
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(invalid().into()),
+            Err(e) => Err(store_refusal(&e, "redeem_token", &self.state).into()),
+        }
+    }
+
+    async fn create(
+        &mut self,
+        room: RoomId,
+        auth_key: [u8; 32],
+        pow: Option<PowSolution>,
+    ) -> Result<crate::hub::Subscription, Refusal> {
+        if self.joined.is_some() {
+            return Err(refuse(
+                ErrorCode::AlreadyJoined,
+                "this socket already belongs to a room",
+            )
+            .into());
+        }
+        self.check_pow(&room, pow).await?;
+        let wrapped = self.state.keys.wrap_auth_key(&room, &auth_key);
+        let outcome = self
+            .state
+            .store
+            .create_room(&room, &wrapped, now_ms())
+            .await
+            .map_err(|e| store_refusal(&e, "create_room", &self.state))?;
+        match outcome {
+            CreateOutcome::Created => {}
+            CreateOutcome::Exists => {
+                return Err(
+                    refuse(ErrorCode::RoomExists, "a room with this id already exists").into(),
+                );
+            }
+            CreateOutcome::Gone => {
+                return Err(refuse(
+                    ErrorCode::RoomGone,
+                    "this room was wiped and cannot be used again",
+                )
+                .into());
+            }
+        }
+        self.state.metrics.rooms_created_total.inc();
+        let sub = self.state.hub.subscribe(&room, self.id);
+        self.joined = Some(Joined { room, high_seq: 0 });
+        let frame = ServerFrame::Joined {
+            room: room_to_wire(&room),
+            messages: Vec::new(),
+            more: false,
+        };
+        self.send(frame.to_text())
+            .await
+            .map_err(|()| Refusal::Gone)?;
+        Ok(sub)
+    }
+
+    async fn join(
+        &mut self,
+        room: RoomId,
+        proof: [u8; 32],
+        after: Option<i64>,
+    ) -> Result<crate::hub::Subscription, Refusal> {
+        if self.joined.is_some() {
+            return Err(refuse(
+                ErrorCode::AlreadyJoined,
+                "this socket already belongs to a room",
+            )
+            .into());
+        }
+        let metrics = self.state.metrics.clone();
+        let auth_failed = || {
+            metrics
+                .joins_total
+                .with_label_values(&["auth_failed"])
+                .inc();
+            Refusal::from(refuse(
+                ErrorCode::AuthFailed,
+                "no room with this id accepts this proof",
+            ))
+        };
+        let now = now_ms();
+        let record = self.state.store.room(&room, now).await.map_err(|e| {
+            metrics.joins_total.with_label_values(&["error"]).inc();
+            store_refusal(&e, "room", &self.state)
+        })?;
+        let Some(record) = record else {
+            // Spend the same HMAC work as for a known room, so timing does not tell the two
+            // apart either.
+            let decoy = [0u8; 32];
+            let _ = crypto::verify_join_proof(&decoy, &self.challenge, &room, &proof);
+            return Err(auth_failed());
+        };
+        let Some(auth_key) = self.state.keys.unwrap_auth_key(&room, &record.auth_wrapped) else {
+            metrics.joins_total.with_label_values(&["error"]).inc();
+            tracing::error!(
+                "a stored room key does not unwrap with this server's secret: is \
+                 server.secret_file the same on every node, and the database unaltered?"
+            );
+            return Err(refuse(ErrorCode::Internal, "internal error").into());
+        };
+        if !crypto::verify_join_proof(&auth_key, &self.challenge, &room, &proof) {
+            return Err(auth_failed());
+        }
+        if record.wiped {
+            metrics.joins_total.with_label_values(&["room_gone"]).inc();
+            return Err(refuse(ErrorCode::RoomGone, "this room was wiped").into());
+        }
+        // Subscribe before reading, so nothing committed in between is missed; frames that
+        // the read already returned are dropped by seq in the loop.
+        let sub = self.state.hub.subscribe(&room, self.id);
+        let query = after.map_or(HistoryQuery::Latest, HistoryQuery::After);
+        let page = match self
+            .state
+            .store
+            .messages(&room, query, self.state.settings.limits.history, now)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                self.state.hub.unsubscribe(&room, self.id);
+                metrics.joins_total.with_label_values(&["error"]).inc();
+                return Err(store_refusal(&e, "messages", &self.state).into());
+            }
+        };
+        metrics.joins_total.with_label_values(&["ok"]).inc();
+        let (messages, more, high) = wire_messages(page);
+        self.joined = Some(Joined {
+            room,
+            high_seq: high.max(after.unwrap_or(0)),
+        });
+        let frame = ServerFrame::Joined {
+            room: room_to_wire(&room),
+            messages,
+            more,
+        };
+        self.send(frame.to_text())
+            .await
+            .map_err(|()| Refusal::Gone)?;
+        Ok(sub)
+    }
+
+    async fn submit(
+        &mut self,
+        reference: String,
+        epoch: u32,
+        iv: [u8; 12],
+        ct: Vec<u8>,
+        received: Instant,
+    ) -> Result<(), Refusal> {
+        let with_ref = |code, message| FrameError {
+            code,
+            message,
+            reference: Some(reference.clone()),
+        };
+        let Some(joined) = &self.joined else {
+            return Err(with_ref(ErrorCode::NotJoined, "join or create a room first").into());
+        };
+        let current = crypto::epoch_of(now_ms());
+        if epoch.abs_diff(current) > 1 {
+            return Err(with_ref(
+                ErrorCode::BadRequest,
+                "epoch must be within one day of the server's; check the device clock",
+            )
+            .into());
+        }
+        let msg = NewMessage {
+            room: joined.room,
+            epoch,
+            iv,
+            ct,
+        };
+        let rx = self.state.writer.submit(msg, self.id, received).await;
+        self.pending
+            .push_back(Box::pin(async move { (reference, rx.await) }));
+        Ok(())
+    }
+
+    async fn history(&mut self, query: HistoryQuery, limit: u32) -> Result<(), Refusal> {
+        let Some(joined) = &self.joined else {
+            return Err(refuse(ErrorCode::NotJoined, "join or create a room first").into());
+        };
+        let page = self
+            .state
+            .store
+            .messages(&joined.room, query, limit, now_ms())
+            .await
+            .map_err(|e| store_refusal(&e, "messages", &self.state))?;
+        let (messages, more, _) = wire_messages(page);
+        let frame = ServerFrame::History { messages, more };
+        self.send(frame.to_text()).await.map_err(|()| Refusal::Gone)
+    }
+
+    async fn panic(&mut self) -> Result<(), Refusal> {
+        let Some(joined) = &self.joined else {
+            return Err(refuse(ErrorCode::NotJoined, "join or create a room first").into());
+        };
+        let room = joined.room;
+        self.state
+            .store
+            .wipe(&room, now_ms())
+            .await
+            .map_err(|e| store_refusal(&e, "wipe", &self.state))?;
+        self.state.metrics.rooms_wiped_total.inc();
+        // Every socket of the room, this one included, is kicked and sends `nuked`.
+        self.state.hub.nuke(&room);
+        Ok(())
+    }
+}
+
+/// Why a frame handler stopped: a refusal to send, or the socket is gone.
+enum Refusal {
+    Frame(FrameError),
+    Gone,
+}
+
+impl From<FrameError> for Refusal {
+    fn from(e: FrameError) -> Self {
+        Refusal::Frame(e)
+    }
+}

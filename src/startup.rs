@@ -1,0 +1,385 @@
+//! Building and running the server: [`Application::build`] opens storage, loads the server
+//! secret, binds both listeners (port 0 works, for tests) and starts the background tasks;
+//! [`Application::run_until_stopped`] serves until the process is told to stop.
+//!
+//! Routes of the public listener: the browser client (`/` and its assets, embedded from `web/`),
+//! `/ws`, `/healthz`, `/readyz`. The admin listener serves `/metrics` (and the health
+//! endpoints) and nothing else, so metrics are never exposed publicly by accident.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::middleware::DefaultHeaders;
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use anyhow::Context as _;
+use rust_embed::RustEmbed;
+
+use crate::config::{PowMode, Settings};
+use crate::crypto::ServerKeys;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::protocol::{b64u, from_b64u};
+use crate::session;
+use crate::store::writer::Writer;
+use crate::store::{self, Store, now_ms};
+
+/// The Content-Security-Policy of every public response: own origin only, no inline script.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+    style-src 'self'; img-src 'self' data:; connect-src 'self'; worker-src 'self'; \
+    manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Everything a request handler or a session needs, shared by all workers.
+pub struct AppState {
+    /// Settings the server started with.
+    pub settings: Settings,
+    /// Storage.
+    pub store: Arc<dyn Store>,
+    /// Rooms and their sockets.
+    pub hub: Arc<Hub>,
+    /// Group-commit writer.
+    pub writer: Writer,
+    /// Keys derived from the server secret.
+    pub keys: ServerKeys,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// Leading zero bits room creation needs right now (0 = none).
+    pub fn pow_bits(&self) -> u8 {
+        match self.settings.pow.mode {
+            PowMode::Off => 0,
+            PowMode::On => self.settings.pow.bits,
+        }
+    }
+}
+
+/// Read the server secret, creating it (32 random bytes, base64url, mode 0600) when missing.
+pub fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let secret = from_b64u(text.trim()).with_context(|| {
+                format!(
+                    "server secret {} is not base64url (no padding)",
+                    path.display()
+                )
+            })?;
+            anyhow::ensure!(
+                secret.len() >= 32,
+                "server secret {} must hold at least 32 bytes",
+                path.display()
+            );
+            if let Ok(meta) = std::fs::metadata(path)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the server secret file is readable by other users; chmod 600 it"
+                );
+            }
+            Ok(secret)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create directory {}", dir.display()))?;
+            }
+            let mut secret = vec![0u8; 32];
+            rand::fill(&mut secret[..]);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("cannot create server secret {}", path.display()))?;
+            file.write_all(format!("{}\n", b64u(&secret)).as_bytes())?;
+            file.sync_all()?;
+            tracing::info!(path = %path.display(), "generated a new server secret");
+            Ok(secret)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read server secret {}", path.display())),
+    }
+}
+
+#[derive(RustEmbed)]
+#[folder = "web/"]
+struct WebAssets;
+
+async fn asset(req: HttpRequest) -> HttpResponse {
+    let path = req.match_info().query("path");
+    let path = if path.is_empty() { "index.html" } else { path };
+    match WebAssets::get(path) {
+        Some(file) => {
+            let mime = mime_guess::from_path(path).first_or_octet_stream();
+            HttpResponse::Ok()
+                .content_type(mime.as_ref())
+                .insert_header((header::CACHE_CONTROL, "no-cache"))
+                .body(file.data.into_owned())
+        }
+        None => HttpResponse::NotFound()
+            .content_type("text/plain; charset=utf-8")
+            .body("not found\n"),
+    }
+}
+
+async fn ws(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    actix_web::rt::spawn(session::run(state.into_inner(), session, stream));
+    Ok(response)
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .body("ok\n")
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let ready = tokio::time::timeout(Duration::from_secs(2), state.store.ready()).await;
+    match ready {
+        Ok(Ok(())) => HttpResponse::Ok()
+            .content_type("text/plain; charset=utf-8")
+            .body("ready\n"),
+        _ => HttpResponse::ServiceUnavailable()
+            .content_type("text/plain; charset=utf-8")
+            .body("storage not ready\n"),
+    }
+}
+
+async fn metrics_endpoint(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render())
+}
+
+fn security_headers() -> DefaultHeaders {
+    DefaultHeaders::new()
+        .add((header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY))
+        .add((header::REFERRER_POLICY, "no-referrer"))
+        .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .add((header::X_FRAME_OPTIONS, "DENY"))
+        .add(("Cross-Origin-Opener-Policy", "same-origin"))
+        .add(("Cross-Origin-Resource-Policy", "same-origin"))
+        .add((
+            "Permissions-Policy",
+            "camera=(), microphone=(), geolocation=(), interest-cohort=()",
+        ))
+}
+
+/// Run maintenance now and then every `retention.maintenance_interval_secs`.
+async fn maintenance_loop(state: Arc<AppState>) {
+    let every = Duration::from_secs(state.settings.retention.maintenance_interval_secs);
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        run_maintenance(&state).await;
+    }
+}
+
+/// One maintenance run with its metrics and log line.
+pub async fn run_maintenance(state: &AppState) {
+    let m = &state.metrics;
+    match state.store.maintain(now_ms()).await {
+        Ok(report) if report.ran => {
+            m.maintenance_runs_total.with_label_values(&["ok"]).inc();
+            m.partitions_dropped_total.inc_by(report.partitions_dropped);
+            m.rooms_expired_total
+                .inc_by(report.rooms_deleted + report.tombstones_deleted);
+            tracing::info!(
+                partitions_created = report.partitions_created,
+                partitions_dropped = report.partitions_dropped,
+                messages_deleted = report.messages_deleted,
+                rooms_deleted = report.rooms_deleted,
+                tombstones_deleted = report.tombstones_deleted,
+                "maintenance done"
+            );
+        }
+        Ok(_) => {
+            m.maintenance_runs_total
+                .with_label_values(&["skipped"])
+                .inc();
+            tracing::debug!("maintenance running on another process");
+        }
+        Err(e) => {
+            m.maintenance_runs_total.with_label_values(&["error"]).inc();
+            tracing::warn!(error = %e, "maintenance failed; retrying at the next interval");
+        }
+    }
+}
+
+/// A built server, listening, not yet serving.
+pub struct Application {
+    port: u16,
+    admin_port: u16,
+    state: Arc<AppState>,
+    public: actix_web::dev::Server,
+    admin: actix_web::dev::Server,
+}
+
+impl Application {
+    /// Open storage, load the secret, bind the listeners and start the background tasks.
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        settings.validate()?;
+        let secret = load_or_create_secret(&settings.secret_path())?;
+        let keys = ServerKeys::derive(&secret);
+        let store = store::open(&settings).await?;
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(settings.limits.send_queue, metrics.clone()));
+        let (writer, _writer_task) = Writer::spawn(
+            store.clone(),
+            hub.clone(),
+            metrics.clone(),
+            settings.store.queue,
+            settings.store.batch_max,
+        );
+
+        let listener = TcpListener::bind(&settings.server.listen).with_context(|| {
+            format!("cannot listen on server.listen {}", settings.server.listen)
+        })?;
+        let admin_listener =
+            TcpListener::bind(&settings.server.admin_listen).with_context(|| {
+                format!(
+                    "cannot listen on server.admin_listen {}",
+                    settings.server.admin_listen
+                )
+            })?;
+        let port = listener.local_addr()?.port();
+        let admin_port = admin_listener.local_addr()?.port();
+        let workers = match settings.server.workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+
+        let state = Arc::new(AppState {
+            settings,
+            store,
+            hub,
+            writer,
+            keys,
+            metrics,
+        });
+        let data = web::Data::from(state.clone());
+        let public = HttpServer::new({
+            let data = data.clone();
+            move || {
+                App::new()
+                    .app_data(data.clone())
+                    .wrap(security_headers())
+                    .route("/ws", web::get().to(ws))
+                    .route("/healthz", web::get().to(healthz))
+                    .route("/readyz", web::get().to(readyz))
+                    .route("/{path:.*}", web::get().to(asset))
+            }
+        })
+        .workers(workers)
+        .shutdown_timeout(10)
+        .disable_signals()
+        .listen(listener)?
+        .run();
+        let admin = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .route("/metrics", web::get().to(metrics_endpoint))
+                .route("/healthz", web::get().to(healthz))
+                .route("/readyz", web::get().to(readyz))
+        })
+        .workers(1)
+        .shutdown_timeout(1)
+        .disable_signals()
+        .listen(admin_listener)?
+        .run();
+
+        tokio::spawn(maintenance_loop(state.clone()));
+        tracing::info!(
+            port,
+            admin_port,
+            backend = state.store.backend(),
+            "nanochat listening"
+        );
+        Ok(Application {
+            port,
+            admin_port,
+            state,
+            public,
+            admin,
+        })
+    }
+
+    /// Port of the public listener.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Port of the admin listener.
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+    }
+
+    /// Shared state (tests use it to reach the store).
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serve until SIGINT or SIGTERM.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let public = self.public.handle();
+        let admin = self.admin.handle();
+        let public_task = actix_web::rt::spawn(self.public);
+        let admin_task = actix_web::rt::spawn(self.admin);
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        admin.stop(true).await;
+        public.stop(true).await;
+        let _ = public_task.await;
+        let _ = admin_task.await;
+        Ok(())
+    }
+
+    /// Serve until the returned handle is used to stop (tests).
+    pub fn spawn(self) -> ServerHandle {
+        let public = self.public.handle();
+        let admin = self.admin.handle();
+        actix_web::rt::spawn(self.public);
+        actix_web::rt::spawn(self.admin);
+        ServerHandle { public, admin }
+    }
+}
+
+/// Stops a server started with [`Application::spawn`].
+pub struct ServerHandle {
+    public: actix_web::dev::ServerHandle,
+    admin: actix_web::dev::ServerHandle,
+}
+
+impl ServerHandle {
+    /// Stop both listeners; `graceful` waits for open connections.
+    pub async fn stop(&self, graceful: bool) {
+        self.public.stop(graceful).await;
+        self.admin.stop(graceful).await;
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

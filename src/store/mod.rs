@@ -1,0 +1,264 @@
+//! Durable storage behind one trait, [`Store`], with two backends: embedded SQLite (the
+//! default) and Postgres (when `database.url` is set). Both pass one conformance suite
+//! (`tests/it/store.rs`).
+//!
+//! Every method takes "now" as a parameter instead of reading the clock, so retention, expiry
+//! and partition maintenance can be tested by moving time. The group-commit [`writer`] sits on
+//! top of [`Store::append`] and is shared by both backends.
+
+pub mod postgres;
+pub mod sqlite;
+pub mod writer;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::Settings;
+use crate::crypto::{EPOCH_MS, IV_LEN, RoomId};
+use crate::protocol::HistoryQuery;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// The current time in milliseconds since the Unix epoch.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// How long things live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Messages older than this are never returned and are deleted; rooms without a message
+    /// for this long are deleted.
+    pub message_ms: Millis,
+    /// Tombstones of wiped rooms live this long.
+    pub tombstone_ms: Millis,
+}
+
+impl Retention {
+    /// From the `[retention]` settings.
+    pub fn from_days(days: u32, tombstone_days: u32) -> Self {
+        Self {
+            message_ms: days as Millis * EPOCH_MS,
+            tombstone_ms: tombstone_days as Millis * EPOCH_MS,
+        }
+    }
+
+    /// Oldest creation time still visible at `now`.
+    pub fn message_cutoff(&self, now: Millis) -> Millis {
+        now - self.message_ms
+    }
+}
+
+/// A message to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    /// Room id.
+    pub room: RoomId,
+    /// Epoch of the message key.
+    pub epoch: u32,
+    /// AES-GCM IV; unique within a room.
+    pub iv: [u8; IV_LEN],
+    /// Ciphertext with tag.
+    pub ct: Vec<u8>,
+}
+
+/// A stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Position in the room.
+    pub seq: i64,
+    /// Server time of storage.
+    pub ts: Millis,
+    /// Epoch of the message key.
+    pub epoch: u32,
+    /// AES-GCM IV.
+    pub iv: Vec<u8>,
+    /// Ciphertext with tag.
+    pub ct: Vec<u8>,
+}
+
+/// A page of messages in ascending `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    /// The messages.
+    pub messages: Vec<StoredMessage>,
+    /// Whether more messages exist in the direction of the query.
+    pub more: bool,
+}
+
+/// What the store knows about a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomRecord {
+    /// The auth key wrapped with the server's wrap key.
+    pub auth_wrapped: Vec<u8>,
+    /// Whether the room was wiped (a tombstone).
+    pub wiped: bool,
+}
+
+/// Result of creating a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// Created.
+    Created,
+    /// A live room with this id exists.
+    Exists,
+    /// A tombstone refuses re-creation.
+    Gone,
+}
+
+/// Result of storing one message of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Committed with this sequence number.
+    Stored {
+        /// Assigned sequence number.
+        seq: i64,
+    },
+    /// The room already stores a message with this IV.
+    Replay,
+    /// The room was wiped or no longer exists.
+    RoomGone,
+}
+
+/// What a maintenance run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MaintenanceReport {
+    /// Whether this process ran it (false: another process holds the maintenance lock).
+    pub ran: bool,
+    /// Partitions created ahead (Postgres).
+    pub partitions_created: u64,
+    /// Partitions dropped (Postgres).
+    pub partitions_dropped: u64,
+    /// Messages deleted row by row (SQLite).
+    pub messages_deleted: u64,
+    /// Idle rooms deleted.
+    pub rooms_deleted: u64,
+    /// Expired tombstones deleted.
+    pub tombstones_deleted: u64,
+}
+
+/// A storage failure. The text is for logs only; clients get a code.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or refused the operation; nothing was changed.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data is not what this version expects.
+    #[error("storage inconsistent: {0}")]
+    Corrupt(String),
+}
+
+/// The storage operations the server needs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `"sqlite"` or `"postgres"`.
+    fn backend(&self) -> &'static str;
+
+    /// Whether the database answers and is migrated (for `/readyz`).
+    async fn ready(&self) -> Result<(), StoreError>;
+
+    /// Create a room with its wrapped auth key.
+    async fn create_room(
+        &self,
+        room: &RoomId,
+        auth_wrapped: &[u8],
+        now: Millis,
+    ) -> Result<CreateOutcome, StoreError>;
+
+    /// Look a room up; `None` when unknown, idle past retention, or its tombstone expired.
+    async fn room(&self, room: &RoomId, now: Millis) -> Result<Option<RoomRecord>, StoreError>;
+
+    /// Store a batch of messages in one transaction; outcomes are in batch order, and the
+    /// messages of one room get increasing `seq` in batch order.
+    async fn append(
+        &self,
+        batch: &[NewMessage],
+        now: Millis,
+    ) -> Result<Vec<AppendOutcome>, StoreError>;
+
+    /// A page of a room's messages newer than the retention.
+    async fn messages(
+        &self,
+        room: &RoomId,
+        query: HistoryQuery,
+        limit: u32,
+        now: Millis,
+    ) -> Result<Page, StoreError>;
+
+    /// Delete every message of a room in one transaction and leave a tombstone. Returns whether
+    /// a live room was wiped.
+    async fn wipe(&self, room: &RoomId, now: Millis) -> Result<bool, StoreError>;
+
+    /// Record a proof-of-work token as spent; `false` when it already was.
+    async fn redeem_token(
+        &self,
+        nonce: &[u8; 16],
+        expires: Millis,
+        now: Millis,
+    ) -> Result<bool, StoreError>;
+
+    /// Expire what is older than the retention and prepare what is needed ahead.
+    async fn maintain(&self, now: Millis) -> Result<MaintenanceReport, StoreError>;
+}
+
+/// Open the store the settings name, applying migrations.
+pub async fn open(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    let retention =
+        Retention::from_days(settings.retention.days, settings.retention.tombstone_days);
+    Ok(match &settings.database.url {
+        Some(url) => {
+            Arc::new(postgres::PgStore::connect(url, &settings.database, retention).await?)
+        }
+        None => Arc::new(sqlite::SqliteStore::open(&settings.server.data_dir, retention).await?),
+    })
+}
+
+/// Pick the seqs of a batch: messages of a room that is not live are `RoomGone`, a repeated IV
+/// (already stored, or earlier in the batch) is `Replay`, everything else gets the room's next
+/// seq. `last_seq` maps each live room to its current last seq and is advanced in place.
+pub(crate) fn assign_seqs(
+    batch: &[NewMessage],
+    last_seq: &mut std::collections::HashMap<RoomId, i64>,
+    stored_ivs: &std::collections::HashSet<(RoomId, [u8; IV_LEN])>,
+) -> Vec<AppendOutcome> {
+    let mut seen = std::collections::HashSet::with_capacity(batch.len());
+    batch
+        .iter()
+        .map(|m| {
+            let Some(last) = last_seq.get_mut(&m.room) else {
+                return AppendOutcome::RoomGone;
+            };
+            if stored_ivs.contains(&(m.room, m.iv)) || !seen.insert((m.room, m.iv)) {
+                return AppendOutcome::Replay;
+            }
+            *last += 1;
+            AppendOutcome::Stored { seq: *last }
+        })
+        .collect()
+}
+
+/// Keep the last `limit` of a descending page (or first of an ascending one) and set `more`.
+pub(crate) fn finish_page(
+    mut messages: Vec<StoredMessage>,
+    limit: u32,
+    query: HistoryQuery,
+) -> Page {
+    let more = messages.len() > limit as usize;
+    messages.truncate(limit as usize);
+    if !matches!(query, HistoryQuery::After(_)) {
+        // Latest and Before are read newest first.
+        messages.reverse();
+    }
+    Page { messages, more }
+}
+
+/// The earliest creation time a replayed IV can have: the epoch check (±1 day of the server's)
+/// means a message can only be replayed within three days of its first storage.
+pub(crate) fn replay_window_start(now: Millis) -> Millis {
+    (crate::crypto::epoch_of(now) as Millis - 3) * EPOCH_MS
+}

@@ -1,0 +1,610 @@
+//! The Postgres backend: a deadpool-postgres pool, migrations applied at start under an
+//! advisory lock, `messages` partitioned by UTC day of `created_at`, and expiry that drops whole
+//! partitions instead of deleting rows.
+//!
+//! Ordering across writers: `append` locks the rows of the rooms it writes (`FOR UPDATE`, in
+//! room-id order so concurrent batches cannot deadlock) before it reads `last_seq`, so seqs of
+//! one room are assigned and committed in the same order even with several server processes,
+//! and a reader that saw seq n has seen every seq below it.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use super::{
+    AppendOutcome, CreateOutcome, MaintenanceReport, Millis, NewMessage, Page, Retention,
+    RoomRecord, Store, StoreError, StoredMessage, assign_seqs, finish_page, replay_window_start,
+};
+use crate::config::DatabaseSettings;
+use crate::crypto::{EPOCH_MS, RoomId};
+use crate::protocol::HistoryQuery;
+
+/// Migrations in order; the index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.sql")];
+/// Advisory lock key serializing migrations across processes ("nanochat" + 1).
+const MIGRATE_LOCK: i64 = 0x6e61_6e6f_6368_6101;
+/// Advisory lock key making maintenance run on one process at a time.
+const MAINTAIN_LOCK: i64 = 0x6e61_6e6f_6368_6102;
+/// Days of partitions created ahead of today.
+const PARTITIONS_AHEAD: i64 = 3;
+
+/// The Postgres store.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    retention: Retention,
+}
+
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// A time in ms as a `timestamptz` parameter.
+fn ts(ms: Millis) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+fn ms(t: SystemTime) -> Millis {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as Millis,
+        Err(e) => -(e.duration().as_millis() as Millis),
+    }
+}
+
+/// The civil (proleptic Gregorian) date of a day number since 1970-01-01.
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// The partition holding messages created on day `day` (days since the Unix epoch).
+pub fn partition_name(day: i64) -> String {
+    let (y, m, d) = civil_from_days(day);
+    format!("messages_p{y:04}{m:02}{d:02}")
+}
+
+/// The day a partition name stands for, if it is one of ours.
+pub fn partition_day(name: &str) -> Option<i64> {
+    let digits = name.strip_prefix("messages_p")?;
+    if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let y: i64 = digits[..4].parse().ok()?;
+    let m: u32 = digits[4..6].parse().ok()?;
+    let d: u32 = digits[6..].parse().ok()?;
+    // Invert civil_from_days by searching near the estimate; names are always ours.
+    let estimate = (y - 1970) * 365 + (y - 1969) / 4 + i64::from(m - 1) * 30 + i64::from(d) - 1;
+    (estimate - 40..estimate + 40).find(|&day| civil_from_days(day) == (y, m, d))
+}
+
+impl PgStore {
+    /// Connect (retrying for a bounded time), migrate and prepare today's partitions.
+    pub async fn connect(
+        url: &str,
+        settings: &DatabaseSettings,
+        retention: Retention,
+    ) -> anyhow::Result<Self> {
+        let mut pg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("database.url is not a valid connection string: {e}"))?;
+        let timeout = Duration::from_secs(settings.connect_timeout_secs);
+        pg.connect_timeout(timeout);
+        pg.application_name("nanochat");
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .build()?;
+        let store = Self { pool, retention };
+        // Bounded retry: a database that comes up a few seconds after us is fine; one that
+        // does not answer at all stops the start with a clear message.
+        let mut delay = Duration::from_millis(250);
+        let mut attempt = 1;
+        loop {
+            match store.migrate().await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 && e.downcast_ref::<StoreError>().is_some() => {
+                    tracing::warn!(attempt, error = %e, "database not reachable yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.context("cannot prepare the Postgres database")),
+            }
+        }
+        store.ensure_partitions(super::now_ms()).await?;
+        Ok(store)
+    }
+
+    /// Apply pending migrations under an advisory lock.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+            .await
+            .map_err(pg_err)?;
+        let result = async {
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (
+                         version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+                )
+                .await?;
+            let current: i32 = client
+                .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+                .await?
+                .get(0);
+            if current as usize > MIGRATIONS.len() {
+                anyhow::bail!(
+                    "the database schema is version {current}, newer than this binary knows ({}); \
+                     run a newer nanochat",
+                    MIGRATIONS.len()
+                );
+            }
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+                let tx = client.transaction().await?;
+                tx.batch_execute(sql).await?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version) VALUES ($1)",
+                    &[&(i as i32 + 1)],
+                )
+                .await?;
+                tx.commit().await?;
+                tracing::info!(version = i + 1, "applied Postgres migration");
+            }
+            Ok(())
+        }
+        .await;
+        let _ = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
+            .await;
+        result
+    }
+
+    /// Create the partitions from yesterday to a few days ahead; returns how many were new.
+    pub async fn ensure_partitions(&self, now: Millis) -> Result<u64, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let today = now.div_euclid(EPOCH_MS);
+        let mut created = 0;
+        for day in today - 1..=today + PARTITIONS_AHEAD {
+            if day * EPOCH_MS + EPOCH_MS <= self.retention.message_cutoff(now) {
+                continue;
+            }
+            let name = partition_name(day);
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_class WHERE relname = $1", &[&name])
+                .await
+                .map_err(pg_err)?
+                .is_some();
+            if exists {
+                continue;
+            }
+            let from = ms_literal(day * EPOCH_MS);
+            let to = ms_literal((day + 1) * EPOCH_MS);
+            // Identifiers and bounds come from integers formatted here, never from input.
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF messages
+                 FOR VALUES FROM ('{from}') TO ('{to}')"
+            );
+            match client.batch_execute(&sql).await {
+                Ok(()) => created += 1,
+                // Another process created it between our check and now.
+                Err(e) if e.code() == Some(&SqlState::DUPLICATE_TABLE) => {}
+                Err(e) => return Err(pg_err(e)),
+            }
+        }
+        Ok(created)
+    }
+
+    /// Names of the message partitions that exist, oldest first.
+    pub async fn partitions(&self) -> Result<Vec<String>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let rows = client
+            .query(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = 'messages'::regclass ORDER BY c.relname",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn append_once(
+        client: &mut deadpool_postgres::Client,
+        batch: &[NewMessage],
+        now: Millis,
+    ) -> Result<Vec<AppendOutcome>, tokio_postgres::Error> {
+        let tx = client.transaction().await?;
+        let mut rooms: Vec<&[u8]> = batch.iter().map(|m| &m.room[..]).collect();
+        rooms.sort_unstable();
+        rooms.dedup();
+        let locked = tx
+            .query(
+                "SELECT id, last_seq FROM rooms WHERE id = ANY($1) AND wiped_at IS NULL
+                 ORDER BY id FOR UPDATE",
+                &[&rooms],
+            )
+            .await?;
+        let mut last_seq: HashMap<RoomId, i64> = locked
+            .iter()
+            .filter_map(|r| {
+                let id: &[u8] = r.get(0);
+                Some((id.try_into().ok()?, r.get::<_, i64>(1)))
+            })
+            .collect();
+        let room_col: Vec<&[u8]> = batch.iter().map(|m| &m.room[..]).collect();
+        let iv_col: Vec<&[u8]> = batch.iter().map(|m| &m.iv[..]).collect();
+        let dups = tx
+            .query(
+                "SELECT m.room_id, m.iv FROM messages m
+                 JOIN unnest($1::bytea[], $2::bytea[]) AS t(room_id, iv)
+                   ON m.room_id = t.room_id AND m.iv = t.iv
+                 WHERE m.created_at >= $3",
+                &[&room_col, &iv_col, &ts(replay_window_start(now))],
+            )
+            .await?;
+        let stored_ivs: HashSet<(RoomId, [u8; 12])> = dups
+            .iter()
+            .filter_map(|r| {
+                let room: &[u8] = r.get(0);
+                let iv: &[u8] = r.get(1);
+                Some((room.try_into().ok()?, iv.try_into().ok()?))
+            })
+            .collect();
+        let outcomes = assign_seqs(batch, &mut last_seq, &stored_ivs);
+        let mut rooms_w = Vec::new();
+        let mut seqs = Vec::new();
+        let mut epochs = Vec::new();
+        let mut ivs = Vec::new();
+        let mut cts = Vec::new();
+        for (m, o) in batch.iter().zip(&outcomes) {
+            if let AppendOutcome::Stored { seq } = o {
+                rooms_w.push(&m.room[..]);
+                seqs.push(*seq);
+                epochs.push(m.epoch as i32);
+                ivs.push(&m.iv[..]);
+                cts.push(&m.ct[..]);
+            }
+        }
+        if !rooms_w.is_empty() {
+            let at = ts(now);
+            tx.execute(
+                "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+                 SELECT r, s, $3, e, i, c
+                 FROM unnest($1::bytea[], $2::int8[], $4::int4[], $5::bytea[], $6::bytea[])
+                   AS t(r, s, e, i, c)",
+                &[&rooms_w, &seqs, &at, &epochs, &ivs, &cts],
+            )
+            .await?;
+            let (ids, lasts): (Vec<&[u8]>, Vec<i64>) =
+                last_seq.iter().map(|(k, v)| (&k[..], *v)).unzip();
+            tx.execute(
+                "UPDATE rooms SET last_seq = t.s, last_active = GREATEST(last_active, $3)
+                 FROM unnest($1::bytea[], $2::int8[]) AS t(r, s) WHERE rooms.id = t.r",
+                &[&ids, &lasts, &at],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
+
+fn ms_literal(ms: Millis) -> String {
+    let day = ms.div_euclid(EPOCH_MS);
+    let (y, m, d) = civil_from_days(day);
+    format!("{y:04}-{m:02}-{d:02} 00:00:00+00")
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let version: i32 = client
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        if version as usize == MIGRATIONS.len() {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(format!(
+                "schema version {version}, expected {}",
+                MIGRATIONS.len()
+            )))
+        }
+    }
+
+    async fn create_room(
+        &self,
+        room: &RoomId,
+        auth_wrapped: &[u8],
+        now: Millis,
+    ) -> Result<CreateOutcome, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let idle_cutoff = ts(self.retention.message_cutoff(now));
+        let tomb_cutoff = ts(now - self.retention.tombstone_ms);
+        let at = ts(now);
+        // See the SQLite backend: an expired room or tombstone is replaced in place.
+        let changed = client
+            .execute(
+                "INSERT INTO rooms (id, auth_wrapped, created_at, last_active, last_seq)
+                 VALUES ($1, $2, $3, $3, 0)
+                 ON CONFLICT (id) DO UPDATE SET auth_wrapped = excluded.auth_wrapped,
+                     created_at = excluded.created_at, last_active = excluded.last_active,
+                     wiped_at = NULL
+                 WHERE (rooms.wiped_at IS NULL AND rooms.last_active < $4)
+                    OR (rooms.wiped_at IS NOT NULL AND rooms.wiped_at < $5)",
+                &[&&room[..], &auth_wrapped, &at, &idle_cutoff, &tomb_cutoff],
+            )
+            .await
+            .map_err(pg_err)?;
+        if changed == 1 {
+            return Ok(CreateOutcome::Created);
+        }
+        let row = client
+            .query_opt(
+                "SELECT wiped_at IS NOT NULL FROM rooms WHERE id = $1",
+                &[&&room[..]],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(match row {
+            Some(r) if r.get::<_, bool>(0) => CreateOutcome::Gone,
+            _ => CreateOutcome::Exists,
+        })
+    }
+
+    async fn room(&self, room: &RoomId, now: Millis) -> Result<Option<RoomRecord>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client
+            .prepare_cached("SELECT auth_wrapped, last_active, wiped_at FROM rooms WHERE id = $1")
+            .await
+            .map_err(pg_err)?;
+        let row = client
+            .query_opt(&stmt, &[&&room[..]])
+            .await
+            .map_err(pg_err)?;
+        Ok(row.and_then(|r| {
+            let auth_wrapped: Vec<u8> = r.get(0);
+            let last_active = ms(r.get(1));
+            let wiped_at: Option<SystemTime> = r.get(2);
+            match wiped_at.map(ms) {
+                Some(at) if at >= now - self.retention.tombstone_ms => Some(RoomRecord {
+                    auth_wrapped,
+                    wiped: true,
+                }),
+                Some(_) => None,
+                None if last_active >= self.retention.message_cutoff(now) => Some(RoomRecord {
+                    auth_wrapped,
+                    wiped: false,
+                }),
+                None => None,
+            }
+        }))
+    }
+
+    async fn append(
+        &self,
+        batch: &[NewMessage],
+        now: Millis,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        match Self::append_once(&mut client, batch, now).await {
+            Ok(outcomes) => Ok(outcomes),
+            // No partition for today (maintenance has not run for days): create it and retry
+            // once; the failed transaction stored nothing.
+            Err(e) if e.code() == Some(&SqlState::CHECK_VIOLATION) => {
+                tracing::warn!("no message partition for the current day; creating it");
+                self.ensure_partitions(now).await?;
+                Self::append_once(&mut client, batch, now)
+                    .await
+                    .map_err(pg_err)
+            }
+            Err(e) => Err(pg_err(e)),
+        }
+    }
+
+    async fn messages(
+        &self,
+        room: &RoomId,
+        query: HistoryQuery,
+        limit: u32,
+        now: Millis,
+    ) -> Result<Page, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let (sql, bound) = match query {
+            HistoryQuery::Latest => (
+                "SELECT seq, created_at, epoch, iv, ct FROM messages
+                 WHERE room_id = $1 AND created_at >= $2 AND seq < $3
+                 ORDER BY seq DESC LIMIT $4",
+                i64::MAX,
+            ),
+            HistoryQuery::Before(b) => (
+                "SELECT seq, created_at, epoch, iv, ct FROM messages
+                 WHERE room_id = $1 AND created_at >= $2 AND seq < $3
+                 ORDER BY seq DESC LIMIT $4",
+                b,
+            ),
+            HistoryQuery::After(a) => (
+                "SELECT seq, created_at, epoch, iv, ct FROM messages
+                 WHERE room_id = $1 AND created_at >= $2 AND seq > $3
+                 ORDER BY seq ASC LIMIT $4",
+                a,
+            ),
+        };
+        let stmt = client.prepare_cached(sql).await.map_err(pg_err)?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &&room[..],
+                    &ts(self.retention.message_cutoff(now)),
+                    &bound,
+                    &(limit as i64 + 1),
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        let messages = rows
+            .iter()
+            .map(|r| StoredMessage {
+                seq: r.get(0),
+                ts: ms(r.get(1)),
+                epoch: r.get::<_, i32>(2) as u32,
+                iv: r.get(3),
+                ct: r.get(4),
+            })
+            .collect();
+        Ok(finish_page(messages, limit, query))
+    }
+
+    async fn wipe(&self, room: &RoomId, now: Millis) -> Result<bool, StoreError> {
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let wiped = tx
+            .execute(
+                "UPDATE rooms SET wiped_at = $2 WHERE id = $1 AND wiped_at IS NULL",
+                &[&&room[..], &ts(now)],
+            )
+            .await
+            .map_err(pg_err)?;
+        tx.execute("DELETE FROM messages WHERE room_id = $1", &[&&room[..]])
+            .await
+            .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(wiped == 1)
+    }
+
+    async fn redeem_token(
+        &self,
+        nonce: &[u8; 16],
+        expires: Millis,
+        _now: Millis,
+    ) -> Result<bool, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let inserted = client
+            .execute(
+                "INSERT INTO pow_spent (nonce, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&&nonce[..], &ts(expires)],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(inserted == 1)
+    }
+
+    async fn maintain(&self, now: Millis) -> Result<MaintenanceReport, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&MAINTAIN_LOCK])
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        if !locked {
+            return Ok(MaintenanceReport::default());
+        }
+        let result = async {
+            let mut report = MaintenanceReport {
+                ran: true,
+                ..Default::default()
+            };
+            report.partitions_created = self.ensure_partitions(now).await?;
+            let cutoff = self.retention.message_cutoff(now);
+            for name in self.partitions().await? {
+                let Some(day) = partition_day(&name) else {
+                    continue;
+                };
+                // Every row of day D is older than the retention once D + 1 is.
+                if (day + 1) * EPOCH_MS <= cutoff {
+                    // DETACH first would avoid blocking readers of other partitions for the
+                    // DROP's brief exclusive lock on the parent; the DROP itself is
+                    // metadata-only, so it is fast either way.
+                    client
+                        .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+                        .await
+                        .map_err(pg_err)?;
+                    report.partitions_dropped += 1;
+                    tracing::info!(partition = %name, "dropped expired message partition");
+                }
+            }
+            report.rooms_deleted = client
+                .execute(
+                    "DELETE FROM rooms WHERE wiped_at IS NULL AND last_active < $1",
+                    &[&ts(cutoff)],
+                )
+                .await
+                .map_err(pg_err)?;
+            report.tombstones_deleted = client
+                .execute(
+                    "DELETE FROM rooms WHERE wiped_at IS NOT NULL AND wiped_at < $1",
+                    &[&ts(now - self.retention.tombstone_ms)],
+                )
+                .await
+                .map_err(pg_err)?;
+            client
+                .execute("DELETE FROM pow_spent WHERE expires_at < $1", &[&ts(now)])
+                .await
+                .map_err(pg_err)?;
+            Ok(report)
+        }
+        .await;
+        let _ = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MAINTAIN_LOCK])
+            .await;
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_round_trip_through_days() {
+        assert_eq!(partition_name(0), "messages_p19700101");
+        assert_eq!(partition_name(20_417), "messages_p20251125");
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        for day in [0, 59, 365, 11_016, 19_000, 20_417, 30_000] {
+            assert_eq!(partition_day(&partition_name(day)), Some(day), "day {day}");
+        }
+        assert_eq!(partition_day("messages_default"), None);
+        assert_eq!(crate::crypto::epoch_of(20_417 * EPOCH_MS), 20_417);
+    }
+}

@@ -1,0 +1,461 @@
+//! The embedded SQLite backend: one file in the data directory, WAL mode, `synchronous=FULL`
+//! so a committed (and therefore acked) batch survives a power cut.
+//!
+//! Concurrency: SQLite allows one writer at a time, so all writes go through one connection
+//! behind a `std::sync::Mutex`; reads use a small pool of their own connections, which WAL lets
+//! run beside the writer. Every call runs on tokio's blocking pool (`spawn_blocking`), so no
+//! lock is ever held across an `.await`. Expiry deletes rows in small batches and releases the
+//! writer between them, so maintenance never stalls message writes for long.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{
+    AppendOutcome, CreateOutcome, MaintenanceReport, Millis, NewMessage, Page, Retention,
+    RoomRecord, Store, StoreError, StoredMessage, assign_seqs, finish_page,
+};
+use crate::crypto::RoomId;
+use crate::protocol::HistoryQuery;
+
+/// Migrations in order; the index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
+/// Idle read connections kept open.
+const READ_POOL: usize = 8;
+/// Rows deleted per expiry step.
+const DELETE_BATCH: i64 = 5_000;
+
+/// The SQLite store.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    retention: Retention,
+    /// Spent proof-of-work tokens and their expiry; one process owns a SQLite store, so the
+    /// replay set lives in memory. Entries leave at maintenance once expired.
+    spent: Mutex<HashMap<[u8; 16], Millis>>,
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )?;
+    let current: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    if current > MIGRATIONS.len() as i64 {
+        anyhow::bail!(
+            "the database schema is version {current}, newer than this binary knows ({}); \
+             run a newer nanochat",
+            MIGRATIONS.len()
+        );
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+            params![i as i64 + 1, super::now_ms()],
+        )?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied SQLite migration");
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) `<data_dir>/nanochat.db` and apply migrations.
+    pub async fn open(data_dir: &Path, retention: Retention) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create data directory {}: {e}", data_dir.display())
+        })?;
+        let path = data_dir.join("nanochat.db");
+        let p = path.clone();
+        let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<Connection> {
+            let mut conn = open_connection(&p)
+                .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", p.display()))?;
+            migrate(&mut conn)?;
+            Ok(conn)
+        })
+        .await??;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                writer: Mutex::new(writer),
+                readers: Mutex::new(Vec::new()),
+                retention,
+                spent: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Run `f` with the writer connection on the blocking pool.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection, &Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock would poison it; the connection itself is still
+            // consistent (SQLite rolls back an open transaction), so keep using it.
+            let mut conn = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn, &inner)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("storage task failed: {e}")))?
+    }
+
+    /// Run `f` with a read connection on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner
+                .readers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => open_connection(&inner.path).map_err(db_err)?,
+            };
+            let result = f(&conn, &inner);
+            let mut readers = inner.readers.lock().unwrap_or_else(|p| p.into_inner());
+            if readers.len() < READ_POOL {
+                readers.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("storage task failed: {e}")))?
+    }
+}
+
+fn append_tx(
+    conn: &mut Connection,
+    batch: &[NewMessage],
+    now: Millis,
+) -> rusqlite::Result<Vec<AppendOutcome>> {
+    let tx = conn.transaction()?;
+    let mut last_seq: HashMap<RoomId, i64> = HashMap::new();
+    let mut looked_up = HashSet::new();
+    let mut stored_ivs = HashSet::new();
+    {
+        let mut room_q =
+            tx.prepare_cached("SELECT last_seq FROM rooms WHERE id = ?1 AND wiped_at IS NULL")?;
+        let mut iv_q =
+            tx.prepare_cached("SELECT 1 FROM messages WHERE room_id = ?1 AND iv = ?2")?;
+        for m in batch {
+            if looked_up.insert(m.room) {
+                if let Some(seq) = room_q
+                    .query_row(params![&m.room[..]], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
+                    last_seq.insert(m.room, seq);
+                }
+            }
+            if iv_q.exists(params![&m.room[..], &m.iv[..]])? {
+                stored_ivs.insert((m.room, m.iv));
+            }
+        }
+    }
+    let outcomes = assign_seqs(batch, &mut last_seq, &stored_ivs);
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let mut touched = HashSet::new();
+        for (m, o) in batch.iter().zip(&outcomes) {
+            if let AppendOutcome::Stored { seq } = o {
+                insert.execute(params![&m.room[..], seq, now, m.epoch, &m.iv[..], &m.ct])?;
+                touched.insert(m.room);
+            }
+        }
+        let mut update = tx.prepare_cached(
+            "UPDATE rooms SET last_seq = ?2, last_active = MAX(last_active, ?3) WHERE id = ?1",
+        )?;
+        for room in touched {
+            update.execute(params![&room[..], last_seq[&room], now])?;
+        }
+    }
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.read(|conn, _| {
+            let version: i64 = conn
+                .query_row(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(db_err)?;
+            if version == MIGRATIONS.len() as i64 {
+                Ok(())
+            } else {
+                Err(StoreError::Unavailable(format!(
+                    "schema version {version}, expected {}",
+                    MIGRATIONS.len()
+                )))
+            }
+        })
+        .await
+    }
+
+    async fn create_room(
+        &self,
+        room: &RoomId,
+        auth_wrapped: &[u8],
+        now: Millis,
+    ) -> Result<CreateOutcome, StoreError> {
+        let room = *room;
+        let wrapped = auth_wrapped.to_vec();
+        self.write(move |conn, inner| {
+            let idle_cutoff = inner.retention.message_cutoff(now);
+            let tomb_cutoff = now - inner.retention.tombstone_ms;
+            // A room idle past the retention, or a tombstone past its time, counts as absent
+            // even before maintenance deletes it: take its place (keeping last_seq, so seqs
+            // never repeat within the room id).
+            let changed = conn
+                .execute(
+                    "INSERT INTO rooms (id, auth_wrapped, created_at, last_active, last_seq)
+                     VALUES (?1, ?2, ?3, ?3, 0)
+                     ON CONFLICT (id) DO UPDATE SET auth_wrapped = excluded.auth_wrapped,
+                         created_at = excluded.created_at, last_active = excluded.last_active,
+                         wiped_at = NULL
+                     WHERE (rooms.wiped_at IS NULL AND rooms.last_active < ?4)
+                        OR (rooms.wiped_at IS NOT NULL AND rooms.wiped_at < ?5)",
+                    params![&room[..], &wrapped, now, idle_cutoff, tomb_cutoff],
+                )
+                .map_err(db_err)?;
+            if changed == 1 {
+                return Ok(CreateOutcome::Created);
+            }
+            let wiped: Option<i64> = conn
+                .query_row(
+                    "SELECT wiped_at FROM rooms WHERE id = ?1",
+                    params![&room[..]],
+                    |r| r.get(0),
+                )
+                .map_err(db_err)?;
+            Ok(if wiped.is_some() {
+                CreateOutcome::Gone
+            } else {
+                CreateOutcome::Exists
+            })
+        })
+        .await
+    }
+
+    async fn room(&self, room: &RoomId, now: Millis) -> Result<Option<RoomRecord>, StoreError> {
+        let room = *room;
+        self.read(move |conn, inner| {
+            let row: Option<(Vec<u8>, i64, Option<i64>)> = conn
+                .prepare_cached(
+                    "SELECT auth_wrapped, last_active, wiped_at FROM rooms WHERE id = ?1",
+                )
+                .and_then(|mut q| {
+                    q.query_row(params![&room[..]], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()
+                })
+                .map_err(db_err)?;
+            Ok(
+                row.and_then(|(auth_wrapped, last_active, wiped_at)| match wiped_at {
+                    Some(at) if at >= now - inner.retention.tombstone_ms => Some(RoomRecord {
+                        auth_wrapped,
+                        wiped: true,
+                    }),
+                    Some(_) => None,
+                    None if last_active >= inner.retention.message_cutoff(now) => {
+                        Some(RoomRecord {
+                            auth_wrapped,
+                            wiped: false,
+                        })
+                    }
+                    None => None,
+                }),
+            )
+        })
+        .await
+    }
+
+    async fn append(
+        &self,
+        batch: &[NewMessage],
+        now: Millis,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        // The blocking pool needs owned data; the copy is small next to an fsync.
+        let batch = batch.to_vec();
+        self.write(move |conn, _| append_tx(conn, &batch, now).map_err(db_err))
+            .await
+    }
+
+    async fn messages(
+        &self,
+        room: &RoomId,
+        query: HistoryQuery,
+        limit: u32,
+        now: Millis,
+    ) -> Result<Page, StoreError> {
+        let room = *room;
+        self.read(move |conn, inner| {
+            let cutoff = inner.retention.message_cutoff(now);
+            let (sql, bound) = match query {
+                HistoryQuery::Latest => (
+                    "SELECT seq, created_at, epoch, iv, ct FROM messages
+                     WHERE room_id = ?1 AND created_at >= ?2 AND seq < ?3
+                     ORDER BY seq DESC LIMIT ?4",
+                    i64::MAX,
+                ),
+                HistoryQuery::Before(b) => (
+                    "SELECT seq, created_at, epoch, iv, ct FROM messages
+                     WHERE room_id = ?1 AND created_at >= ?2 AND seq < ?3
+                     ORDER BY seq DESC LIMIT ?4",
+                    b,
+                ),
+                HistoryQuery::After(a) => (
+                    "SELECT seq, created_at, epoch, iv, ct FROM messages
+                     WHERE room_id = ?1 AND created_at >= ?2 AND seq > ?3
+                     ORDER BY seq ASC LIMIT ?4",
+                    a,
+                ),
+            };
+            let mut q = conn.prepare_cached(sql).map_err(db_err)?;
+            let rows = q
+                .query_map(params![&room[..], cutoff, bound, limit as i64 + 1], |r| {
+                    Ok(StoredMessage {
+                        seq: r.get(0)?,
+                        ts: r.get(1)?,
+                        epoch: r.get(2)?,
+                        iv: r.get(3)?,
+                        ct: r.get(4)?,
+                    })
+                })
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(db_err)?;
+            Ok(finish_page(rows, limit, query))
+        })
+        .await
+    }
+
+    async fn wipe(&self, room: &RoomId, now: Millis) -> Result<bool, StoreError> {
+        let room = *room;
+        self.write(move |conn, _| {
+            let tx = conn.transaction().map_err(db_err)?;
+            let wiped = tx
+                .execute(
+                    "UPDATE rooms SET wiped_at = ?2 WHERE id = ?1 AND wiped_at IS NULL",
+                    params![&room[..], now],
+                )
+                .map_err(db_err)?;
+            tx.execute(
+                "DELETE FROM messages WHERE room_id = ?1",
+                params![&room[..]],
+            )
+            .map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+            Ok(wiped == 1)
+        })
+        .await
+    }
+
+    async fn redeem_token(
+        &self,
+        nonce: &[u8; 16],
+        expires: Millis,
+        _now: Millis,
+    ) -> Result<bool, StoreError> {
+        let mut spent = self.inner.spent.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(spent.insert(*nonce, expires).is_none())
+    }
+
+    async fn maintain(&self, now: Millis) -> Result<MaintenanceReport, StoreError> {
+        let mut report = MaintenanceReport {
+            ran: true,
+            ..Default::default()
+        };
+        self.inner
+            .spent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, expires| *expires > now);
+        // Messages first, in batches, releasing the writer between them.
+        loop {
+            let deleted = self
+                .write(move |conn, inner| {
+                    conn.execute(
+                        "DELETE FROM messages WHERE rowid IN
+                         (SELECT rowid FROM messages WHERE created_at < ?1 LIMIT ?2)",
+                        params![inner.retention.message_cutoff(now), DELETE_BATCH],
+                    )
+                    .map_err(db_err)
+                })
+                .await?;
+            report.messages_deleted += deleted as u64;
+            if (deleted as i64) < DELETE_BATCH {
+                break;
+            }
+        }
+        let (rooms, tombstones) = self
+            .write(move |conn, inner| {
+                let rooms = conn
+                    .execute(
+                        "DELETE FROM rooms WHERE wiped_at IS NULL AND last_active < ?1",
+                        params![inner.retention.message_cutoff(now)],
+                    )
+                    .map_err(db_err)?;
+                let tombstones = conn
+                    .execute(
+                        "DELETE FROM rooms WHERE wiped_at IS NOT NULL AND wiped_at < ?1",
+                        params![now - inner.retention.tombstone_ms],
+                    )
+                    .map_err(db_err)?;
+                // Keep the WAL from growing without bound between automatic checkpoints.
+                conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    .map_err(db_err)?;
+                Ok((rooms as u64, tombstones as u64))
+            })
+            .await?;
+        report.rooms_deleted = rooms;
+        report.tombstones_deleted = tombstones;
+        Ok(report)
+    }
+}

@@ -1,0 +1,167 @@
+//! `spawn_app()`: a real server on port 0 with its own data directory and, for Postgres, its
+//! own database; plus a minimal raw HTTP/1.1 client for the HTTP tests.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use nanochat::client::Client;
+use nanochat::config::Settings;
+use nanochat::crypto::RoomKeys;
+use nanochat::startup::{AppState, Application, ServerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::pg::{TestDb, cluster};
+
+/// Which storage backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A running server.
+pub struct TestApp {
+    pub port: u16,
+    pub admin_port: u16,
+    pub state: Arc<AppState>,
+    pub settings: Settings,
+    pub dir: tempfile::TempDir,
+    pub db: Option<TestDb>,
+    handle: ServerHandle,
+}
+
+/// Settings for a test server: loopback, port 0, a temp data dir, quiet logs.
+pub fn test_settings(dir: &std::path::Path) -> Settings {
+    let mut s = Settings::default();
+    s.server.listen = "127.0.0.1:0".into();
+    s.server.admin_listen = "127.0.0.1:0".into();
+    s.server.data_dir = dir.to_path_buf();
+    s.server.workers = 2;
+    s.log.filter = "warn".into();
+    // Tests send faster than a person types.
+    s.limits.frames_per_second = 10_000;
+    s.limits.frames_burst = 10_000;
+    s
+}
+
+/// Start a server on `backend` with default test settings.
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, |_| {}).await
+}
+
+/// Start a server on `backend`, letting the test adjust the settings first.
+pub async fn spawn_app_with(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = test_settings(dir.path());
+    let db = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => {
+            let db = cluster().database().await;
+            settings.database.url = Some(db.url.clone());
+            Some(db)
+        }
+    };
+    adjust(&mut settings);
+    start(settings, dir, db).await
+}
+
+/// Start a server with exactly these settings (data dir and database already chosen).
+pub async fn start(settings: Settings, dir: tempfile::TempDir, db: Option<TestDb>) -> TestApp {
+    let app = Application::build(settings.clone())
+        .await
+        .expect("the server builds");
+    TestApp {
+        port: app.port(),
+        admin_port: app.admin_port(),
+        state: app.state(),
+        settings,
+        dir,
+        db,
+        handle: app.spawn(),
+    }
+}
+
+impl TestApp {
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.ws_url()).await.expect("connect")
+    }
+
+    /// A client that has created a fresh room.
+    pub async fn room_creator(&self) -> (Client, RoomKeys) {
+        let keys = random_room();
+        let mut c = self.client().await;
+        let answer = c.create(&keys).await.expect("create answer");
+        assert!(
+            matches!(answer, nanochat::protocol::ServerFrame::Joined { .. }),
+            "{answer:?}"
+        );
+        (c, keys)
+    }
+
+    /// Stop serving (the data directory and database stay until dropped).
+    pub async fn stop(self) -> (Settings, tempfile::TempDir, Option<TestDb>) {
+        self.handle.stop(false).await;
+        (self.settings, self.dir, self.db)
+    }
+}
+
+/// Keys of a fresh random room.
+pub fn random_room() -> RoomKeys {
+    let mut secret = [0u8; 32];
+    rand::fill(&mut secret);
+    RoomKeys::derive(&secret)
+}
+
+/// A raw HTTP response.
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+/// Send raw request bytes and read the whole response (the request should close the
+/// connection).
+pub async fn http_raw(port: u16, request: &str) -> HttpResponse {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut buf),
+    )
+    .await
+    .expect("response in time")
+    .expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// GET a path.
+pub async fn http_get(port: u16, path: &str) -> HttpResponse {
+    http_raw(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}

@@ -1,0 +1,97 @@
+//! HTTP surface: the page and its security headers, health and readiness, metrics only on the
+//! admin listener, and the server secret file.
+
+use std::os::unix::fs::PermissionsExt as _;
+
+use nanochat::protocol::ServerFrame;
+use nanochat::startup::CONTENT_SECURITY_POLICY;
+
+use crate::helpers::{Backend, http_get, spawn_app, start};
+
+#[actix_web::test]
+async fn the_page_is_served_with_strict_security_headers() {
+    let app = spawn_app(Backend::Sqlite).await;
+    for path in ["/", "/index.html", "/nope"] {
+        let r = http_get(app.port, path).await;
+        assert_eq!(
+            r.headers.get("content-security-policy").map(String::as_str),
+            Some(CONTENT_SECURITY_POLICY),
+            "{path}"
+        );
+        assert_eq!(
+            r.headers.get("referrer-policy").map(String::as_str),
+            Some("no-referrer")
+        );
+        assert_eq!(
+            r.headers.get("x-content-type-options").map(String::as_str),
+            Some("nosniff")
+        );
+    }
+    let r = http_get(app.port, "/").await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers["content-type"].starts_with("text/html"));
+    assert!(r.body.contains("<html"));
+    assert!(!CONTENT_SECURITY_POLICY.contains("unsafe-inline"));
+    assert!(CONTENT_SECURITY_POLICY.contains("script-src 'self'"));
+    assert_eq!(http_get(app.port, "/nope").await.status, 404);
+}
+
+#[actix_web::test]
+async fn health_and_readiness_answer() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let h = http_get(app.port, "/healthz").await;
+    assert_eq!((h.status, h.body.as_str()), (200, "ok\n"));
+    let r = http_get(app.port, "/readyz").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+}
+
+#[actix_web::test]
+async fn metrics_are_served_on_the_admin_listener_only() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let (_alice, _keys) = app.room_creator().await;
+    let public = http_get(app.port, "/metrics").await;
+    assert_eq!(public.status, 404);
+    assert!(!public.body.contains("nanochat_"));
+    let admin = http_get(app.admin_port, "/metrics").await;
+    assert_eq!(admin.status, 200);
+    assert!(
+        admin.body.contains("nanochat_rooms_created_total 1"),
+        "{}",
+        admin.body
+    );
+    assert!(admin.body.contains("nanochat_connections_open 1"));
+    assert!(
+        admin
+            .body
+            .contains("nanochat_frames_rejected_total{code=\"auth_failed\"} 0")
+    );
+}
+
+#[actix_web::test]
+async fn the_server_secret_is_created_private_and_kept_across_restarts() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let path = app.dir.path().join("secret");
+    let meta = std::fs::metadata(&path).expect("secret file created");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let secret = std::fs::read_to_string(&path).unwrap();
+    let (_alice, keys) = app.room_creator().await;
+    // The secret never goes into the database.
+    let db = std::fs::read(app.dir.path().join("nanochat.db")).unwrap();
+    let raw = nanochat::protocol::from_b64u(secret.trim()).unwrap();
+    assert!(!db.windows(raw.len()).any(|w| w == raw.as_slice()));
+    assert!(
+        !db.windows(32).any(|w| w == keys.auth_key),
+        "auth key stored wrapped"
+    );
+    drop(_alice);
+
+    // Restart on the same directory: same secret, the room still accepts its members.
+    let (settings, dir, db) = app.stop().await;
+    let app = start(settings, dir, db).await;
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), secret);
+    let mut bob = app.client().await;
+    assert!(matches!(
+        bob.join(&keys, None).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+}

@@ -1,0 +1,10 @@
+//! The one integration-test binary: real servers on port 0, real SQLite files, a real
+//! throwaway Postgres, real sockets.
+
+mod api;
+mod config;
+mod helpers;
+mod http;
+mod pg;
+mod store;
+mod vectors;

@@ -1,0 +1,519 @@
+//! One storage conformance suite, run against both backends: creation, ordering, paging,
+//! replay, tombstones, retention at read time, idle-room deletion, group commit with
+//! concurrent senders, and ack-after-commit. Plus Postgres partition expiry for real.
+
+use std::sync::Arc;
+
+use nanochat::config::DatabaseSettings;
+use nanochat::crypto::EPOCH_MS;
+use nanochat::hub::Hub;
+use nanochat::metrics::Metrics;
+use nanochat::protocol::HistoryQuery;
+use nanochat::store::postgres::{PgStore, partition_name};
+use nanochat::store::sqlite::SqliteStore;
+use nanochat::store::writer::Writer;
+use nanochat::store::{AppendOutcome, CreateOutcome, NewMessage, Retention, Store, now_ms};
+
+use crate::pg::cluster;
+
+const RETENTION: Retention = Retention {
+    message_ms: 30 * EPOCH_MS,
+    tombstone_ms: 365 * EPOCH_MS,
+};
+
+struct Fixture {
+    store: Arc<dyn Store>,
+    _dir: tempfile::TempDir,
+}
+
+async fn sqlite() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), RETENTION).await.unwrap();
+    Fixture {
+        store: Arc::new(store),
+        _dir: dir,
+    }
+}
+
+async fn postgres() -> Fixture {
+    let db = cluster().database().await;
+    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
+        .await
+        .unwrap();
+    Fixture {
+        store: Arc::new(store),
+        _dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+fn room(n: u8) -> [u8; 16] {
+    let mut r = [0u8; 16];
+    rand::fill(&mut r);
+    r[15] = n;
+    r
+}
+
+fn msg(room: [u8; 16], tag: u8) -> NewMessage {
+    let mut iv = [0u8; 12];
+    rand::fill(&mut iv);
+    NewMessage {
+        room,
+        epoch: nanochat::crypto::epoch_of(now_ms()),
+        iv,
+        ct: vec![tag; 20],
+    }
+}
+
+fn seqs(outcomes: &[AppendOutcome]) -> Vec<i64> {
+    outcomes
+        .iter()
+        .map(|o| match o {
+            AppendOutcome::Stored { seq } => *seq,
+            other => panic!("not stored: {other:?}"),
+        })
+        .collect()
+}
+
+async fn create(store: &dyn Store, room: &[u8; 16], now: i64) {
+    assert_eq!(
+        store.create_room(room, &[1u8; 60], now).await.unwrap(),
+        CreateOutcome::Created
+    );
+}
+
+async fn rooms_are_created_once_and_found(store: &dyn Store) {
+    let now = now_ms();
+    let r = room(1);
+    assert_eq!(store.room(&r, now).await.unwrap(), None);
+    create(store, &r, now).await;
+    assert_eq!(
+        store.create_room(&r, &[2u8; 60], now).await.unwrap(),
+        CreateOutcome::Exists
+    );
+    let rec = store.room(&r, now).await.unwrap().expect("room exists");
+    assert_eq!(rec.auth_wrapped, vec![1u8; 60], "the first creation wins");
+    assert!(!rec.wiped);
+}
+
+async fn messages_get_increasing_seqs_per_room_in_batch_order(store: &dyn Store) {
+    let now = now_ms();
+    let (a, b) = (room(1), room(2));
+    create(store, &a, now).await;
+    create(store, &b, now).await;
+    let batch = vec![msg(a, 1), msg(b, 1), msg(a, 2), msg(a, 3), msg(b, 2)];
+    let out = store.append(&batch, now).await.unwrap();
+    assert_eq!(seqs(&out), vec![1, 1, 2, 3, 2]);
+    let out = store.append(&[msg(a, 4)], now).await.unwrap();
+    assert_eq!(seqs(&out), vec![4]);
+    let page = store
+        .messages(&a, HistoryQuery::Latest, 100, now)
+        .await
+        .unwrap();
+    let got: Vec<(i64, u8)> = page.messages.iter().map(|m| (m.seq, m.ct[0])).collect();
+    assert_eq!(got, vec![(1, 1), (2, 2), (3, 3), (4, 4)]);
+    assert!(!page.more);
+    assert_eq!(page.messages[0].iv, batch[0].iv.to_vec());
+    assert_eq!(page.messages[0].ts, now);
+}
+
+async fn paging_before_and_after_reports_more(store: &dyn Store) {
+    let now = now_ms();
+    let r = room(3);
+    create(store, &r, now).await;
+    let batch: Vec<_> = (1..=10).map(|i| msg(r, i)).collect();
+    store.append(&batch, now).await.unwrap();
+    let page = |q, limit| {
+        let store = &store;
+        async move {
+            let p = store.messages(&r, q, limit, now).await.unwrap();
+            (p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), p.more)
+        }
+    };
+    assert_eq!(page(HistoryQuery::Latest, 3).await, (vec![8, 9, 10], true));
+    assert_eq!(
+        page(HistoryQuery::Before(8), 3).await,
+        (vec![5, 6, 7], true)
+    );
+    assert_eq!(
+        page(HistoryQuery::Before(4), 3).await,
+        (vec![1, 2, 3], false)
+    );
+    assert_eq!(page(HistoryQuery::Before(2), 3).await, (vec![1], false));
+    assert_eq!(page(HistoryQuery::After(7), 2).await, (vec![8, 9], true));
+    assert_eq!(page(HistoryQuery::After(8), 2).await, (vec![9, 10], false));
+    assert_eq!(page(HistoryQuery::After(10), 2).await, (vec![], false));
+    assert!(!page(HistoryQuery::Latest, 10).await.1);
+}
+
+async fn a_repeated_iv_is_a_replay_and_takes_no_seq(store: &dyn Store) {
+    let now = now_ms();
+    let (a, b) = (room(4), room(5));
+    create(store, &a, now).await;
+    create(store, &b, now).await;
+    let first = msg(a, 1);
+    assert_eq!(
+        seqs(
+            &store
+                .append(std::slice::from_ref(&first), now)
+                .await
+                .unwrap()
+        ),
+        vec![1]
+    );
+    // Stored before, and twice within one batch.
+    let again = store
+        .append(&[first.clone(), msg(a, 2)], now)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        vec![AppendOutcome::Replay, AppendOutcome::Stored { seq: 2 }]
+    );
+    let dup = msg(a, 3);
+    let out = store
+        .append(&[dup.clone(), dup.clone()], now)
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![AppendOutcome::Stored { seq: 3 }, AppendOutcome::Replay]
+    );
+    // The same IV in another room is a different message.
+    let mut other = first.clone();
+    other.room = b;
+    assert_eq!(seqs(&store.append(&[other], now).await.unwrap()), vec![1]);
+}
+
+async fn a_wiped_room_is_empty_refuses_writes_and_recreation(store: &dyn Store) {
+    let now = now_ms();
+    let r = room(6);
+    create(store, &r, now).await;
+    store.append(&[msg(r, 1), msg(r, 2)], now).await.unwrap();
+    assert!(store.wipe(&r, now).await.unwrap());
+    assert!(
+        !store.wipe(&r, now).await.unwrap(),
+        "a tombstone is not wiped twice"
+    );
+    let rec = store.room(&r, now).await.unwrap().expect("tombstone");
+    assert!(rec.wiped);
+    let page = store
+        .messages(&r, HistoryQuery::Latest, 10, now)
+        .await
+        .unwrap();
+    assert!(page.messages.is_empty());
+    assert_eq!(
+        store.append(&[msg(r, 3)], now).await.unwrap(),
+        vec![AppendOutcome::RoomGone]
+    );
+    assert_eq!(
+        store
+            .create_room(&r, &[1; 60], now + 300 * EPOCH_MS)
+            .await
+            .unwrap(),
+        CreateOutcome::Gone
+    );
+    // After the tombstone period the id is free again.
+    let later = now + 366 * EPOCH_MS;
+    assert_eq!(store.room(&r, later).await.unwrap(), None);
+    assert_eq!(
+        store.create_room(&r, &[1; 60], later).await.unwrap(),
+        CreateOutcome::Created
+    );
+    // An unknown room takes no messages.
+    assert_eq!(
+        store.append(&[msg(room(7), 1)], now).await.unwrap(),
+        vec![AppendOutcome::RoomGone]
+    );
+}
+
+async fn messages_past_retention_are_never_returned(store: &dyn Store) {
+    let t0 = now_ms() - 31 * EPOCH_MS;
+    let r = room(8);
+    create(store, &r, t0).await;
+    store.append(&[msg(r, 1)], t0).await.unwrap();
+    let t1 = t0 + 2 * EPOCH_MS;
+    store.append(&[msg(r, 2)], t1).await.unwrap();
+    // Before any maintenance ran: the first message is 31 days old, the second 29.
+    let now = t0 + 31 * EPOCH_MS;
+    let page = store
+        .messages(&r, HistoryQuery::Latest, 10, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![2]
+    );
+    let page = store
+        .messages(&r, HistoryQuery::After(0), 10, now)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 1);
+    let page = store
+        .messages(&r, HistoryQuery::Before(2), 10, now)
+        .await
+        .unwrap();
+    assert!(page.messages.is_empty());
+}
+
+async fn idle_rooms_and_old_tombstones_are_deleted_by_maintenance(store: &dyn Store) {
+    let t0 = now_ms() - 40 * EPOCH_MS;
+    let (idle, busy, wiped) = (room(9), room(10), room(11));
+    create(store, &idle, t0).await;
+    create(store, &busy, t0).await;
+    create(store, &wiped, t0).await;
+    store.wipe(&wiped, t0).await.unwrap();
+    store
+        .append(&[msg(busy, 1)], t0 + 20 * EPOCH_MS)
+        .await
+        .unwrap();
+    let now = t0 + 31 * EPOCH_MS;
+    // Expired rooms already count as absent before maintenance.
+    assert_eq!(store.room(&idle, now).await.unwrap(), None);
+    let report = store.maintain(now).await.unwrap();
+    assert!(report.ran);
+    assert!(report.rooms_deleted >= 1, "{report:?}");
+    assert_eq!(store.room(&idle, now).await.unwrap(), None);
+    assert!(store.room(&busy, now).await.unwrap().is_some());
+    assert!(store.room(&wiped, now).await.unwrap().unwrap().wiped);
+    // An expired room id can be created again; its seqs continue, never repeat.
+    assert_eq!(
+        store.create_room(&idle, &[1; 60], now).await.unwrap(),
+        CreateOutcome::Created
+    );
+    let later = t0 + 366 * EPOCH_MS;
+    let report = store.maintain(later).await.unwrap();
+    assert!(report.tombstones_deleted >= 1, "{report:?}");
+    assert_eq!(store.room(&wiped, later).await.unwrap(), None);
+}
+
+async fn spent_tokens_are_refused(store: &dyn Store) {
+    let now = now_ms();
+    let nonce = [7u8; 16];
+    assert!(store.redeem_token(&nonce, now + 60_000, now).await.unwrap());
+    assert!(!store.redeem_token(&nonce, now + 60_000, now).await.unwrap());
+    assert!(
+        store
+            .redeem_token(&[8u8; 16], now + 60_000, now)
+            .await
+            .unwrap()
+    );
+}
+
+async fn concurrent_senders_are_group_committed_and_acked_after_commit(store: Arc<dyn Store>) {
+    let now = now_ms();
+    let r = room(12);
+    create(&*store, &r, now).await;
+    let metrics = Arc::new(Metrics::new());
+    let hub = Arc::new(Hub::new(16, metrics.clone()));
+    let (writer, _task) = Writer::spawn(store.clone(), hub, metrics.clone(), 1024, 64);
+    let mut tasks = Vec::new();
+    for sender in 0..8u64 {
+        let writer = writer.clone();
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for i in 0..40u8 {
+                let rx = writer
+                    .submit(msg(r, i), sender, std::time::Instant::now())
+                    .await;
+                let committed = rx.await.unwrap().expect("stored");
+                // Ack after commit: once acked, any reader sees it.
+                let page = store
+                    .messages(&r, HistoryQuery::After(committed.seq - 1), 1, now_ms())
+                    .await
+                    .unwrap();
+                assert_eq!(page.messages[0].seq, committed.seq);
+                mine.push(committed.seq);
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let mine = t.await.unwrap();
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "per-sender order kept"
+        );
+        all.extend(mine);
+    }
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (1..=320).collect::<Vec<i64>>(),
+        "every seq once, no gaps"
+    );
+    let page = store
+        .messages(&r, HistoryQuery::After(0), 200, now_ms())
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 200);
+    assert!(page.more);
+    assert_eq!(metrics.messages_stored_total.get(), 320);
+    // Eight senders with one message in flight each: batches of more than one formed.
+    assert!(
+        metrics.store_batch_size.get_sample_count() < 320,
+        "expected group commits, got {} batches",
+        metrics.store_batch_size.get_sample_count()
+    );
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let f = super::sqlite().await;
+                    super::$name(&*f.store).await;
+                }
+            )*
+        }
+        mod postgres_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let f = super::postgres().await;
+                    super::$name(&*f.store).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    rooms_are_created_once_and_found,
+    messages_get_increasing_seqs_per_room_in_batch_order,
+    paging_before_and_after_reports_more,
+    a_repeated_iv_is_a_replay_and_takes_no_seq,
+    a_wiped_room_is_empty_refuses_writes_and_recreation,
+    messages_past_retention_are_never_returned,
+    idle_rooms_and_old_tombstones_are_deleted_by_maintenance,
+    spent_tokens_are_refused,
+);
+
+#[tokio::test]
+async fn sqlite_group_commits_concurrent_senders() {
+    let f = sqlite().await;
+    concurrent_senders_are_group_committed_and_acked_after_commit(f.store.clone()).await;
+}
+
+#[tokio::test]
+async fn postgres_group_commits_concurrent_senders() {
+    let f = postgres().await;
+    concurrent_senders_are_group_committed_and_acked_after_commit(f.store.clone()).await;
+}
+
+#[tokio::test]
+async fn expired_postgres_partitions_are_dropped_not_emptied() {
+    let db = cluster().database().await;
+    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
+        .await
+        .unwrap();
+    let sql = cluster().connect(&db).await;
+    let today = now_ms().div_euclid(EPOCH_MS);
+    let r = room(13);
+    let t_old = (today - 40) * EPOCH_MS + 1000;
+    create(&store, &r, t_old).await;
+    // Writes into days that have no partition yet create them on demand.
+    for (day, tag) in [
+        (today - 40, 1u8),
+        (today - 35, 2),
+        (today - 31, 3),
+        (today - 2, 4),
+    ] {
+        store
+            .append(&[msg(r, tag)], day * EPOCH_MS + 5000)
+            .await
+            .unwrap();
+    }
+    let partitions = store.partitions().await.unwrap();
+    for day in [today - 40, today - 35, today - 31, today - 2] {
+        assert!(partitions.contains(&partition_name(day)), "{partitions:?}");
+    }
+    let rows: i64 = sql
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 4);
+
+    let now = now_ms();
+    let report = store.maintain(now).await.unwrap();
+    assert!(report.partitions_dropped >= 3, "{report:?}");
+    let present: Vec<String> = sql
+        .query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'messages'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for day in [today - 40, today - 35, today - 31] {
+        let name = partition_name(day);
+        assert!(
+            !present.contains(&name),
+            "{name} still attached: {present:?}"
+        );
+        let exists = sql
+            .query_opt("SELECT 1 FROM pg_class WHERE relname = $1", &[&name])
+            .await
+            .unwrap();
+        assert!(exists.is_none(), "{name} still exists as a table");
+    }
+    assert!(present.contains(&partition_name(today - 2)));
+    for ahead in 0..=3 {
+        assert!(
+            present.contains(&partition_name(today + ahead)),
+            "{present:?}"
+        );
+    }
+    let rows: i64 = sql
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "only the recent message is left");
+    let page = store
+        .messages(&r, HistoryQuery::After(0), 10, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.messages.iter().map(|m| m.ct[0]).collect::<Vec<_>>(),
+        vec![4]
+    );
+}
+
+#[tokio::test]
+async fn only_one_process_runs_postgres_maintenance_at_a_time() {
+    let db = cluster().database().await;
+    let a = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
+        .await
+        .unwrap();
+    let b = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
+        .await
+        .unwrap();
+    let sql = cluster().connect(&db).await;
+    // Hold the maintenance lock from outside, as another node mid-run would.
+    let held: bool = sql
+        .query_one(
+            "SELECT pg_try_advisory_lock($1)",
+            &[&0x6e61_6e6f_6368_6102_i64],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(held);
+    assert!(!a.maintain(now_ms()).await.unwrap().ran);
+    assert!(!b.maintain(now_ms()).await.unwrap().ran);
+    sql.execute(
+        "SELECT pg_advisory_unlock($1)",
+        &[&0x6e61_6e6f_6368_6102_i64],
+    )
+    .await
+    .unwrap();
+    assert!(a.maintain(now_ms()).await.unwrap().ran);
+}
