@@ -186,7 +186,7 @@ impl Default for LimitSettings {
             history: 100,
             max_frame_bytes: 65536,
             max_ct_bytes: 8192,
-            send_queue: 256,
+            send_queue: 1024,
             send_timeout_secs: 10,
             max_inflight_sends: 64,
             ping_interval_secs: 20,
@@ -349,10 +349,12 @@ impl Settings {
             "limits.max_frame_bytes",
             "must be at most 16 MiB and hold a send frame of limits.max_ct_bytes (4/3 of it + 256)",
         )?;
+        // One group commit can publish up to store.batch_max messages to one room at once; a
+        // queue smaller than that would kick healthy members of a busy room.
         check(
-            (1..=65536).contains(&l.send_queue),
+            l.send_queue >= self.store.batch_max && l.send_queue <= 65536,
             "limits.send_queue",
-            "must be between 1 and 65536",
+            "must be at least store.batch_max and at most 65536",
         )?;
         check(
             (1..=3600).contains(&l.send_timeout_secs),

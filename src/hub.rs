@@ -10,7 +10,8 @@
 //! would only add cost. Room ids are uniformly random, so the first byte picks a shard evenly.
 //!
 //! # Slow consumers
-//! Each socket has a bounded queue (`limits.send_queue` frames). When a publish finds it full,
+//! Each socket has a bounded queue (`limits.send_queue` frames, at least one full write batch,
+//! since a batch publishes its messages at once). When a publish finds it full,
 //! the subscriber is removed from the room and *kicked*: its session closes the socket with
 //! close code 4008 ("too slow"). Memory per socket therefore stays bounded whatever a client
 //! does, and the room's other members never wait for it. Nothing is lost: every message is in

@@ -594,7 +594,9 @@ async fn storage_outage_gives_unavailable_and_recovers_without_loss() {
 #[actix_web::test]
 async fn a_client_that_stops_reading_is_dropped_and_the_room_goes_on() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.limits.send_queue = 8;
+        // The sender keeps at most 32 messages in flight, so no batch is larger than 32.
+        s.store.batch_max = 32;
+        s.limits.send_queue = 64;
         s.limits.send_timeout_secs = 1;
     })
     .await;
