@@ -2,6 +2,7 @@
 //! throwaway Postgres, real sockets.
 
 mod api;
+mod binary;
 mod config;
 mod helpers;
 mod http;
