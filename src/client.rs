@@ -67,6 +67,44 @@ impl Client {
     /// Connect to `ws://host:port/ws` and read the hello.
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        Self::handshake(ws).await
+    }
+
+    /// Connect from a chosen local address (load generators spread sockets over 127.0.0.x so
+    /// each looks like another client and ports do not run out).
+    pub async fn connect_from(url: &str, local: std::net::IpAddr) -> Result<Client, ClientError> {
+        let request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?;
+        let host = request
+            .uri()
+            .host()
+            .unwrap_or("127.0.0.1")
+            .trim_matches(['[', ']']);
+        let port = request.uri().port_u16().unwrap_or(80);
+        let remote: std::net::IpAddr = host
+            .parse()
+            .map_err(|_| ClientError::Protocol(format!("connect_from needs an IP host: {host}")))?;
+        let socket = if remote.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+        socket
+            .bind((local, 0).into())
+            .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+        let stream = socket
+            .connect((remote, port).into())
+            .await
+            .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+        let (ws, _) =
+            tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await?;
+        Self::handshake(ws).await
+    }
+
+    async fn handshake(
+        ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ) -> Result<Client, ClientError> {
         let mut client = Client {
             ws,
             hello: Hello {

@@ -24,6 +24,10 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// Proof of work for room creation.
     pub pow: PowSettings,
+    /// Rate limits per client, per room and global.
+    pub rate: RateSettings,
+    /// Client addresses behind reverse proxies.
+    pub proxy: ProxySettings,
     /// Group commit of messages.
     pub store: StoreSettings,
     /// Logging.
@@ -44,6 +48,9 @@ pub struct ServerSettings {
     pub secret_file: Option<PathBuf>,
     /// HTTP worker threads; 0 = one per CPU.
     pub workers: usize,
+    /// Optional listener for a Tor onion service (or any shared-address front): every client
+    /// there shares one set of limits, headers are never trusted, creation always needs work.
+    pub onion_listen: Option<String>,
 }
 
 /// `[database]`
@@ -94,28 +101,109 @@ pub struct LimitSettings {
     pub frames_per_second: u32,
     /// Frames one socket may send in a burst.
     pub frames_burst: u32,
+    /// Bytes of broadcast frames queued for one socket before it counts as a slow consumer.
+    pub send_queue_bytes: usize,
+    /// Open WebSocket connections the whole server accepts; further upgrades get 503.
+    pub max_connections: usize,
+    /// Seconds a client has to send its HTTP request head (the upgrade).
+    pub handshake_timeout_secs: u64,
+    /// Refusals one socket may collect (rate-limited frames cost 1, invalid frames 4) before
+    /// it is disconnected; one is forgiven every 2 seconds.
+    pub strike_budget: u32,
 }
 
 /// `[pow]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PowSettings {
-    /// `off` or `on`.
+    /// `off`, `on` (always `base_bits`) or `adaptive`.
     pub mode: PowMode,
-    /// Leading zero bits required when on.
-    pub bits: u8,
+    /// Difficulty in leading zero bits when on, and the floor when adaptive.
+    pub base_bits: u8,
+    /// Ceiling of the adaptive difficulty.
+    pub max_bits: u8,
     /// Seconds a token stays valid.
     pub token_ttl_secs: u64,
+    /// Milliseconds between difficulty adjustments.
+    pub adjust_interval_ms: u64,
+    /// Room creations per minute (whole server) above which the difficulty rises.
+    pub raise_creations_per_minute: u32,
+    /// New connections per minute (whole server) above which the difficulty rises.
+    pub raise_connections_per_minute: u32,
+    /// Adjustment intervals in a row with load below half the thresholds before the difficulty
+    /// falls by one bit.
+    pub calm_intervals: u32,
 }
 
 /// Whether room creation needs proof of work.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum PowMode {
-    /// Never.
+    /// Never (except on the onion listener).
     Off,
-    /// Always, at `pow.bits`.
+    /// Always, at `pow.base_bits`.
     On,
+    /// From `pow.base_bits`, rising with load up to `pow.max_bits`.
+    Adaptive,
+}
+
+/// One rate limit: a sustained rate and a burst.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    /// Sustained events per minute.
+    pub per_minute: u32,
+    /// Events allowed at once.
+    pub burst: u32,
+}
+
+impl Rate {
+    const fn new(per_minute: u32, burst: u32) -> Self {
+        Self { per_minute, burst }
+    }
+}
+
+/// `[rate]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateSettings {
+    /// New WebSocket connections per client, checked before the upgrade (429).
+    pub client_connections: Rate,
+    /// Open WebSocket connections per client (429 beyond).
+    pub client_max_sockets: u32,
+    /// Frames per client across all its sockets.
+    pub client_frames: Rate,
+    /// Messages (`send`) per client.
+    pub client_messages: Rate,
+    /// Room creations per client.
+    pub client_creations: Rate,
+    /// Proof-of-work tokens per client.
+    pub client_pow_tokens: Rate,
+    /// Messages per room, whoever sends them.
+    pub room_messages: Rate,
+    /// Room creations on the whole server.
+    pub global_creations: Rate,
+    /// New connections on the whole server.
+    pub global_connections: Rate,
+    /// On the onion listener all clients share one set of client limits, this many times the
+    /// per-client ones.
+    pub onion_factor: u32,
+    /// Keys (clients or rooms) one limiter tracks; beyond it, new keys share an overflow bucket.
+    pub max_keys: usize,
+    /// Seconds between sweeps that forget idle keys and return their memory.
+    pub sweep_interval_secs: u64,
+}
+
+/// `[proxy]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySettings {
+    /// CIDRs of reverse proxies whose `X-Forwarded-For` / `Forwarded` headers are believed.
+    pub trusted: Vec<String>,
+    /// Prefix length that groups IPv4 clients (32 = one address).
+    pub ipv4_prefix: u8,
+    /// Prefix length that groups IPv6 clients (64 = one customer network).
+    pub ipv6_prefix: u8,
 }
 
 /// `[store]`
@@ -156,6 +244,7 @@ impl Default for ServerSettings {
             data_dir: PathBuf::from("./data"),
             secret_file: None,
             workers: 0,
+            onion_listen: None,
         }
     }
 }
@@ -193,6 +282,10 @@ impl Default for LimitSettings {
             idle_timeout_secs: 60,
             frames_per_second: 20,
             frames_burst: 60,
+            send_queue_bytes: 4 << 20,
+            max_connections: 50_000,
+            handshake_timeout_secs: 5,
+            strike_budget: 40,
         }
     }
 }
@@ -200,9 +293,43 @@ impl Default for LimitSettings {
 impl Default for PowSettings {
     fn default() -> Self {
         Self {
-            mode: PowMode::Off,
-            bits: 18,
+            mode: PowMode::Adaptive,
+            base_bits: 16,
+            max_bits: 26,
             token_ttl_secs: 300,
+            adjust_interval_ms: 10_000,
+            raise_creations_per_minute: 60,
+            raise_connections_per_minute: 3_000,
+            calm_intervals: 6,
+        }
+    }
+}
+
+impl Default for RateSettings {
+    fn default() -> Self {
+        Self {
+            client_connections: Rate::new(60, 20),
+            client_max_sockets: 32,
+            client_frames: Rate::new(3_000, 300),
+            client_messages: Rate::new(120, 30),
+            client_creations: Rate::new(10, 5),
+            client_pow_tokens: Rate::new(30, 10),
+            room_messages: Rate::new(600, 120),
+            global_creations: Rate::new(600, 100),
+            global_connections: Rate::new(30_000, 3_000),
+            onion_factor: 20,
+            max_keys: 100_000,
+            sweep_interval_secs: 10,
+        }
+    }
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            trusted: Vec::new(),
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
         }
     }
 }
@@ -266,6 +393,8 @@ impl Settings {
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("proxy.trusted")
                 .source(Some(env)),
         );
         let settings: Settings = builder
@@ -386,7 +515,107 @@ impl Settings {
             "limits.frames_burst",
             "must be at least 1",
         )?;
-        check(self.pow.bits <= 40, "pow.bits", "must be at most 40")?;
+        check(
+            self.pow.base_bits <= 40,
+            "pow.base_bits",
+            "must be at most 40",
+        )?;
+        check(
+            self.pow.max_bits >= self.pow.base_bits && self.pow.max_bits <= 40,
+            "pow.max_bits",
+            "must be between pow.base_bits and 40",
+        )?;
+        check(
+            (10..=3_600_000).contains(&self.pow.adjust_interval_ms),
+            "pow.adjust_interval_ms",
+            "must be between 10 and 3600000",
+        )?;
+        check(
+            self.pow.calm_intervals >= 1,
+            "pow.calm_intervals",
+            "must be at least 1",
+        )?;
+        let r = &self.rate;
+        for (key, rate) in [
+            ("rate.client_connections", r.client_connections),
+            ("rate.client_frames", r.client_frames),
+            ("rate.client_messages", r.client_messages),
+            ("rate.client_creations", r.client_creations),
+            ("rate.client_pow_tokens", r.client_pow_tokens),
+            ("rate.room_messages", r.room_messages),
+            ("rate.global_creations", r.global_creations),
+            ("rate.global_connections", r.global_connections),
+        ] {
+            check(
+                rate.per_minute >= 1 && rate.burst >= 1,
+                key,
+                "per_minute and burst must be at least 1",
+            )?;
+        }
+        check(
+            r.client_max_sockets >= 1,
+            "rate.client_max_sockets",
+            "must be at least 1",
+        )?;
+        check(
+            r.onion_factor >= 1,
+            "rate.onion_factor",
+            "must be at least 1",
+        )?;
+        check(
+            (1..=10_000_000).contains(&r.max_keys),
+            "rate.max_keys",
+            "must be between 1 and 10000000",
+        )?;
+        check(
+            (1..=3600).contains(&r.sweep_interval_secs),
+            "rate.sweep_interval_secs",
+            "must be between 1 and 3600",
+        )?;
+        for cidr in &self.proxy.trusted {
+            check(
+                crate::abuse::client_ip::Cidr::parse(cidr).is_some(),
+                "proxy.trusted",
+                "entries must be addresses or CIDRs like 10.0.0.0/8 or fd00::/8",
+            )?;
+        }
+        check(
+            (1..=32).contains(&self.proxy.ipv4_prefix),
+            "proxy.ipv4_prefix",
+            "must be between 1 and 32",
+        )?;
+        check(
+            (1..=128).contains(&self.proxy.ipv6_prefix),
+            "proxy.ipv6_prefix",
+            "must be between 1 and 128",
+        )?;
+        if let Some(onion) = &self.server.onion_listen {
+            check(
+                onion.parse::<SocketAddr>().is_ok(),
+                "server.onion_listen",
+                "must be an address like 127.0.0.1:8081",
+            )?;
+        }
+        check(
+            l.send_queue_bytes >= l.max_frame_bytes,
+            "limits.send_queue_bytes",
+            "must be at least limits.max_frame_bytes",
+        )?;
+        check(
+            l.max_connections >= 1,
+            "limits.max_connections",
+            "must be at least 1",
+        )?;
+        check(
+            (1..=300).contains(&l.handshake_timeout_secs),
+            "limits.handshake_timeout_secs",
+            "must be between 1 and 300",
+        )?;
+        check(
+            l.strike_budget >= 4,
+            "limits.strike_budget",
+            "must be at least 4",
+        )?;
         check(
             (10..=86400).contains(&self.pow.token_ttl_secs),
             "pow.token_ttl_secs",
@@ -449,6 +678,19 @@ mod tests {
         assert_eq!(s.server.listen, "0.0.0.0:9000");
         assert_eq!(s.limits.max_ct_bytes, 4096);
         assert_eq!(s.database.url.as_deref(), Some("postgres://u@localhost/db"));
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("NANOCHAT__PROXY__TRUSTED", "10.0.0.0/8,fd00::/8"),
+                ("NANOCHAT__RATE__CLIENT_MESSAGES__PER_MINUTE", "7"),
+                ("NANOCHAT__POW__MODE", "on"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.proxy.trusted, vec!["10.0.0.0/8", "fd00::/8"]);
+        assert_eq!(s.rate.client_messages.per_minute, 7);
+        assert_eq!(s.rate.client_messages.burst, 30);
+        assert_eq!(s.pow.mode, PowMode::On);
     }
 
     #[test]

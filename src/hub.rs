@@ -11,7 +11,8 @@
 //!
 //! # Slow consumers
 //! Each socket has a bounded queue (`limits.send_queue` frames, at least one full write batch,
-//! since a batch publishes its messages at once). When a publish finds it full,
+//! since a batch publishes its messages at once, and `limits.send_queue_bytes` bytes). When a
+//! publish finds it full,
 //! the subscriber is removed from the room and *kicked*: its session closes the socket with
 //! close code 4008 ("too slow"). Memory per socket therefore stays bounded whatever a client
 //! does, and the room's other members never wait for it. Nothing is lost: every message is in
@@ -20,7 +21,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use bytestring::ByteString;
 use tokio::sync::mpsc;
@@ -94,6 +95,7 @@ struct Subscriber {
     id: SessionId,
     tx: mpsc::Sender<Outbound>,
     kick: Kick,
+    queued: Arc<AtomicUsize>,
 }
 
 /// A room subscription held by a session.
@@ -102,21 +104,25 @@ pub struct Subscription {
     pub rx: mpsc::Receiver<Outbound>,
     /// Fires when the socket must leave the room.
     pub kick: Kick,
+    /// Bytes queued in `rx`; the session subtracts what it has written.
+    pub queued: Arc<AtomicUsize>,
 }
 
 /// The in-process registry of rooms and their sockets.
 pub struct Hub {
     shards: Vec<Mutex<HashMap<RoomId, Vec<Subscriber>>>>,
     queue: usize,
+    max_bytes: usize,
     metrics: Arc<Metrics>,
 }
 
 impl Hub {
-    /// A hub whose sockets queue at most `queue` frames.
-    pub fn new(queue: usize, metrics: Arc<Metrics>) -> Self {
+    /// A hub whose sockets queue at most `queue` frames and `max_bytes` bytes.
+    pub fn new(queue: usize, max_bytes: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             queue,
+            max_bytes,
             metrics,
         }
     }
@@ -133,12 +139,14 @@ impl Hub {
     pub fn subscribe(&self, room: &RoomId, id: SessionId) -> Subscription {
         let (tx, rx) = mpsc::channel(self.queue);
         let kick = Kick::default();
+        let queued = Arc::new(AtomicUsize::new(0));
         self.shard(room).entry(*room).or_default().push(Subscriber {
             id,
             tx,
             kick: kick.clone(),
+            queued: queued.clone(),
         });
-        Subscription { rx, kick }
+        Subscription { rx, kick, queued }
     }
 
     /// Remove a socket from a room (on close).
@@ -170,12 +178,18 @@ impl Hub {
             if Some(s.id) == except {
                 return true;
             }
+            if s.queued.load(Ordering::Relaxed) + frame.len() > self.max_bytes {
+                s.kick.fire(KickReason::SlowConsumer);
+                slow += 1;
+                return false;
+            }
             let out = Outbound {
                 seq,
                 frame: frame.clone(),
             };
             match s.tx.try_send(out) {
                 Ok(()) => {
+                    s.queued.fetch_add(frame.len(), Ordering::Relaxed);
                     delivered += 1;
                     true
                 }
@@ -220,7 +234,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_kicks_only_that_subscriber() {
-        let hub = Hub::new(2, Arc::new(Metrics::new()));
+        let hub = Hub::new(2, 1 << 20, Arc::new(Metrics::new()));
         let room = [1u8; 16];
         let mut fast = hub.subscribe(&room, 1);
         let slow = hub.subscribe(&room, 2);
@@ -235,7 +249,7 @@ mod tests {
 
     #[tokio::test]
     async fn publish_skips_the_sender_and_nuke_kicks_everyone() {
-        let hub = Hub::new(8, Arc::new(Metrics::new()));
+        let hub = Hub::new(8, 1 << 20, Arc::new(Metrics::new()));
         let room = [2u8; 16];
         let mut a = hub.subscribe(&room, 1);
         let mut b = hub.subscribe(&room, 2);
@@ -249,5 +263,18 @@ mod tests {
         assert_eq!(a.kick.kicked().await, KickReason::Nuked);
         assert_eq!(b.kick.kicked().await, KickReason::Nuked);
         assert_eq!(hub.members(&room), 0);
+    }
+
+    #[tokio::test]
+    async fn a_socket_over_its_byte_budget_is_kicked() {
+        let hub = Hub::new(100, 10, Arc::new(Metrics::new()));
+        let room = [3u8; 16];
+        let sub = hub.subscribe(&room, 1);
+        let frame = ByteString::from_static("12345");
+        assert_eq!(hub.publish(&room, 1, &frame, None), 1);
+        assert_eq!(hub.publish(&room, 2, &frame, None), 1);
+        assert_eq!(sub.queued.load(Ordering::Relaxed), 10);
+        assert_eq!(hub.publish(&room, 3, &frame, None), 0);
+        assert_eq!(sub.kick.kicked().await, KickReason::SlowConsumer);
     }
 }

@@ -2,6 +2,7 @@
 //! ciphertexts it cannot read. Protocol: `docs/protocol.md`.
 //!
 //! # Layout
+//! - [`abuse`]: client addresses behind proxies, rate limits, adaptive proof of work.
 //! - [`config`]: settings, layered defaults -> TOML file -> `NANOCHAT__*` environment.
 //! - [`telemetry`]: tracing-subscriber setup.
 //! - [`metrics`]: every Prometheus metric, defined once.
@@ -14,6 +15,7 @@
 //! - [`startup`]: `Application`: listeners, routes, background tasks.
 //! - [`client`]: a Rust client of the protocol (tests, benchmarks, tools).
 
+pub mod abuse;
 pub mod client;
 pub mod config;
 pub mod crypto;

@@ -3,8 +3,8 @@
 //! servers in one process. No metric carries a room id or an IP as a label.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::protocol::ErrorCode;
@@ -44,6 +44,20 @@ pub struct Metrics {
     pub rooms_expired_total: IntCounter,
     /// Time from receiving a `send` to its `ack`.
     pub ack_latency_seconds: HistogramVec,
+    /// Requests refused by a rate limiter, by limiter.
+    pub rate_limited_total: IntCounterVec,
+    /// Keys a keyed limiter tracks, by limiter.
+    pub limiter_keys: IntGaugeVec,
+    /// Checks that went to a limiter's shared overflow bucket because it was full, by limiter.
+    pub limiter_overflow_total: IntCounterVec,
+    /// Current proof-of-work difficulty for room creation (leading zero bits; 0 = none).
+    pub pow_bits: IntGauge,
+    /// Proof-of-work tokens by result: issued, redeemed, or why they were refused.
+    pub pow_tokens_total: IntCounterVec,
+    /// WebSocket upgrades refused before the handshake, by reason.
+    pub upgrades_refused_total: IntCounterVec,
+    /// Sockets closed for collecting too many refusals.
+    pub abuse_disconnects_total: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -156,8 +170,62 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            rate_limited_total: counter_vec(
+                "nanochat_rate_limited_total",
+                "Requests refused by a rate limiter, by limiter.",
+                &["limiter"],
+            ),
+            limiter_keys: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nanochat_limiter_keys",
+                        "Keys (clients or rooms) a keyed limiter tracks, by limiter.",
+                    ),
+                    &["limiter"],
+                )
+                .expect("valid metric"),
+            ),
+            limiter_overflow_total: counter_vec(
+                "nanochat_limiter_overflow_total",
+                "Checks sent to a limiter's shared overflow bucket because its key table was full.",
+                &["limiter"],
+            ),
+            pow_bits: reg(
+                r,
+                IntGauge::new(
+                    "nanochat_pow_bits",
+                    "Current proof-of-work difficulty for room creation in leading zero bits.",
+                )
+                .expect("valid metric"),
+            ),
+            pow_tokens_total: counter_vec(
+                "nanochat_pow_tokens_total",
+                "Proof-of-work tokens issued, redeemed, or refused (by reason).",
+                &["result"],
+            ),
+            upgrades_refused_total: counter_vec(
+                "nanochat_upgrades_refused_total",
+                "WebSocket upgrades refused before the handshake, by reason.",
+                &["reason"],
+            ),
+            abuse_disconnects_total: counter(
+                "nanochat_abuse_disconnects_total",
+                "Sockets closed for collecting too many refused or invalid frames.",
+            ),
             registry,
         };
+        for result in [
+            "issued",
+            "redeemed",
+            "malformed",
+            "expired",
+            "bad_tag",
+            "wrong_work",
+            "spent",
+        ] {
+            m.pow_tokens_total.with_label_values(&[result]);
+        }
         // Pre-create the labelled series so dashboards see zeros instead of gaps.
         for code in ErrorCode::ALL {
             m.frames_rejected_total.with_label_values(&[code.as_str()]);

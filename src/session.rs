@@ -20,23 +20,28 @@ use std::time::{Duration, Instant};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
+use crate::abuse::limits::{ClientLimit, DirectLimiter, Refused};
 use crate::crypto::{self, CHALLENGE_LEN, RoomId};
 use crate::hub::{Kick, KickReason, Outbound, SessionId, next_session_id};
 use crate::protocol::{
     ClientFrame, ErrorCode, FrameError, FrameLimits, HistoryQuery, PROTOCOL_VERSION, PowSolution,
     ServerFrame, WireMsg, b64u, parse_client_frame, room_to_wire,
 };
-use crate::startup::AppState;
+use crate::startup::{AppState, Peer};
 use crate::store::writer::WriteResult;
 use crate::store::{CreateOutcome, NewMessage, Page, StoreError, now_ms};
 
 /// Close code for a socket that could not keep up with its room.
 pub const CLOSE_TOO_SLOW: u16 = 4008;
+/// Strike cost of a frame refused by a rate limit.
+const STRIKE_RATE_LIMITED: u32 = 1;
+/// Strike cost of an invalid frame: malformed input costs more than a valid frame sent too fast.
+const STRIKE_INVALID: u32 = 4;
 
 type PendingAck =
     Pin<Box<dyn Future<Output = (String, Result<WriteResult, oneshot::error::RecvError>)>>>;
@@ -64,7 +69,10 @@ struct Conn {
     joined: Option<Joined>,
     pending: FuturesOrdered<PendingAck>,
     limiter: DefaultDirectRateLimiter,
+    strikes: DirectLimiter,
     send_timeout: Duration,
+    peer: Peer,
+    queued: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 fn refuse(code: ErrorCode, message: &'static str) -> FrameError {
@@ -118,7 +126,12 @@ async fn next_kick(kick: &Option<Kick>) -> KickReason {
 }
 
 /// Run one connection to its end.
-pub async fn run(state: Arc<AppState>, ws: actix_ws::Session, stream: actix_ws::MessageStream) {
+pub async fn run(
+    state: Arc<AppState>,
+    ws: actix_ws::Session,
+    stream: actix_ws::MessageStream,
+    peer: Peer,
+) {
     let limits = &state.settings.limits;
     let max_frame = limits.max_frame_bytes;
     let mut stream = stream
@@ -145,6 +158,18 @@ pub async fn run(state: Arc<AppState>, ws: actix_ws::Session, stream: actix_ws::
         joined: None,
         pending: FuturesOrdered::new(),
         limiter: RateLimiter::direct(quota),
+        // One strike is forgiven every two seconds.
+        strikes: DirectLimiter::with_quota(
+            "strikes",
+            Quota::with_period(Duration::from_secs(2))
+                .expect("non-zero period")
+                .allow_burst(
+                    std::num::NonZeroU32::new(limits.strike_budget)
+                        .unwrap_or(std::num::NonZeroU32::MIN),
+                ),
+        ),
+        peer,
+        queued: None,
     };
     state.metrics.connections_open.inc();
     state.metrics.connections_total.inc();
@@ -152,7 +177,7 @@ pub async fn run(state: Arc<AppState>, ws: actix_ws::Session, stream: actix_ws::
     let hello = ServerFrame::Hello {
         v: PROTOCOL_VERSION,
         challenge: b64u(&conn.challenge),
-        pow_bits: state.pow_bits(),
+        pow_bits: state.pow.required(conn.peer.onion),
         max_ct: state.settings.limits.max_ct_bytes,
         history: state.settings.limits.history,
     };
@@ -188,6 +213,9 @@ pub async fn run(state: Arc<AppState>, ws: actix_ws::Session, stream: actix_ws::
                         // The hub dropped us without a kick: treat as too slow.
                         break End::Close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow");
                     };
+                    if let Some(q) = &conn.queued {
+                        q.fetch_sub(out.frame.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
                     let joined = conn.joined.as_mut().expect("a receiver exists only once joined");
                     if out.seq > joined.high_seq {
                         joined.high_seq = out.seq;
@@ -205,9 +233,10 @@ pub async fn run(state: Arc<AppState>, ws: actix_ws::Session, stream: actix_ws::
                                 Ok(Some(sub)) => {
                                     rx = Some(sub.rx);
                                     kick = Some(sub.kick);
+                                    conn.queued = Some(sub.queued);
                                 }
                                 Ok(None) => {}
-                                Err(()) => break End::Gone,
+                                Err(end) => break end,
                             }
                         }
                         Some(Ok(AggregatedMessage::Binary(_))) => {
@@ -274,6 +303,24 @@ impl Conn {
             .await
     }
 
+    /// Send a refusal and charge the socket's strike budget; a socket that keeps going after
+    /// repeated refusals is disconnected.
+    async fn refuse(&mut self, err: &FrameError, retry_after_ms: Option<u64>) -> Result<(), End> {
+        let cost = match err.code {
+            ErrorCode::RateLimited => STRIKE_RATE_LIMITED,
+            ErrorCode::BadRequest | ErrorCode::UnknownType | ErrorCode::TooLarge => STRIKE_INVALID,
+            _ => 0,
+        };
+        self.send_error(err, retry_after_ms)
+            .await
+            .map_err(|()| End::Gone)?;
+        if cost > 0 && self.strikes.check_n(cost).is_err() {
+            self.state.metrics.abuse_disconnects_total.inc();
+            return Err(End::Close(CloseCode::Policy, "too many refused frames"));
+        }
+        Ok(())
+    }
+
     async fn finish_send(
         &mut self,
         reference: String,
@@ -318,13 +365,21 @@ impl Conn {
     }
 
     /// Handle one text frame. `Ok(Some(_))` when the socket just joined a room; `Err` when the
-    /// socket is gone.
-    async fn handle_text(&mut self, text: &str) -> Result<Option<crate::hub::Subscription>, ()> {
-        if let Err(not_until) = self.limiter.check() {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let err = refuse(ErrorCode::RateLimited, "too many frames; slow down");
-            self.send_error(&err, Some(wait.as_millis().max(1) as u64))
-                .await?;
+    /// socket must end.
+    async fn handle_text(&mut self, text: &str) -> Result<Option<crate::hub::Subscription>, End> {
+        let limited = self
+            .state
+            .limits
+            .client(ClientLimit::Frame, self.peer.client)
+            .err()
+            .or_else(|| {
+                self.limiter.check().err().map(|n| Refused {
+                    limiter: "socket_frames",
+                    retry_after: n.wait_time_from(self.limiter.clock().now()),
+                })
+            });
+        if let Some(r) = limited {
+            self.refuse_rate(r, None).await?;
             return Ok(None);
         }
         let limits = FrameLimits {
@@ -335,7 +390,7 @@ impl Conn {
         let frame = match parse_client_frame(text, &limits) {
             Ok(f) => f,
             Err(err) => {
-                self.send_error(&err, None).await?;
+                self.refuse(&err, None).await?;
                 return Ok(None);
             }
         };
@@ -366,15 +421,38 @@ impl Conn {
         match outcome {
             Ok(sub) => Ok(sub),
             Err(Refusal::Frame(err)) => {
-                self.send_error(&err, None).await?;
+                self.refuse(&err, None).await?;
                 Ok(None)
             }
-            Err(Refusal::Gone) => Err(()),
+            Err(Refusal::Limited(r, reference)) => {
+                self.refuse_rate(r, reference).await?;
+                Ok(None)
+            }
+            Err(Refusal::Gone) => Err(End::Gone),
         }
     }
 
+    async fn refuse_rate(&mut self, r: Refused, reference: Option<String>) -> Result<(), End> {
+        let err = FrameError {
+            code: ErrorCode::RateLimited,
+            message: "too many requests; wait before retrying",
+            reference,
+        };
+        let wait = r.retry_after.as_millis().max(1) as u64;
+        self.refuse(&err, Some(wait)).await
+    }
+
     async fn pow(&mut self) -> Result<(), Refusal> {
-        let bits = self.state.pow_bits();
+        self.state
+            .limits
+            .client(ClientLimit::PowToken, self.peer.client)
+            .map_err(|r| Refusal::Limited(r, None))?;
+        let bits = self.state.pow.required(self.peer.onion);
+        self.state
+            .metrics
+            .pow_tokens_total
+            .with_label_values(&["issued"])
+            .inc();
         let expires = now_ms() as u64 + self.state.settings.pow.token_ttl_secs * 1000;
         let token = self.state.keys.issue_pow_token(expires, bits);
         let frame = ServerFrame::Pow {
@@ -386,7 +464,7 @@ impl Conn {
     }
 
     async fn check_pow(&self, room: &RoomId, pow: Option<PowSolution>) -> Result<(), Refusal> {
-        let required = self.state.pow_bits();
+        let required = self.state.pow.required(self.peer.onion);
         if required == 0 {
             return Ok(());
         }
@@ -397,11 +475,13 @@ impl Conn {
             )
             .into());
         };
-        let invalid = || {
-            refuse(
+        let tokens = &self.state.metrics.pow_tokens_total;
+        let invalid = |why: &str| {
+            tokens.with_label_values(&[why]).inc();
+            Refusal::from(refuse(
                 ErrorCode::PowInvalid,
                 "the proof of work is wrong, expired or already used",
-            )
+            ))
         };
         let now = now_ms();
         // Cheapest first: length, version, expiry and tag (no I/O), then the work (one hash),
@@ -411,9 +491,15 @@ impl Conn {
             .state
             .keys
             .open_pow_token(&sol.token, now as u64)
-            .map_err(|_| invalid())?;
+            .map_err(|e| {
+                invalid(match e {
+                    crypto::PowTokenError::Malformed => "malformed",
+                    crypto::PowTokenError::Expired => "expired",
+                    crypto::PowTokenError::BadTag => "bad_tag",
+                })
+            })?;
         if !crypto::pow_check(&sol.token, room, sol.counter, token.bits) {
-            return Err(invalid().into());
+            return Err(invalid("wrong_work"));
         }
         match self
             .state
@@ -421,8 +507,11 @@ impl Conn {
             .redeem_token(&token.nonce, token.expires_ms as i64, now)
             .await
         {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(invalid().into()),
+            Ok(true) => {
+                tokens.with_label_values(&["redeemed"]).inc();
+                Ok(())
+            }
+            Ok(false) => Err(invalid("spent")),
             Err(e) => Err(store_refusal(&e, "redeem_token", &self.state).into()),
         }
     }
@@ -464,6 +553,7 @@ impl Conn {
             }
         }
         self.state.metrics.rooms_created_total.inc();
+        self.state.pow.record_creation();
         let sub = self.state.hub.subscribe(&room, self.id);
         self.joined = Some(Joined { room, high_seq: 0 });
         let frame = ServerFrame::Joined {
@@ -578,6 +668,13 @@ impl Conn {
         let Some(joined) = &self.joined else {
             return Err(with_ref(ErrorCode::NotJoined, "join or create a room first").into());
         };
+        let room = joined.room;
+        // Per client before per room.
+        self.state
+            .limits
+            .client(ClientLimit::Message, self.peer.client)
+            .and_then(|()| self.state.limits.room_message(&room))
+            .map_err(|r| Refusal::Limited(r, Some(reference.clone())))?;
         let current = crypto::epoch_of(now_ms());
         if epoch.abs_diff(current) > 1 {
             return Err(with_ref(
@@ -587,7 +684,7 @@ impl Conn {
             .into());
         }
         let msg = NewMessage {
-            room: joined.room,
+            room,
             epoch,
             iv,
             ct,
@@ -630,9 +727,11 @@ impl Conn {
     }
 }
 
-/// Why a frame handler stopped: a refusal to send, or the socket is gone.
+/// Why a frame handler stopped: a refusal to send, a rate limit (with the `ref` of a `send`),
+/// or the socket is gone.
 enum Refusal {
     Frame(FrameError),
+    Limited(Refused, Option<String>),
     Gone,
 }
 

@@ -17,6 +17,9 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 use rust_embed::RustEmbed;
 
+use crate::abuse::client_ip::ClientIdentity;
+use crate::abuse::limits::{self, Client, Limits};
+use crate::abuse::pow::{self as pow_policy, PowPolicy};
 use crate::config::{PowMode, Settings};
 use crate::crypto::ServerKeys;
 use crate::hub::Hub;
@@ -45,16 +48,24 @@ pub struct AppState {
     pub keys: ServerKeys,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Rate limiters and socket caps.
+    pub limits: Arc<Limits>,
+    /// Proof-of-work requirement.
+    pub pow: Arc<PowPolicy>,
+    /// How client addresses are found and grouped.
+    pub identity: ClientIdentity,
+    /// Port of the onion listener, if configured.
+    pub onion_port: Option<u16>,
 }
 
-impl AppState {
-    /// Leading zero bits room creation needs right now (0 = none).
-    pub fn pow_bits(&self) -> u8 {
-        match self.settings.pow.mode {
-            PowMode::Off => 0,
-            PowMode::On => self.settings.pow.bits,
-        }
-    }
+/// Who is on the other end of a socket, decided before the upgrade.
+pub struct Peer {
+    /// The limiter identity.
+    pub client: Client,
+    /// Whether the socket came through the onion listener.
+    pub onion: bool,
+    /// The socket's slot in the connection caps, released when the session ends.
+    pub slot: limits::SocketGuard,
 }
 
 /// Read the server secret, creating it (32 random bytes, base64url, mode 0600) when missing.
@@ -128,13 +139,79 @@ async fn asset(req: HttpRequest) -> HttpResponse {
     }
 }
 
+fn refuse_upgrade(
+    state: &AppState,
+    status: actix_web::http::StatusCode,
+    reason: &'static str,
+    retry: Duration,
+) -> HttpResponse {
+    state
+        .metrics
+        .upgrades_refused_total
+        .with_label_values(&[reason])
+        .inc();
+    HttpResponse::build(status)
+        .insert_header((header::RETRY_AFTER, retry.as_secs().max(1).to_string()))
+        .content_type("text/plain; charset=utf-8")
+        .body("too many connections; retry later\n")
+}
+
 async fn ws(
     req: HttpRequest,
     body: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    use actix_web::http::StatusCode;
+    // Decide who the client is and whether it may connect *before* accepting the upgrade.
+    let onion = state.onion_port == Some(req.app_config().local_addr().port());
+    let client = if onion {
+        Client::Onion
+    } else {
+        let peer = req
+            .peer_addr()
+            .map(|a| a.ip())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        Client::Ip(
+            state
+                .identity
+                .key(state.identity.client_addr(peer, req.headers())),
+        )
+    };
+    if let Err(r) = state.limits.client(limits::ClientLimit::Connection, client) {
+        return Ok(refuse_upgrade(
+            &state,
+            StatusCode::TOO_MANY_REQUESTS,
+            r.limiter,
+            r.retry_after,
+        ));
+    }
+    let slot = match state.limits.open_socket(client) {
+        Ok(slot) => slot,
+        Err(r) if r.limiter == "max_connections" => {
+            return Ok(refuse_upgrade(
+                &state,
+                StatusCode::SERVICE_UNAVAILABLE,
+                r.limiter,
+                r.retry_after,
+            ));
+        }
+        Err(r) => {
+            return Ok(refuse_upgrade(
+                &state,
+                StatusCode::TOO_MANY_REQUESTS,
+                r.limiter,
+                r.retry_after,
+            ));
+        }
+    };
     let (response, session, stream) = actix_ws::handle(&req, body)?;
-    actix_web::rt::spawn(session::run(state.into_inner(), session, stream));
+    state.pow.record_connection();
+    let peer = Peer {
+        client,
+        onion,
+        slot,
+    };
+    actix_web::rt::spawn(session::run(state.into_inner(), session, stream, peer));
     Ok(response)
 }
 
@@ -234,7 +311,19 @@ impl Application {
         let keys = ServerKeys::derive(&secret);
         let store = store::open(&settings).await?;
         let metrics = Arc::new(Metrics::new());
-        let hub = Arc::new(Hub::new(settings.limits.send_queue, metrics.clone()));
+        let hub = Arc::new(Hub::new(
+            settings.limits.send_queue,
+            settings.limits.send_queue_bytes,
+            metrics.clone(),
+        ));
+        let limits = Arc::new(Limits::new(&settings, metrics.clone()));
+        let pow = Arc::new(PowPolicy::new(&settings.pow));
+        metrics.pow_bits.set(i64::from(pow.required(false)));
+        let identity = ClientIdentity::new(
+            &settings.proxy.trusted,
+            settings.proxy.ipv4_prefix,
+            settings.proxy.ipv6_prefix,
+        );
         let (writer, _writer_task) = Writer::spawn(
             store.clone(),
             hub.clone(),
@@ -253,8 +342,19 @@ impl Application {
                     settings.server.admin_listen
                 )
             })?;
+        let onion_listener = match &settings.server.onion_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .with_context(|| format!("cannot listen on server.onion_listen {addr}"))?,
+            ),
+            None => None,
+        };
         let port = listener.local_addr()?.port();
         let admin_port = admin_listener.local_addr()?.port();
+        let onion_port = match &onion_listener {
+            Some(l) => Some(l.local_addr()?.port()),
+            None => None,
+        };
         let workers = match settings.server.workers {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
@@ -267,9 +367,14 @@ impl Application {
             writer,
             keys,
             metrics,
+            limits,
+            pow,
+            identity,
+            onion_port,
         });
+        let handshake_timeout = Duration::from_secs(state.settings.limits.handshake_timeout_secs);
         let data = web::Data::from(state.clone());
-        let public = HttpServer::new({
+        let mut public = HttpServer::new({
             let data = data.clone();
             move || {
                 App::new()
@@ -282,10 +387,14 @@ impl Application {
             }
         })
         .workers(workers)
+        .client_request_timeout(handshake_timeout)
         .shutdown_timeout(10)
         .disable_signals()
-        .listen(listener)?
-        .run();
+        .listen(listener)?;
+        if let Some(onion) = onion_listener {
+            public = public.listen(onion)?;
+        }
+        let public = public.run();
         let admin = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
@@ -300,10 +409,22 @@ impl Application {
         .run();
 
         tokio::spawn(maintenance_loop(state.clone()));
+        tokio::spawn(limits::sweep_loop(
+            state.limits.clone(),
+            Duration::from_secs(state.settings.rate.sweep_interval_secs),
+        ));
+        if state.settings.pow.mode == PowMode::Adaptive {
+            tokio::spawn(pow_policy::adjust_loop(
+                state.pow.clone(),
+                Duration::from_millis(state.settings.pow.adjust_interval_ms),
+                state.metrics.pow_bits.clone(),
+            ));
+        }
         tracing::info!(
             port,
             admin_port,
             backend = state.store.backend(),
+            onion_port,
             "nanochat listening"
         );
         Ok(Application {
@@ -323,6 +444,11 @@ impl Application {
     /// Port of the admin listener.
     pub fn admin_port(&self) -> u16 {
         self.admin_port
+    }
+
+    /// Port of the onion listener, if configured.
+    pub fn onion_port(&self) -> Option<u16> {
+        self.state.onion_port
     }
 
     /// Shared state (tests use it to reach the store).

@@ -429,7 +429,7 @@ async fn frames_beyond_the_rate_are_refused_with_a_retry_time() {
 async fn room_creation_checks_proof_of_work_when_required() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
         s.pow.mode = nanochat::config::PowMode::On;
-        s.pow.bits = 8;
+        s.pow.base_bits = 8;
     })
     .await;
     let keys = random_room();

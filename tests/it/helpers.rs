@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use nanochat::client::Client;
-use nanochat::config::Settings;
+use nanochat::config::{PowMode, Rate, Settings};
 use nanochat::crypto::RoomKeys;
 use nanochat::startup::{AppState, Application, ServerHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,9 +38,30 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
     s.server.data_dir = dir.to_path_buf();
     s.server.workers = 2;
     s.log.filter = "warn".into();
-    // Tests send faster than a person types.
+    // Tests send faster than a person types, all from 127.0.0.1; the abuse tests set the
+    // limits they exercise.
     s.limits.frames_per_second = 10_000;
     s.limits.frames_burst = 10_000;
+    let lots = Rate {
+        per_minute: 10_000_000,
+        burst: 1_000_000,
+    };
+    let r = &mut s.rate;
+    for rate in [
+        &mut r.client_connections,
+        &mut r.client_frames,
+        &mut r.client_messages,
+        &mut r.client_creations,
+        &mut r.client_pow_tokens,
+        &mut r.room_messages,
+        &mut r.global_creations,
+        &mut r.global_connections,
+    ] {
+        *rate = lots;
+    }
+    r.client_max_sockets = 100_000;
+    s.limits.strike_budget = 100_000;
+    s.pow.mode = PowMode::Off;
     s
 }
 

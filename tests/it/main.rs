@@ -1,6 +1,7 @@
 //! The one integration-test binary: real servers on port 0, real SQLite files, a real
 //! throwaway Postgres, real sockets.
 
+mod abuse;
 mod api;
 mod binary;
 mod config;

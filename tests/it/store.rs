@@ -304,7 +304,7 @@ async fn concurrent_senders_are_group_committed_and_acked_after_commit(store: Ar
     let r = room(12);
     create(&*store, &r, now).await;
     let metrics = Arc::new(Metrics::new());
-    let hub = Arc::new(Hub::new(16, metrics.clone()));
+    let hub = Arc::new(Hub::new(1024, 1 << 20, metrics.clone()));
     let (writer, _task) = Writer::spawn(store.clone(), hub, metrics.clone(), 1024, 64);
     let mut tasks = Vec::new();
     for sender in 0..8u64 {

@@ -1,0 +1,424 @@
+//! Abuse protection over real sockets, with clients spread over 127.0.0.x source addresses:
+//! message floods, connection limits before the upgrade, proxy headers, the onion listener,
+//! strikes, and proof of work (one-time tokens, adaptive difficulty).
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use nanochat::client::{Client, RoomSession};
+use nanochat::config::{PowMode, Rate};
+use nanochat::crypto::{self, RoomKeys};
+use nanochat::protocol::{ServerFrame, b64u};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::api::{expect_close, expect_error};
+use crate::helpers::{Backend, TestApp, random_room, spawn_app_with};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+async fn client_from(app: &TestApp, from: &str) -> Client {
+    Client::connect_from(&app.ws_url(), ip(from))
+        .await
+        .expect("connect")
+}
+
+async fn create_from(app: &TestApp, from: &str) -> (Client, RoomKeys) {
+    let keys = random_room();
+    let mut c = client_from(app, from).await;
+    assert!(matches!(
+        c.create(&keys).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    (c, keys)
+}
+
+async fn join_from(app: &TestApp, from: &str, keys: &RoomKeys) -> Client {
+    let mut c = client_from(app, from).await;
+    assert!(matches!(
+        c.join(keys, None).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    c
+}
+
+/// Send `n` messages without waiting, then collect the answers: (acked, rate_limited).
+async fn burst(c: &mut Client, keys: &RoomKeys, n: usize) -> (usize, usize) {
+    let mut s = RoomSession::new(keys.clone());
+    for i in 0..n {
+        c.send_sealed(&i.to_string(), &s.seal("x", "flood"))
+            .await
+            .unwrap();
+    }
+    let (mut acked, mut limited) = (0, 0);
+    while acked + limited < n {
+        match c.recv().await.unwrap() {
+            ServerFrame::Ack { .. } => acked += 1,
+            ServerFrame::Error {
+                code,
+                retry_after_ms,
+                reference,
+                ..
+            } => {
+                assert_eq!(code, "rate_limited");
+                assert!(retry_after_ms.unwrap() > 0);
+                assert!(reference.is_some(), "a refused send carries its ref");
+                limited += 1;
+            }
+            ServerFrame::Msg(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    (acked, limited)
+}
+
+#[actix_web::test]
+async fn a_flooding_client_is_cut_to_its_rate_and_others_keep_chatting() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.rate.client_messages = Rate {
+            per_minute: 60,
+            burst: 5,
+        };
+    })
+    .await;
+    let (mut flooder, keys) = create_from(&app, "127.0.0.2").await;
+    let mut member = join_from(&app, "127.0.0.3", &keys).await;
+    let (mut elsewhere, other_keys) = create_from(&app, "127.0.0.4").await;
+
+    let (acked, limited) = burst(&mut flooder, &keys, 20).await;
+    assert_eq!(acked, 5, "the burst is let through");
+    assert_eq!(limited, 15);
+    // A member of the same room and a client in another room are not affected.
+    assert_eq!(burst(&mut member, &keys, 3).await, (3, 0));
+    assert_eq!(burst(&mut elsewhere, &other_keys, 3).await, (3, 0));
+    let metrics = crate::helpers::http_get(app.admin_port, "/metrics")
+        .await
+        .body;
+    assert!(
+        metrics.contains("nanochat_rate_limited_total{limiter=\"client_messages\"} 15"),
+        "{metrics}"
+    );
+}
+
+#[actix_web::test]
+async fn one_room_is_protected_from_the_sum_of_its_members() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.rate.room_messages = Rate {
+            per_minute: 60,
+            burst: 6,
+        };
+    })
+    .await;
+    let (mut a, keys) = create_from(&app, "127.0.0.2").await;
+    let mut b = join_from(&app, "127.0.0.3", &keys).await;
+    let (acked_a, _) = burst(&mut a, &keys, 4).await;
+    let (acked_b, limited_b) = burst(&mut b, &keys, 4).await;
+    assert_eq!(acked_a + acked_b, 6);
+    assert_eq!(limited_b, 2);
+    // Another room has its own budget.
+    let (mut c, other) = create_from(&app, "127.0.0.3").await;
+    assert_eq!(burst(&mut c, &other, 4).await, (4, 0));
+}
+
+/// Send a WebSocket upgrade from `from` with extra headers; returns the status, the headers, and
+/// the open stream (kept alive by the caller when the upgrade succeeded).
+async fn upgrade(port: u16, from: &str, extra: &str) -> (u16, String, tokio::net::TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((ip(from), 0).into()).unwrap();
+    let mut stream = socket
+        .connect((ip("127.0.0.1"), port).into())
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        assert!(n == 1, "connection closed before the response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head.to_ascii_lowercase(), stream)
+}
+
+#[actix_web::test]
+async fn upgrades_past_the_connection_rate_get_429_before_the_handshake() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.rate.client_connections = Rate {
+            per_minute: 6,
+            burst: 3,
+        };
+    })
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let (status, _, stream) = upgrade(app.port, "127.0.0.5", "").await;
+        assert_eq!(status, 101);
+        open.push(stream);
+    }
+    let (status, head, _) = upgrade(app.port, "127.0.0.5", "").await;
+    assert_eq!(status, 429);
+    let retry: u64 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .expect("Retry-After")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&retry), "{retry}");
+    // Another client is unaffected.
+    let (status, _, _other) = upgrade(app.port, "127.0.0.6", "").await;
+    assert_eq!(status, 101);
+}
+
+#[actix_web::test]
+async fn concurrent_sockets_per_client_are_capped() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.rate.client_max_sockets = 2).await;
+    let a = client_from(&app, "127.0.0.7").await;
+    let _b = client_from(&app, "127.0.0.7").await;
+    let (status, _, _) = upgrade(app.port, "127.0.0.7", "").await;
+    assert_eq!(status, 429);
+    let _other = client_from(&app, "127.0.0.8").await;
+    // Closing one frees its slot.
+    a.close().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, _s) = upgrade(app.port, "127.0.0.7", "").await;
+        if status == 101 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was never released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[actix_web::test]
+async fn the_server_wide_socket_cap_answers_503() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.limits.max_connections = 2).await;
+    let _a = client_from(&app, "127.0.0.2").await;
+    let _b = client_from(&app, "127.0.0.3").await;
+    let (status, _, _) = upgrade(app.port, "127.0.0.4", "").await;
+    assert_eq!(status, 503);
+}
+
+#[actix_web::test]
+async fn forwarded_addresses_count_only_from_trusted_proxies() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.proxy.trusted = vec!["127.0.0.1".into()];
+        s.rate.client_connections = Rate {
+            per_minute: 6,
+            burst: 2,
+        };
+    })
+    .await;
+    let mut keep = Vec::new();
+    let port = app.port;
+    let up = |from: &'static str, xff: String| async move {
+        upgrade(port, from, &format!("X-Forwarded-For: {xff}\r\n")).await
+    };
+    // Through the trusted proxy, the right-most untrusted address is the client, whatever the
+    // client put to its left.
+    for forged in ["6.6.6.6", "7.7.7.7"] {
+        let (status, _, s) = up("127.0.0.1", format!("{forged}, 203.0.113.5")).await;
+        assert_eq!(status, 101);
+        keep.push(s);
+    }
+    assert_eq!(up("127.0.0.1", "8.8.8.8, 203.0.113.5".into()).await.0, 429);
+    let (status, _, s) = up("127.0.0.1", "203.0.113.6".into()).await;
+    assert_eq!(status, 101, "another forwarded client has its own bucket");
+    keep.push(s);
+    // From an untrusted peer the header is ignored: new spoofed addresses do not help.
+    for spoof in ["198.51.100.1", "198.51.100.2"] {
+        let (status, _, s) = up("127.0.0.9", spoof.into()).await;
+        assert_eq!(status, 101);
+        keep.push(s);
+    }
+    assert_eq!(up("127.0.0.9", "198.51.100.3".into()).await.0, 429);
+    // IPv6 addresses of one /64 share a bucket; another /64 does not.
+    for v6 in ["2001:db8:1:2::1", "2001:db8:1:2::2"] {
+        let (status, _, s) = up("127.0.0.1", v6.into()).await;
+        assert_eq!(status, 101);
+        keep.push(s);
+    }
+    assert_eq!(up("127.0.0.1", "2001:db8:1:2:ffff::3".into()).await.0, 429);
+    assert_eq!(up("127.0.0.1", "2001:db8:1:3::1".into()).await.0, 101);
+}
+
+#[actix_web::test]
+async fn the_onion_listener_shares_one_bucket_and_always_needs_work() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.server.onion_listen = Some("127.0.0.1:0".into());
+        s.proxy.trusted = vec!["127.0.0.1".into()];
+        s.pow.mode = PowMode::Off;
+        s.pow.base_bits = 6;
+        s.rate.onion_factor = 1;
+        s.rate.client_connections = Rate {
+            per_minute: 6,
+            burst: 2,
+        };
+    })
+    .await;
+    let onion = app.state.onion_port.expect("onion listener");
+    let url = format!("ws://127.0.0.1:{onion}/ws");
+    let mut a = Client::connect_from(&url, ip("127.0.0.2")).await.unwrap();
+    assert_eq!(
+        a.hello.pow_bits, 6,
+        "creation needs work on the onion listener"
+    );
+    let _b = Client::connect_from(&url, ip("127.0.0.3")).await.unwrap();
+    // Different peers and forwarded headers do not matter there: one shared bucket.
+    let (status, _, _) = upgrade(onion, "127.0.0.4", "X-Forwarded-For: 203.0.113.9\r\n").await;
+    assert_eq!(status, 429);
+    // The normal listener is separate and needs no work (mode off).
+    let c = client_from(&app, "127.0.0.2").await;
+    assert_eq!(c.hello.pow_bits, 0);
+    // The client library solves the work; creation succeeds.
+    let keys = random_room();
+    assert!(matches!(
+        a.create(&keys).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+}
+
+#[actix_web::test]
+async fn a_client_that_keeps_sending_invalid_frames_is_disconnected() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.limits.strike_budget = 10).await;
+    let (mut alice, keys) = create_from(&app, "127.0.0.2").await;
+    let mut bad = client_from(&app, "127.0.0.3").await;
+    // Invalid frames cost 4 strikes each: two fit in a budget of 10, the third does not.
+    for _ in 0..2 {
+        bad.send_text("{garbage").await.unwrap();
+        expect_error(&mut bad, "bad_request").await;
+    }
+    bad.send_text("{garbage").await.unwrap();
+    expect_error(&mut bad, "bad_request").await;
+    expect_close(&mut bad, 1008).await;
+    // Everyone else goes on.
+    assert_eq!(burst(&mut alice, &keys, 2).await, (2, 0));
+    let metrics = crate::helpers::http_get(app.admin_port, "/metrics")
+        .await
+        .body;
+    assert!(
+        metrics.contains("nanochat_abuse_disconnects_total 1"),
+        "{metrics}"
+    );
+}
+
+#[actix_web::test]
+async fn a_slow_handshake_is_cut_off() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.limits.handshake_timeout_secs = 1).await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the server kept a half-sent request open");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}
+
+async fn one_token_is_redeemed_once_under_concurrency(backend: Backend) {
+    let app = spawn_app_with(backend, |s| {
+        s.pow.mode = PowMode::On;
+        s.pow.base_bits = 6;
+    })
+    .await;
+    let keys = random_room();
+    let mut a = client_from(&app, "127.0.0.2").await;
+    let mut b = client_from(&app, "127.0.0.3").await;
+    let (token, bits) = a.pow_token().await.unwrap();
+    let counter = crypto::pow_solve(&token, &keys.room_id, bits);
+    let frame = json!({"type":"create","room":b64u(&keys.room_id),"auth_key":b64u(&keys.auth_key),
+        "pow":{"token":b64u(&token),"counter":counter}});
+    a.send_json(&frame).await.unwrap();
+    b.send_json(&frame).await.unwrap();
+    let (ra, rb) = tokio::join!(a.recv(), b.recv());
+    let outcomes = [ra.unwrap(), rb.unwrap()];
+    let joined = outcomes
+        .iter()
+        .filter(|f| matches!(f, ServerFrame::Joined { .. }))
+        .count();
+    let invalid = outcomes
+        .iter()
+        .filter(|f| matches!(f, ServerFrame::Error { code, .. } if code == "pow_invalid"))
+        .count();
+    assert_eq!((joined, invalid), (1, 1), "{outcomes:?}");
+}
+
+#[actix_web::test]
+async fn one_token_is_redeemed_once_under_concurrency_on_sqlite() {
+    one_token_is_redeemed_once_under_concurrency(Backend::Sqlite).await;
+}
+
+#[actix_web::test]
+async fn one_token_is_redeemed_once_under_concurrency_on_postgres() {
+    one_token_is_redeemed_once_under_concurrency(Backend::Postgres).await;
+}
+
+#[actix_web::test]
+async fn adaptive_difficulty_rises_under_a_burst_of_creations_and_comes_back_down() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.pow.mode = PowMode::Adaptive;
+        s.pow.base_bits = 2;
+        s.pow.max_bits = 12;
+        s.pow.adjust_interval_ms = 200;
+        // 1 creation per 200 ms interval is 300 per minute.
+        s.pow.raise_creations_per_minute = 100;
+        s.pow.raise_connections_per_minute = 10_000_000;
+        s.pow.calm_intervals = 2;
+    })
+    .await;
+    let bits_now = || async { client_from(&app, "127.0.0.2").await.hello.pow_bits };
+    assert_eq!(bits_now().await, 2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut peak = 2;
+    while peak < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "difficulty never rose (peak {peak})"
+        );
+        for _ in 0..3 {
+            create_from(&app, "127.0.0.3").await;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        peak = peak.max(bits_now().await);
+    }
+    let gauge = crate::helpers::http_get(app.admin_port, "/metrics")
+        .await
+        .body;
+    assert!(
+        gauge
+            .lines()
+            .any(|l| l.starts_with("nanochat_pow_bits ") && !l.ends_with(" 2")),
+        "{gauge}"
+    );
+    // Quiet again: it falls back, one bit at a time, to the base.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = peak;
+    loop {
+        let bits = bits_now().await;
+        assert!(bits <= last, "difficulty rose while calm: {last} -> {bits}");
+        last = bits;
+        if bits == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "difficulty stuck at {bits}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
