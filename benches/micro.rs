@@ -46,6 +46,19 @@ fn benches(c: &mut Criterion) {
         })
     });
 
+    // One proof-of-work candidate: what an attacker's CPU core pays per hash.
+    let prefix = crypto::pow_prefix(&token, &keys.room_id);
+    let mut counter = 0u64;
+    c.bench_function("pow_one_candidate", |b| {
+        b.iter(|| {
+            use sha2::Digest as _;
+            counter += 1;
+            let mut h = prefix.clone();
+            h.update(counter.to_be_bytes());
+            crypto::leading_zero_bits(&h.finalize())
+        })
+    });
+
     let msg = WireMsg {
         seq: 12345,
         ts: 1_764_028_800_000,

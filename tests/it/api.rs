@@ -458,17 +458,20 @@ async fn room_creation_checks_proof_of_work_when_required() {
     .await
     .unwrap();
     expect_error(&mut c, "pow_invalid").await;
-    // Solved for another room.
+    // Solved for another room: a counter that works there but not here.
     let other = random_room();
-    let for_other = crypto::pow_solve(&token, &other.room_id, bits);
-    if !crypto::pow_check(&token, &keys.room_id, for_other, bits) {
-        c.send_json(&create(Some(
-            json!({"token": b64u(&token), "counter": for_other}),
-        )))
-        .await
+    let for_other = (0..)
+        .find(|n| {
+            crypto::pow_check(&token, &other.room_id, *n, bits)
+                && !crypto::pow_check(&token, &keys.room_id, *n, bits)
+        })
         .unwrap();
-        expect_error(&mut c, "pow_invalid").await;
-    }
+    c.send_json(&create(Some(
+        json!({"token": b64u(&token), "counter": for_other}),
+    )))
+    .await
+    .unwrap();
+    expect_error(&mut c, "pow_invalid").await;
     // Expired, and from another server secret.
     let now = nanochat::store::now_ms() as u64;
     let expired = app.state.keys.issue_pow_token(now - 1, 8);
