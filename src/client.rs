@@ -295,18 +295,22 @@ pub enum Rejected {
     /// Did not decrypt (wrong room, epoch, tampered) or is not an envelope.
     #[error("message does not decrypt")]
     Undecryptable,
-    /// `(sid, n)` already seen, or `n` not above the highest seen for `sid`.
+    /// `(sid, n)` already seen, or `n` out of order with the seqs seen for that `sid`.
     #[error("message replayed")]
     Replayed,
 }
 
 /// A client's view of one room: its keys, its own `(sid, n)`, and the replay state.
+///
+/// The replay rule: a `(sid, n)` is accepted once, and within one sid `n` grows with `seq`.
+/// For live messages (ascending seq) that is "n above the highest seen"; checking against the
+/// neighbours by seq keeps the rule when older history is paged in backwards.
 pub struct RoomSession {
     /// The room's keys.
     pub keys: RoomKeys,
     sid: String,
     n: u64,
-    highest: HashMap<String, u64>,
+    seen: HashMap<String, std::collections::BTreeMap<i64, u64>>,
 }
 
 impl RoomSession {
@@ -318,7 +322,7 @@ impl RoomSession {
             keys,
             sid: b64u(&sid),
             n: 0,
-            highest: HashMap::new(),
+            seen: HashMap::new(),
         }
     }
 
@@ -351,11 +355,16 @@ impl RoomSession {
         let plain =
             crypto::open_message(&self.keys, msg.epoch, &iv, &ct).ok_or(Rejected::Undecryptable)?;
         let env: Envelope = serde_json::from_slice(&plain).map_err(|_| Rejected::Undecryptable)?;
-        let highest = self.highest.entry(env.sid.clone()).or_insert(0);
-        if env.n <= *highest {
+        let by_seq = self.seen.entry(env.sid.clone()).or_default();
+        let below = by_seq.range(..msg.seq).next_back().map(|(_, n)| *n);
+        let above = by_seq.range(msg.seq..).next().map(|(_, n)| *n);
+        if by_seq.values().any(|n| *n == env.n)
+            || below.is_some_and(|n| n >= env.n)
+            || above.is_some_and(|n| n <= env.n)
+        {
             return Err(Rejected::Replayed);
         }
-        *highest = env.n;
+        by_seq.insert(msg.seq, env.n);
         Ok(env)
     }
 }

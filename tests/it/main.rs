@@ -4,6 +4,8 @@
 mod abuse;
 mod api;
 mod binary;
+mod browser;
+mod cdp;
 mod config;
 mod helpers;
 mod http;

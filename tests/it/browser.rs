@@ -1,0 +1,375 @@
+//! The browser client in real headless Chromium against a real server: chatting, access
+//! without the secret, reload and server restart, panic, proof of work, and no third-party
+//! requests. Plus the client's crypto against the test vectors under `node --test`.
+
+use nanochat::client::{Client, RoomSession};
+use nanochat::config::PowMode;
+use nanochat::crypto::RoomKeys;
+use nanochat::protocol::{ServerFrame, b64u, from_b64u};
+use serde_json::json;
+
+use crate::cdp::{Browser, Page};
+use crate::helpers::{Backend, TestApp, spawn_app, spawn_app_with, start};
+
+fn origin(app: &TestApp) -> String {
+    format!("http://127.0.0.1:{}", app.port)
+}
+
+async fn set_nick(page: &Page<'_>, nick: &str) {
+    page.eval(&format!(
+        "(() => {{ const n = document.getElementById('nick'); n.value = {nick:?}; \
+         n.dispatchEvent(new Event('change')); return true; }})()"
+    ))
+    .await;
+}
+
+async fn say(page: &Page<'_>, text: &str) {
+    page.eval(&format!(
+        "(() => {{ document.getElementById('text').value = {text:?}; \
+         document.getElementById('composer').requestSubmit(); return true; }})()"
+    ))
+    .await;
+}
+
+async fn wait_online(page: &Page<'_>) {
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'online'",
+        20,
+    )
+    .await;
+}
+
+/// (nick, text) of every message shown, in order.
+async fn shown(page: &Page<'_>) -> Vec<(String, String)> {
+    let v = page
+        .eval(
+            "[...document.querySelectorAll('#messages li')].map(li => \
+             [li.querySelector('.nick').textContent, li.querySelector('.text').textContent])",
+        )
+        .await;
+    serde_json::from_value(v).unwrap()
+}
+
+async fn wait_for_text(page: &Page<'_>, text: &str) {
+    page.wait_for(
+        &format!(
+            "[...document.querySelectorAll('#messages .text')].some(t => t.textContent === {text:?})"
+        ),
+        20,
+    )
+    .await;
+}
+
+async fn create_room(page: &Page<'_>) -> String {
+    page.eval("document.getElementById('new-room').click(), true")
+        .await;
+    wait_online(page).await;
+    page.wait_for("location.hash.length === 44 && location.href", 10)
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn keys_of(link: &str) -> RoomKeys {
+    let secret = from_b64u(link.split_once('#').unwrap().1).unwrap();
+    RoomKeys::derive(&secret.try_into().unwrap())
+}
+
+fn assert_same_origin(page: &Page<'_>, app: &TestApp) {
+    let http = origin(app);
+    let ws = format!("ws://127.0.0.1:{}", app.port);
+    let requests = page.requests();
+    assert!(!requests.is_empty());
+    for url in requests {
+        assert!(
+            url.starts_with(&http) || url.starts_with(&ws) || url.starts_with("about:"),
+            "request to another origin: {url}"
+        );
+    }
+    for line in page.logs() {
+        assert!(
+            !line.contains("Content Security Policy"),
+            "CSP violation: {line}"
+        );
+        assert!(!line.starts_with("exception"), "{line}");
+    }
+}
+
+#[test]
+fn the_js_crypto_matches_the_test_vectors() {
+    let out = std::process::Command::new("node")
+        .args(["--test", "web/tests/"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run node ({e}): install Node.js, e.g. `apt-get install -y nodejs`")
+        });
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("# fail 0"));
+}
+
+#[actix_web::test]
+async fn two_people_chat_both_ways_and_the_room_id_alone_is_useless() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    let alice = browser.new_page(&format!("{}/", origin(&app))).await;
+    set_nick(&alice, "alice").await;
+    let link = create_room(&alice).await;
+    assert_eq!(
+        alice.eval("document.getElementById('link').value").await,
+        json!(link)
+    );
+
+    let bob = browser.new_page(&link).await;
+    set_nick(&bob, "bob").await;
+    wait_online(&bob).await;
+
+    say(&alice, "hello bob").await;
+    wait_for_text(&bob, "hello bob").await;
+    say(&bob, "hi alice <b>not bold</b>").await;
+    wait_for_text(&alice, "hi alice <b>not bold</b>").await;
+    for t in ["one", "two", "three"] {
+        say(&alice, t).await;
+    }
+    wait_for_text(&bob, "three").await;
+    let expected: Vec<(String, String)> = [
+        ("alice", "hello bob"),
+        ("bob", "hi alice <b>not bold</b>"),
+        ("alice", "one"),
+        ("alice", "two"),
+        ("alice", "three"),
+    ]
+    .iter()
+    .map(|(n, t)| (n.to_string(), t.to_string()))
+    .collect();
+    assert_eq!(shown(&bob).await, expected);
+    alice
+        .wait_for("[...document.querySelectorAll('#messages li.own')].every(li => li.dataset.status === 'sent')", 10)
+        .await;
+    assert_eq!(shown(&alice).await, expected);
+    // Text is rendered as text: no element was created from the message.
+    assert_eq!(
+        alice
+            .eval("document.querySelectorAll('#messages b').length")
+            .await,
+        json!(0)
+    );
+
+    // A third person who knows only the room id cannot join.
+    let keys = keys_of(&link);
+    let eve = browser.new_page(&format!("{}/", origin(&app))).await;
+    let answer = eve
+        .eval(&format!(
+            "new Promise(resolve => {{ \
+               const ws = new WebSocket('ws://127.0.0.1:{port}/ws'); \
+               ws.onmessage = e => {{ const f = JSON.parse(e.data); \
+                 if (f.type === 'hello') ws.send(JSON.stringify({{type: 'join', room: {room:?}, \
+                   proof: 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA'}})); \
+                 else resolve(f.code || f.type); }}; }})",
+            port = app.port,
+            room = b64u(&keys.room_id),
+        ))
+        .await;
+    assert_eq!(answer, json!("auth_failed"));
+    // A link with another secret opens nothing and says so in words.
+    let mut other = link.clone();
+    other.truncate(other.len() - 3);
+    other.push_str("AAA");
+    let lost = browser.new_page(&other).await;
+    let text = lost
+        .wait_for("!document.getElementById('notice').hidden && document.getElementById('notice').textContent", 20)
+        .await;
+    assert!(
+        text.as_str().unwrap().contains("does not open a room"),
+        "{text}"
+    );
+
+    for page in [&alice, &bob, &eve, &lost] {
+        assert_same_origin(page, &app);
+    }
+}
+
+#[actix_web::test]
+async fn reload_and_server_restart_lose_nothing_and_duplicate_nothing() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    let alice = browser.new_page(&format!("{}/", origin(&app))).await;
+    set_nick(&alice, "alice").await;
+    let link = create_room(&alice).await;
+    let bob = browser.new_page(&link).await;
+    wait_online(&bob).await;
+    say(&alice, "m1").await;
+    say(&alice, "m2").await;
+    wait_for_text(&bob, "m2").await;
+
+    bob.reload().await;
+    wait_online(&bob).await;
+    wait_for_text(&bob, "m2").await;
+    let texts: Vec<String> = shown(&bob).await.into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, vec!["m1", "m2"], "reload shows each message once");
+
+    // Kill the server; Alice types while it is down; it comes back on the same port.
+    let port = app.port;
+    let (mut settings, dir, db) = app.stop().await;
+    alice
+        .wait_for(
+            "document.getElementById('status').dataset.state === 'reconnecting'",
+            20,
+        )
+        .await;
+    say(&alice, "typed while offline").await;
+    settings.server.listen = format!("127.0.0.1:{port}");
+    let app = start(settings, dir, db).await;
+    // Someone else writes right after the restart, before the browsers are back.
+    let keys = keys_of(&link);
+    let mut carol = Client::connect(&app.ws_url()).await.unwrap();
+    assert!(matches!(
+        carol.join(&keys, None).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    let mut s = RoomSession::new(keys.clone());
+    carol
+        .send_sealed("c1", &s.seal("carol", "sent meanwhile"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        carol.recv().await.unwrap(),
+        ServerFrame::Ack { .. }
+    ));
+
+    wait_for_text(&bob, "typed while offline").await;
+    wait_for_text(&bob, "sent meanwhile").await;
+    wait_for_text(&alice, "sent meanwhile").await;
+    let texts: Vec<String> = shown(&bob).await.into_iter().map(|(_, t)| t).collect();
+    assert_eq!(
+        texts.iter().filter(|t| *t == "typed while offline").count(),
+        1,
+        "{texts:?}"
+    );
+    assert_eq!(texts.len(), 4, "{texts:?}");
+    alice
+        .wait_for("[...document.querySelectorAll('#messages li.own')].every(li => li.dataset.status === 'sent')", 10)
+        .await;
+}
+
+#[actix_web::test]
+async fn panic_wipes_the_room_in_every_open_window() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    let alice = browser.new_page(&format!("{}/", origin(&app))).await;
+    let link = create_room(&alice).await;
+    let bob = browser.new_page(&link).await;
+    wait_online(&bob).await;
+    let bob2 = browser.new_page(&link).await;
+    wait_online(&bob2).await;
+    say(&bob, "secret plans").await;
+    wait_for_text(&alice, "secret plans").await;
+
+    alice
+        .eval("document.getElementById('panic').click(), true")
+        .await;
+    alice
+        .wait_for("document.getElementById('panic-dialog').open", 5)
+        .await;
+    alice
+        .eval("document.getElementById('panic-confirm').click(), true")
+        .await;
+    for page in [&alice, &bob, &bob2] {
+        page.wait_for("!document.getElementById('gone').hidden", 20)
+            .await;
+        assert_eq!(
+            page.eval("document.querySelectorAll('#messages li').length")
+                .await,
+            json!(0)
+        );
+    }
+    // The link afterwards says the room is gone.
+    let later = browser.new_page(&link).await;
+    later
+        .wait_for("!document.getElementById('gone').hidden", 20)
+        .await;
+}
+
+#[actix_web::test]
+async fn creating_a_room_with_proof_of_work_shows_progress() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.pow.mode = PowMode::On;
+        s.pow.base_bits = 19;
+    })
+    .await;
+    let browser = Browser::launch().await;
+    let page = browser.new_page(&format!("{}/", origin(&app))).await;
+    page.eval("document.getElementById('new-room').click(), true")
+        .await;
+    let progress = page
+        .wait_for(
+            "!document.getElementById('pow').hidden && document.getElementById('pow-progress').value > 0 \
+             && document.getElementById('pow-progress').value",
+            30,
+        )
+        .await;
+    assert!(progress.as_f64().unwrap() > 0.0);
+    wait_online(&page).await;
+    assert_eq!(
+        page.eval("document.getElementById('pow').hidden").await,
+        json!(true)
+    );
+    assert_eq!(app.state.metrics.rooms_created_total.get(), 1);
+    assert_same_origin(&page, &app);
+}
+
+#[actix_web::test]
+async fn a_conversation_fits_a_phone_screen_and_the_keyboard_alone_sends() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    let alice = browser.new_page(&format!("{}/", origin(&app))).await;
+    set_nick(&alice, "alice").await;
+    let link = create_room(&alice).await;
+    let bob = browser.new_page(&link).await;
+    bob.set_viewport(390, 760).await;
+    set_nick(&bob, "bob").await;
+    wait_online(&bob).await;
+    say(&alice, "Are we still on for tonight?").await;
+    wait_for_text(&bob, "Are we still on for tonight?").await;
+    // Enter in the message box sends; Shift+Enter would add a line.
+    bob.eval(
+        "(() => { const t = document.getElementById('text'); t.focus(); t.value = 'Yes, 8pm at the usual place.'; \
+         t.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', bubbles: true, cancelable: true})); return true; })()",
+    )
+    .await;
+    wait_for_text(&alice, "Yes, 8pm at the usual place.").await;
+    say(&alice, "Great, see you there!").await;
+    wait_for_text(&bob, "Great, see you there!").await;
+    bob.wait_for(
+        "[...document.querySelectorAll('#messages li.own')].every(li => li.dataset.status === 'sent')",
+        10,
+    )
+    .await;
+    // Nothing sticks out sideways on a phone-sized screen; controls have labels.
+    assert_eq!(
+        bob.eval("document.documentElement.scrollWidth <= window.innerWidth")
+            .await,
+        json!(true)
+    );
+    assert_eq!(
+        bob.eval("[...document.querySelectorAll('#room input, #room textarea')].every(e => e.labels.length > 0)")
+            .await,
+        json!(true)
+    );
+    let png = bob.screenshot().await;
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(png.len() > 10_000, "the page rendered something");
+    if std::env::var_os("NANOCHAT_WRITE_SCREENSHOT").is_some() {
+        std::fs::write(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/docs/screenshot.png"),
+            &png,
+        )
+        .unwrap();
+    }
+}

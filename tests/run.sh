@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every test: Rust unit and integration tests (real SQLite files, a throwaway Postgres the
+# tests start themselves, real sockets), the browser client's JS tests under node, and the
+# browser tests in headless Chromium. Installs what a fresh Debian machine lacks when run as
+# root; otherwise says what to install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+[ -x /usr/bin/chromium ] || [ -n "${NANOCHAT_CHROMIUM:-}" ] || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${missing[@]}"
+    else
+        echo "missing: ${missing[*]} — install them (Debian: sudo apt-get install -y ${missing[*]})" >&2
+        exit 1
+    fi
+fi
+
+cargo test --all-targets "$@"

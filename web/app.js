@@ -1,0 +1,455 @@
+// NanoChat browser client: rooms by link, end-to-end encryption in the page, proof of work in
+// a worker, reconnect with resume, panic button. Protocol: docs/protocol.md.
+import { RoomKeys, RoomSession, b64u, fromB64u, joinProof, randomBytes } from './crypto.js';
+
+const $ = (id) => document.getElementById(id);
+
+/** Server error codes as sentences a person can act on. */
+const ERRORS = {
+  bad_request: 'The server did not understand that. Check that your device clock is right.',
+  too_large: 'That message is too long to send.',
+  unknown_type: 'This page and the server do not speak the same version. Reload the page.',
+  auth_failed: 'This link does not open a room on this server. It may be mistyped, or the room expired after 30 days without messages.',
+  room_exists: 'A room with this link already exists.',
+  room_gone: 'This room was wiped.',
+  not_joined: 'Not in a room yet; wait for the connection.',
+  already_joined: 'Already in a room.',
+  rate_limited: 'You are going a bit fast. Please wait a moment.',
+  pow_required: 'The server asks for a little work before creating a room; trying again.',
+  pow_invalid: 'The anti-spam work was not accepted. Please try again.',
+  replay: 'That message was already delivered.',
+  unavailable: 'The server cannot store messages right now. Your message will be retried.',
+  internal: 'Something went wrong on the server.',
+};
+
+const state = {
+  keys: null,
+  session: null,
+  ws: null,
+  mode: null, // 'create' | 'join'
+  challenge: null,
+  joined: false,
+  everJoined: false,
+  lastSeq: 0,
+  firstSeq: null,
+  seen: new Set(),
+  pending: new Map(), // ref -> { frame, el, status }
+  backoff: 500,
+  stopped: false,
+  worker: null,
+  historyFilling: false,
+  chain: Promise.resolve(),
+};
+
+function setStatus(kind, text) {
+  const s = $('status');
+  s.dataset.state = kind;
+  s.textContent = text;
+}
+
+function notice(text) {
+  const n = $('notice');
+  if (!text) {
+    n.hidden = true;
+    return;
+  }
+  n.textContent = text;
+  n.hidden = false;
+}
+
+function show(section) {
+  for (const id of ['landing', 'room', 'gone']) $(id).hidden = id !== section;
+}
+
+function wsUrl() {
+  const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  return `${proto}//${location.host}/ws`;
+}
+
+function nick() {
+  const n = $('nick').value.trim().slice(0, 64);
+  return n || 'anonymous';
+}
+
+// ---- messages --------------------------------------------------------------------------
+
+function timeOf(ts) {
+  return new Date(ts).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+}
+
+function messageElement(env, seq, own) {
+  const li = document.createElement('li');
+  li.dataset.seq = seq ?? '';
+  if (own) li.classList.add('own');
+  const who = document.createElement('span');
+  who.className = 'nick';
+  who.textContent = env.nick;
+  const text = document.createElement('span');
+  text.className = 'text';
+  text.textContent = env.text; // always text, never HTML
+  const meta = document.createElement('span');
+  meta.className = 'meta';
+  meta.textContent = timeOf(env.ts);
+  li.append(who, text, meta);
+  return li;
+}
+
+function insertBySeq(li, seq) {
+  const list = $('messages');
+  // Own pending messages (no seq yet) stay at the end; received ones go in seq order.
+  for (const other of list.children) {
+    const s = Number(other.dataset.seq);
+    if (other.dataset.seq !== '' && s > seq) {
+      list.insertBefore(li, other);
+      return;
+    }
+  }
+  const firstPending = [...list.children].find((c) => c.dataset.seq === '');
+  list.insertBefore(li, firstPending ?? null);
+}
+
+async function receive(msg) {
+  if (state.seen.has(msg.seq)) return;
+  state.seen.add(msg.seq);
+  state.lastSeq = Math.max(state.lastSeq, msg.seq);
+  state.firstSeq = state.firstSeq === null ? msg.seq : Math.min(state.firstSeq, msg.seq);
+  const env = await state.session.open(msg);
+  if (!env) return; // undecryptable or replayed: dropped and counted
+  insertBySeq(messageElement(env, msg.seq, env.own), msg.seq);
+  scrollDown();
+}
+
+function scrollDown() {
+  const list = $('messages');
+  list.lastElementChild?.scrollIntoView({ block: 'end' });
+}
+
+function markPending(ref, status, detail) {
+  const p = state.pending.get(ref);
+  if (!p) return;
+  p.status = status;
+  const meta = p.el.querySelector('.meta');
+  p.el.classList.toggle('failed', status === 'failed');
+  p.el.dataset.status = status;
+  meta.textContent = status === 'sending' ? 'sending…' : status === 'sent' ? timeOf(Date.now()) : detail;
+  if (status === 'failed') {
+    const retry = document.createElement('button');
+    retry.type = 'button';
+    retry.textContent = 'Retry';
+    retry.addEventListener('click', () => {
+      markPending(ref, 'sending');
+      transmit(ref);
+    });
+    meta.append(' ', retry);
+  }
+}
+
+function transmit(ref) {
+  const p = state.pending.get(ref);
+  if (p && state.joined && state.ws?.readyState === WebSocket.OPEN) {
+    state.ws.send(JSON.stringify(p.frame));
+  }
+}
+
+async function sendText(text) {
+  if (!text.trim() || !state.session) return;
+  const sealed = await state.session.seal(nick(), text);
+  const ref = b64u(randomBytes(9));
+  const frame = { type: 'send', ref, epoch: sealed.epoch, iv: sealed.iv, ct: sealed.ct };
+  const el = messageElement(sealed.envelope, null, true);
+  $('messages').append(el);
+  state.pending.set(ref, { frame, el, status: 'sending' });
+  markPending(ref, 'sending');
+  scrollDown();
+  transmit(ref); // if offline, it goes out on reconnect
+}
+
+// ---- proof of work ---------------------------------------------------------------------
+
+function solvePow(token, roomId, bits) {
+  return new Promise((resolve, reject) => {
+    const expected = 2 ** bits;
+    const worker = new Worker(new URL('./pow-worker.js', import.meta.url), { type: 'module' });
+    state.worker = worker;
+    $('pow').hidden = false;
+    $('pow-progress').value = 0;
+    worker.onmessage = (e) => {
+      if (e.data.progress !== undefined) {
+        // Expected work is 2^bits; the bar approaches the end without claiming to know it.
+        $('pow-progress').value = 1 - Math.exp(-e.data.progress / expected);
+      } else {
+        $('pow-progress').value = 1;
+        worker.terminate();
+        state.worker = null;
+        resolve(e.data.counter);
+      }
+    };
+    worker.onerror = (e) => {
+      worker.terminate();
+      state.worker = null;
+      reject(e);
+    };
+    worker.postMessage({ token, roomId, bits });
+  });
+}
+
+function cancelPow() {
+  state.worker?.terminate();
+  state.worker = null;
+  state.stopped = true;
+  state.ws?.close();
+  $('pow').hidden = true;
+  $('new-room').disabled = false;
+  setStatus('idle', 'Not connected');
+}
+
+// ---- connection ------------------------------------------------------------------------
+
+function connect() {
+  state.stopped = false;
+  setStatus(state.everJoined ? 'reconnecting' : 'connecting', state.everJoined ? 'Reconnecting…' : 'Connecting…');
+  const ws = new WebSocket(wsUrl());
+  state.ws = ws;
+  ws.onmessage = (e) => {
+    let frame;
+    try {
+      frame = JSON.parse(e.data);
+    } catch {
+      return;
+    }
+    // One frame at a time, in arrival order: decryption is asynchronous, and the replay rule
+    // and the seq bookkeeping assume frames are handled in the order the server sent them.
+    state.chain = state.chain.then(() => handle(frame)).catch((err) => console.error(err));
+  };
+  ws.onclose = () => {
+    if (state.ws !== ws) return;
+    state.joined = false;
+    if (state.stopped) return;
+    const wait = state.backoff + Math.random() * 250;
+    state.backoff = Math.min(state.backoff * 2, 15000);
+    setStatus('reconnecting', `Connection lost; reconnecting in ${Math.ceil(wait / 1000)} s…`);
+    setTimeout(() => {
+      if (!state.stopped) connect();
+    }, wait);
+  };
+}
+
+async function handle(frame) {
+  switch (frame.type) {
+    case 'hello':
+      state.challenge = fromB64u(frame.challenge);
+      if (state.mode === 'create') await create(frame.pow_bits);
+      else await join();
+      break;
+    case 'pow': {
+      const counter = await solvePow(fromB64u(frame.token), state.keys.roomId, frame.bits);
+      $('pow').hidden = true;
+      state.ws.send(JSON.stringify({
+        type: 'create',
+        room: b64u(state.keys.roomId),
+        auth_key: b64u(state.keys.authKey),
+        pow: { token: frame.token, counter },
+      }));
+      break;
+    }
+    case 'joined':
+      onJoined(frame);
+      break;
+    case 'msg':
+      await receive(frame);
+      break;
+    case 'history':
+      for (const m of frame.messages) await receive(m);
+      if (state.historyFilling) {
+        if (frame.more) requestAfter();
+        else state.historyFilling = false;
+      } else {
+        $('older').hidden = !frame.more;
+      }
+      break;
+    case 'ack':
+      state.pending.get(frame.ref)?.el.setAttribute('data-seq', frame.seq);
+      state.seen.add(frame.seq);
+      state.lastSeq = Math.max(state.lastSeq, frame.seq);
+      markPending(frame.ref, 'sent');
+      state.pending.delete(frame.ref);
+      break;
+    case 'nuked':
+      wiped();
+      break;
+    case 'error':
+      onError(frame);
+      break;
+    default:
+      break;
+  }
+}
+
+async function create(powBits) {
+  const frame = { type: 'create', room: b64u(state.keys.roomId), auth_key: b64u(state.keys.authKey) };
+  if (powBits > 0) {
+    state.ws.send(JSON.stringify({ type: 'pow' }));
+  } else {
+    state.ws.send(JSON.stringify(frame));
+  }
+}
+
+async function join() {
+  const proof = await joinProof(state.keys.authKey, state.challenge, state.keys.roomId);
+  const frame = { type: 'join', room: b64u(state.keys.roomId), proof: b64u(proof) };
+  if (state.lastSeq > 0) frame.after = state.lastSeq;
+  state.ws.send(JSON.stringify(frame));
+}
+
+function requestAfter() {
+  state.ws.send(JSON.stringify({ type: 'history', after: state.lastSeq, limit: 200 }));
+}
+
+function onJoined(frame) {
+  const resumed = state.everJoined;
+  state.joined = true;
+  state.everJoined = true;
+  state.mode = 'join';
+  state.backoff = 500;
+  notice('');
+  if (!location.hash || location.hash.slice(1) !== b64u(state.keys.secret)) {
+    // The secret lives only in the fragment, which browsers never send to a server.
+    history.replaceState(null, '', `#${b64u(state.keys.secret)}`);
+  }
+  $('link').value = location.href;
+  show('room');
+  setStatus('online', 'Connected');
+  $('pow').hidden = true;
+  (async () => {
+    for (const m of frame.messages) await receive(m);
+    if (resumed && frame.more) {
+      state.historyFilling = true;
+      requestAfter();
+    } else if (!resumed) {
+      $('older').hidden = !frame.more;
+    }
+    // Anything typed while offline, or not yet acked, goes (again) now; a message the server
+    // already stored comes back as `replay` and counts as sent.
+    for (const ref of state.pending.keys()) transmit(ref);
+  })();
+  if (!resumed) $('text').focus();
+}
+
+function onError(frame) {
+  const text = ERRORS[frame.code] ?? ERRORS.internal;
+  if (frame.ref && state.pending.has(frame.ref)) {
+    if (frame.code === 'replay') {
+      markPending(frame.ref, 'sent');
+      state.pending.delete(frame.ref);
+    } else {
+      markPending(frame.ref, 'failed', text);
+    }
+    return;
+  }
+  switch (frame.code) {
+    case 'room_gone':
+      wiped();
+      break;
+    case 'auth_failed':
+      state.stopped = true;
+      state.ws?.close();
+      setStatus('idle', 'Not connected');
+      notice(text);
+      break;
+    case 'pow_invalid':
+    case 'room_exists':
+      // Start over with a fresh room.
+      state.stopped = true;
+      state.ws?.close();
+      $('new-room').disabled = false;
+      $('pow').hidden = true;
+      notice(text);
+      break;
+    default:
+      notice(text);
+  }
+}
+
+function wiped() {
+  state.stopped = true;
+  state.joined = false;
+  state.ws?.close();
+  state.pending.clear();
+  $('messages').replaceChildren();
+  history.replaceState(null, '', '/');
+  setStatus('idle', 'Room wiped');
+  show('gone');
+}
+
+async function openRoom(secret, mode) {
+  state.keys = await RoomKeys.derive(secret);
+  state.session = new RoomSession(state.keys);
+  state.mode = mode;
+  connect();
+}
+
+// ---- wiring ----------------------------------------------------------------------------
+
+function init() {
+  $('nick').value = localStorage.getItem('nanochat.nick') ?? '';
+  $('nick').addEventListener('change', () => localStorage.setItem('nanochat.nick', $('nick').value.trim()));
+  $('new-room').addEventListener('click', () => {
+    $('new-room').disabled = true;
+    notice('');
+    openRoom(randomBytes(32), 'create');
+  });
+  $('pow-cancel').addEventListener('click', cancelPow);
+  $('copy-link').addEventListener('click', async () => {
+    try {
+      await navigator.clipboard.writeText($('link').value);
+      $('copy-link').textContent = 'Copied';
+    } catch {
+      $('link').select();
+    }
+  });
+  $('composer').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const text = $('text').value;
+    $('text').value = '';
+    sendText(text);
+  });
+  $('text').addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      $('composer').requestSubmit();
+    }
+  });
+  $('older').addEventListener('click', () => {
+    if (state.joined && state.firstSeq !== null) {
+      state.ws.send(JSON.stringify({ type: 'history', before: state.firstSeq, limit: 50 }));
+    }
+  });
+  $('panic').addEventListener('click', () => $('panic-dialog').showModal());
+  $('panic-dialog').addEventListener('close', () => {
+    if ($('panic-dialog').returnValue === 'wipe' && state.joined) {
+      state.ws.send(JSON.stringify({ type: 'panic' }));
+    }
+  });
+  window.addEventListener('hashchange', () => location.reload());
+
+  const fragment = location.hash.slice(1);
+  if (fragment) {
+    let secret = null;
+    try {
+      secret = fromB64u(fragment);
+    } catch {
+      secret = null;
+    }
+    if (!secret || secret.length !== 32) {
+      show('landing');
+      notice('This link is incomplete: the part after # should be 43 characters. Ask for the link again.');
+      return;
+    }
+    show('room');
+    openRoom(secret, 'join');
+  } else {
+    show('landing');
+  }
+}
+
+init();
