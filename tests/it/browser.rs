@@ -373,3 +373,78 @@ async fn a_conversation_fits_a_phone_screen_and_the_keyboard_alone_sends() {
         .unwrap();
     }
 }
+
+#[actix_web::test]
+async fn older_history_pages_in_and_proof_of_work_can_be_cancelled() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.limits.history = 5;
+        s.pow.mode = PowMode::On;
+        s.pow.base_bits = 34;
+        s.pow.max_bits = 34;
+    })
+    .await;
+    // Eight messages written by a Rust client before the browser opens the link. Creating the
+    // room needs work at 34 bits, too much for a test: create it through the store directly.
+    let keys = crate::helpers::random_room();
+    let wrapped = app.state.keys.wrap_auth_key(&keys.room_id, &keys.auth_key);
+    app.state
+        .store
+        .create_room(&keys.room_id, &wrapped, nanochat::store::now_ms())
+        .await
+        .unwrap();
+    let mut writer = Client::connect(&app.ws_url()).await.unwrap();
+    assert!(matches!(
+        writer.join(&keys, None).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    let mut s = RoomSession::new(keys.clone());
+    for i in 1..=8 {
+        writer
+            .send_sealed(&i.to_string(), &s.seal("writer", &format!("old {i}")))
+            .await
+            .unwrap();
+        assert!(matches!(
+            writer.recv().await.unwrap(),
+            ServerFrame::Ack { .. }
+        ));
+    }
+    let browser = Browser::launch().await;
+    let link = format!("{}/#{}", origin(&app), b64u(keys.secret()));
+    let page = browser.new_page(&link).await;
+    wait_for_text(&page, "old 8").await;
+    assert_eq!(shown(&page).await.len(), 5);
+    page.wait_for("!document.getElementById('older').hidden", 5)
+        .await;
+    page.eval("document.getElementById('older').click(), true")
+        .await;
+    wait_for_text(&page, "old 1").await;
+    let texts: Vec<String> = shown(&page).await.into_iter().map(|(_, t)| t).collect();
+    assert_eq!(
+        texts,
+        (1..=8).map(|i| format!("old {i}")).collect::<Vec<_>>()
+    );
+    page.wait_for("document.getElementById('older').hidden", 5)
+        .await;
+
+    // A new room at 34 bits would take hours: the person cancels.
+    let other = browser.new_page(&format!("{}/", origin(&app))).await;
+    other
+        .eval("document.getElementById('new-room').click(), true")
+        .await;
+    other
+        .wait_for("document.getElementById('pow-progress').value > 0", 20)
+        .await;
+    other
+        .eval("document.getElementById('pow-cancel').click(), true")
+        .await;
+    other
+        .wait_for("document.getElementById('pow').hidden", 5)
+        .await;
+    assert_eq!(
+        other
+            .eval("document.getElementById('new-room').disabled")
+            .await,
+        json!(false)
+    );
+    assert_eq!(app.state.metrics.rooms_created_total.get(), 0);
+}
