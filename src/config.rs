@@ -51,6 +51,9 @@ pub struct ServerSettings {
     /// Optional listener for a Tor onion service (or any shared-address front): every client
     /// there shares one set of limits, headers are never trusted, creation always needs work.
     pub onion_listen: Option<String>,
+    /// Seconds a shutdown (SIGTERM, Ctrl-C) may take: in-flight messages are committed and
+    /// acknowledged, clients are told to reconnect (close 1012), then the process exits.
+    pub shutdown_grace_secs: u64,
 }
 
 /// `[database]`
@@ -245,6 +248,7 @@ impl Default for ServerSettings {
             secret_file: None,
             workers: 0,
             onion_listen: None,
+            shutdown_grace_secs: 20,
         }
     }
 }
@@ -423,6 +427,11 @@ impl Settings {
             self.server.admin_listen.parse::<SocketAddr>().is_ok(),
             "server.admin_listen",
             "must be an address like 127.0.0.1:9464",
+        )?;
+        check(
+            (1..=3600).contains(&self.server.shutdown_grace_secs),
+            "server.shutdown_grace_secs",
+            "must be between 1 and 3600",
         )?;
         check(
             !self.server.data_dir.as_os_str().is_empty(),

@@ -58,6 +58,24 @@ pub struct Metrics {
     pub upgrades_refused_total: IntCounterVec,
     /// Sockets closed for collecting too many refusals.
     pub abuse_disconnects_total: IntCounter,
+    /// Time from a batch's commit until its messages are queued to every member.
+    pub fanout_seconds: Histogram,
+    /// Duration of history reads (join and history frames).
+    pub history_query_seconds: Histogram,
+    /// Database connections by state (`max`, `open`, `idle`, `waiting`); Postgres only.
+    pub store_pool_connections: IntGaugeVec,
+    /// Message partitions present after the last maintenance run (Postgres).
+    pub partitions: IntGauge,
+    /// Duration of maintenance runs.
+    pub maintenance_seconds: Histogram,
+    /// Unix time of the last successful maintenance run.
+    pub maintenance_last_success_timestamp_seconds: IntGauge,
+    /// Build information (always 1), labelled with version and git commit.
+    pub build_info: IntGaugeVec,
+    /// Unix time the process started.
+    pub start_time_seconds: IntGauge,
+    /// 1 while the server drains for shutdown.
+    pub draining: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -213,8 +231,94 @@ impl Metrics {
                 "nanochat_abuse_disconnects_total",
                 "Sockets closed for collecting too many refused or invalid frames.",
             ),
+            fanout_seconds: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "nanochat_fanout_seconds",
+                        "Time from a batch commit until its messages are queued to every member.",
+                    )
+                    .buckets(prometheus::exponential_buckets(0.00001, 2.0, 16).expect("valid")),
+                )
+                .expect("valid metric"),
+            ),
+            history_query_seconds: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "nanochat_history_query_seconds",
+                        "Duration of history reads for join and history frames.",
+                    )
+                    .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid")),
+                )
+                .expect("valid metric"),
+            ),
+            store_pool_connections: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nanochat_store_pool_connections",
+                        "Postgres pool connections by state: max, open, idle, waiting (requests queued for one).",
+                    ),
+                    &["state"],
+                )
+                .expect("valid metric"),
+            ),
+            partitions: reg(
+                r,
+                IntGauge::new(
+                    "nanochat_partitions",
+                    "Daily message partitions present after the last maintenance run (Postgres).",
+                )
+                .expect("valid metric"),
+            ),
+            maintenance_seconds: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("nanochat_maintenance_seconds", "Duration of maintenance runs.")
+                        .buckets(prometheus::exponential_buckets(0.001, 4.0, 10).expect("valid")),
+                )
+                .expect("valid metric"),
+            ),
+            maintenance_last_success_timestamp_seconds: reg(
+                r,
+                IntGauge::new(
+                    "nanochat_maintenance_last_success_timestamp_seconds",
+                    "Unix time of the last successful maintenance run.",
+                )
+                .expect("valid metric"),
+            ),
+            build_info: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("nanochat_build_info", "Build information; the value is always 1."),
+                    &["version", "commit"],
+                )
+                .expect("valid metric"),
+            ),
+            start_time_seconds: reg(
+                r,
+                IntGauge::new(
+                    "nanochat_start_time_seconds",
+                    "Unix time the server process started.",
+                )
+                .expect("valid metric"),
+            ),
+            draining: reg(
+                r,
+                IntGauge::new("nanochat_draining", "1 while the server drains for shutdown.")
+                    .expect("valid metric"),
+            ),
             registry,
         };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("NANOCHAT_GIT_COMMIT")])
+            .set(1);
+        m.start_time_seconds.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        );
         for result in [
             "issued",
             "redeemed",

@@ -322,7 +322,7 @@ pub fn parse_client_frame(text: &str, limits: &FrameLimits) -> Result<ClientFram
                 .ok_or_else(|| fail(bad("iv must be 12 bytes of base64url")))?;
             let ct_text = required(raw.ct.as_deref(), "send needs a ct").map_err(fail)?;
             // Check the size from the encoded length before decoding anything.
-            if ct_text.len() / 4 * 3 > limits.max_ct_bytes + 2 {
+            if ct_text.len() / 4 * 3 > limits.max_ct_bytes.saturating_add(2) {
                 return Err(fail(FrameError::new(
                     ErrorCode::TooLarge,
                     "the ciphertext is larger than this server accepts",

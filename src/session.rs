@@ -186,12 +186,22 @@ pub async fn run(
     let mut last_heard = Instant::now();
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
 
+    let shutdown = state.shutdown.clone();
+    let mut draining = false;
     let end = if conn.send(hello.to_text()).await.is_err() {
         End::Gone
     } else {
         loop {
+            // Draining for shutdown: once every read message is acknowledged (or refused), ask
+            // the client to reconnect elsewhere or later.
+            if draining && conn.pending.is_empty() {
+                break End::Close(CloseCode::Restart, "server restarting");
+            }
             tokio::select! {
                 biased;
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                }
                 reason = next_kick(&kick) => {
                     break match reason {
                         KickReason::Nuked => {
@@ -228,6 +238,26 @@ pub async fn run(
                     last_heard = Instant::now();
                     match msg {
                         None => break End::Gone,
+                        Some(Ok(AggregatedMessage::Text(text))) if draining => {
+                            // Nothing new is taken on while draining; say so, so the client
+                            // knows to retry after reconnecting.
+                            let limits = FrameLimits {
+                                max_ct_bytes: conn.state.settings.limits.max_ct_bytes,
+                                default_history: conn.state.settings.limits.history,
+                            };
+                            let reference = match parse_client_frame(&text, &limits) {
+                                Ok(ClientFrame::Send { reference, .. }) => Some(reference),
+                                _ => None,
+                            };
+                            let err = FrameError {
+                                code: ErrorCode::Unavailable,
+                                message: "the server is restarting; reconnect and retry",
+                                reference,
+                            };
+                            if conn.send_error(&err, None).await.is_err() {
+                                break End::Gone;
+                            }
+                        }
                         Some(Ok(AggregatedMessage::Text(text))) => {
                             match conn.handle_text(&text).await {
                                 Ok(Some(sub)) => {
@@ -622,12 +652,16 @@ impl Conn {
         // the read already returned are dropped by seq in the loop.
         let sub = self.state.hub.subscribe(&room, self.id);
         let query = after.map_or(HistoryQuery::Latest, HistoryQuery::After);
-        let page = match self
+        let started = Instant::now();
+        let page = self
             .state
             .store
             .messages(&room, query, self.state.settings.limits.history, now)
-            .await
-        {
+            .await;
+        metrics
+            .history_query_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let page = match page {
             Ok(page) => page,
             Err(e) => {
                 self.state.hub.unsubscribe(&room, self.id);
@@ -699,12 +733,17 @@ impl Conn {
         let Some(joined) = &self.joined else {
             return Err(refuse(ErrorCode::NotJoined, "join or create a room first").into());
         };
+        let started = Instant::now();
         let page = self
             .state
             .store
             .messages(&joined.room, query, limit, now_ms())
-            .await
-            .map_err(|e| store_refusal(&e, "messages", &self.state))?;
+            .await;
+        self.state
+            .metrics
+            .history_query_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let page = page.map_err(|e| store_refusal(&e, "messages", &self.state))?;
         let (messages, more, _) = wire_messages(page);
         let frame = ServerFrame::History { messages, more };
         self.send(frame.to_text()).await.map_err(|()| Refusal::Gone)

@@ -56,6 +56,17 @@ pub struct AppState {
     pub identity: ClientIdentity,
     /// Port of the onion listener, if configured.
     pub onion_port: Option<u16>,
+    /// Cancelled when the server starts draining for shutdown.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl AppState {
+    /// Start draining: readiness turns 503 and every session finishes its in-flight messages,
+    /// then asks its client to reconnect.
+    pub fn begin_shutdown(&self) {
+        self.metrics.draining.set(1);
+        self.shutdown.cancel();
+    }
 }
 
 /// Who is on the other end of a socket, decided before the upgrade.
@@ -222,6 +233,11 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if state.shutdown.is_cancelled() {
+        return HttpResponse::ServiceUnavailable()
+            .content_type("text/plain; charset=utf-8")
+            .body("shutting down\n");
+    }
     let ready = tokio::time::timeout(Duration::from_secs(2), state.store.ready()).await;
     match ready {
         Ok(Ok(())) => HttpResponse::Ok()
@@ -234,6 +250,13 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn metrics_endpoint(state: web::Data<AppState>) -> HttpResponse {
+    if let Some(p) = state.store.pool_stats() {
+        let g = &state.metrics.store_pool_connections;
+        g.with_label_values(&["max"]).set(p.max as i64);
+        g.with_label_values(&["open"]).set(p.open as i64);
+        g.with_label_values(&["idle"]).set(p.idle as i64);
+        g.with_label_values(&["waiting"]).set(p.waiting as i64);
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())
@@ -266,9 +289,18 @@ async fn maintenance_loop(state: Arc<AppState>) {
 /// One maintenance run with its metrics and log line.
 pub async fn run_maintenance(state: &AppState) {
     let m = &state.metrics;
-    match state.store.maintain(now_ms()).await {
+    let started = std::time::Instant::now();
+    let result = state.store.maintain(now_ms()).await;
+    m.maintenance_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match result {
         Ok(report) if report.ran => {
             m.maintenance_runs_total.with_label_values(&["ok"]).inc();
+            m.maintenance_last_success_timestamp_seconds
+                .set(now_ms() / 1000);
+            if let Some(n) = report.partitions_present {
+                m.partitions.set(n as i64);
+            }
             m.partitions_dropped_total.inc_by(report.partitions_dropped);
             m.rooms_expired_total
                 .inc_by(report.rooms_deleted + report.tombstones_deleted);
@@ -371,6 +403,7 @@ impl Application {
             pow,
             identity,
             onion_port,
+            shutdown: tokio_util::sync::CancellationToken::new(),
         });
         let handshake_timeout = Duration::from_secs(state.settings.limits.handshake_timeout_secs);
         let data = web::Data::from(state.clone());
@@ -388,7 +421,7 @@ impl Application {
         })
         .workers(workers)
         .client_request_timeout(handshake_timeout)
-        .shutdown_timeout(10)
+        .shutdown_timeout(state.settings.server.shutdown_grace_secs)
         .disable_signals()
         .listen(listener)?;
         if let Some(onion) = onion_listener {
@@ -456,42 +489,52 @@ impl Application {
         self.state.clone()
     }
 
-    /// Serve until SIGINT or SIGTERM.
+    /// Serve until SIGINT or SIGTERM, then shut down gracefully.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let public = self.public.handle();
-        let admin = self.admin.handle();
-        let public_task = actix_web::rt::spawn(self.public);
-        let admin_task = actix_web::rt::spawn(self.admin);
+        let handle = self.spawn();
         shutdown_signal().await;
-        tracing::info!("shutting down");
-        admin.stop(true).await;
-        public.stop(true).await;
-        let _ = public_task.await;
-        let _ = admin_task.await;
+        tracing::info!("shutting down: draining connections");
+        handle.shutdown().await;
+        tracing::info!("shut down");
         Ok(())
     }
 
-    /// Serve until the returned handle is used to stop (tests).
+    /// Serve in the background; the handle stops or shuts down the server.
     pub fn spawn(self) -> ServerHandle {
         let public = self.public.handle();
         let admin = self.admin.handle();
         actix_web::rt::spawn(self.public);
         actix_web::rt::spawn(self.admin);
-        ServerHandle { public, admin }
+        ServerHandle {
+            public,
+            admin,
+            state: self.state,
+        }
     }
 }
 
-/// Stops a server started with [`Application::spawn`].
+/// Controls a server started with [`Application::spawn`].
 pub struct ServerHandle {
     public: actix_web::dev::ServerHandle,
     admin: actix_web::dev::ServerHandle,
+    state: Arc<AppState>,
 }
 
 impl ServerHandle {
-    /// Stop both listeners; `graceful` waits for open connections.
+    /// Stop both listeners at once, dropping connections (as a crash would, minus the process).
     pub async fn stop(&self, graceful: bool) {
         self.public.stop(graceful).await;
         self.admin.stop(graceful).await;
+    }
+
+    /// Graceful shutdown: readiness turns 503, new connections are refused, every session
+    /// commits and acknowledges what it has in flight and closes with 1012 ("reconnect"); after
+    /// `server.shutdown_grace_secs` whatever is left is dropped. Acknowledged messages are
+    /// never lost either way, since an ack follows its commit.
+    pub async fn shutdown(&self) {
+        self.state.begin_shutdown();
+        self.public.stop(true).await;
+        self.admin.stop(true).await;
     }
 }
 

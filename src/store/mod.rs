@@ -140,6 +140,21 @@ pub struct MaintenanceReport {
     pub rooms_deleted: u64,
     /// Expired tombstones deleted.
     pub tombstones_deleted: u64,
+    /// Message partitions present afterwards (Postgres).
+    pub partitions_present: Option<u64>,
+}
+
+/// Connection pool counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Largest number of connections.
+    pub max: usize,
+    /// Connections open now.
+    pub open: usize,
+    /// Open connections not in use.
+    pub idle: usize,
+    /// Requests waiting for a connection.
+    pub waiting: usize,
 }
 
 /// A storage failure. The text is for logs only; clients get a code.
@@ -158,6 +173,11 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
+
+    /// Pool counts, for backends with a connection pool.
+    fn pool_stats(&self) -> Option<PoolStats> {
+        None
+    }
 
     /// Whether the database answers and is migrated (for `/readyz`).
     async fn ready(&self) -> Result<(), StoreError>;

@@ -332,6 +332,16 @@ impl Store for PgStore {
         "postgres"
     }
 
+    fn pool_stats(&self) -> Option<super::PoolStats> {
+        let s = self.pool.status();
+        Some(super::PoolStats {
+            max: s.max_size,
+            open: s.size,
+            idle: s.available,
+            waiting: s.waiting,
+        })
+    }
+
     async fn ready(&self) -> Result<(), StoreError> {
         let client = self.pool.get().await.map_err(pool_err)?;
         let version: i32 = client
@@ -582,6 +592,7 @@ impl Store for PgStore {
                 .execute("DELETE FROM pow_spent WHERE expires_at < $1", &[&ts(now)])
                 .await
                 .map_err(pg_err)?;
+            report.partitions_present = Some(self.partitions().await?.len() as u64);
             Ok(report)
         }
         .await;

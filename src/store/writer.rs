@@ -106,6 +106,7 @@ async fn run(
         metrics.store_batch_size.observe(msgs.len() as f64);
         match result {
             Ok(outcomes) => {
+                let committed = Instant::now();
                 for ((msg, (origin, received, reply)), outcome) in
                     msgs.into_iter().zip(metas).zip(outcomes)
                 {
@@ -134,6 +135,9 @@ async fn run(
                         .observe(received.elapsed().as_secs_f64());
                     let _ = reply.send(answer);
                 }
+                metrics
+                    .fanout_seconds
+                    .observe(committed.elapsed().as_secs_f64());
             }
             Err(e) => {
                 tracing::warn!(error = %e, batch = msgs.len(), "message batch not stored");

@@ -123,6 +123,12 @@ impl TestApp {
         (c, keys)
     }
 
+    /// Graceful shutdown, as on SIGTERM.
+    pub async fn shutdown(self) -> (Settings, tempfile::TempDir, Option<TestDb>) {
+        self.handle.shutdown().await;
+        (self.settings, self.dir, self.db)
+    }
+
     /// Stop serving (the data directory and database stay until dropped).
     pub async fn stop(self) -> (Settings, tempfile::TempDir, Option<TestDb>) {
         self.handle.stop(false).await;

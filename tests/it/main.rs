@@ -9,6 +9,7 @@ mod cdp;
 mod config;
 mod helpers;
 mod http;
+mod lifecycle;
 mod pg;
 mod store;
 mod vectors;
