@@ -52,6 +52,8 @@ pub struct Metrics {
     pub limiter_overflow_total: IntCounterVec,
     /// Current proof-of-work difficulty for room creation (leading zero bits; 0 = none).
     pub pow_bits: IntGauge,
+    /// The configured ceiling of the adaptive difficulty.
+    pub pow_max_bits: IntGauge,
     /// Proof-of-work tokens by result: issued, redeemed, or why they were refused.
     pub pow_tokens_total: IntCounterVec,
     /// WebSocket upgrades refused before the handshake, by reason.
@@ -212,8 +214,16 @@ impl Metrics {
             pow_bits: reg(
                 r,
                 IntGauge::new(
-                    "nanochat_pow_bits",
-                    "Current proof-of-work difficulty for room creation in leading zero bits.",
+                    "nanochat_pow_difficulty",
+                    "Current proof-of-work difficulty for room creation, in leading zero bits.",
+                )
+                .expect("valid metric"),
+            ),
+            pow_max_bits: reg(
+                r,
+                IntGauge::new(
+                    "nanochat_pow_difficulty_max",
+                    "Configured ceiling of the proof-of-work difficulty (pow.max_bits).",
                 )
                 .expect("valid metric"),
             ),
@@ -319,6 +329,19 @@ impl Metrics {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
         );
+        for op in [
+            "append",
+            "room",
+            "messages",
+            "create_room",
+            "wipe",
+            "redeem_token",
+        ] {
+            m.store_errors_total.with_label_values(&[op]);
+        }
+        for result in ["ok", "skipped", "error"] {
+            m.maintenance_runs_total.with_label_values(&[result]);
+        }
         for result in [
             "issued",
             "redeemed",

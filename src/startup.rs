@@ -351,6 +351,7 @@ impl Application {
         let limits = Arc::new(Limits::new(&settings, metrics.clone()));
         let pow = Arc::new(PowPolicy::new(&settings.pow));
         metrics.pow_bits.set(i64::from(pow.required(false)));
+        metrics.pow_max_bits.set(i64::from(settings.pow.max_bits));
         let identity = ClientIdentity::new(
             &settings.proxy.trusted,
             settings.proxy.ipv4_prefix,

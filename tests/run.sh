@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and integration tests (real SQLite files, a throwaway Postgres the
-# tests start themselves, real sockets), the browser client's JS tests under node, and the
-# browser tests in headless Chromium. Installs what a fresh Debian machine lacks when run as
+# tests start themselves, real sockets), the browser client's JS tests under node, the
+# browser tests in headless Chromium, and promtool checks of the metrics and alert rules. Installs what a fresh Debian machine lacks when run as
 # root; otherwise says what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,12 +10,13 @@ missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 [ -x /usr/bin/chromium ] || [ -n "${NANOCHAT_CHROMIUM:-}" ] || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq "${missing[@]}"
+        apt-get install -y -qq --no-install-recommends "${missing[@]}"
     else
         echo "missing: ${missing[*]} — install them (Debian: sudo apt-get install -y ${missing[*]})" >&2
         exit 1

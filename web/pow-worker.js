@@ -13,7 +13,8 @@ self.onmessage = (event) => {
       self.postMessage({ counter: c, hashes: c + 1, ms: performance.now() - started });
       return;
     }
-    if (c % CHUNK === CHUNK - 1) {
+    // A first report early, so even a short search shows movement; then every CHUNK hashes.
+    if (c % CHUNK === CHUNK - 1 || c === 999) {
       const ms = performance.now() - started;
       self.postMessage({ progress: c + 1, rate: ((c + 1) * 1000) / Math.max(ms, 1) });
     }

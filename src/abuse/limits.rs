@@ -26,6 +26,26 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLim
 use crate::config::{Rate, Settings};
 use crate::metrics::Metrics;
 
+/// Every limiter name (the `limiter` label of the metrics), so series exist from the start.
+pub const LIMITER_NAMES: [&str; 16] = [
+    "client_connections",
+    "client_frames",
+    "client_messages",
+    "client_creations",
+    "client_pow_tokens",
+    "room_messages",
+    "global_creations",
+    "global_connections",
+    "onion_connections",
+    "onion_frames",
+    "onion_messages",
+    "onion_creations",
+    "onion_pow_tokens",
+    "socket_frames",
+    "max_connections",
+    "client_max_sockets",
+];
+
 /// Who a limit applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Client {
@@ -225,6 +245,18 @@ impl Limits {
         let r = &settings.rate;
         let cap = r.max_keys;
         let f = r.onion_factor;
+        for name in LIMITER_NAMES {
+            metrics.rate_limited_total.with_label_values(&[name]);
+        }
+        for name in [
+            "client_connections",
+            "global_connections",
+            "onion_connections",
+            "max_connections",
+            "client_max_sockets",
+        ] {
+            metrics.upgrades_refused_total.with_label_values(&[name]);
+        }
         Self {
             client_connections: KeyedLimiter::new("client_connections", r.client_connections, cap),
             client_frames: KeyedLimiter::new("client_frames", r.client_frames, cap),

@@ -405,7 +405,7 @@ async fn adaptive_difficulty_rises_under_a_burst_of_creations_and_comes_back_dow
     assert!(
         gauge
             .lines()
-            .any(|l| l.starts_with("nanochat_pow_bits ") && !l.ends_with(" 2")),
+            .any(|l| l.starts_with("nanochat_pow_difficulty ") && !l.ends_with(" 2")),
         "{gauge}"
     );
     // Quiet again: it falls back, one bit at a time, to the base.

@@ -163,3 +163,30 @@ fn an_unreachable_database_stops_the_start_with_a_clear_message() {
         "{stderr}"
     );
 }
+
+#[actix_web::test]
+async fn a_schema_newer_than_the_binary_stops_the_start_with_a_clear_message() {
+    let db = crate::pg::cluster().database().await;
+    let sql = crate::pg::cluster().connect(&db).await;
+    sql.batch_execute(
+        "CREATE TABLE schema_migrations (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO schema_migrations (version) VALUES (99);",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nanochat"))
+        .env_remove("NANOCHAT_CONFIG")
+        .env("NANOCHAT__DATABASE__URL", &db.url)
+        .env("NANOCHAT__SERVER__DATA_DIR", dir.path())
+        .env("NANOCHAT__SERVER__LISTEN", "127.0.0.1:0")
+        .env("NANOCHAT__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("schema is version 99, newer than this binary"),
+        "{stderr}"
+    );
+}

@@ -300,22 +300,36 @@ async fn panic_wipes_the_room_in_every_open_window() {
 async fn creating_a_room_with_proof_of_work_shows_progress() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
         s.pow.mode = PowMode::On;
-        s.pow.base_bits = 19;
+        s.pow.base_bits = 22;
+        s.pow.max_bits = 22;
     })
     .await;
     let browser = Browser::launch().await;
     let page = browser.new_page(&format!("{}/", origin(&app))).await;
+    // Record every change of the progress UI, independent of polling.
+    page.eval(
+        "window.seen = { shown: false, progress: 0 }; \
+         new MutationObserver(() => { \
+           if (!document.getElementById('pow').hidden) window.seen.shown = true; \
+           window.seen.progress = Math.max(window.seen.progress, \
+             document.getElementById('pow-progress').value); \
+         }).observe(document.getElementById('landing'), { attributes: true, subtree: true }); \
+         true",
+    )
+    .await;
     page.eval("document.getElementById('new-room').click(), true")
         .await;
-    let progress = page
-        .wait_for(
-            "!document.getElementById('pow').hidden && document.getElementById('pow-progress').value > 0 \
-             && document.getElementById('pow-progress').value",
-            30,
-        )
-        .await;
-    assert!(progress.as_f64().unwrap() > 0.0);
     wait_online(&page).await;
+    assert_eq!(
+        page.eval("window.seen.shown").await,
+        json!(true),
+        "progress was shown"
+    );
+    let progress = page.eval("window.seen.progress").await;
+    assert!(
+        progress.as_f64().unwrap() > 0.0,
+        "progress moved: {progress}"
+    );
     assert_eq!(
         page.eval("document.getElementById('pow').hidden").await,
         json!(true)

@@ -7,6 +7,7 @@ mod binary;
 mod browser;
 mod cdp;
 mod config;
+mod deploy;
 mod helpers;
 mod http;
 mod lifecycle;
