@@ -58,6 +58,9 @@ pub struct AppState {
     pub onion_port: Option<u16>,
     /// Cancelled when the server starts draining for shutdown.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Cancelled when the server has stopped: ends the background tasks, which releases the
+    /// store (and with it the SQLite data-directory lock).
+    pub tasks: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -276,6 +279,17 @@ fn security_headers() -> DefaultHeaders {
         ))
 }
 
+/// Run a background task until the server stops.
+fn background(state: &AppState, task: impl std::future::Future<Output = ()> + 'static) {
+    let stop = state.tasks.clone();
+    actix_web::rt::spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = task => {}
+        }
+    });
+}
+
 /// Run maintenance now and then every `retention.maintenance_interval_secs`.
 async fn maintenance_loop(state: Arc<AppState>) {
     let every = Duration::from_secs(state.settings.retention.maintenance_interval_secs);
@@ -342,6 +356,13 @@ impl Application {
         let secret = load_or_create_secret(&settings.secret_path())?;
         let keys = ServerKeys::derive(&secret);
         let store = store::open(&settings).await?;
+        anyhow::ensure!(
+            store.check_secret(&keys.check_value()).await?,
+            "the server secret {} is not the one this database was set up with: every server \
+             using this database needs the same secret file (restore it from the backup taken \
+             with the database; see docs/operating.md)",
+            settings.secret_path().display()
+        );
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(
             settings.limits.send_queue,
@@ -405,6 +426,7 @@ impl Application {
             identity,
             onion_port,
             shutdown: tokio_util::sync::CancellationToken::new(),
+            tasks: tokio_util::sync::CancellationToken::new(),
         });
         let handshake_timeout = Duration::from_secs(state.settings.limits.handshake_timeout_secs);
         let data = web::Data::from(state.clone());
@@ -442,17 +464,23 @@ impl Application {
         .listen(admin_listener)?
         .run();
 
-        tokio::spawn(maintenance_loop(state.clone()));
-        tokio::spawn(limits::sweep_loop(
-            state.limits.clone(),
-            Duration::from_secs(state.settings.rate.sweep_interval_secs),
-        ));
+        background(&state, maintenance_loop(state.clone()));
+        background(
+            &state,
+            limits::sweep_loop(
+                state.limits.clone(),
+                Duration::from_secs(state.settings.rate.sweep_interval_secs),
+            ),
+        );
         if state.settings.pow.mode == PowMode::Adaptive {
-            tokio::spawn(pow_policy::adjust_loop(
-                state.pow.clone(),
-                Duration::from_millis(state.settings.pow.adjust_interval_ms),
-                state.metrics.pow_bits.clone(),
-            ));
+            background(
+                &state,
+                pow_policy::adjust_loop(
+                    state.pow.clone(),
+                    Duration::from_millis(state.settings.pow.adjust_interval_ms),
+                    state.metrics.pow_bits.clone(),
+                ),
+            );
         }
         tracing::info!(
             port,
@@ -526,6 +554,7 @@ impl ServerHandle {
     pub async fn stop(&self, graceful: bool) {
         self.public.stop(graceful).await;
         self.admin.stop(graceful).await;
+        self.state.tasks.cancel();
     }
 
     /// Graceful shutdown: readiness turns 503, new connections are refused, every session
@@ -536,6 +565,7 @@ impl ServerHandle {
         self.state.begin_shutdown();
         self.public.stop(true).await;
         self.admin.stop(true).await;
+        self.state.tasks.cancel();
     }
 }
 

@@ -214,6 +214,10 @@ pub trait Store: Send + Sync + 'static {
     /// a live room was wiped.
     async fn wipe(&self, room: &RoomId, now: Millis) -> Result<bool, StoreError>;
 
+    /// Record the server secret's check value on first use; `false` when the database was set
+    /// up with a different secret.
+    async fn check_secret(&self, check: &[u8; 32]) -> Result<bool, StoreError>;
+
     /// Record a proof-of-work token as spent; `false` when it already was.
     async fn redeem_token(
         &self,

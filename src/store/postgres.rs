@@ -24,7 +24,10 @@ use crate::crypto::{EPOCH_MS, RoomId};
 use crate::protocol::HistoryQuery;
 
 /// Migrations in order; the index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_init.sql"),
+    include_str!("../../migrations/postgres/0002_cluster.sql"),
+];
 /// Advisory lock key serializing migrations across processes ("nanochat" + 1).
 const MIGRATE_LOCK: i64 = 0x6e61_6e6f_6368_6101;
 /// Advisory lock key making maintenance run on one process at a time.
@@ -521,6 +524,27 @@ impl Store for PgStore {
             .map_err(pg_err)?;
         tx.commit().await.map_err(pg_err)?;
         Ok(wiped == 1)
+    }
+
+    async fn check_secret(&self, check: &[u8; 32]) -> Result<bool, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        client
+            .execute(
+                "INSERT INTO server_identity (key, value) VALUES ('secret_check', $1)
+                 ON CONFLICT (key) DO NOTHING",
+                &[&&check[..]],
+            )
+            .await
+            .map_err(pg_err)?;
+        let stored: Vec<u8> = client
+            .query_one(
+                "SELECT value FROM server_identity WHERE key = 'secret_check'",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        Ok(stored == check)
     }
 
     async fn redeem_token(

@@ -22,7 +22,10 @@ use crate::crypto::RoomId;
 use crate::protocol::HistoryQuery;
 
 /// Migrations in order; the index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../migrations/sqlite/0002_server_identity.sql"),
+];
 /// Idle read connections kept open.
 const READ_POOL: usize = 8;
 /// Rows deleted per expiry step.
@@ -36,6 +39,8 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
+    /// Held for the life of the store: one process per data directory.
+    _lock: std::fs::File,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     retention: Retention,
@@ -91,6 +96,7 @@ impl SqliteStore {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create data directory {}: {e}", data_dir.display())
         })?;
+        let lock = lock_data_dir(data_dir).await?;
         let path = data_dir.join("nanochat.db");
         let p = path.clone();
         let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<Connection> {
@@ -103,6 +109,7 @@ impl SqliteStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
+                _lock: lock,
                 writer: Mutex::new(writer),
                 readers: Mutex::new(Vec::new()),
                 retention,
@@ -157,6 +164,36 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("storage task failed: {e}")))?
+    }
+}
+
+/// Take the data directory's lock file, waiting a few seconds for a process that is still
+/// exiting (a restart) before giving up.
+async fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = data_dir.join("nanochat.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another nanochat process is using the data directory {}: with the embedded \
+                 SQLite database one directory serves one process; to run several processes, \
+                 use Postgres (database.url)",
+                data_dir.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                anyhow::bail!("cannot lock {}: {e}", path.display())
+            }
+        }
     }
 }
 
@@ -393,6 +430,27 @@ impl Store for SqliteStore {
             .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
             Ok(wiped == 1)
+        })
+        .await
+    }
+
+    async fn check_secret(&self, check: &[u8; 32]) -> Result<bool, StoreError> {
+        let check = *check;
+        self.write(move |conn, _| {
+            conn.execute(
+                "INSERT INTO server_identity (key, value) VALUES ('secret_check', ?1)
+                 ON CONFLICT (key) DO NOTHING",
+                params![&check[..]],
+            )
+            .map_err(db_err)?;
+            let stored: Vec<u8> = conn
+                .query_row(
+                    "SELECT value FROM server_identity WHERE key = 'secret_check'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(db_err)?;
+            Ok(stored == check)
         })
         .await
     }

@@ -130,7 +130,7 @@ async fn migrate_prepares_a_postgres_database_and_exits() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
     let partitioned: bool = sql
         .query_one(
             "SELECT relkind = 'p' FROM pg_class WHERE relname = 'messages'",

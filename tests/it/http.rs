@@ -95,3 +95,40 @@ async fn the_server_secret_is_created_private_and_kept_across_restarts() {
         ServerFrame::Joined { .. }
     ));
 }
+
+#[actix_web::test]
+async fn a_second_process_on_the_same_sqlite_directory_is_refused() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let mut settings = app.settings.clone();
+    settings.server.data_dir = app.dir.path().to_path_buf();
+    let err = match nanochat::startup::Application::build(settings).await {
+        Ok(_) => panic!("a second server opened the same data directory"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("another nanochat process is using the data directory"),
+        "{err}"
+    );
+    assert!(err.contains("database.url"), "{err}");
+}
+
+#[actix_web::test]
+async fn a_server_with_another_secret_refuses_the_database() {
+    let app = spawn_app(Backend::Postgres).await;
+    let (mut settings, dir, db) = app.stop().await;
+    // A second node whose secret file differs from the cluster's.
+    let other = tempfile::tempdir().unwrap();
+    settings.server.data_dir = other.path().to_path_buf();
+    let err = match nanochat::startup::Application::build(settings.clone()).await {
+        Ok(_) => panic!("a node with another secret started"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("is not the one this database was set up with"),
+        "{err}"
+    );
+    // With the cluster's secret file it starts.
+    settings.server.secret_file = Some(dir.path().join("secret"));
+    let app = start(settings, other, db).await;
+    assert_eq!(http_get(app.port, "/readyz").await.status, 200);
+}
