@@ -212,13 +212,12 @@ fn append_tx(
         let mut iv_q =
             tx.prepare_cached("SELECT 1 FROM messages WHERE room_id = ?1 AND iv = ?2")?;
         for m in batch {
-            if looked_up.insert(m.room) {
-                if let Some(seq) = room_q
+            if looked_up.insert(m.room)
+                && let Some(seq) = room_q
                     .query_row(params![&m.room[..]], |r| r.get::<_, i64>(0))
                     .optional()?
-                {
-                    last_seq.insert(m.room, seq);
-                }
+            {
+                last_seq.insert(m.room, seq);
             }
             if iv_q.exists(params![&m.room[..], &m.iv[..]])? {
                 stored_ivs.insert((m.room, m.iv));
