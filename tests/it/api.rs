@@ -323,10 +323,10 @@ async fn bad_frames_get_their_codes_and_the_socket_keeps_working() {
     for (frame, code) in &send_cases {
         c.send_json(frame).await.unwrap();
         let (_, reference) = expect_error(&mut c, code).await;
-        if let Some(r) = frame["ref"].as_str().filter(|r| r.len() <= 64) {
-            if frame["epoch"].is_number() {
-                assert_eq!(reference.as_deref(), Some(r));
-            }
+        if let Some(r) = frame["ref"].as_str().filter(|r| r.len() <= 64)
+            && frame["epoch"].is_number()
+        {
+            assert_eq!(reference.as_deref(), Some(r));
         }
     }
     // A repeated IV is a replay.
