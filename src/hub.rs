@@ -108,9 +108,16 @@ pub struct Subscription {
     pub queued: Arc<AtomicUsize>,
 }
 
+/// The sockets of one room, and the highest seq this process has seen for it.
+#[derive(Default)]
+struct RoomSubs {
+    subs: Vec<Subscriber>,
+    last_seq: i64,
+}
+
 /// The in-process registry of rooms and their sockets.
 pub struct Hub {
-    shards: Vec<Mutex<HashMap<RoomId, Vec<Subscriber>>>>,
+    shards: Vec<Mutex<HashMap<RoomId, RoomSubs>>>,
     queue: usize,
     max_bytes: usize,
     metrics: Arc<Metrics>,
@@ -127,7 +134,7 @@ impl Hub {
         }
     }
 
-    fn shard(&self, room: &RoomId) -> std::sync::MutexGuard<'_, HashMap<RoomId, Vec<Subscriber>>> {
+    fn shard(&self, room: &RoomId) -> std::sync::MutexGuard<'_, HashMap<RoomId, RoomSubs>> {
         // A panic never happens while a shard is locked (no user code runs there), so a
         // poisoned lock still guards a consistent map.
         self.shards[room[0] as usize % SHARDS]
@@ -140,21 +147,25 @@ impl Hub {
         let (tx, rx) = mpsc::channel(self.queue);
         let kick = Kick::default();
         let queued = Arc::new(AtomicUsize::new(0));
-        self.shard(room).entry(*room).or_default().push(Subscriber {
-            id,
-            tx,
-            kick: kick.clone(),
-            queued: queued.clone(),
-        });
+        self.shard(room)
+            .entry(*room)
+            .or_default()
+            .subs
+            .push(Subscriber {
+                id,
+                tx,
+                kick: kick.clone(),
+                queued: queued.clone(),
+            });
         Subscription { rx, kick, queued }
     }
 
     /// Remove a socket from a room (on close).
     pub fn unsubscribe(&self, room: &RoomId, id: SessionId) {
         let mut shard = self.shard(room);
-        if let Some(subs) = shard.get_mut(room) {
-            subs.retain(|s| s.id != id);
-            if subs.is_empty() {
+        if let Some(r) = shard.get_mut(room) {
+            r.subs.retain(|s| s.id != id);
+            if r.subs.is_empty() {
                 shard.remove(room);
             }
         }
@@ -169,9 +180,11 @@ impl Hub {
         except: Option<SessionId>,
     ) -> usize {
         let mut shard = self.shard(room);
-        let Some(subs) = shard.get_mut(room) else {
+        let Some(r) = shard.get_mut(room) else {
             return 0;
         };
+        r.last_seq = r.last_seq.max(seq);
+        let subs = &mut r.subs;
         let mut delivered = 0;
         let mut slow = 0;
         subs.retain(|s| {
@@ -215,7 +228,7 @@ impl Hub {
 
     /// Kick every socket of a wiped room; returns how many there were.
     pub fn nuke(&self, room: &RoomId) -> usize {
-        let subs = self.shard(room).remove(room).unwrap_or_default();
+        let subs = self.shard(room).remove(room).unwrap_or_default().subs;
         for s in &subs {
             s.kick.fire(KickReason::Nuked);
         }
@@ -224,7 +237,29 @@ impl Hub {
 
     /// Sockets currently in a room.
     pub fn members(&self, room: &RoomId) -> usize {
-        self.shard(room).get(room).map_or(0, Vec::len)
+        self.shard(room).get(room).map_or(0, |r| r.subs.len())
+    }
+
+    /// Note that this process knows every message of `room` up to `seq` (a session read them
+    /// at join); cross-node catch-up starts after it.
+    pub fn observe(&self, room: &RoomId, seq: i64) {
+        if let Some(r) = self.shard(room).get_mut(room) {
+            r.last_seq = r.last_seq.max(seq);
+        }
+    }
+
+    /// Rooms with sockets here, each with the highest seq published or observed.
+    pub fn rooms(&self) -> Vec<(RoomId, i64)> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                let shard = s.lock().unwrap_or_else(|p| p.into_inner());
+                shard
+                    .iter()
+                    .map(|(room, r)| (*room, r.last_seq))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 

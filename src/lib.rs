@@ -13,10 +13,12 @@
 //! - [`session`]: one WebSocket connection's loop.
 //! - [`store`]: the `Store` trait, its SQLite and Postgres backends, and the group-commit writer.
 //! - [`startup`]: `Application`: listeners, routes, background tasks.
+//! - [`cluster`]: several processes on one Postgres: cross-node fan-out with LISTEN/NOTIFY.
 //! - [`client`]: a Rust client of the protocol (tests, benchmarks, tools).
 
 pub mod abuse;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod crypto;
 pub mod hub;

@@ -78,6 +78,9 @@ pub struct Metrics {
     pub start_time_seconds: IntGauge,
     /// 1 while the server drains for shutdown.
     pub draining: IntGauge,
+    /// Cluster listener events: `received` notifications from other nodes, `listening`
+    /// (connected), `reconnect`.
+    pub cluster_notifications_total: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -319,8 +322,16 @@ impl Metrics {
                 IntGauge::new("nanochat_draining", "1 while the server drains for shutdown.")
                     .expect("valid metric"),
             ),
+            cluster_notifications_total: counter_vec(
+                "nanochat_cluster_notifications_total",
+                "Cluster listener events: received notifications, listening (connected), reconnect.",
+                &["event"],
+            ),
             registry,
         };
+        for event in ["received", "listening", "reconnect"] {
+            m.cluster_notifications_total.with_label_values(&[event]);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("NANOCHAT_GIT_COMMIT")])
             .set(1);

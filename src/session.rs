@@ -56,9 +56,54 @@ enum End {
 
 struct Joined {
     room: RoomId,
-    /// Highest seq this socket has been given; live frames at or below it are duplicates of
-    /// what `joined` already carried.
-    high_seq: i64,
+    delivered: Delivered,
+}
+
+/// Which messages of its room a socket has: every seq up to `through`, plus some beyond it
+/// (its own acknowledged messages, which the hub does not echo back to the sender).
+///
+/// Seqs of a room have no holes, so a live frame whose seq is not `through + 1` reveals a gap:
+/// with several server processes, a message committed through another process can arrive after
+/// a later one committed here. The session then reads the gap from storage before delivering,
+/// so every member sees every message once and in seq order.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Delivered {
+    through: i64,
+    ahead: std::collections::BTreeSet<i64>,
+}
+
+impl Delivered {
+    fn new(through: i64) -> Self {
+        Self {
+            through,
+            ahead: Default::default(),
+        }
+    }
+
+    fn has(&self, seq: i64) -> bool {
+        seq <= self.through || self.ahead.contains(&seq)
+    }
+
+    fn mark(&mut self, seq: i64) {
+        if seq <= self.through {
+            return;
+        }
+        self.ahead.insert(seq);
+        while self.ahead.remove(&(self.through + 1)) {
+            self.through += 1;
+        }
+    }
+
+    /// Everything below `seq` counts as had (the gap could not be read: wiped or expired).
+    fn skip_to(&mut self, seq: i64) {
+        if seq - 1 > self.through {
+            self.through = seq - 1;
+            self.ahead.retain(|s| *s > self.through);
+            while self.ahead.remove(&(self.through + 1)) {
+                self.through += 1;
+            }
+        }
+    }
 }
 
 struct Conn {
@@ -226,12 +271,8 @@ pub async fn run(
                     if let Some(q) = &conn.queued {
                         q.fetch_sub(out.frame.len(), std::sync::atomic::Ordering::Relaxed);
                     }
-                    let joined = conn.joined.as_mut().expect("a receiver exists only once joined");
-                    if out.seq > joined.high_seq {
-                        joined.high_seq = out.seq;
-                        if conn.send(out.frame).await.is_err() {
-                            break End::Gone;
-                        }
+                    if conn.deliver(out).await.is_err() {
+                        break End::Gone;
                     }
                 }
                 msg = stream.recv(), if conn.pending.len() < max_inflight => {
@@ -315,6 +356,64 @@ pub async fn run(
 }
 
 impl Conn {
+    /// Deliver a live frame once and in order, reading any gap before it from storage.
+    async fn deliver(&mut self, out: Outbound) -> Result<(), ()> {
+        let joined = self
+            .joined
+            .as_ref()
+            .expect("a receiver exists only once joined");
+        if joined.delivered.has(out.seq) {
+            return Ok(());
+        }
+        let room = joined.room;
+        while let Some(j) = &self.joined
+            && out.seq > j.delivered.through + 1
+        {
+            let through = j.delivered.through;
+            let limit = (out.seq - 1 - through).clamp(1, 200) as u32;
+            let page = self
+                .state
+                .store
+                .messages(&room, HistoryQuery::After(through), limit, now_ms())
+                .await;
+            let Ok(page) = page else {
+                // Storage is down: deliver what we have; the client can page later.
+                break;
+            };
+            let missing: Vec<_> = page
+                .messages
+                .into_iter()
+                .filter(|m| m.seq < out.seq)
+                .collect();
+            if missing.is_empty() {
+                self.joined
+                    .as_mut()
+                    .expect("joined")
+                    .delivered
+                    .skip_to(out.seq);
+                break;
+            }
+            for m in missing {
+                let seq = m.seq;
+                if self.joined.as_ref().is_some_and(|j| j.delivered.has(seq)) {
+                    continue;
+                }
+                let (msgs, _, _) = wire_messages(Page {
+                    messages: vec![m],
+                    more: false,
+                });
+                let frame = ServerFrame::Msg(msgs.into_iter().next().expect("one message"));
+                self.send(frame.to_text()).await?;
+                self.joined.as_mut().expect("joined").delivered.mark(seq);
+            }
+        }
+        self.send(out.frame).await?;
+        if let Some(j) = self.joined.as_mut() {
+            j.delivered.mark(out.seq);
+        }
+        Ok(())
+    }
+
     /// Send one text frame, giving up after the send timeout.
     async fn send(&mut self, text: impl Into<bytestring::ByteString>) -> Result<(), ()> {
         match tokio::time::timeout(self.send_timeout, self.ws.text(text)).await {
@@ -357,11 +456,16 @@ impl Conn {
         result: Result<WriteResult, oneshot::error::RecvError>,
     ) -> Result<(), ()> {
         let frame = match result {
-            Ok(Ok(c)) => ServerFrame::Ack {
-                reference,
-                seq: c.seq,
-                ts: c.ts,
-            },
+            Ok(Ok(c)) => {
+                if let Some(j) = self.joined.as_mut() {
+                    j.delivered.mark(c.seq);
+                }
+                ServerFrame::Ack {
+                    reference,
+                    seq: c.seq,
+                    ts: c.ts,
+                }
+            }
             Ok(Err(code)) => {
                 let message = match code {
                     ErrorCode::Replay => "this room already has a message with this IV",
@@ -585,7 +689,10 @@ impl Conn {
         self.state.metrics.rooms_created_total.inc();
         self.state.pow.record_creation();
         let sub = self.state.hub.subscribe(&room, self.id);
-        self.joined = Some(Joined { room, high_seq: 0 });
+        self.joined = Some(Joined {
+            room,
+            delivered: Delivered::new(0),
+        });
         let frame = ServerFrame::Joined {
             room: room_to_wire(&room),
             messages: Vec::new(),
@@ -671,9 +778,11 @@ impl Conn {
         };
         metrics.joins_total.with_label_values(&["ok"]).inc();
         let (messages, more, high) = wire_messages(page);
+        let through = high.max(after.unwrap_or(0));
+        self.state.hub.observe(&room, through);
         self.joined = Some(Joined {
             room,
-            high_seq: high.max(after.unwrap_or(0)),
+            delivered: Delivered::new(through),
         });
         let frame = ServerFrame::Joined {
             room: room_to_wire(&room),
@@ -777,5 +886,25 @@ enum Refusal {
 impl From<FrameError> for Refusal {
     fn from(e: FrameError) -> Self {
         Refusal::Frame(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Delivered;
+
+    #[test]
+    fn own_messages_ahead_are_absorbed_and_gaps_are_visible() {
+        let mut d = Delivered::new(3);
+        assert!(d.has(2) && !d.has(4));
+        d.mark(5); // own ack, while 4 (from another node) is still on its way
+        assert!(d.has(5) && !d.has(4));
+        assert_eq!(d.through, 3);
+        d.mark(4);
+        assert_eq!(d.through, 5);
+        assert!(d.ahead.is_empty());
+        d.mark(9);
+        d.skip_to(9); // 6, 7 and 8 could not be read
+        assert_eq!(d.through, 9);
     }
 }

@@ -465,6 +465,17 @@ impl Application {
         .run();
 
         background(&state, maintenance_loop(state.clone()));
+        if let Some(info) = state.store.cluster() {
+            background(
+                &state,
+                crate::cluster::listen(
+                    info,
+                    state.store.clone(),
+                    state.hub.clone(),
+                    state.metrics.clone(),
+                ),
+            );
+        }
         background(
             &state,
             limits::sweep_loop(

@@ -174,6 +174,11 @@ pub trait Store: Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 
+    /// How this process joins a cluster (Postgres only).
+    fn cluster(&self) -> Option<crate::cluster::ClusterInfo> {
+        None
+    }
+
     /// Pool counts, for backends with a connection pool.
     fn pool_stats(&self) -> Option<PoolStats> {
         None

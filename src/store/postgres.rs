@@ -40,6 +40,8 @@ const PARTITIONS_AHEAD: i64 = 3;
 pub struct PgStore {
     pool: Pool,
     retention: Retention,
+    url: String,
+    node: u64,
 }
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
@@ -112,7 +114,8 @@ impl PgStore {
             .map_err(|e| anyhow::anyhow!("database.url is not a valid connection string: {e}"))?;
         let timeout = Duration::from_secs(settings.connect_timeout_secs);
         pg.connect_timeout(timeout);
-        pg.application_name("nanochat");
+        let node: u64 = rand::random();
+        pg.application_name(format!("nanochat-{node:016x}"));
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -127,7 +130,12 @@ impl PgStore {
             .create_timeout(Some(timeout))
             .recycle_timeout(Some(timeout))
             .build()?;
-        let store = Self { pool, retention };
+        let store = Self {
+            pool,
+            retention,
+            url: url.to_owned(),
+            node,
+        };
         // Bounded retry: a database that comes up a few seconds after us is fine; one that
         // does not answer at all stops the start with a clear message.
         let mut delay = Duration::from_millis(250);
@@ -243,6 +251,7 @@ impl PgStore {
     }
 
     async fn append_once(
+        &self,
         client: &mut deadpool_postgres::Client,
         batch: &[NewMessage],
         now: Millis,
@@ -317,6 +326,20 @@ impl PgStore {
                 &[&ids, &lasts, &at],
             )
             .await?;
+            // One notification per batch, delivered only if this transaction commits.
+            let stored = batch.iter().zip(&outcomes).filter_map(|(m, o)| match o {
+                AppendOutcome::Stored { seq } => Some((m.room, *seq)),
+                _ => None,
+            });
+            for payload in
+                crate::cluster::message_payloads(self.node, &crate::cluster::ranges(stored))
+            {
+                tx.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&crate::cluster::CHANNEL, &payload],
+                )
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(outcomes)
@@ -333,6 +356,13 @@ fn ms_literal(ms: Millis) -> String {
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn cluster(&self) -> Option<crate::cluster::ClusterInfo> {
+        Some(crate::cluster::ClusterInfo {
+            url: self.url.clone(),
+            node: self.node,
+        })
     }
 
     fn pool_stats(&self) -> Option<super::PoolStats> {
@@ -440,14 +470,14 @@ impl Store for PgStore {
         now: Millis,
     ) -> Result<Vec<AppendOutcome>, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_err)?;
-        match Self::append_once(&mut client, batch, now).await {
+        match self.append_once(&mut client, batch, now).await {
             Ok(outcomes) => Ok(outcomes),
             // No partition for today (maintenance has not run for days): create it and retry
             // once; the failed transaction stored nothing.
             Err(e) if e.code() == Some(&SqlState::CHECK_VIOLATION) => {
                 tracing::warn!("no message partition for the current day; creating it");
                 self.ensure_partitions(now).await?;
-                Self::append_once(&mut client, batch, now)
+                self.append_once(&mut client, batch, now)
                     .await
                     .map_err(pg_err)
             }
@@ -522,6 +552,15 @@ impl Store for PgStore {
         tx.execute("DELETE FROM messages WHERE room_id = $1", &[&&room[..]])
             .await
             .map_err(pg_err)?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[
+                &crate::cluster::CHANNEL,
+                &crate::cluster::wipe_payload(self.node, room),
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
         tx.commit().await.map_err(pg_err)?;
         Ok(wiped == 1)
     }

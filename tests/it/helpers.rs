@@ -86,6 +86,16 @@ pub async fn spawn_app_with(backend: Backend, adjust: impl FnOnce(&mut Settings)
     start(settings, dir, db).await
 }
 
+/// A second server process on the same Postgres database as `first`, with the same secret.
+pub async fn second_node(first: &TestApp, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = test_settings(dir.path());
+    settings.database.url = first.settings.database.url.clone();
+    settings.server.secret_file = Some(first.settings.secret_path());
+    adjust(&mut settings);
+    start(settings, dir, None).await
+}
+
 /// Start a server with exactly these settings (data dir and database already chosen).
 pub async fn start(settings: Settings, dir: tempfile::TempDir, db: Option<TestDb>) -> TestApp {
     let app = Application::build(settings.clone())

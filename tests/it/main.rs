@@ -6,6 +6,7 @@ mod api;
 mod binary;
 mod browser;
 mod cdp;
+mod cluster;
 mod config;
 mod deploy;
 mod helpers;

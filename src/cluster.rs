@@ -1,0 +1,299 @@
+//! Several server processes on one Postgres act as one: cross-node fan-out with
+//! `LISTEN/NOTIFY`.
+//!
+//! # How
+//! - Every committed write batch sends **one** notification (more only if its ranges exceed
+//!   Postgres' 8000-byte payload limit) from inside its own transaction, so it is delivered if
+//!   and only if the batch commits, in commit order. The payload names the node and, per room,
+//!   the range of seqs the batch stored: `{"n":"<node>","m":[["<room>",first,last],…]}`. A wipe
+//!   sends `{"n":"<node>","w":"<room>"}`.
+//! - Each process keeps one dedicated listener connection (not from the pool). For a range of a
+//!   room that has sockets here, it reads those messages and publishes them to the local hub;
+//!   rooms without local sockets cost nothing. Its own notifications are ignored (the writer
+//!   already published locally).
+//! - When the listener connection drops, it reconnects with backoff and then catches up: for
+//!   every room with local sockets it reads what was committed after the highest seq this
+//!   process knows, so nothing committed while it was away is skipped.
+//! - Sessions deliver in seq order and fill any gap from storage ([`crate::session`]), so a
+//!   message that arrives through the listener after a later local one is still shown once and
+//!   in order.
+//!
+//! Guarantee: a client that stays connected receives every message of its room exactly once,
+//! in seq order; a client that reconnects and joins with `after` = the last seq it saw misses no
+//! acknowledged message.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::crypto::RoomId;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::protocol::{HistoryQuery, ServerFrame, WireMsg, b64u, room_from_wire};
+use crate::store::{Store, now_ms};
+
+/// The notification channel.
+pub const CHANNEL: &str = "nanochat";
+/// Stay below Postgres' 8000-byte payload limit.
+const MAX_PAYLOAD: usize = 7800;
+
+/// Where a node's listener connects, and who the node is.
+#[derive(Debug, Clone)]
+pub struct ClusterInfo {
+    /// Postgres connection string.
+    pub url: String,
+    /// This process's random id; its own notifications are ignored.
+    pub node: u64,
+}
+
+/// One notification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    /// Sending node (hex).
+    pub n: String,
+    /// Stored ranges: (room b64u, first seq, last seq).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub m: Vec<(String, i64, i64)>,
+    /// A wiped room (b64u).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub w: Option<String>,
+}
+
+fn node_hex(node: u64) -> String {
+    format!("{node:016x}")
+}
+
+/// The payloads announcing a committed batch: one, unless the ranges do not fit.
+pub fn message_payloads(node: u64, ranges: &[(RoomId, i64, i64)]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut notice = Notice {
+        n: node_hex(node),
+        m: Vec::new(),
+        w: None,
+    };
+    let mut size = 40;
+    for (room, first, last) in ranges {
+        // 22 characters of room id, two numbers, punctuation.
+        let entry = 22 + 2 * 20 + 8;
+        if size + entry > MAX_PAYLOAD && !notice.m.is_empty() {
+            out.push(serde_json::to_string(&notice).expect("notices serialize"));
+            notice.m.clear();
+            size = 40;
+        }
+        notice.m.push((b64u(room), *first, *last));
+        size += entry;
+    }
+    if !notice.m.is_empty() {
+        out.push(serde_json::to_string(&notice).expect("notices serialize"));
+    }
+    out
+}
+
+/// The payload announcing a wipe.
+pub fn wipe_payload(node: u64, room: &RoomId) -> String {
+    serde_json::to_string(&Notice {
+        n: node_hex(node),
+        m: Vec::new(),
+        w: Some(b64u(room)),
+    })
+    .expect("notices serialize")
+}
+
+/// Per-room ranges of the seqs a batch stored (`seqs` are (room, seq) in batch order).
+pub fn ranges(seqs: impl IntoIterator<Item = (RoomId, i64)>) -> Vec<(RoomId, i64, i64)> {
+    let mut by_room: HashMap<RoomId, (i64, i64)> = HashMap::new();
+    for (room, seq) in seqs {
+        let e = by_room.entry(room).or_insert((seq, seq));
+        e.0 = e.0.min(seq);
+        e.1 = e.1.max(seq);
+    }
+    by_room.into_iter().map(|(r, (a, b))| (r, a, b)).collect()
+}
+
+/// Read a room's messages after `after` (up to `upto`, if given) and publish them locally.
+async fn publish_from_store(
+    store: &dyn Store,
+    hub: &Hub,
+    room: &RoomId,
+    mut after: i64,
+    upto: Option<i64>,
+) -> Result<usize, crate::store::StoreError> {
+    let mut published = 0;
+    loop {
+        let limit = upto.map_or(200, |u| (u - after).clamp(1, 200)) as u32;
+        let page = store
+            .messages(room, HistoryQuery::After(after), limit, now_ms())
+            .await?;
+        for m in &page.messages {
+            if upto.is_some_and(|u| m.seq > u) {
+                return Ok(published);
+            }
+            let frame = ServerFrame::Msg(WireMsg {
+                seq: m.seq,
+                ts: m.ts,
+                epoch: m.epoch,
+                iv: b64u(&m.iv),
+                ct: b64u(&m.ct),
+            })
+            .to_text()
+            .into();
+            hub.publish(room, m.seq, &frame, None);
+            published += 1;
+            after = m.seq;
+        }
+        if !page.more || page.messages.is_empty() || upto.is_some_and(|u| after >= u) {
+            return Ok(published);
+        }
+    }
+}
+
+async fn handle(
+    payload: &str,
+    info: &ClusterInfo,
+    store: &dyn Store,
+    hub: &Hub,
+    metrics: &Metrics,
+) {
+    let Ok(notice) = serde_json::from_str::<Notice>(payload) else {
+        tracing::warn!("ignoring an unreadable cluster notification");
+        return;
+    };
+    if notice.n == node_hex(info.node) {
+        return;
+    }
+    metrics
+        .cluster_notifications_total
+        .with_label_values(&["received"])
+        .inc();
+    if let Some(room) = notice.w.as_deref().and_then(room_from_wire) {
+        hub.nuke(&room);
+    }
+    for (room, first, last) in &notice.m {
+        let Some(room) = room_from_wire(room) else {
+            continue;
+        };
+        if hub.members(&room) == 0 {
+            continue;
+        }
+        if let Err(e) = publish_from_store(store, hub, &room, first - 1, Some(*last)).await {
+            // Members fill the gap themselves when the next message arrives, or on reconnect.
+            tracing::warn!(error = %e, "cannot read messages announced by another node");
+        }
+    }
+}
+
+/// Catch up every room with local sockets after the listener (re)connected.
+async fn catch_up(store: &dyn Store, hub: &Hub) {
+    for (room, last) in hub.rooms() {
+        if let Err(e) = publish_from_store(store, hub, &room, last, None).await {
+            tracing::warn!(error = %e, "cluster catch-up failed; members catch up on reconnect");
+            return;
+        }
+    }
+}
+
+/// Listen for other nodes' notifications until the server stops, reconnecting as needed.
+pub async fn listen(
+    info: ClusterInfo,
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let config = info.url.parse::<tokio_postgres::Config>().map(|mut c| {
+            c.application_name(format!("nanochat-listener-{}", node_hex(info.node)));
+            c
+        });
+        let connected = match config {
+            Ok(c) => c.connect(NoTls).await,
+            Err(e) => {
+                tracing::error!(error = %e, "database.url cannot be parsed for the cluster listener");
+                return;
+            }
+        };
+        match connected {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
+                // The connection must be polled to receive notifications.
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(AsyncMessage::Notification(n)) => {
+                                if tx.send(n.payload().to_owned()).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(200);
+                        metrics
+                            .cluster_notifications_total
+                            .with_label_values(&["listening"])
+                            .inc();
+                        catch_up(&*store, &hub).await;
+                        while let Some(payload) = rx.recv().await {
+                            handle(&payload, &info, &*store, &hub, &metrics).await;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot LISTEN for cluster notifications"),
+                }
+                driver.abort();
+                tracing::warn!("cluster listener connection lost; reconnecting");
+            }
+            Err(e) => tracing::warn!(error = %e, "cluster listener cannot connect; retrying"),
+        }
+        metrics
+            .cluster_notifications_total
+            .with_label_values(&["reconnect"])
+            .inc();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_ranges_split_below_the_payload_limit() {
+        let rooms: Vec<_> = (0..500u32)
+            .map(|i| {
+                let mut r = [0u8; 16];
+                r[..4].copy_from_slice(&i.to_be_bytes());
+                (r, i64::from(i) + 1, i64::from(i) + 9_000_000_000)
+            })
+            .collect();
+        let payloads = message_payloads(7, &rooms);
+        assert!(payloads.len() > 1);
+        let mut seen = 0;
+        for p in &payloads {
+            assert!(p.len() < 8000, "{}", p.len());
+            let n: Notice = serde_json::from_str(p).unwrap();
+            assert_eq!(n.n, node_hex(7));
+            seen += n.m.len();
+        }
+        assert_eq!(seen, 500);
+        assert_eq!(message_payloads(7, &rooms[..3]).len(), 1);
+    }
+
+    #[test]
+    fn ranges_cover_each_rooms_seqs() {
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let mut r = ranges([(a, 4), (b, 1), (a, 5), (a, 6), (b, 2)]);
+        r.sort();
+        assert_eq!(r, vec![(a, 4, 6), (b, 1, 2)]);
+    }
+}

@@ -1,0 +1,260 @@
+//! Two server processes on one real Postgres (each with its own pool, listener, hub and
+//! limits, as separate processes have), clients spread over them.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use nanochat::client::{Client, ClientError, RoomSession};
+use nanochat::config::PowMode;
+use nanochat::crypto::{self, RoomKeys};
+use nanochat::protocol::{ServerFrame, b64u};
+use serde_json::json;
+
+use crate::api::expect_close;
+use crate::helpers::{Backend, TestApp, second_node, spawn_app_with};
+
+async fn joined(app: &TestApp, keys: &RoomKeys) -> Client {
+    let mut c = app.client().await;
+    assert!(matches!(
+        c.join(keys, None).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    c
+}
+
+/// Send `n` messages with a few in flight; returns the acked seqs. Msg frames seen on the way
+/// are returned too.
+async fn send_many(
+    mut c: Client,
+    keys: RoomKeys,
+    nick: &'static str,
+    n: usize,
+) -> (Vec<i64>, Vec<i64>, Client) {
+    let mut s = RoomSession::new(keys);
+    let (mut acked, mut seen) = (Vec::new(), Vec::new());
+    let mut sent = 0;
+    while acked.len() < n {
+        while sent < n && sent - acked.len() < 4 {
+            c.send_sealed(&sent.to_string(), &s.seal(nick, &format!("{nick} {sent}")))
+                .await
+                .unwrap();
+            sent += 1;
+        }
+        match c.recv().await.unwrap() {
+            ServerFrame::Ack { seq, .. } => acked.push(seq),
+            ServerFrame::Msg(m) => seen.push(m.seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    (acked, seen, c)
+}
+
+/// Receive Msg frames until `total` seqs are known (with `own` seqs counted as known).
+async fn receive_until(
+    c: &mut Client,
+    keys: &RoomKeys,
+    mut known: Vec<i64>,
+    total: usize,
+) -> Vec<(i64, String)> {
+    let mut s = RoomSession::new(keys.clone());
+    let mut got = Vec::new();
+    while known.len() < total {
+        match c.recv().await.unwrap() {
+            ServerFrame::Msg(m) => {
+                let env = s.open(&m).expect("decrypts, not a replay");
+                known.push(m.seq);
+                got.push((m.seq, env.text));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    got
+}
+
+fn assert_once_in_order(seqs: &[i64], label: &str) {
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "{label}: out of order or repeated: {seqs:?}"
+    );
+}
+
+#[actix_web::test]
+async fn messages_cross_nodes_once_and_in_order() {
+    let a = spawn_app_with(Backend::Postgres, |_| {}).await;
+    let b = second_node(&a, |_| {}).await;
+    let (alice, keys) = a.room_creator().await;
+    let bob = joined(&b, &keys).await;
+    let mut carol = joined(&a, &keys).await;
+    let mut dave = joined(&b, &keys).await;
+
+    let k1 = keys.clone();
+    let k2 = keys.clone();
+    let ta = tokio::spawn(send_many(alice, k1, "alice", 30));
+    let tb = tokio::spawn(send_many(bob, k2, "bob", 30));
+    let carol_got = receive_until(&mut carol, &keys, Vec::new(), 60).await;
+    let dave_got = receive_until(&mut dave, &keys, Vec::new(), 60).await;
+    let (alice_acked, alice_seen, mut alice) = ta.await.unwrap();
+    let (bob_acked, bob_seen, mut bob) = tb.await.unwrap();
+
+    for (label, got) in [("carol on A", &carol_got), ("dave on B", &dave_got)] {
+        let seqs: Vec<i64> = got.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (1..=60).collect::<Vec<_>>(), "{label}");
+        // Each sender's messages keep their order.
+        for nick in ["alice", "bob"] {
+            let mine: Vec<usize> = got
+                .iter()
+                .filter_map(|(_, t)| {
+                    t.strip_prefix(&format!("{nick} "))
+                        .map(|n| n.parse().unwrap())
+                })
+                .collect();
+            assert_eq!(mine, (0..30).collect::<Vec<_>>(), "{label}: {nick}");
+        }
+    }
+    // The senders see the other's messages once, in order, around their own acks.
+    let rest_a = receive_until(
+        &mut alice,
+        &keys,
+        [alice_acked.clone(), alice_seen.clone()].concat(),
+        60,
+    )
+    .await;
+    let rest_b = receive_until(
+        &mut bob,
+        &keys,
+        [bob_acked.clone(), bob_seen.clone()].concat(),
+        60,
+    )
+    .await;
+    for (label, acked, seen, rest) in [
+        ("alice", alice_acked, alice_seen, rest_a),
+        ("bob", bob_acked, bob_seen, rest_b),
+    ] {
+        let msgs: Vec<i64> = seen
+            .iter()
+            .copied()
+            .chain(rest.iter().map(|(s, _)| *s))
+            .collect();
+        assert_once_in_order(&msgs, label);
+        let mut all: Vec<i64> = msgs.into_iter().chain(acked).collect();
+        all.sort_unstable();
+        assert_eq!(all, (1..=60).collect::<Vec<_>>(), "{label}");
+    }
+}
+
+#[actix_web::test]
+async fn panic_on_one_node_closes_the_room_on_the_other() {
+    let a = spawn_app_with(Backend::Postgres, |_| {}).await;
+    let b = second_node(&a, |_| {}).await;
+    let (mut alice, keys) = a.room_creator().await;
+    let mut carol = joined(&a, &keys).await;
+    let mut dave = joined(&b, &keys).await;
+    dave.send_json(&json!({"type": "panic"})).await.unwrap();
+    for c in [&mut alice, &mut carol, &mut dave] {
+        assert_eq!(c.recv().await.unwrap(), ServerFrame::Nuked);
+        expect_close(c, 1000).await;
+    }
+    // Either node now says the room is gone.
+    let mut erin = a.client().await;
+    assert!(
+        matches!(erin.join(&keys, None).await.unwrap(), ServerFrame::Error { code, .. } if code == "room_gone")
+    );
+}
+
+#[actix_web::test]
+async fn a_token_is_redeemed_once_across_nodes() {
+    let pow = |s: &mut nanochat::config::Settings| {
+        s.pow.mode = PowMode::On;
+        s.pow.base_bits = 6;
+    };
+    let a = spawn_app_with(Backend::Postgres, pow).await;
+    let b = second_node(&a, pow).await;
+    let keys = crate::helpers::random_room();
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let (token, bits) = on_a.pow_token().await.unwrap();
+    let counter = crypto::pow_solve(&token, &keys.room_id, bits);
+    let frame = json!({"type":"create","room":b64u(&keys.room_id),"auth_key":b64u(&keys.auth_key),
+        "pow":{"token":b64u(&token),"counter":counter}});
+    on_a.send_json(&frame).await.unwrap();
+    on_b.send_json(&frame).await.unwrap();
+    let (ra, rb) = tokio::join!(on_a.recv(), on_b.recv());
+    let outcomes = [ra.unwrap(), rb.unwrap()];
+    let wins = outcomes
+        .iter()
+        .filter(|f| matches!(f, ServerFrame::Joined { .. }))
+        .count();
+    let spent = outcomes
+        .iter()
+        .filter(|f| matches!(f, ServerFrame::Error { code, .. } if code == "pow_invalid"))
+        .count();
+    assert_eq!((wins, spent), (1, 1), "{outcomes:?}");
+}
+
+#[actix_web::test]
+async fn a_node_that_loses_its_database_connections_recovers_and_its_clients_miss_nothing() {
+    let a = spawn_app_with(Backend::Postgres, |_| {}).await;
+    let b = second_node(&a, |_| {}).await;
+    let (mut alice, keys) = a.room_creator().await;
+    let mut bob = joined(&b, &keys).await;
+    let node_b = format!("{:016x}", b.state.store.cluster().unwrap().node);
+    let db = a.db.as_ref().unwrap().name.clone();
+    let mut s = RoomSession::new(keys.clone());
+    let mut sent = Vec::new();
+    for round in 0..3 {
+        // Cut every connection of node B: its pool and its listener.
+        crate::pg::cluster()
+            .admin(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = '{db}' AND application_name LIKE '%{node_b}'"
+            ))
+            .await;
+        for i in 0..5 {
+            let text = format!("round {round} message {i}");
+            alice
+                .send_sealed(&text, &s.seal("alice", &text))
+                .await
+                .unwrap();
+            assert!(matches!(
+                alice.recv().await.unwrap(),
+                ServerFrame::Ack { .. }
+            ));
+            sent.push(text);
+        }
+    }
+    bob.timeout = Duration::from_secs(20);
+    let got = receive_until(&mut bob, &keys, Vec::new(), sent.len()).await;
+    let seqs: Vec<i64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=15).collect::<Vec<_>>());
+    assert_eq!(got.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), sent);
+    // Node B serves again: a send through it is acknowledged (after at most one refusal while
+    // its pool reconnects) and reaches node A.
+    let mut answers = HashMap::new();
+    for attempt in 0..3 {
+        bob.send_sealed("b", &RoomSession::new(keys.clone()).seal("bob", "back"))
+            .await
+            .unwrap();
+        match bob.recv().await {
+            Ok(ServerFrame::Ack { seq, .. }) => {
+                answers.insert("ack", seq);
+                break;
+            }
+            Ok(ServerFrame::Error { code, .. }) if code == "unavailable" && attempt < 2 => continue,
+            Ok(ServerFrame::Error { code, .. }) if code == "replay" => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(answers.contains_key("ack"));
+    match alice.recv().await {
+        Ok(ServerFrame::Msg(m)) => assert_eq!(m.seq, 16),
+        Err(ClientError::Timeout) => panic!("node A never got node B's message"),
+        other => panic!("{other:?}"),
+    }
+    let metrics = crate::helpers::http_get(b.admin_port, "/metrics")
+        .await
+        .body;
+    assert!(
+        !metrics.contains("nanochat_cluster_notifications_total{event=\"reconnect\"} 0"),
+        "{metrics}"
+    );
+}
