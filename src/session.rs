@@ -650,6 +650,31 @@ impl Conn {
         }
     }
 
+    /// With several processes on one database, the server-wide creation limit is also checked
+    /// against the rooms the whole cluster created in the last minute.
+    async fn check_cluster_creations(&self) -> Result<(), Refusal> {
+        let limit = u64::from(self.state.settings.rate.global_creations.per_minute);
+        let since = now_ms() - 60_000;
+        match self.state.store.rooms_created_since(since).await {
+            Ok(Some(n)) if n >= limit => {
+                self.state
+                    .metrics
+                    .rate_limited_total
+                    .with_label_values(&["cluster_creations"])
+                    .inc();
+                Err(Refusal::Limited(
+                    Refused {
+                        limiter: "cluster_creations",
+                        retry_after: Duration::from_secs(5),
+                    },
+                    None,
+                ))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(store_refusal(&e, "room", &self.state).into()),
+        }
+    }
+
     async fn create(
         &mut self,
         room: RoomId,
@@ -663,6 +688,12 @@ impl Conn {
             )
             .into());
         }
+        // Global before per client, then the cluster-wide count, then the work itself.
+        self.state
+            .limits
+            .client(ClientLimit::Creation, self.peer.client)
+            .map_err(|r| Refusal::Limited(r, None))?;
+        self.check_cluster_creations().await?;
         self.check_pow(&room, pow).await?;
         let wrapped = self.state.keys.wrap_auth_key(&room, &auth_key);
         let outcome = self

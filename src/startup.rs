@@ -488,6 +488,7 @@ impl Application {
                 &state,
                 pow_policy::adjust_loop(
                     state.pow.clone(),
+                    state.store.clone(),
                     Duration::from_millis(state.settings.pow.adjust_interval_ms),
                     state.metrics.pow_bits.clone(),
                 ),

@@ -27,7 +27,8 @@ use crate::config::{Rate, Settings};
 use crate::metrics::Metrics;
 
 /// Every limiter name (the `limiter` label of the metrics), so series exist from the start.
-pub const LIMITER_NAMES: [&str; 16] = [
+pub const LIMITER_NAMES: [&str; 17] = [
+    "cluster_creations",
     "client_connections",
     "client_frames",
     "client_messages",

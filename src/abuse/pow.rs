@@ -72,8 +72,11 @@ impl PowPolicy {
     }
 
     /// Move the difficulty after an interval of length `interval`; returns the new value.
-    pub fn adjust(&self, interval: Duration) -> u8 {
-        let creations = self.creations.swap(0, Ordering::Relaxed);
+    /// `cluster_creations`, when known, is the number of rooms created in that interval by
+    /// every process sharing the database, so all of them see the same signal.
+    pub fn adjust(&self, interval: Duration, cluster_creations: Option<u64>) -> u8 {
+        let local_creations = self.creations.swap(0, Ordering::Relaxed);
+        let creations = cluster_creations.unwrap_or(local_creations);
         let connections = self.connections.swap(0, Ordering::Relaxed);
         let per_minute = |n: u64| n.saturating_mul(60_000) / (interval.as_millis().max(1) as u64);
         let (cr, co) = (per_minute(creations), per_minute(connections));
@@ -100,12 +103,20 @@ impl PowPolicy {
 }
 
 /// Adjust every `interval` while the server runs (adaptive mode only), publishing the gauge.
-pub async fn adjust_loop(policy: Arc<PowPolicy>, interval: Duration, gauge: prometheus::IntGauge) {
+/// With Postgres the creation signal is counted in the database, so every node agrees.
+pub async fn adjust_loop(
+    policy: Arc<PowPolicy>,
+    store: Arc<dyn crate::store::Store>,
+    interval: Duration,
+    gauge: prometheus::IntGauge,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        policy.adjust(interval);
+        let since = crate::store::now_ms() - interval.as_millis() as i64;
+        let cluster = store.rooms_created_since(since).await.ok().flatten();
+        policy.adjust(interval, cluster);
         gauge.set(i64::from(policy.required(false)));
     }
 }
@@ -134,21 +145,21 @@ mod tests {
         for _ in 0..100 {
             p.record_creation();
         }
-        assert_eq!(p.adjust(minute), 12);
+        assert_eq!(p.adjust(minute, None), 12);
         for _ in 0..100 {
             p.record_creation();
         }
-        assert_eq!(p.adjust(minute), 14);
+        assert_eq!(p.adjust(minute, None), 14);
         for _ in 0..1000 {
             p.record_connection();
         }
-        assert_eq!(p.adjust(minute), 16);
+        assert_eq!(p.adjust(minute, None), 16);
         for _ in 0..1000 {
             p.record_connection();
         }
-        assert_eq!(p.adjust(minute), 16, "capped at max_bits");
+        assert_eq!(p.adjust(minute, None), 16, "capped at max_bits");
         // Quiet: one bit down per three calm intervals.
-        let seen: Vec<u8> = (0..9).map(|_| p.adjust(minute)).collect();
+        let seen: Vec<u8> = (0..9).map(|_| p.adjust(minute, None)).collect();
         assert_eq!(seen, vec![16, 16, 15, 15, 15, 14, 14, 14, 13]);
     }
 
@@ -159,14 +170,22 @@ mod tests {
         for _ in 0..100 {
             p.record_creation();
         }
-        assert_eq!(p.adjust(minute), 12);
+        assert_eq!(p.adjust(minute, None), 12);
         for _ in 0..10 {
             // 40 per minute: below the threshold (60), above half of it (30).
             for _ in 0..40 {
                 p.record_creation();
             }
-            assert_eq!(p.adjust(minute), 12);
+            assert_eq!(p.adjust(minute, None), 12);
         }
+    }
+
+    #[test]
+    fn a_cluster_wide_count_replaces_the_local_one() {
+        let p = policy();
+        let minute = Duration::from_secs(60);
+        // This node created nothing, the cluster 100 rooms: the difficulty rises here too.
+        assert_eq!(p.adjust(minute, Some(100)), 12);
     }
 
     #[test]

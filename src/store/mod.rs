@@ -179,6 +179,13 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Rooms created since `since` across every process sharing this database, for
+    /// cluster-wide creation limits and the proof-of-work signal; `None` where the process's
+    /// own counters already see everything (SQLite: one process per database).
+    async fn rooms_created_since(&self, _since: Millis) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+
     /// Pool counts, for backends with a connection pool.
     fn pool_stats(&self) -> Option<PoolStats> {
         None

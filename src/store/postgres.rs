@@ -565,6 +565,19 @@ impl Store for PgStore {
         Ok(wiped == 1)
     }
 
+    async fn rooms_created_since(&self, since: Millis) -> Result<Option<u64>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM rooms WHERE created_at >= $1",
+                &[&ts(since)],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        Ok(Some(n as u64))
+    }
+
     async fn check_secret(&self, check: &[u8; 32]) -> Result<bool, StoreError> {
         let client = self.pool.get().await.map_err(pool_err)?;
         client

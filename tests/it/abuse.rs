@@ -422,3 +422,46 @@ async fn adaptive_difficulty_rises_under_a_burst_of_creations_and_comes_back_dow
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[actix_web::test]
+async fn room_creations_and_token_requests_are_limited_per_client_and_globally() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.rate.client_creations = Rate {
+            per_minute: 6,
+            burst: 2,
+        };
+        s.rate.global_creations = Rate {
+            per_minute: 6,
+            burst: 4,
+        };
+        s.rate.client_pow_tokens = Rate {
+            per_minute: 6,
+            burst: 2,
+        };
+    })
+    .await;
+    let create = |from: &'static str| {
+        let app = &app;
+        async move {
+            let mut c = client_from(app, from).await;
+            let answer = c.create(&random_room()).await.unwrap();
+            match answer {
+                ServerFrame::Joined { .. } => "joined".to_owned(),
+                ServerFrame::Error { code, .. } => code,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    assert_eq!(create("127.0.0.2").await, "joined");
+    assert_eq!(create("127.0.0.2").await, "joined");
+    assert_eq!(create("127.0.0.2").await, "rate_limited", "per client");
+    assert_eq!(create("127.0.0.3").await, "joined");
+    // Four attempts so far (the refused one took a global cell too): the global limit.
+    assert_eq!(create("127.0.0.4").await, "rate_limited", "global");
+    let mut c = client_from(&app, "127.0.0.5").await;
+    c.pow_token().await.unwrap();
+    c.pow_token().await.unwrap();
+    assert!(
+        matches!(c.pow_token().await, Err(nanochat::client::ClientError::Server { code, .. }) if code == "rate_limited")
+    );
+}

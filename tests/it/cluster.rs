@@ -258,3 +258,35 @@ async fn a_node_that_loses_its_database_connections_recovers_and_its_clients_mis
         "{metrics}"
     );
 }
+
+#[actix_web::test]
+async fn the_server_wide_creation_limit_counts_the_whole_cluster() {
+    let limit = |s: &mut nanochat::config::Settings| {
+        s.rate.global_creations = nanochat::config::Rate {
+            per_minute: 3,
+            burst: 1000,
+        };
+    };
+    let a = spawn_app_with(Backend::Postgres, limit).await;
+    let b = second_node(&a, limit).await;
+    for app in [&a, &a, &b] {
+        let mut c = app.client().await;
+        assert!(matches!(
+            c.create(&crate::helpers::random_room()).await.unwrap(),
+            ServerFrame::Joined { .. }
+        ));
+    }
+    // Node B created one room itself, but the cluster created three this minute.
+    let mut c = b.client().await;
+    match c.create(&crate::helpers::random_room()).await.unwrap() {
+        ServerFrame::Error {
+            code,
+            retry_after_ms,
+            ..
+        } => {
+            assert_eq!(code, "rate_limited");
+            assert!(retry_after_ms.unwrap() > 0);
+        }
+        other => panic!("{other:?}"),
+    }
+}
