@@ -3,6 +3,7 @@
 
 mod abuse;
 mod api;
+mod bench_smoke;
 mod binary;
 mod browser;
 mod cdp;

@@ -1,0 +1,367 @@
+//! Load generator for the benchmarks (loopback only, bounded in time): starts the server(s)
+//! under test itself, opens many sockets spread over 127.0.0.x source addresses, joins rooms,
+//! sends timestamped messages at an open-loop rate and records delivery latency in an HDR
+//! histogram. Prints one JSON line per run. See benches/README.md.
+//!
+//! ```text
+//! nanochat-load fanout --target nanochat|bare [--rooms 100] [--members 10] [--rate 2000]
+//!                      [--secs 10] [--postgres URL] [--nodes 1]
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use hdrhistogram::Histogram;
+use nanochat::crypto::{self, RoomKeys};
+use nanochat::protocol::{b64u, from_b64u};
+use tokio_tungstenite::tungstenite::Message;
+
+struct Args {
+    target: String,
+    rooms: usize,
+    members: usize,
+    rate: u64,
+    secs: u64,
+    postgres: Option<String>,
+    nodes: usize,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        target: "nanochat".into(),
+        rooms: 100,
+        members: 10,
+        rate: 2000,
+        secs: 10,
+        postgres: None,
+        nodes: 1,
+    };
+    let mut it = std::env::args().skip(2);
+    while let Some(k) = it.next() {
+        let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--target" => a.target = v,
+            "--rooms" => a.rooms = v.parse().expect("--rooms"),
+            "--members" => a.members = v.parse().expect("--members"),
+            "--rate" => a.rate = v.parse().expect("--rate"),
+            "--secs" => a.secs = v.parse().expect("--secs"),
+            "--postgres" => a.postgres = Some(v),
+            "--nodes" => a.nodes = v.parse().expect("--nodes"),
+            other => panic!("unknown option {other}"),
+        }
+    }
+    assert!(a.secs <= 600, "runs are bounded: --secs at most 600");
+    a
+}
+
+/// A server process under test and its public address.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .expect("own path")
+        .with_file_name(name)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // After the command name: state is not numeric; utime and stime are fields 14 and 15.
+    f.get(10)
+        .zip(f.get(11))
+        .map_or(0.0, |(u, s)| (u + s) as f64 / 100.0)
+}
+
+fn spawn_nanochat(dir: &std::path::Path, secret: &std::path::Path, pg: Option<&str>) -> Server {
+    let mut cmd = Command::new(sibling("nanochat"));
+    cmd.env_clear()
+        .env("NANOCHAT__SERVER__LISTEN", "127.0.0.1:0")
+        .env("NANOCHAT__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .env("NANOCHAT__SERVER__DATA_DIR", dir)
+        .env("NANOCHAT__SERVER__SECRET_FILE", secret)
+        .env("NANOCHAT__LOG__FORMAT", "json")
+        .env("NANOCHAT__POW__MODE", "off")
+        .env("NANOCHAT__LIMITS__MAX_CONNECTIONS", "1000000")
+        .env("NANOCHAT__LIMITS__FRAMES_PER_SECOND", "1000000")
+        .env("NANOCHAT__LIMITS__FRAMES_BURST", "1000000")
+        .env("NANOCHAT__RATE__CLIENT_MAX_SOCKETS", "1000000");
+    for limit in [
+        "CLIENT_CONNECTIONS",
+        "CLIENT_FRAMES",
+        "CLIENT_MESSAGES",
+        "CLIENT_CREATIONS",
+        "ROOM_MESSAGES",
+        "GLOBAL_CREATIONS",
+        "GLOBAL_CONNECTIONS",
+    ] {
+        cmd.env(format!("NANOCHAT__RATE__{limit}__PER_MINUTE"), "100000000")
+            .env(format!("NANOCHAT__RATE__{limit}__BURST"), "10000000");
+    }
+    if let Some(url) = pg {
+        cmd.env("NANOCHAT__DATABASE__URL", url);
+    }
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start nanochat (build it: cargo build --release)");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["message"] == "nanochat listening"
+            {
+                let _ = tx.send(v["port"].as_u64().unwrap_or(0));
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("nanochat started");
+    Server {
+        child,
+        addr: format!("127.0.0.1:{port}"),
+    }
+}
+
+fn spawn_bare() -> Server {
+    let mut child = Command::new(sibling("bare-broadcast"))
+        .arg("127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start bare-broadcast (cargo build --release --bins)");
+    let mut line = String::new();
+    use std::io::BufRead as _;
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("address");
+    let addr = line.trim().trim_start_matches("listening on ").to_owned();
+    Server { child, addr }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(addr: &str, n: usize) -> (Ws, [u8; 32]) {
+    // Spread sockets over 127.0.0.2-254 so no single source runs out of ports.
+    let local = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (n % 250) as u8));
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind((local, 0).into()).expect("bind");
+    let tcp = socket
+        .connect(addr.parse().expect("addr"))
+        .await
+        .expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        format!("ws://{addr}/ws"),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .expect("handshake");
+    let hello = next_json(&mut ws).await;
+    let challenge = from_b64u(hello["challenge"].as_str().unwrap_or(""))
+        .and_then(|c| c.try_into().ok())
+        .unwrap_or([0; 32]);
+    (ws, challenge)
+}
+
+async fn next_json(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).expect("json"),
+            Some(Ok(_)) => continue,
+            other => panic!("socket ended: {other:?}"),
+        }
+    }
+}
+
+async fn enter(ws: &mut Ws, challenge: &[u8; 32], keys: &RoomKeys, create: bool) {
+    let frame = if create {
+        serde_json::json!({"type":"create","room":b64u(&keys.room_id),"auth_key":b64u(&keys.auth_key)})
+    } else {
+        let proof = crypto::join_proof(&keys.auth_key, challenge, &keys.room_id);
+        serde_json::json!({"type":"join","room":b64u(&keys.room_id),"proof":b64u(&proof)})
+    };
+    ws.send(Message::text(frame.to_string()))
+        .await
+        .expect("send");
+    let answer = next_json(ws).await;
+    assert_eq!(answer["type"], "joined", "{answer}");
+}
+
+#[tokio::main]
+async fn main() {
+    let cmd = std::env::args().nth(1).unwrap_or_default();
+    assert_eq!(
+        cmd, "fanout",
+        "usage: nanochat-load fanout --target nanochat|bare ..."
+    );
+    let args = parse_args();
+    let dir = std::env::temp_dir().join(format!("nanochat-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let secret = dir.join("secret");
+    let servers: Vec<Server> = match args.target.as_str() {
+        "bare" => vec![spawn_bare()],
+        "nanochat" => (0..args.nodes)
+            .map(|i| {
+                let d = dir.join(format!("node{i}"));
+                std::fs::create_dir_all(&d).expect("node dir");
+                let s = spawn_nanochat(&d, &secret, args.postgres.as_deref());
+                // Let the first node create the secret file before the others read it.
+                std::thread::sleep(Duration::from_millis(300));
+                s
+            })
+            .collect(),
+        other => panic!("unknown target {other}"),
+    };
+
+    let start = Instant::now();
+    let hist = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
+    ));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    let mut readers = Vec::new();
+    let mut n = 0;
+    for r in 0..args.rooms {
+        let mut secret_bytes = [0u8; 32];
+        rand::fill(&mut secret_bytes);
+        let keys = RoomKeys::derive(&secret_bytes);
+        for m in 0..args.members {
+            let server = &servers[n % servers.len()];
+            let (mut ws, challenge) = connect(&server.addr, n).await;
+            n += 1;
+            enter(&mut ws, &challenge, &keys, m == 0).await;
+            if m == 0 {
+                senders.push(ws);
+            } else {
+                let hist = hist.clone();
+                let delivered = delivered.clone();
+                readers.push(tokio::spawn(async move {
+                    let mut local =
+                        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+                    while let Some(Ok(msg)) = ws.next().await {
+                        let Message::Text(t) = msg else { continue };
+                        let t = t.as_str();
+                        if !t.starts_with(r#"{"type":"msg""#) {
+                            continue;
+                        }
+                        let v: serde_json::Value = serde_json::from_str(t).expect("json");
+                        let ct = from_b64u(v["ct"].as_str().unwrap_or("")).unwrap_or_default();
+                        if ct.len() >= 8 {
+                            let sent_us = u64::from_be_bytes(ct[..8].try_into().expect("8 bytes"));
+                            let now_us = start.elapsed().as_micros() as u64;
+                            let _ = local.record(now_us.saturating_sub(sent_us).max(1));
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    hist.lock()
+                        .expect("histogram")
+                        .add(&local)
+                        .expect("same bounds");
+                }));
+            }
+        }
+        let _ = r;
+    }
+    let cpu_before: f64 = servers.iter().map(|s| cpu_seconds(s.child.id())).sum();
+    let per_room = args.rate as f64 / args.rooms as f64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let run_start = Instant::now();
+    let mut tasks = Vec::new();
+    for ws in senders {
+        let sent = sent.clone();
+        let secs = args.secs;
+        tasks.push(tokio::spawn(async move {
+            let period = Duration::from_secs_f64(1.0 / per_room.max(0.001));
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let epoch = crypto::epoch_of(nanochat::store::now_ms());
+            let (mut sink, mut stream) = ws.split();
+            // Drain acks so the socket never backs up.
+            let drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+            let mut i = 0u64;
+            while run_start.elapsed() < Duration::from_secs(secs) {
+                tick.tick().await;
+                let mut ct = vec![0u8; 32];
+                ct[..8].copy_from_slice(&(start.elapsed().as_micros() as u64).to_be_bytes());
+                rand::fill(&mut ct[8..]);
+                let mut iv = [0u8; 12];
+                rand::fill(&mut iv);
+                let frame = format!(
+                    r#"{{"type":"send","ref":"{i}","epoch":{epoch},"iv":"{}","ct":"{}"}}"#,
+                    b64u(&iv),
+                    b64u(&ct)
+                );
+                if sink.send(Message::text(frame)).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drain.abort();
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = run_start.elapsed().as_secs_f64() - 2.0;
+    let cpu: f64 = servers
+        .iter()
+        .map(|s| cpu_seconds(s.child.id()))
+        .sum::<f64>()
+        - cpu_before;
+    drop(servers);
+    for r in readers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+    }
+    let sent = sent.load(Ordering::Relaxed);
+    let delivered = delivered.load(Ordering::Relaxed);
+    let expected = sent * (args.members as u64 - 1);
+    let h = hist.lock().expect("histogram");
+    let report = serde_json::json!({
+        "scenario": "fanout",
+        "target": args.target,
+        "nodes": args.nodes,
+        "backend": if args.postgres.is_some() { "postgres" } else { "sqlite" },
+        "rooms": args.rooms,
+        "members": args.members,
+        "rate": args.rate,
+        "sent": sent,
+        "expected": expected,
+        "delivered": delivered,
+        "lost": expected.saturating_sub(delivered),
+        "deliveries_per_s": (delivered as f64 / elapsed).round(),
+        "p50_ms": h.value_at_quantile(0.5) as f64 / 1000.0,
+        "p99_ms": h.value_at_quantile(0.99) as f64 / 1000.0,
+        "max_ms": h.max() as f64 / 1000.0,
+        "server_cpu_s": (cpu * 100.0).round() / 100.0,
+        "deliveries_per_cpu_s": if cpu > 0.0 { (delivered as f64 / cpu).round() } else { 0.0 },
+    });
+    println!("{report}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
