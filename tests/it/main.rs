@@ -11,6 +11,7 @@ mod cluster;
 mod config;
 mod deploy;
 mod helpers;
+mod hostile;
 mod http;
 mod lifecycle;
 mod pg;

@@ -1,0 +1,371 @@
+//! A corpus of hostile frames and HTTP requests, replayed against a running server: each gets
+//! its documented answer, nothing panics, and the server keeps serving everyone else.
+
+use std::time::Duration;
+
+use nanochat::client::RoomSession;
+use nanochat::protocol::{ServerFrame, b64u};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::helpers::{Backend, http_raw, spawn_app_with};
+
+/// (frame text, expected error code or "ok:<type>" for an accepted frame).
+fn frame_corpus(room: &str, epoch: u32) -> Vec<(String, &'static str)> {
+    let iv = b64u(&[1u8; 12]);
+    let ct = b64u(&[2u8; 16]);
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    // Deep nesting inside an ignored field: skipped without recursion, so even 30 000 levels
+    // (what fits in a 64 KiB frame) cannot exhaust a worker's stack; the frame is accepted.
+    let deep_obj = format!(
+        r#"{{"type":"pow","x":{}1{}}}"#,
+        "[".repeat(30_000),
+        "]".repeat(30_000)
+    );
+    let many = format!(r#"{{"type":"pow","junk":[{}]}}"#, vec!["1"; 5000].join(","));
+    let send = |r: &str, extra: &str| {
+        format!(r#"{{"type":"send","ref":{r},"epoch":{epoch},"iv":"{iv}","ct":"{ct}"{extra}}}"#)
+    };
+    let mut c: Vec<(String, &'static str)> = vec![
+        (String::new(), "bad_request"),
+        ("   ".into(), "bad_request"),
+        ("null".into(), "bad_request"),
+        ("\"hello\"".into(), "bad_request"),
+        ("42".into(), "bad_request"),
+        ("[]".into(), "bad_request"),
+        ("{}".into(), "bad_request"),
+        ("\u{feff}{\"type\":\"pow\"}".into(), "bad_request"),
+        (deep, "bad_request"),
+        (deep_obj, "ok:pow"),
+        (
+            r#"{"type":"pow","x":{"a":{"b":{"c":[1,2,{"d":null}]}}}}"#.into(),
+            "ok:pow",
+        ),
+        (many, "ok:pow"),
+        (r#"{"type":"pow","extra":{"nested":true}}"#.into(), "ok:pow"),
+        (r#"{"type":"pow","type":"panic"}"#.into(), "bad_request"),
+        (r#"{"type":["pow"]}"#.into(), "bad_request"),
+        (r#"{"type":null}"#.into(), "bad_request"),
+        (r#"{"type":"POW"}"#.into(), "unknown_type"),
+        ("{\"type\":\"pow\\u0000\"}".into(), "unknown_type"),
+        (r#"{"type":"pow "}"#.into(), "unknown_type"),
+        (r#"{"type":"__proto__"}"#.into(), "unknown_type"),
+        (r#"{"type":"history","before":1e400}"#.into(), "bad_request"),
+        (
+            r#"{"type":"history","before":18446744073709551616}"#.into(),
+            "bad_request",
+        ),
+        (
+            r#"{"type":"history","before":9007199254740992}"#.into(),
+            "bad_request",
+        ),
+        (r#"{"type":"history","before":-1}"#.into(), "bad_request"),
+        (r#"{"type":"history","before":NaN}"#.into(), "bad_request"),
+        (
+            r#"{"type":"history","before":Infinity}"#.into(),
+            "bad_request",
+        ),
+        (r#"{"type":"history","before":1.0}"#.into(), "bad_request"),
+        (r#"{"type":"history","before":"5"}"#.into(), "bad_request"),
+        (r#"{"type":"history","limit":0}"#.into(), "bad_request"),
+        (r#"{"type":"history","limit":-5}"#.into(), "bad_request"),
+        (r#"{"type":"history","limit":"10"}"#.into(), "bad_request"),
+        (
+            r#"{"type":"history","before":3,"after":1}"#.into(),
+            "bad_request",
+        ),
+        (
+            r#"{"type":"history","before":5,"limit":3}"#.into(),
+            "ok:history",
+        ),
+        (
+            send("\"x\"", "").replace(&format!("\"epoch\":{epoch}"), "\"epoch\":4294967296"),
+            "bad_request",
+        ),
+        (
+            send("\"x\"", "").replace(&format!("\"epoch\":{epoch}"), "\"epoch\":-1"),
+            "bad_request",
+        ),
+        (
+            send("\"x\"", "").replace(&format!("\"epoch\":{epoch}"), "\"epoch\":1.5"),
+            "bad_request",
+        ),
+        (
+            send("\"x\"", "").replace(&format!("\"epoch\":{epoch}"), "\"epoch\":0"),
+            "bad_request",
+        ),
+        (send("\"x\"", "").replace(&ct, ""), "bad_request"),
+        (
+            send("\"x\"", "").replace(&ct, &format!(" {ct}")),
+            "bad_request",
+        ),
+        (
+            send("\"x\"", "").replace(&ct, &format!("{ct}==")),
+            "bad_request",
+        ),
+        (
+            send("\"x\"", "").replace(&iv, &b64u(&[1u8; 11])),
+            "bad_request",
+        ),
+        (
+            send("\"x\"", "").replace(&iv, &b64u(&[1u8; 13])),
+            "bad_request",
+        ),
+        (
+            send("\"x\"", "").replace(&iv, "AQEBAQEBAQEBAQEB+/"),
+            "bad_request",
+        ),
+        (send(&format!("\"{}\"", "r".repeat(65)), ""), "bad_request"),
+        (
+            send(&format!("\"{}\"", "r".repeat(30_000)), ""),
+            "bad_request",
+        ),
+        (send("5", ""), "bad_request"),
+        (send("null", ""), "bad_request"),
+        (r#"{"type":"send","ref":"x"}"#.into(), "bad_request"),
+        (
+            r#"{"type":"join","room":"","proof":""}"#.into(),
+            "bad_request",
+        ),
+        (
+            format!(
+                r#"{{"type":"join","room":"{room}=","proof":"{}"}}"#,
+                b64u(&[0; 32])
+            ),
+            "bad_request",
+        ),
+        (
+            format!(
+                r#"{{"type":"join","room":"{}","proof":"{}"}}"#,
+                room.replace('-', "+").replace('_', "/"),
+                b64u(&[0; 32])
+            ),
+            "already_joined",
+        ),
+        (
+            format!(
+                r#"{{"type":"create","room":"{room}","auth_key":"{}","pow":{{"token":"x","counter":1}}}}"#,
+                b64u(&[0; 32])
+            ),
+            "bad_request",
+        ),
+        (
+            format!(
+                r#"{{"type":"create","room":"{room}","auth_key":"{}","pow":{{"token":"{}","counter":-1}}}}"#,
+                b64u(&[0; 32]),
+                b64u(&[0; 42])
+            ),
+            "bad_request",
+        ),
+    ];
+    // Unicode tricks in `ref` are data: accepted and echoed exactly.
+    for r in [
+        "\u{202e}gnp.exe",
+        "zero\u{200b}width",
+        "emoji 😀😀😀",
+        "<script>alert(1)</script>",
+        "\\\"quote\\\"",
+        "nul\\u0000byte",
+    ] {
+        c.push((send(&format!("\"{r}\""), ""), "ok:ack"));
+    }
+    c
+}
+
+#[actix_web::test]
+async fn a_corpus_of_hostile_frames_gets_documented_answers_and_harms_no_one() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.limits.max_frame_bytes = 64 * 1024).await;
+    let (mut alice, keys) = app.room_creator().await;
+    let mut s = RoomSession::new(keys.clone());
+    let mut attacker = app.client().await;
+    assert!(matches!(
+        attacker.join(&keys, None).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    let epoch = nanochat::crypto::epoch_of(nanochat::store::now_ms());
+    let corpus = frame_corpus(&b64u(&keys.room_id), epoch);
+    assert!(corpus.len() >= 50, "{} frames", corpus.len());
+    let mut ivs = 0u8;
+    for (frame, expected) in &corpus {
+        // Accepted sends need distinct IVs.
+        let frame = if *expected == "ok:ack" {
+            ivs += 1;
+            frame.replace(&b64u(&[1u8; 12]), &b64u(&[ivs; 12]))
+        } else {
+            frame.clone()
+        };
+        attacker.send_text(frame.clone()).await.unwrap();
+        match expected.strip_prefix("ok:") {
+            Some(kind) => loop {
+                let got = attacker.recv().await.unwrap();
+                let ok = match (&got, kind) {
+                    (ServerFrame::Pow { .. }, "pow") | (ServerFrame::History { .. }, "history") => {
+                        true
+                    }
+                    (ServerFrame::Ack { reference, .. }, "ack") => {
+                        let sent: serde_json::Value = serde_json::from_str(&frame).unwrap();
+                        assert_eq!(
+                            sent["ref"].as_str().unwrap(),
+                            reference,
+                            "ref echoed exactly"
+                        );
+                        true
+                    }
+                    (ServerFrame::Msg(_), _) => false,
+                    _ => panic!("{frame:.120}: expected {kind}, got {got:?}"),
+                };
+                if ok {
+                    break;
+                }
+            },
+            None => match attacker.recv().await.unwrap() {
+                ServerFrame::Error { code, message, .. } => {
+                    assert_eq!(&code, expected, "{frame:.120}");
+                    assert!(!message.is_empty());
+                }
+                other => panic!("{frame:.120}: expected {expected}, got {other:?}"),
+            },
+        }
+    }
+    // Everyone else is fine and nothing stored was lost.
+    alice
+        .send_sealed("after", &s.seal("alice", "still here"))
+        .await
+        .unwrap();
+    loop {
+        match alice.recv().await.unwrap() {
+            ServerFrame::Ack { reference, .. } if reference == "after" => break,
+            ServerFrame::Msg(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Send raw bytes after a WebSocket handshake (for frames a client library will not send).
+async fn raw_ws(port: u16, frame: &[u8]) -> (Vec<u8>, bool) {
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    tcp.write_all(frame).await.unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf))
+        .await
+        .is_ok();
+    (buf, closed)
+}
+
+fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [7u8, 9, 11, 13];
+    let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[actix_web::test]
+async fn broken_websocket_frames_close_only_their_socket() {
+    let app = spawn_app_with(Backend::Sqlite, |_| {}).await;
+    let (mut alice, keys) = app.room_creator().await;
+    // Invalid UTF-8 in a text frame, an unmasked frame, a reserved opcode, a fragmented
+    // control frame: each socket is closed; the server goes on.
+    let cases: Vec<Vec<u8>> = vec![
+        masked(0x1, &[0xff, 0xfe, 0xfd]),
+        vec![0x81, 0x03, b'a', b'b', b'c'],
+        masked(0x3, b"reserved"),
+        masked(0x9, &[0u8; 0])
+            .into_iter()
+            .map(|b| if b == 0x89 { 0x09 } else { b })
+            .collect(),
+        vec![0x81, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+    ];
+    for frame in cases {
+        let (answer, closed) = raw_ws(app.port, &frame).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 101"),
+            "{:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        assert!(closed, "the server kept a broken socket open: {frame:?}");
+    }
+    let mut s = RoomSession::new(keys.clone());
+    alice
+        .send_sealed("ok", &s.seal("alice", "fine"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        alice.recv().await.unwrap(),
+        ServerFrame::Ack { .. }
+    ));
+}
+
+#[actix_web::test]
+async fn hostile_http_requests_get_clean_refusals() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.limits.handshake_timeout_secs = 2).await;
+    let p = app.port;
+    let cases: Vec<(String, &[u16])> = vec![
+        ("GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(), &[404, 400]),
+        ("GET /%2e%2e/Cargo.toml HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(), &[404, 400]),
+        ("GET /..%2f..%2fCargo.toml HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(), &[404, 400]),
+        ("GET /index.html%00.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(), &[404, 400]),
+        ("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(), &[404]),
+        ("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(), &[400]),
+        ("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n".into(), &[400]),
+        ("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n".into(), &[400, 426]),
+        ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n".into(), &[400, 404, 405]),
+        ("POST /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(), &[404, 405]),
+        ("BREW / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(), &[404, 405, 400]),
+        ("GET / HTTP/1.0\r\n\r\n".into(), &[200]),
+        (format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "a".repeat(100_000)), &[200, 431, 400, 0]),
+        ("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\nConnection: close\r\n\r\n".into(), &[400]),
+        ("\u{0}\u{1}\u{2} garbage\r\n\r\n".into(), &[400, 0]),
+    ];
+    for (request, allowed) in cases {
+        let r = http_raw(p, &request).await;
+        assert!(
+            allowed.contains(&r.status),
+            "{:.80}: got {}",
+            request,
+            r.status
+        );
+        assert!(
+            !r.body.contains("panicked") && !r.body.contains("src/"),
+            "{:.80}",
+            request
+        );
+    }
+    // A thousand half-open handshakes do not stop a real client; they are cut off in time.
+    let mut half_open = Vec::new();
+    for i in 0..1000u32 {
+        let local = std::net::Ipv4Addr::new(127, 0, (i / 250) as u8 + 1, (i % 250) as u8 + 2);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((local, 0).into()).unwrap();
+        let mut tcp = socket.connect(([127, 0, 0, 1], p).into()).await.unwrap();
+        tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        half_open.push(tcp);
+    }
+    let (mut c, keys) = app.room_creator().await;
+    let mut s = RoomSession::new(keys);
+    c.send_sealed("x", &s.seal("a", "b")).await.unwrap();
+    assert!(matches!(c.recv().await.unwrap(), ServerFrame::Ack { .. }));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut closed = 0;
+    for tcp in &mut half_open {
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(20), tcp.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed > 900,
+        "only {closed} of 1000 half-open handshakes were cut off"
+    );
+}
