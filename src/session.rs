@@ -43,8 +43,17 @@ const STRIKE_RATE_LIMITED: u32 = 1;
 /// Strike cost of an invalid frame: malformed input costs more than a valid frame sent too fast.
 const STRIKE_INVALID: u32 = 4;
 
-type PendingAck =
-    Pin<Box<dyn Future<Output = (String, Result<WriteResult, oneshot::error::RecvError>)>>>;
+type PendingAck = Pin<
+    Box<
+        dyn Future<
+            Output = (
+                String,
+                [u8; 12],
+                Result<WriteResult, oneshot::error::RecvError>,
+            ),
+        >,
+    >,
+>;
 
 /// Why the loop ended, turned into a close frame.
 enum End {
@@ -118,6 +127,9 @@ struct Conn {
     send_timeout: Duration,
     peer: Peer,
     queued: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// IVs of this socket's sends that wait for their ack: when a gap is filled from storage,
+    /// these are the sender's own messages, answered by their ack rather than echoed.
+    inflight_ivs: std::collections::HashSet<[u8; 12]>,
 }
 
 fn refuse(code: ErrorCode, message: &'static str) -> FrameError {
@@ -215,6 +227,7 @@ pub async fn run(
         ),
         peer,
         queued: None,
+        inflight_ivs: Default::default(),
     };
     state.metrics.connections_open.inc();
     state.metrics.connections_total.inc();
@@ -258,7 +271,8 @@ pub async fn run(
                         }
                     };
                 }
-                Some((reference, result)) = conn.pending.next(), if !conn.pending.is_empty() => {
+                Some((reference, iv, result)) = conn.pending.next(), if !conn.pending.is_empty() => {
+                    conn.inflight_ivs.remove(&iv);
                     if conn.finish_send(reference, result).await.is_err() {
                         break End::Gone;
                     }
@@ -396,6 +410,13 @@ impl Conn {
             for m in missing {
                 let seq = m.seq;
                 if self.joined.as_ref().is_some_and(|j| j.delivered.has(seq)) {
+                    continue;
+                }
+                // Committed but not yet acknowledged here: its ack is on the way.
+                if <[u8; 12]>::try_from(m.iv.as_slice())
+                    .is_ok_and(|iv| self.inflight_ivs.contains(&iv))
+                {
+                    self.joined.as_mut().expect("joined").delivered.mark(seq);
                     continue;
                 }
                 let (msgs, _, _) = wire_messages(Page {
@@ -864,8 +885,9 @@ impl Conn {
             ct,
         };
         let rx = self.state.writer.submit(msg, self.id, received).await;
+        self.inflight_ivs.insert(iv);
         self.pending
-            .push_back(Box::pin(async move { (reference, rx.await) }));
+            .push_back(Box::pin(async move { (reference, iv, rx.await) }));
         Ok(())
     }
 

@@ -9,19 +9,36 @@ use nanochat::protocol::ServerFrame;
 
 use crate::helpers::random_room;
 
-#[actix_web::test]
-async fn the_binary_serves_a_room_on_sqlite_by_default_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nanochat"))
-        .current_dir(dir.path())
+/// A server process that is killed when the test lets go of it.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `nanochat` process started in `dir` with extra environment; returns it, its public port
+/// and its JSON log lines (those read so far, and a channel for the rest).
+fn spawn_server(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Proc, u16, Vec<String>, std::sync::mpsc::Receiver<String>) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nanochat"));
+    cmd.current_dir(dir)
         .env_remove("NANOCHAT_CONFIG")
         .env_remove("RUST_LOG")
         .env("NANOCHAT__SERVER__LISTEN", "127.0.0.1:0")
         .env("NANOCHAT__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
         .env("NANOCHAT__LOG__FORMAT", "json")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .env("NANOCHAT__POW__MODE", "off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -37,10 +54,20 @@ async fn the_binary_serves_a_room_on_sqlite_by_default_and_stops_on_sigterm() {
         let event: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
         log.push(line);
         if event["message"] == "nanochat listening" {
-            assert_eq!(event["backend"], "sqlite");
             break event["port"].as_u64().unwrap() as u16;
         }
     };
+    (Proc(child), port, log, rx)
+}
+
+#[actix_web::test]
+async fn the_binary_serves_a_room_on_sqlite_by_default_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, port, mut log, rx) = spawn_server(dir.path(), &[]);
+    assert!(
+        log.iter().any(|l| l.contains("\"backend\":\"sqlite\"")),
+        "{log:?}"
+    );
     // Embedded default: the database and the secret live in ./data.
     assert!(dir.path().join("data/nanochat.db").is_file());
     assert!(dir.path().join("data/secret").is_file());
@@ -53,15 +80,14 @@ async fn the_binary_serves_a_room_on_sqlite_by_default_and_stops_on_sigterm() {
         ServerFrame::Joined { .. }
     ));
     let mut bob = Client::connect(&url).await.unwrap();
+    let bob_challenge = bob.hello.challenge;
     assert!(matches!(
         bob.join(&keys, None).await.unwrap(),
         ServerFrame::Joined { .. }
     ));
     let mut session = nanochat::client::RoomSession::new(keys.clone());
-    alice
-        .send_sealed("1", &session.seal("alice", "hi"))
-        .await
-        .unwrap();
+    let sealed = session.seal("alice", "hi");
+    alice.send_sealed("1", &sealed).await.unwrap();
     assert!(matches!(
         alice.recv().await.unwrap(),
         ServerFrame::Ack { seq: 1, .. }
@@ -74,13 +100,13 @@ async fn the_binary_serves_a_room_on_sqlite_by_default_and_stops_on_sigterm() {
     drop((alice, bob));
 
     let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
         assert!(
@@ -96,6 +122,13 @@ async fn the_binary_serves_a_room_on_sqlite_by_default_and_stops_on_sigterm() {
     while let Ok(line) = rx.try_recv() {
         log.push(line);
     }
+    // Nor the proof or the ciphertext.
+    let proof = nanochat::protocol::b64u(&nanochat::crypto::join_proof(
+        &keys.auth_key,
+        &bob_challenge,
+        &keys.room_id,
+    ));
+    let ct = nanochat::protocol::b64u(&sealed.ct);
     for line in &log {
         assert!(
             !line.contains(&room_b64) && !line.contains(&room_hex),
@@ -103,6 +136,10 @@ async fn the_binary_serves_a_room_on_sqlite_by_default_and_stops_on_sigterm() {
         );
         assert!(
             !line.contains("127.0.0.1:") || line.contains("listening"),
+            "{line}"
+        );
+        assert!(
+            !line.contains(&proof) && !line.contains(&ct[..32]),
             "{line}"
         );
     }
@@ -189,4 +226,122 @@ async fn a_schema_newer_than_the_binary_stops_the_start_with_a_clear_message() {
         stderr.contains("schema is version 99, newer than this binary"),
         "{stderr}"
     );
+}
+
+/// Send messages in a stream until the server dies; returns the texts acknowledged.
+async fn stream_until_killed(port: u16, keys: &nanochat::crypto::RoomKeys) -> Vec<String> {
+    let mut c = Client::connect(&format!("ws://127.0.0.1:{port}/ws"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        c.join(keys, None).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    let mut s = nanochat::client::RoomSession::new(keys.clone());
+    let mut sent = std::collections::HashMap::new();
+    let mut acked = Vec::new();
+    let mut i = 0;
+    loop {
+        while sent.len() < 8 {
+            let text = format!("m{i}");
+            if c.send_sealed(&text, &s.seal("a", &text)).await.is_err() {
+                return acked;
+            }
+            sent.insert(text.clone(), ());
+            i += 1;
+        }
+        match c.recv().await {
+            Ok(ServerFrame::Ack { reference, .. }) => {
+                sent.remove(&reference);
+                acked.push(reference);
+            }
+            Ok(_) => {}
+            Err(_) => return acked,
+        }
+    }
+}
+
+async fn sigkill_mid_stream_loses_no_acknowledged_message(pg: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, &str)> = match &pg {
+        Some(url) => vec![("NANOCHAT__DATABASE__URL", url.as_str())],
+        None => vec![],
+    };
+    let (mut child, port, _, _rx) = spawn_server(dir.path(), &env);
+    let keys = random_room();
+    let mut creator = Client::connect(&format!("ws://127.0.0.1:{port}/ws"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        creator.create(&keys).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    let streamer = tokio::spawn({
+        let keys = keys.clone();
+        async move { stream_until_killed(port, &keys).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    Command::new("kill")
+        .args(["-KILL", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = child.0.wait();
+    let acked = streamer.await.unwrap();
+    assert!(
+        !acked.is_empty(),
+        "nothing was acknowledged before the kill"
+    );
+
+    // Restart on the same data directory (and database): every acked message is there.
+    let (_child2, port2, _, _rx2) = spawn_server(dir.path(), &env);
+    let mut reader = Client::connect(&format!("ws://127.0.0.1:{port2}/ws"))
+        .await
+        .unwrap();
+    let mut s = nanochat::client::RoomSession::new(keys.clone());
+    let mut texts = std::collections::HashSet::new();
+    let mut after = 0;
+    let ServerFrame::Joined {
+        messages, mut more, ..
+    } = reader.join(&keys, Some(0)).await.unwrap()
+    else {
+        panic!("join after restart failed")
+    };
+    let mut page = messages;
+    loop {
+        for m in &page {
+            texts.insert(s.open(m).expect("stored intact").text);
+            after = m.seq;
+        }
+        if !more {
+            break;
+        }
+        reader
+            .send_json(&serde_json::json!({"type": "history", "after": after, "limit": 200}))
+            .await
+            .unwrap();
+        match reader.recv().await.unwrap() {
+            ServerFrame::History { messages, more: m } => {
+                page = messages;
+                more = m;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    for text in &acked {
+        assert!(
+            texts.contains(text),
+            "acknowledged {text} lost after SIGKILL"
+        );
+    }
+}
+
+#[actix_web::test]
+async fn sigkill_mid_stream_loses_no_acknowledged_message_on_sqlite() {
+    sigkill_mid_stream_loses_no_acknowledged_message(None).await;
+}
+
+#[actix_web::test]
+async fn sigkill_mid_stream_loses_no_acknowledged_message_on_postgres() {
+    let db = crate::pg::cluster().database().await;
+    sigkill_mid_stream_loses_no_acknowledged_message(Some(db.url.clone())).await;
 }
