@@ -132,15 +132,7 @@ async fn publish_from_store(
             if upto.is_some_and(|u| m.seq > u) {
                 return Ok(published);
             }
-            let frame = ServerFrame::Msg(WireMsg {
-                seq: m.seq,
-                ts: m.ts,
-                epoch: m.epoch,
-                iv: b64u(&m.iv),
-                ct: b64u(&m.ct),
-            })
-            .to_text()
-            .into();
+            let frame = ServerFrame::Msg(WireMsg::from(m)).to_text().into();
             hub.publish(room, m.seq, &frame, None);
             published += 1;
             after = m.seq;

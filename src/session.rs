@@ -154,17 +154,7 @@ fn store_refusal(e: &StoreError, op: &'static str, state: &AppState) -> FrameErr
 
 fn wire_messages(page: Page) -> (Vec<WireMsg>, bool, i64) {
     let high = page.messages.last().map_or(0, |m| m.seq);
-    let msgs = page
-        .messages
-        .into_iter()
-        .map(|m| WireMsg {
-            seq: m.seq,
-            ts: m.ts,
-            epoch: m.epoch,
-            iv: b64u(&m.iv),
-            ct: b64u(&m.ct),
-        })
-        .collect();
+    let msgs = page.messages.iter().map(WireMsg::from).collect();
     (msgs, page.more, high)
 }
 
@@ -419,12 +409,8 @@ impl Conn {
                     self.joined.as_mut().expect("joined").delivered.mark(seq);
                     continue;
                 }
-                let (msgs, _, _) = wire_messages(Page {
-                    messages: vec![m],
-                    more: false,
-                });
-                let frame = ServerFrame::Msg(msgs.into_iter().next().expect("one message"));
-                self.send(frame.to_text()).await?;
+                self.send(ServerFrame::Msg(WireMsg::from(&m)).to_text())
+                    .await?;
                 self.joined.as_mut().expect("joined").delivered.mark(seq);
             }
         }
@@ -696,19 +682,24 @@ impl Conn {
         }
     }
 
+    fn ensure_not_joined(&self) -> Result<(), Refusal> {
+        match self.joined {
+            Some(_) => Err(refuse(
+                ErrorCode::AlreadyJoined,
+                "this socket already belongs to a room",
+            )
+            .into()),
+            None => Ok(()),
+        }
+    }
+
     async fn create(
         &mut self,
         room: RoomId,
         auth_key: [u8; 32],
         pow: Option<PowSolution>,
     ) -> Result<crate::hub::Subscription, Refusal> {
-        if self.joined.is_some() {
-            return Err(refuse(
-                ErrorCode::AlreadyJoined,
-                "this socket already belongs to a room",
-            )
-            .into());
-        }
+        self.ensure_not_joined()?;
         // Global before per client, then the cluster-wide count, then the work itself.
         self.state
             .limits
@@ -762,13 +753,7 @@ impl Conn {
         proof: [u8; 32],
         after: Option<i64>,
     ) -> Result<crate::hub::Subscription, Refusal> {
-        if self.joined.is_some() {
-            return Err(refuse(
-                ErrorCode::AlreadyJoined,
-                "this socket already belongs to a room",
-            )
-            .into());
-        }
+        self.ensure_not_joined()?;
         let metrics = self.state.metrics.clone();
         let auth_failed = || {
             metrics

@@ -82,6 +82,18 @@ pub struct StoredMessage {
     pub ct: Vec<u8>,
 }
 
+impl From<&StoredMessage> for crate::protocol::WireMsg {
+    fn from(m: &StoredMessage) -> Self {
+        Self {
+            seq: m.seq,
+            ts: m.ts,
+            epoch: m.epoch,
+            iv: crate::protocol::b64u(&m.iv),
+            ct: crate::protocol::b64u(&m.ct),
+        }
+    }
+}
+
 /// A page of messages in ascending `seq`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Page {
