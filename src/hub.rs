@@ -187,13 +187,18 @@ impl Hub {
         let subs = &mut r.subs;
         let mut delivered = 0;
         let mut slow = 0;
+        let mut dropped = 0;
         subs.retain(|s| {
             if Some(s.id) == except {
                 return true;
             }
+            // Frames still queued for a kicked socket are never sent (the client catches up
+            // when it reconnects); count them with this one.
+            let queued_frames = s.tx.max_capacity() - s.tx.capacity();
             if s.queued.load(Ordering::Relaxed) + frame.len() > self.max_bytes {
                 s.kick.fire(KickReason::SlowConsumer);
                 slow += 1;
+                dropped += queued_frames + 1;
                 return false;
             }
             let out = Outbound {
@@ -209,6 +214,7 @@ impl Hub {
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     s.kick.fire(KickReason::SlowConsumer);
                     slow += 1;
+                    dropped += queued_frames + 1;
                     false
                 }
                 // The session ended without unsubscribing yet; drop it here.
@@ -223,6 +229,7 @@ impl Hub {
             .messages_fanned_out_total
             .inc_by(delivered as u64);
         self.metrics.slow_consumers_total.inc_by(slow);
+        self.metrics.messages_dropped_total.inc_by(dropped as u64);
         delivered
     }
 
@@ -280,6 +287,8 @@ mod tests {
         }
         assert_eq!(slow.kick.kicked().await, KickReason::SlowConsumer);
         assert_eq!(hub.members(&room), 1);
+        // Its two queued frames and the one that did not fit were dropped with it.
+        assert_eq!(hub.metrics.messages_dropped_total.get(), 3);
     }
 
     #[tokio::test]

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub messages_fanned_out_total: IntCounter,
     /// Sockets disconnected because they could not keep up.
     pub slow_consumers_total: IntCounter,
+    /// Message frames dropped with the queue of a disconnected slow consumer.
+    pub messages_dropped_total: IntCounter,
     /// Error frames sent, by code.
     pub frames_rejected_total: IntCounterVec,
     /// Duration of one group-commit write.
@@ -135,6 +137,10 @@ impl Metrics {
             slow_consumers_total: counter(
                 "nanochat_slow_consumers_total",
                 "Sockets disconnected because they could not keep up with their room.",
+            ),
+            messages_dropped_total: counter(
+                "nanochat_messages_dropped_total",
+                "Message frames dropped with a slow consumer's queue when it was disconnected (it catches up on reconnect).",
             ),
             frames_rejected_total: counter_vec(
                 "nanochat_frames_rejected_total",
