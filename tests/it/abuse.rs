@@ -131,10 +131,7 @@ async fn upgrade(port: u16, from: &str, extra: &str) -> (u16, String, tokio::net
         .connect((ip("127.0.0.1"), port).into())
         .await
         .unwrap();
-    let request = format!(
-        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-    );
+    let request = format!("{}{extra}\r\n", crate::helpers::UPGRADE_HEAD);
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];

@@ -669,12 +669,9 @@ async fn a_silent_client_is_closed_after_the_idle_timeout() {
         .await
         .unwrap();
     use tokio::io::AsyncWriteExt as _;
-    tcp.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    tcp.write_all(format!("{}\r\n", crate::helpers::UPGRADE_HEAD).as_bytes())
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     while app.state.metrics.connections_open.get() < 1 {
         assert!(std::time::Instant::now() < deadline);

@@ -71,6 +71,17 @@ async fn create_room(page: &Page<'_>) -> String {
         .to_owned()
 }
 
+/// Alice creates a room in one browser context, Bob opens its link in another; both online.
+async fn two_people<'a>(browser: &'a Browser, app: &TestApp) -> (Page<'a>, Page<'a>, String) {
+    let alice = browser.new_page(&format!("{}/", origin(app))).await;
+    set_nick(&alice, "alice").await;
+    let link = create_room(&alice).await;
+    let bob = browser.new_page(&link).await;
+    set_nick(&bob, "bob").await;
+    wait_online(&bob).await;
+    (alice, bob, link)
+}
+
 fn keys_of(link: &str) -> RoomKeys {
     let secret = from_b64u(link.split_once('#').unwrap().1).unwrap();
     RoomKeys::derive(&secret.try_into().unwrap())
@@ -199,11 +210,7 @@ async fn two_people_chat_both_ways_and_the_room_id_alone_is_useless() {
 async fn reload_and_server_restart_lose_nothing_and_duplicate_nothing() {
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;
-    let alice = browser.new_page(&format!("{}/", origin(&app))).await;
-    set_nick(&alice, "alice").await;
-    let link = create_room(&alice).await;
-    let bob = browser.new_page(&link).await;
-    wait_online(&bob).await;
+    let (alice, bob, link) = two_people(&browser, &app).await;
     say(&alice, "m1").await;
     say(&alice, "m2").await;
     wait_for_text(&bob, "m2").await;
@@ -342,13 +349,8 @@ async fn creating_a_room_with_proof_of_work_shows_progress() {
 async fn a_conversation_fits_a_phone_screen_and_the_keyboard_alone_sends() {
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;
-    let alice = browser.new_page(&format!("{}/", origin(&app))).await;
-    set_nick(&alice, "alice").await;
-    let link = create_room(&alice).await;
-    let bob = browser.new_page(&link).await;
+    let (alice, bob, _) = two_people(&browser, &app).await;
     bob.set_viewport(390, 760).await;
-    set_nick(&bob, "bob").await;
-    wait_online(&bob).await;
     say(&alice, "Are we still on for tonight?").await;
     wait_for_text(&bob, "Are we still on for tonight?").await;
     // Enter in the message box sends; Shift+Enter would add a line.

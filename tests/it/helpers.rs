@@ -153,6 +153,12 @@ pub fn random_room() -> RoomKeys {
     RoomKeys::derive(&secret)
 }
 
+/// The head of a WebSocket upgrade to `/ws`, without the final empty line, for tests that speak
+/// raw TCP (add headers, then `\r\n`).
+pub const UPGRADE_HEAD: &str = "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n";
+
 /// A raw HTTP response.
 pub struct HttpResponse {
     pub status: u16,

@@ -245,12 +245,9 @@ async fn raw_ws(port: u16, frame: &[u8]) -> (Vec<u8>, bool) {
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    tcp.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    tcp.write_all(format!("{}\r\n", crate::helpers::UPGRADE_HEAD).as_bytes())
+        .await
+        .unwrap();
     tcp.write_all(frame).await.unwrap();
     let mut buf = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf))
