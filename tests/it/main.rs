@@ -10,6 +10,7 @@ mod cdp;
 mod cluster;
 mod config;
 mod deploy;
+mod faults;
 mod helpers;
 mod hostile;
 mod http;

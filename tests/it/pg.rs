@@ -18,6 +18,8 @@ pub struct PgCluster {
     bindir: PathBuf,
     socket_dir: PathBuf,
     as_postgres: bool,
+    data: PathBuf,
+    options: String,
 }
 
 /// One test database.
@@ -108,6 +110,12 @@ impl PgCluster {
             bindir,
             socket_dir: socket_dir.clone(),
             as_postgres,
+            data: data.clone(),
+            options: format!(
+                "-k {} -p {PORT} -c listen_addresses= -c fsync=off -c max_connections=400 \
+                 -c shared_buffers=64MB",
+                socket_dir.display()
+            ),
         };
         let out = cluster
             .command("initdb")
@@ -131,16 +139,16 @@ impl PgCluster {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        // The watchdog stops the server once this test process is gone (checked through
-        // /proc, which works across users) and removes the cluster directory.
+        // pg_ctl starts the server; the watchdog stops it once this test process is gone
+        // (checked through /proc, which works across users) and removes the cluster directory.
+        // Tests may stop and start the server in between (fault injection).
         let script = format!(
-            "{postgres} -D {data} -k {sock} -p {PORT} -c listen_addresses= -c fsync=off \
-             -c max_connections=400 -c shared_buffers=64MB >{base}/log 2>&1 & pg=$!; \
-             while [ -d /proc/{parent} ] && kill -0 $pg 2>/dev/null; do sleep 1; done; \
-             kill -INT $pg 2>/dev/null; wait $pg; rm -rf {base}",
-            postgres = cluster.bindir.join("postgres").display(),
+            "{pg_ctl} -D {data} -o \"{options}\" -l {base}/log -w start >/dev/null 2>&1; \
+             while [ -d /proc/{parent} ]; do sleep 1; done; \
+             {pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {base}",
+            pg_ctl = cluster.bindir.join("pg_ctl").display(),
             data = data.display(),
-            sock = socket_dir.display(),
+            options = cluster.options,
             base = base.display(),
             parent = std::process::id(),
         );
@@ -176,6 +184,37 @@ impl PgCluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// A cluster of its own, for tests that stop and start the server.
+    pub fn dedicated() -> PgCluster {
+        PgCluster::start().unwrap_or_else(|msg| panic!("{msg}"))
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(args)
+            .output()
+            .expect("run pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Crash-stop the server (`pg_ctl stop -m immediate`).
+    pub fn stop_immediate(&self) {
+        self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
+    }
+
+    /// Start the server again after [`PgCluster::stop_immediate`].
+    pub fn start_again(&self) {
+        let options = self.options.clone();
+        self.pg_ctl(&["-o", &options, "-l", "/dev/null", "-w", "start"]);
     }
 
     /// Connection string for database `db`.
