@@ -6,7 +6,10 @@
 //! ```text
 //! nanochat-load fanout --target nanochat|bare [--rooms 100] [--members 10] [--rate 2000]
 //!                      [--secs 10] [--postgres URL] [--nodes 1]
+//! nanochat-load idle   --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
 //! ```
+//! `idle` opens rooms x members joined sockets that then stay silent, and reports the server's
+//! resident memory growth per socket.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -212,12 +215,21 @@ async fn enter(ws: &mut Ws, challenge: &[u8; 32], keys: &RoomKeys, create: bool)
     assert_eq!(answer["type"], "joined", "{answer}");
 }
 
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
 #[tokio::main]
 async fn main() {
     let cmd = std::env::args().nth(1).unwrap_or_default();
-    assert_eq!(
-        cmd, "fanout",
-        "usage: nanochat-load fanout --target nanochat|bare ..."
+    assert!(
+        cmd == "fanout" || cmd == "idle",
+        "usage: nanochat-load fanout|idle --target nanochat|bare ..."
     );
     let args = parse_args();
     let dir = std::env::temp_dir().join(format!("nanochat-load-{}", std::process::id()));
@@ -238,6 +250,12 @@ async fn main() {
         other => panic!("unknown target {other}"),
     };
 
+    if cmd == "idle" {
+        idle(&args, &servers[0]).await;
+        drop(servers);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let start = Instant::now();
     let hist = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
@@ -364,4 +382,51 @@ async fn main() {
     });
     println!("{report}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Idle memory: open rooms x members joined sockets, let them sit, and compare the server's
+/// resident memory with what it used after one warm-up room.
+async fn idle(args: &Args, server: &Server) {
+    let pid = server.child.id();
+    let mut sockets = Vec::new();
+    // Warm up: one room, so allocator arenas, thread stacks and caches exist before measuring.
+    let mut n = 0;
+    let room_keys = || {
+        let mut secret = [0u8; 32];
+        rand::fill(&mut secret);
+        RoomKeys::derive(&secret)
+    };
+    let warm = room_keys();
+    for m in 0..args.members {
+        let (mut ws, challenge) = connect(&server.addr, n).await;
+        n += 1;
+        enter(&mut ws, &challenge, &warm, m == 0).await;
+        sockets.push(ws);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rss_bytes(pid);
+    let opened_from = sockets.len();
+    for _ in 0..args.rooms {
+        let keys = room_keys();
+        for m in 0..args.members {
+            let (mut ws, challenge) = connect(&server.addr, n).await;
+            n += 1;
+            enter(&mut ws, &challenge, &keys, m == 0).await;
+            sockets.push(ws);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(args.secs)).await;
+    let after = rss_bytes(pid);
+    let opened = (sockets.len() - opened_from) as u64;
+    let report = serde_json::json!({
+        "scenario": "idle",
+        "target": args.target,
+        "rooms": args.rooms,
+        "members": args.members,
+        "sockets": opened,
+        "rss_before_bytes": before,
+        "rss_after_bytes": after,
+        "bytes_per_socket": after.saturating_sub(before) / opened.max(1),
+    });
+    println!("{report}");
 }

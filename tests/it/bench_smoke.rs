@@ -66,3 +66,22 @@ async fn the_fanout_scenario_runs_on_two_nodes_over_postgres() {
     assert_complete(&report);
     assert_eq!(report["nodes"], 2);
 }
+
+#[test]
+fn the_idle_memory_scenario_runs() {
+    for target in ["bare", "nanochat"] {
+        let report = run(&[
+            "idle",
+            "--target",
+            target,
+            "--rooms",
+            "5",
+            "--members",
+            "4",
+            "--secs",
+            "1",
+        ]);
+        assert_eq!(report["sockets"], 20, "{report}");
+        assert!(report["rss_after_bytes"].as_u64().unwrap() > 0, "{report}");
+    }
+}
