@@ -336,9 +336,15 @@ async fn one_token_is_redeemed_once_under_concurrency(backend: Backend) {
         s.pow.base_bits = 6;
     })
     .await;
-    let keys = random_room();
     let mut a = client_from(&app, "127.0.0.2").await;
     let mut b = client_from(&app, "127.0.0.3").await;
+    race_one_token(&mut a, &mut b).await;
+}
+
+/// Two clients redeem one solved token for one room at the same time: exactly one creates the
+/// room, the other is told the token is spent.
+pub async fn race_one_token(a: &mut nanochat::client::Client, b: &mut nanochat::client::Client) {
+    let keys = random_room();
     let (token, bits) = a.pow_token().await.unwrap();
     let counter = crypto::pow_solve(&token, &keys.room_id, bits);
     let frame = json!({"type":"create","room":b64u(&keys.room_id),"auth_key":b64u(&keys.auth_key),

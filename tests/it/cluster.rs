@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use nanochat::client::{Client, ClientError, RoomSession};
 use nanochat::config::PowMode;
-use nanochat::crypto::{self, RoomKeys};
-use nanochat::protocol::{ServerFrame, b64u};
+use nanochat::crypto::RoomKeys;
+use nanochat::protocol::ServerFrame;
 use serde_json::json;
 
 use crate::api::expect_close;
@@ -169,26 +169,9 @@ async fn a_token_is_redeemed_once_across_nodes() {
     };
     let a = spawn_app_with(Backend::Postgres, pow).await;
     let b = second_node(&a, pow).await;
-    let keys = crate::helpers::random_room();
     let mut on_a = a.client().await;
     let mut on_b = b.client().await;
-    let (token, bits) = on_a.pow_token().await.unwrap();
-    let counter = crypto::pow_solve(&token, &keys.room_id, bits);
-    let frame = json!({"type":"create","room":b64u(&keys.room_id),"auth_key":b64u(&keys.auth_key),
-        "pow":{"token":b64u(&token),"counter":counter}});
-    on_a.send_json(&frame).await.unwrap();
-    on_b.send_json(&frame).await.unwrap();
-    let (ra, rb) = tokio::join!(on_a.recv(), on_b.recv());
-    let outcomes = [ra.unwrap(), rb.unwrap()];
-    let wins = outcomes
-        .iter()
-        .filter(|f| matches!(f, ServerFrame::Joined { .. }))
-        .count();
-    let spent = outcomes
-        .iter()
-        .filter(|f| matches!(f, ServerFrame::Error { code, .. } if code == "pow_invalid"))
-        .count();
-    assert_eq!((wins, spent), (1, 1), "{outcomes:?}");
+    crate::abuse::race_one_token(&mut on_a, &mut on_b).await;
 }
 
 #[actix_web::test]
