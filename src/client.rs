@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::crypto::{self, CHALLENGE_LEN, IV_LEN, RoomKeys};
-use crate::protocol::{ServerFrame, WireMsg, b64u, from_b64u};
+use crate::protocol::{ClientFrame, PowSolution, ServerFrame, WireMsg, b64u, from_b64u};
 
 /// A client failure.
 #[derive(Debug, thiserror::Error)]
@@ -194,7 +194,7 @@ impl Client {
 
     /// Ask for a proof-of-work token; returns (token, bits).
     pub async fn pow_token(&mut self) -> Result<(Vec<u8>, u8), ClientError> {
-        self.send_json(&serde_json::json!({"type": "pow"})).await?;
+        self.send_json(&ClientFrame::Pow.to_json()).await?;
         match self.recv_ok().await? {
             ServerFrame::Pow { token, bits, .. } => Ok((
                 from_b64u(&token).ok_or_else(|| ClientError::Protocol("bad token".into()))?,
@@ -208,17 +208,21 @@ impl Client {
 
     /// Create a room (solving proof of work if the hello asks for it); returns the answer frame.
     pub async fn create(&mut self, keys: &RoomKeys) -> Result<ServerFrame, ClientError> {
-        let mut frame = serde_json::json!({
-            "type": "create",
-            "room": b64u(&keys.room_id),
-            "auth_key": b64u(&keys.auth_key),
-        });
+        let mut pow = None;
         if self.hello.pow_bits > 0 {
             let (token, bits) = self.pow_token().await?;
             let counter = crypto::pow_solve(&token, &keys.room_id, bits);
-            frame["pow"] = serde_json::json!({"token": b64u(&token), "counter": counter});
+            let token = token
+                .try_into()
+                .map_err(|_| ClientError::Protocol("token of the wrong length".into()))?;
+            pow = Some(PowSolution { token, counter });
         }
-        self.send_json(&frame).await?;
+        let frame = ClientFrame::Create {
+            room: keys.room_id,
+            auth_key: keys.auth_key,
+            pow,
+        };
+        self.send_json(&frame.to_json()).await?;
         self.recv().await
     }
 
@@ -229,15 +233,12 @@ impl Client {
         after: Option<i64>,
     ) -> Result<ServerFrame, ClientError> {
         let proof = crypto::join_proof(&keys.auth_key, &self.hello.challenge, &keys.room_id);
-        let mut frame = serde_json::json!({
-            "type": "join",
-            "room": b64u(&keys.room_id),
-            "proof": b64u(&proof),
-        });
-        if let Some(after) = after {
-            frame["after"] = after.into();
-        }
-        self.send_json(&frame).await?;
+        let frame = ClientFrame::Join {
+            room: keys.room_id,
+            proof,
+            after,
+        };
+        self.send_json(&frame.to_json()).await?;
         self.recv().await
     }
 
@@ -247,14 +248,13 @@ impl Client {
         reference: &str,
         sealed: &Sealed,
     ) -> Result<(), ClientError> {
-        self.send_json(&serde_json::json!({
-            "type": "send",
-            "ref": reference,
-            "epoch": sealed.epoch,
-            "iv": b64u(&sealed.iv),
-            "ct": b64u(&sealed.ct),
-        }))
-        .await
+        let frame = ClientFrame::Send {
+            reference: reference.to_owned(),
+            epoch: sealed.epoch,
+            iv: sealed.iv,
+            ct: sealed.ct.clone(),
+        };
+        self.send_json(&frame.to_json()).await
     }
 
     /// Close the socket politely.

@@ -218,6 +218,21 @@ pub enum PowTokenError {
     /// The tag does not verify: forged, altered or from another server secret.
     #[error("token not issued by this server")]
     BadTag,
+    /// The token is genuine but the counter does not solve it for this room.
+    #[error("the counter does not solve the token")]
+    WrongWork,
+}
+
+impl PowTokenError {
+    /// The label of `nanochat_pow_tokens_total` for this refusal.
+    pub fn label(self) -> &'static str {
+        match self {
+            PowTokenError::Malformed => "malformed",
+            PowTokenError::Expired => "expired",
+            PowTokenError::BadTag => "bad_tag",
+            PowTokenError::WrongWork => "wrong_work",
+        }
+    }
 }
 
 /// Keys the server derives from its own secret. They never leave the process.
@@ -293,6 +308,23 @@ impl ServerKeys {
             bits: token[9],
             nonce: token[10..POW_SIGNED_LEN].try_into().expect("16 bytes"),
         })
+    }
+
+    /// Everything about a proof-of-work solution that needs no I/O, cheapest first: length,
+    /// version, expiry and tag, then the work (one hash). The caller then spends the token in
+    /// the replay set; checking the work first means a wrong counter does not burn a token.
+    pub fn verify_pow_solution(
+        &self,
+        token: &[u8],
+        room_id: &RoomId,
+        counter: u64,
+        now_ms: u64,
+    ) -> Result<PowToken, PowTokenError> {
+        let opened = self.open_pow_token(token, now_ms)?;
+        if !pow_check(token, room_id, counter, opened.bits) {
+            return Err(PowTokenError::WrongWork);
+        }
+        Ok(opened)
     }
 
     /// Wrap a room's auth key for storage: `nonce(12) || AES-256-GCM(ct || tag)`, bound to the

@@ -211,6 +211,54 @@ pub enum ClientFrame {
     Panic,
 }
 
+impl ClientFrame {
+    /// The canonical wire form of this frame: what [`parse_client_frame`] turns back into an
+    /// equal frame. Used by the Rust client and by the parser's fuzz target.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            ClientFrame::Pow => json!({"type": "pow"}),
+            ClientFrame::Panic => json!({"type": "panic"}),
+            ClientFrame::Create {
+                room,
+                auth_key,
+                pow,
+            } => {
+                let mut v =
+                    json!({"type": "create", "room": b64u(room), "auth_key": b64u(auth_key)});
+                if let Some(p) = pow {
+                    v["pow"] = json!({"token": b64u(&p.token), "counter": p.counter});
+                }
+                v
+            }
+            ClientFrame::Join { room, proof, after } => {
+                let mut v = json!({"type": "join", "room": b64u(room), "proof": b64u(proof)});
+                if let Some(a) = after {
+                    v["after"] = json!(a);
+                }
+                v
+            }
+            ClientFrame::Send {
+                reference,
+                epoch,
+                iv,
+                ct,
+            } => json!({
+                "type": "send", "ref": reference, "epoch": epoch, "iv": b64u(iv), "ct": b64u(ct),
+            }),
+            ClientFrame::History { query, limit } => {
+                let mut v = json!({"type": "history", "limit": limit});
+                match query {
+                    HistoryQuery::Latest => {}
+                    HistoryQuery::After(a) => v["after"] = json!(a),
+                    HistoryQuery::Before(b) => v["before"] = json!(b),
+                }
+                v
+            }
+        }
+    }
+}
+
 /// Limits that parsing enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct FrameLimits {

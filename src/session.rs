@@ -625,23 +625,13 @@ impl Conn {
             ))
         };
         let now = now_ms();
-        // Cheapest first: length, version, expiry and tag (no I/O), then the work (one hash),
-        // and only then the replay set, which may be a database round trip. Checking the work
-        // before spending the token also means a wrong counter does not burn a valid token.
+        // No I/O first (length, version, expiry, tag, the work), then the replay set, which
+        // may be a database round trip.
         let token = self
             .state
             .keys
-            .open_pow_token(&sol.token, now as u64)
-            .map_err(|e| {
-                invalid(match e {
-                    crypto::PowTokenError::Malformed => "malformed",
-                    crypto::PowTokenError::Expired => "expired",
-                    crypto::PowTokenError::BadTag => "bad_tag",
-                })
-            })?;
-        if !crypto::pow_check(&sol.token, room, sol.counter, token.bits) {
-            return Err(invalid("wrong_work"));
-        }
+            .verify_pow_solution(&sol.token, room, sol.counter, now as u64)
+            .map_err(|e| invalid(e.label()))?;
         match self
             .state
             .store

@@ -176,7 +176,13 @@ async fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the data directory {} is not writable ({e}); the embedded database, its lock \
+                 and the server secret live there: make it writable by this user",
+                data_dir.display()
+            )
+        })?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
         match file.try_lock() {

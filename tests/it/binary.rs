@@ -10,7 +10,7 @@ use nanochat::protocol::ServerFrame;
 use crate::helpers::random_room;
 
 /// A server process that is killed when the test lets go of it.
-struct Proc(std::process::Child);
+pub(crate) struct Proc(pub(crate) std::process::Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -21,7 +21,7 @@ impl Drop for Proc {
 
 /// A `nanochat` process started in `dir` with extra environment; returns it, its public port
 /// and its JSON log lines (those read so far, and a channel for the rest).
-fn spawn_server(
+pub(crate) fn spawn_server(
     dir: &std::path::Path,
     env: &[(&str, &str)],
 ) -> (Proc, u16, Vec<String>, std::sync::mpsc::Receiver<String>) {

@@ -109,3 +109,261 @@ async fn postgres_crashing_mid_stream_refuses_sends_and_loses_no_acknowledged_me
         }
     }
 }
+
+/// A small tmpfs mounted for one test, unmounted (lazily, so a still-open file cannot block
+/// it) when the test lets go.
+struct TmpfsMount(std::path::PathBuf);
+
+impl TmpfsMount {
+    fn new(at: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("run mount(8) (package mount)");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs to fill a disk for real: run the suite as root \
+             (or with CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TmpfsMount(at.to_owned())
+    }
+
+    fn remount(&self, options: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {options}");
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Write zeros into `path` until the file system refuses: the disk is then full.
+fn fill_disk(path: &std::path::Path) {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Err(e) = f.write_all(&chunk).and_then(|_| f.sync_all()) {
+            assert_eq!(e.raw_os_error(), Some(28), "expected ENOSPC, got {e}");
+            break;
+        }
+    }
+}
+
+/// Sends with 2 KiB of text each, so the write-ahead log needs fresh pages quickly.
+async fn send_big(
+    alice: &mut nanochat::client::Client,
+    s: &mut RoomSession,
+    i: usize,
+) -> (String, &'static str) {
+    let text = format!("m{i} {}", "x".repeat(2048));
+    alice
+        .send_sealed(&format!("m{i}"), &s.seal("alice", &text))
+        .await
+        .unwrap();
+    match alice.recv().await.unwrap() {
+        ServerFrame::Ack { reference, .. } => (reference, "acked"),
+        ServerFrame::Error {
+            code, reference, ..
+        } => {
+            assert_eq!(code, "unavailable", "while the disk is full");
+            (reference.unwrap(), "refused")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Stop a server process with SIGTERM and wait for it.
+fn terminate(proc: &mut crate::binary::Proc) {
+    let pid = proc.0.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proc.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `PRAGMA integrity_check` and the stored message texts of a stopped server's database.
+fn check_database(
+    db: &std::path::Path,
+    keys: &nanochat::crypto::RoomKeys,
+) -> HashMap<String, usize> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let verdict: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(verdict, "ok", "the database is intact");
+    let mut stmt = conn
+        .prepare("SELECT seq, created_at, epoch, iv, ct FROM messages ORDER BY seq")
+        .unwrap();
+    let mut reader = RoomSession::new(keys.clone());
+    let mut stored: HashMap<String, usize> = HashMap::new();
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(nanochat::protocol::WireMsg {
+                seq: r.get(0)?,
+                ts: r.get(1)?,
+                epoch: r.get(2)?,
+                iv: nanochat::protocol::b64u(&r.get::<_, Vec<u8>>(3)?),
+                ct: nanochat::protocol::b64u(&r.get::<_, Vec<u8>>(4)?),
+            })
+        })
+        .unwrap();
+    for wire in rows {
+        let text = reader.open(&wire.unwrap()).unwrap().text;
+        let label = text.split(' ').next().unwrap().to_owned();
+        *stored.entry(label).or_default() += 1;
+    }
+    stored
+}
+
+#[actix_web::test]
+async fn a_full_disk_refuses_sends_clearly_and_recovers_without_loss_or_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _mount = TmpfsMount::new(&data, "16m");
+    let (mut server, port, _log, rx) = crate::binary::spawn_server(dir.path(), &[]);
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let keys = crate::helpers::random_room();
+    let mut alice = nanochat::client::Client::connect(&url).await.unwrap();
+    alice.create(&keys).await.unwrap();
+    let mut s = RoomSession::new(keys.clone());
+    let mut outcome: HashMap<String, &'static str> = HashMap::new();
+    let mut i = 0;
+    for _ in 0..10 {
+        let (r, o) = send_big(&mut alice, &mut s, i).await;
+        assert_eq!(o, "acked");
+        outcome.insert(r, o);
+        i += 1;
+    }
+
+    let filler = data.join("filler");
+    fill_disk(&filler);
+    let mut refused = 0;
+    for _ in 0..200 {
+        let (r, o) = send_big(&mut alice, &mut s, i).await;
+        outcome.insert(r, o);
+        i += 1;
+        if o == "refused" {
+            refused += 1;
+            if refused == 5 {
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, 5, "a full disk must refuse sends: {outcome:?}");
+    // The server stays up for everyone: a new client is greeted and can read.
+    let mut bob = nanochat::client::Client::connect(&url).await.unwrap();
+    assert!(matches!(
+        bob.join(&keys, None).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    // The operator is told why, in words.
+    let mut said = Vec::new();
+    while let Ok(line) = rx.try_recv() {
+        said.push(line);
+    }
+    assert!(
+        said.iter().any(|l| l.contains("full")),
+        "the log names the full disk: {said:?}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut acked_after = 0;
+    while acked_after < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "sending did not recover: {outcome:?}"
+        );
+        let (r, o) = send_big(&mut alice, &mut s, i).await;
+        if o == "acked" {
+            acked_after += 1;
+        }
+        outcome.insert(r, o);
+        i += 1;
+    }
+    drop((alice, bob));
+    terminate(&mut server);
+
+    let stored = check_database(&data.join("nanochat.db"), &keys);
+    for (text, o) in &outcome {
+        match *o {
+            "acked" => assert_eq!(stored.get(text), Some(&1), "acked {text}"),
+            _ => assert_eq!(stored.get(text), None, "refused {text} was stored"),
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_read_only_data_directory_stops_the_start_with_a_clear_error_and_harms_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mount = TmpfsMount::new(&data, "16m");
+    let (mut server, port, _log, _rx) = crate::binary::spawn_server(dir.path(), &[]);
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let keys = crate::helpers::random_room();
+    let mut alice = nanochat::client::Client::connect(&url).await.unwrap();
+    alice.create(&keys).await.unwrap();
+    let mut s = RoomSession::new(keys.clone());
+    for i in 0..5 {
+        assert_eq!(send_big(&mut alice, &mut s, i).await.1, "acked");
+    }
+    drop(alice);
+    terminate(&mut server);
+    let before = std::fs::read(data.join("nanochat.db")).unwrap();
+
+    mount.remount("ro");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nanochat"))
+        .current_dir(dir.path())
+        .env_remove("NANOCHAT_CONFIG")
+        .env("NANOCHAT__SERVER__LISTEN", "127.0.0.1:0")
+        .env("NANOCHAT__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "must not serve without a writable store: {stderr}"
+    );
+    assert!(
+        stderr.contains("not writable") && stderr.contains("Read-only file system"),
+        "the error names the problem and the directory: {stderr}"
+    );
+    assert_eq!(std::fs::read(data.join("nanochat.db")).unwrap(), before);
+
+    mount.remount("rw");
+    let (mut server, port, _log, _rx) = crate::binary::spawn_server(dir.path(), &[]);
+    let mut bob = nanochat::client::Client::connect(&format!("ws://127.0.0.1:{port}/ws"))
+        .await
+        .unwrap();
+    let ServerFrame::Joined { messages, .. } = bob.join(&keys, None).await.unwrap() else {
+        panic!("join after recovery")
+    };
+    assert_eq!(messages.len(), 5, "everything acknowledged before is there");
+    drop(bob);
+    terminate(&mut server);
+    let stored = check_database(&data.join("nanochat.db"), &keys);
+    assert_eq!(stored.len(), 5);
+}

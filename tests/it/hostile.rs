@@ -366,3 +366,39 @@ async fn hostile_http_requests_get_clean_refusals() {
         "only {closed} of 1000 half-open handshakes were cut off"
     );
 }
+
+/// Every input under `fuzz/seeds/frame` and `fuzz/regressions/frame` (crashing inputs the
+/// fuzzer ever found are committed there) goes through the parser as the fuzz target runs it:
+/// no panic, and an accepted frame survives its canonical round trip.
+#[test]
+fn fuzz_seeds_and_regressions_parse_as_the_fuzz_target_expects() {
+    use nanochat::protocol::{FrameLimits, parse_client_frame};
+    let limits = FrameLimits {
+        max_ct_bytes: 1024,
+        default_history: 50,
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut seen = 0;
+    let mut accepted = 0;
+    for sub in ["seeds/frame", "regressions/frame"] {
+        let Ok(entries) = std::fs::read_dir(root.join(sub)) else {
+            continue;
+        };
+        for entry in entries {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            seen += 1;
+            let Ok(text) = std::str::from_utf8(&bytes) else {
+                continue;
+            };
+            if let Ok(frame) = parse_client_frame(text, &limits) {
+                accepted += 1;
+                let again = parse_client_frame(&frame.to_json().to_string(), &limits).unwrap();
+                assert_eq!(frame, again, "{text}");
+            }
+        }
+    }
+    assert!(
+        seen >= 6 && accepted >= 6,
+        "the seeds are there: {seen} read, {accepted} accepted"
+    );
+}
