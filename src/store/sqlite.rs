@@ -208,7 +208,10 @@ fn append_tx(
     batch: &[NewMessage],
     now: Millis,
 ) -> rusqlite::Result<Vec<AppendOutcome>> {
-    let tx = conn.transaction()?;
+    // IMMEDIATE: take the write lock up front, so the busy timeout covers waiting for another
+    // writer (an operator's sqlite3 shell, a backup tool). A DEFERRED transaction that reads
+    // first fails at once with SQLITE_BUSY_SNAPSHOT when someone else committed in between.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut last_seq: HashMap<RoomId, i64> = HashMap::new();
     let mut looked_up = HashSet::new();
     let mut stored_ivs = HashSet::new();
@@ -421,7 +424,9 @@ impl Store for SqliteStore {
     async fn wipe(&self, room: &RoomId, now: Millis) -> Result<bool, StoreError> {
         let room = *room;
         self.write(move |conn, _| {
-            let tx = conn.transaction().map_err(db_err)?;
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
             let wiped = tx
                 .execute(
                     "UPDATE rooms SET wiped_at = ?2 WHERE id = ?1 AND wiped_at IS NULL",

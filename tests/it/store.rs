@@ -517,3 +517,41 @@ async fn only_one_process_runs_postgres_maintenance_at_a_time() {
     .unwrap();
     assert!(a.maintain(now_ms()).await.unwrap().ran);
 }
+
+/// Another process writing to the SQLite file (an operator's `sqlite3` shell, a backup tool)
+/// makes the server wait its turn, not refuse: found by the soak, where a writer beside the
+/// server turned a few sends into `unavailable`.
+#[actix_web::test]
+async fn a_second_writer_on_the_sqlite_file_delays_appends_instead_of_failing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), RETENTION).await.unwrap());
+    let r = room(1);
+    store.create_room(&r, &[0u8; 60], now_ms()).await.unwrap();
+    for round in 0..20u8 {
+        let path = dir.path().join("nanochat.db");
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let other = std::thread::spawn(move || {
+            let mut conn = rusqlite::Connection::open(path).unwrap();
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .unwrap();
+            tx.execute(
+                "INSERT OR REPLACE INTO server_identity (key, value) VALUES (?1, ?2)",
+                rusqlite::params![format!("other-writer-{round}"), &[round; 32][..]],
+            )
+            .unwrap();
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            tx.commit().unwrap();
+        });
+        // Read first so the writer's snapshot is older than the other commit.
+        let _ = store.room(&r, now_ms()).await.unwrap();
+        locked_rx.recv().unwrap();
+        let outcomes = store.append(&[msg(r, round)], now_ms()).await;
+        assert!(
+            outcomes.is_ok(),
+            "round {round}: an append failed while another writer held the file: {outcomes:?}"
+        );
+        other.join().unwrap();
+    }
+}

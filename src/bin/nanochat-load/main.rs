@@ -7,9 +7,11 @@
 //! nanochat-load fanout --target nanochat|bare [--rooms 100] [--members 10] [--rate 2000]
 //!                      [--secs 10] [--postgres URL] [--nodes 1]
 //! nanochat-load idle   --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
+//! nanochat-load soak   [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
 //! ```
 //! `idle` opens rooms x members joined sockets that then stay silent, and reports the server's
-//! resident memory growth per socket.
+//! resident memory growth per socket. `soak` churns (see `soak.rs`) and samples the server's
+//! memory, descriptors and database connections over time.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -24,12 +26,16 @@ use nanochat::crypto::{self, RoomKeys};
 use nanochat::protocol::{b64u, from_b64u};
 use tokio_tungstenite::tungstenite::Message;
 
+mod soak;
+
 struct Args {
     target: String,
     rooms: usize,
     members: usize,
     rate: u64,
     secs: u64,
+    clients: usize,
+    sample_secs: u64,
     postgres: Option<String>,
     nodes: usize,
 }
@@ -41,6 +47,8 @@ fn parse_args() -> Args {
         members: 10,
         rate: 2000,
         secs: 10,
+        clients: 40,
+        sample_secs: 10,
         postgres: None,
         nodes: 1,
     };
@@ -55,10 +63,11 @@ fn parse_args() -> Args {
             "--secs" => a.secs = v.parse().expect("--secs"),
             "--postgres" => a.postgres = Some(v),
             "--nodes" => a.nodes = v.parse().expect("--nodes"),
+            "--clients" => a.clients = v.parse().expect("--clients"),
+            "--sample-secs" => a.sample_secs = v.parse().expect("--sample-secs"),
             other => panic!("unknown option {other}"),
         }
     }
-    assert!(a.secs <= 600, "runs are bounded: --secs at most 600");
     a
 }
 
@@ -66,6 +75,12 @@ fn parse_args() -> Args {
 struct Server {
     child: Child,
     addr: String,
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Server {
@@ -94,7 +109,12 @@ fn cpu_seconds(pid: u32) -> f64 {
         .map_or(0.0, |(u, s)| (u + s) as f64 / 100.0)
 }
 
-fn spawn_nanochat(dir: &std::path::Path, secret: &std::path::Path, pg: Option<&str>) -> Server {
+fn spawn_nanochat(
+    dir: &std::path::Path,
+    secret: &std::path::Path,
+    pg: Option<&str>,
+    extra: &[(&str, &str)],
+) -> Server {
     let mut cmd = Command::new(sibling("nanochat"));
     cmd.env_clear()
         .env("NANOCHAT__SERVER__LISTEN", "127.0.0.1:0")
@@ -121,6 +141,9 @@ fn spawn_nanochat(dir: &std::path::Path, secret: &std::path::Path, pg: Option<&s
     }
     if let Some(url) = pg {
         cmd.env("NANOCHAT__DATABASE__URL", url);
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
     }
     let mut child = cmd
         .stdout(Stdio::null())
@@ -228,20 +251,30 @@ fn rss_bytes(pid: u32) -> u64 {
 async fn main() {
     let cmd = std::env::args().nth(1).unwrap_or_default();
     assert!(
-        cmd == "fanout" || cmd == "idle",
-        "usage: nanochat-load fanout|idle --target nanochat|bare ..."
+        ["fanout", "idle", "soak"].contains(&cmd.as_str()),
+        "usage: nanochat-load fanout|idle|soak --target nanochat|bare ..."
     );
     let args = parse_args();
+    let bound = if cmd == "soak" { 7200 } else { 600 };
+    assert!(
+        args.secs <= bound,
+        "runs are bounded: --secs at most {bound}"
+    );
     let dir = std::env::temp_dir().join(format!("nanochat-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let secret = dir.join("secret");
+    let extra: &[(&str, &str)] = if cmd == "soak" {
+        &soak::SERVER_ENV
+    } else {
+        &[]
+    };
     let servers: Vec<Server> = match args.target.as_str() {
         "bare" => vec![spawn_bare()],
         "nanochat" => (0..args.nodes)
             .map(|i| {
                 let d = dir.join(format!("node{i}"));
                 std::fs::create_dir_all(&d).expect("node dir");
-                let s = spawn_nanochat(&d, &secret, args.postgres.as_deref());
+                let s = spawn_nanochat(&d, &secret, args.postgres.as_deref(), extra);
                 // Let the first node create the secret file before the others read it.
                 std::thread::sleep(Duration::from_millis(300));
                 s
@@ -250,6 +283,12 @@ async fn main() {
         other => panic!("unknown target {other}"),
     };
 
+    if cmd == "soak" {
+        soak::run(&args, &servers[0], &dir.join("node0")).await;
+        drop(servers);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     if cmd == "idle" {
         idle(&args, &servers[0]).await;
         drop(servers);
