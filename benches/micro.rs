@@ -1,8 +1,13 @@
 //! Micro-benchmarks of the per-frame hot paths: parsing and validating a `send`, verifying a
-//! join proof, opening a proof-of-work token, and encoding a broadcast frame.
+//! join proof, opening a proof-of-work token, a keyed rate-limit check among a million keys,
+//! the whole admission path of one message, and encoding a broadcast frame.
 //! Run with `cargo bench --bench micro`.
 
+use std::sync::Arc;
+
 use criterion::{Criterion, criterion_group, criterion_main};
+use nanochat::abuse::limits::{Client, ClientLimit, DirectLimiter, KeyedLimiter, Limits};
+use nanochat::config::{Rate, Settings};
 use nanochat::crypto::{self, RoomKeys, ServerKeys};
 use nanochat::protocol::{FrameLimits, ServerFrame, WireMsg, b64u, parse_client_frame};
 use std::hint::black_box;
@@ -71,5 +76,79 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(micro, benches);
+/// A rate no benchmark loop can exhaust, so every check takes the accepting path.
+const UNLIMITED: Rate = Rate {
+    per_minute: 1_000_000_000,
+    burst: 1_000_000_000,
+};
+
+fn limiter_benches(c: &mut Criterion) {
+    // One keyed check with a million keys in the map (cap above it, so no overflow path).
+    let keyed = KeyedLimiter::new("bench", UNLIMITED, 2_000_000);
+    let keys: Vec<u128> = (0..1_000_000u128)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835))
+        .collect();
+    for k in &keys {
+        keyed.check(*k).unwrap();
+    }
+    assert_eq!(keyed.len(), 1_000_000);
+    let mut i = 0usize;
+    c.bench_function("keyed_limit_check_1M_keys", |b| {
+        b.iter(|| {
+            i = (i + 7919) % keys.len();
+            keyed.check(black_box(keys[i])).unwrap()
+        })
+    });
+    drop(keyed);
+
+    // The whole admission path of one `send`, as the session runs it before handing the
+    // message to the writer: per-client frame limit, per-socket frame limit, parse and
+    // validate, per-client message limit, per-room message limit, epoch window. The
+    // per-client maps hold their full default key count (100 000 clients).
+    let mut settings = Settings::default();
+    let r = &mut settings.rate;
+    for rate in [
+        &mut r.client_frames,
+        &mut r.client_messages,
+        &mut r.room_messages,
+    ] {
+        *rate = UNLIMITED;
+    }
+    let limits = Limits::new(&settings, Arc::new(nanochat::metrics::Metrics::new()));
+    for k in 0..settings.rate.max_keys as u128 - 1 {
+        let _ = limits.client(ClientLimit::Frame, Client::Ip(k << 64));
+        let _ = limits.client(ClientLimit::Message, Client::Ip(k << 64));
+    }
+    let socket = DirectLimiter::new("socket_frames", UNLIMITED, 1);
+    let me = Client::Ip(42 << 64);
+    let room = [5u8; 16];
+    let frame_limits = FrameLimits {
+        max_ct_bytes: settings.limits.max_ct_bytes,
+        default_history: settings.limits.history,
+    };
+    let epoch = crypto::epoch_of(nanochat::store::now_ms());
+    let frame = serde_json::json!({
+        "type": "send", "ref": "m-123", "epoch": epoch,
+        "iv": b64u(&[7u8; 12]), "ct": b64u(&[9u8; 128]),
+    })
+    .to_string();
+    c.bench_function("admission_send_128B", |b| {
+        b.iter(|| {
+            limits.client(ClientLimit::Frame, me).unwrap();
+            socket.check().unwrap();
+            let parsed = parse_client_frame(black_box(&frame), &frame_limits).unwrap();
+            limits.client(ClientLimit::Message, me).unwrap();
+            limits.room_message(&room).unwrap();
+            let current = crypto::epoch_of(nanochat::store::now_ms());
+            match parsed {
+                nanochat::protocol::ClientFrame::Send { epoch, .. } => {
+                    assert!(epoch.abs_diff(current) <= 1)
+                }
+                _ => unreachable!(),
+            }
+        })
+    });
+}
+
+criterion_group!(micro, benches, limiter_benches);
 criterion_main!(micro);

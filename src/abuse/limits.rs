@@ -126,7 +126,16 @@ pub struct KeyedLimiter {
     started: Instant,
     last_full_sweep_ms: AtomicU64,
     overflowed: AtomicU64,
+    /// Checks so far, and the key count as of the last recount (every [`RECOUNT_EVERY`]).
+    checks: AtomicU64,
+    known_len: AtomicUsize,
 }
+
+/// Counting the keys locks every shard of the map, which costs more than the check itself
+/// with a million keys; recount every this many checks, and on every check once the last
+/// count is within this many keys of the cap (each check adds at most one key, so the cap
+/// stays exact).
+const RECOUNT_EVERY: u64 = 64;
 
 impl KeyedLimiter {
     /// A limiter named `name` with this rate per key and at most `cap` keys.
@@ -139,6 +148,8 @@ impl KeyedLimiter {
             started: Instant::now(),
             last_full_sweep_ms: AtomicU64::new(0),
             overflowed: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
+            known_len: AtomicUsize::new(0),
         }
     }
 
@@ -149,7 +160,17 @@ impl KeyedLimiter {
 
     /// Take one cell for `key`.
     pub fn check(&self, key: u128) -> Result<(), Refused> {
-        if self.inner.len() >= self.cap {
+        let due = self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(RECOUNT_EVERY);
+        let mut len = self.known_len.load(Ordering::Relaxed);
+        // Near the cap, count every time, so the cap is exact.
+        if due || len + RECOUNT_EVERY as usize >= self.cap {
+            len = self.inner.len();
+            self.known_len.store(len, Ordering::Relaxed);
+        }
+        if len >= self.cap {
             let ms = self.started.elapsed().as_millis() as u64;
             let last = self.last_full_sweep_ms.load(Ordering::Relaxed);
             if ms.saturating_sub(last) >= 100
@@ -160,7 +181,9 @@ impl KeyedLimiter {
             {
                 self.inner.retain_recent();
             }
-            if self.inner.len() >= self.cap {
+            let len = self.inner.len();
+            self.known_len.store(len, Ordering::Relaxed);
+            if len >= self.cap {
                 self.overflowed.fetch_add(1, Ordering::Relaxed);
                 return self.overflow.check().map_err(|n| Refused {
                     limiter: self.name,

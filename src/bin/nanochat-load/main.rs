@@ -8,6 +8,8 @@
 //!                      [--secs 10] [--postgres URL] [--nodes 1]
 //! nanochat-load idle   --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
 //! nanochat-load soak   [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
+//! nanochat-load publish --target nanochat|naive|batch [--senders 16] [--window 8] [--secs 10]
+//!                       [--postgres URL]
 //! ```
 //! `idle` opens rooms x members joined sockets that then stay silent, and reports the server's
 //! resident memory growth per socket. `soak` churns (see `soak.rs`) and samples the server's
@@ -26,6 +28,7 @@ use nanochat::crypto::{self, RoomKeys};
 use nanochat::protocol::{b64u, from_b64u};
 use tokio_tungstenite::tungstenite::Message;
 
+mod publish;
 mod soak;
 
 struct Args {
@@ -36,6 +39,8 @@ struct Args {
     secs: u64,
     clients: usize,
     sample_secs: u64,
+    senders: usize,
+    window: usize,
     postgres: Option<String>,
     nodes: usize,
 }
@@ -49,6 +54,8 @@ fn parse_args() -> Args {
         secs: 10,
         clients: 40,
         sample_secs: 10,
+        senders: 16,
+        window: 8,
         postgres: None,
         nodes: 1,
     };
@@ -64,6 +71,8 @@ fn parse_args() -> Args {
             "--postgres" => a.postgres = Some(v),
             "--nodes" => a.nodes = v.parse().expect("--nodes"),
             "--clients" => a.clients = v.parse().expect("--clients"),
+            "--senders" => a.senders = v.parse().expect("--senders"),
+            "--window" => a.window = v.parse().expect("--window"),
             "--sample-secs" => a.sample_secs = v.parse().expect("--sample-secs"),
             other => panic!("unknown option {other}"),
         }
@@ -251,8 +260,8 @@ fn rss_bytes(pid: u32) -> u64 {
 async fn main() {
     let cmd = std::env::args().nth(1).unwrap_or_default();
     assert!(
-        ["fanout", "idle", "soak"].contains(&cmd.as_str()),
-        "usage: nanochat-load fanout|idle|soak --target nanochat|bare ..."
+        ["fanout", "idle", "soak", "publish"].contains(&cmd.as_str()),
+        "usage: nanochat-load fanout|idle|soak|publish --target nanochat|bare|naive|batch ..."
     );
     let args = parse_args();
     let bound = if cmd == "soak" { 7200 } else { 600 };
@@ -268,6 +277,11 @@ async fn main() {
     } else {
         &[]
     };
+    if cmd == "publish" && args.target != "nanochat" {
+        publish::baseline(&args, &args.target, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let servers: Vec<Server> = match args.target.as_str() {
         "bare" => vec![spawn_bare()],
         "nanochat" => (0..args.nodes)
@@ -283,6 +297,12 @@ async fn main() {
         other => panic!("unknown target {other}"),
     };
 
+    if cmd == "publish" {
+        publish::nanochat(&args, &servers[0]).await;
+        drop(servers);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     if cmd == "soak" {
         soak::run(&args, &servers[0], &dir.join("node0")).await;
         drop(servers);

@@ -1,0 +1,282 @@
+//! Durable publish: how many messages per second are acknowledged (committed) with what ack
+//! latency, against two baselines writing the same rows to the same database in the same run:
+//!
+//! * `naive`: one `INSERT` (and so one commit and one fsync) per message, from as many
+//!   connections as NanoChat has senders: what a straightforward server does;
+//! * `batch`: one writer inserting ready-made batches of 1000 rows with one statement
+//!   (`unnest` on Postgres, one transaction on SQLite): the practical ceiling of the database,
+//!   with no network protocol, validation, replay check or fan-out in front of it.
+//!
+//! NanoChat runs closed-loop: `--senders` sockets, each in its own room, each keeping
+//! `--window` sends in flight; the ack latency is from sending the frame to reading its ack.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use hdrhistogram::Histogram;
+use nanochat::crypto::{self, RoomKeys};
+use nanochat::protocol::b64u;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{Args, Server, connect, cpu_seconds, enter};
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")
+}
+
+fn report(args: &Args, target: &str, acked: u64, secs: f64, h: &Histogram<u64>, cpu: f64) {
+    let backend = if args.postgres.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "publish",
+            "target": target,
+            "backend": backend,
+            "senders": args.senders,
+            "window": args.window,
+            "acked": acked,
+            "acked_per_s": (acked as f64 / secs).round(),
+            "p50_ms": h.value_at_quantile(0.5) as f64 / 1000.0,
+            "p99_ms": h.value_at_quantile(0.99) as f64 / 1000.0,
+            "max_ms": h.max() as f64 / 1000.0,
+            "server_cpu_s": (cpu * 100.0).round() / 100.0,
+        })
+    );
+}
+
+/// NanoChat: closed-loop senders, one room each.
+pub async fn nanochat(args: &Args, server: &Server) {
+    let start = Instant::now();
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut sockets = Vec::new();
+    for n in 0..args.senders {
+        let mut secret = [0u8; 32];
+        rand::fill(&mut secret);
+        let keys = RoomKeys::derive(&secret);
+        let (mut ws, challenge) = connect(&server.addr, n).await;
+        enter(&mut ws, &challenge, &keys, true).await;
+        sockets.push(ws);
+    }
+    let cpu_before = cpu_seconds(server.pid());
+    let run = Instant::now();
+    let deadline = run + Duration::from_secs(args.secs);
+    let mut tasks = Vec::new();
+    for ws in sockets {
+        let acked = acked.clone();
+        let window = args.window;
+        tasks.push(tokio::spawn(async move {
+            let (mut sink, mut stream) = ws.split();
+            let permits = Arc::new(tokio::sync::Semaphore::new(window));
+            let reader_permits = permits.clone();
+            let reader = tokio::spawn(async move {
+                let mut h = histogram();
+                while let Some(Ok(Message::Text(t))) = stream.next().await {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
+                    if v["type"] != "ack" && v["type"] != "error" {
+                        continue;
+                    }
+                    let sent: u64 = v["ref"].as_str().and_then(|r| r.parse().ok()).unwrap_or(0);
+                    if v["type"] == "ack" {
+                        let now = start.elapsed().as_micros() as u64;
+                        let _ = h.record(now.saturating_sub(sent).max(1));
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    reader_permits.add_permits(1);
+                }
+                h
+            });
+            let epoch = crypto::epoch_of(nanochat::store::now_ms());
+            while Instant::now() < deadline {
+                let Ok(p) = permits.acquire().await else {
+                    break;
+                };
+                p.forget();
+                let mut iv = [0u8; 12];
+                rand::fill(&mut iv);
+                let mut ct = [0u8; 64];
+                rand::fill(&mut ct);
+                let frame = format!(
+                    r#"{{"type":"send","ref":"{}","epoch":{epoch},"iv":"{}","ct":"{}"}}"#,
+                    start.elapsed().as_micros(),
+                    b64u(&iv),
+                    b64u(&ct)
+                );
+                if sink.send(Message::text(frame)).await.is_err() {
+                    break;
+                }
+            }
+            // Let the last acks arrive, then close so the reader ends.
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), permits.acquire_many(window as u32))
+                    .await;
+            let _ = sink.close().await;
+            tokio::time::timeout(Duration::from_secs(5), reader)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_else(histogram)
+        }));
+    }
+    let mut h = histogram();
+    for t in tasks {
+        if let Ok(local) = t.await {
+            h.add(&local).expect("same bounds");
+        }
+    }
+    let secs = run.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(server.pid()) - cpu_before;
+    report(
+        args,
+        "nanochat",
+        acked.load(Ordering::Relaxed),
+        secs,
+        &h,
+        cpu,
+    );
+}
+
+fn row(task: usize, seq: i64) -> ([u8; 16], i64, [u8; 12], Vec<u8>) {
+    let mut room = [0u8; 16];
+    room[..8].copy_from_slice(&(task as u64).to_be_bytes());
+    let mut iv = [0u8; 12];
+    rand::fill(&mut iv);
+    let mut ct = vec![0u8; 80];
+    rand::fill(&mut ct[..]);
+    (room, seq, iv, ct)
+}
+
+const PG_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_publish (
+    room_id bytea NOT NULL, seq bigint NOT NULL, created_at timestamptz NOT NULL,
+    epoch integer NOT NULL, iv bytea NOT NULL, ct bytea NOT NULL,
+    PRIMARY KEY (room_id, seq, created_at));
+    CREATE INDEX IF NOT EXISTS bench_publish_iv ON bench_publish (room_id, iv);
+    TRUNCATE bench_publish;";
+
+const SQLITE_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_publish (
+    room_id BLOB NOT NULL, seq INTEGER NOT NULL, created_at INTEGER NOT NULL,
+    epoch INTEGER NOT NULL, iv BLOB NOT NULL, ct BLOB NOT NULL, PRIMARY KEY (room_id, seq));
+    CREATE UNIQUE INDEX IF NOT EXISTS bench_publish_iv ON bench_publish (room_id, iv);";
+
+fn sqlite_conn(path: &std::path::Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).expect("open bench database");
+    conn.busy_timeout(Duration::from_secs(30))
+        .expect("busy timeout");
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .expect("wal");
+    conn.pragma_update(None, "synchronous", "FULL")
+        .expect("sync");
+    conn
+}
+
+/// The baselines: `naive` (one INSERT per message, `--senders` writers) or `batch` (one
+/// writer, 1000 rows per statement).
+pub async fn baseline(args: &Args, kind: &str, dir: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(args.secs);
+    let writers = if kind == "naive" { args.senders } else { 1 };
+    let rows_per_write: usize = if kind == "naive" { 1 } else { 1000 };
+    let run = Instant::now();
+    let mut tasks = Vec::new();
+    if let Some(url) = &args.postgres {
+        let (setup, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to Postgres");
+        tokio::spawn(conn);
+        setup.batch_execute(PG_TABLE).await.expect("bench table");
+        for w in 0..writers {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect to Postgres");
+                tokio::spawn(conn);
+                let mut h = histogram();
+                let mut seq = 0i64;
+                let mut rows = 0u64;
+                while Instant::now() < deadline {
+                    let batch: Vec<_> = (0..rows_per_write)
+                        .map(|_| {
+                            seq += 1;
+                            row(w, seq)
+                        })
+                        .collect();
+                    let t = Instant::now();
+                    let rooms: Vec<&[u8]> = batch.iter().map(|r| &r.0[..]).collect();
+                    let seqs: Vec<i64> = batch.iter().map(|r| r.1).collect();
+                    let ivs: Vec<&[u8]> = batch.iter().map(|r| &r.2[..]).collect();
+                    let cts: Vec<&[u8]> = batch.iter().map(|r| &r.3[..]).collect();
+                    client
+                        .execute(
+                            "INSERT INTO bench_publish (room_id, seq, created_at, epoch, iv, ct)
+                             SELECT r, s, now(), 20000, i, c
+                             FROM unnest($1::bytea[], $2::int8[], $3::bytea[], $4::bytea[])
+                               AS t(r, s, i, c)",
+                            &[&rooms, &seqs, &ivs, &cts],
+                        )
+                        .await
+                        .expect("insert");
+                    let _ = h.record(t.elapsed().as_micros() as u64 + 1);
+                    rows += batch.len() as u64;
+                }
+                (rows, h)
+            }));
+        }
+    } else {
+        let path = dir.join("bench.db");
+        sqlite_conn(&path)
+            .execute_batch(SQLITE_TABLE)
+            .expect("bench table");
+        for w in 0..writers {
+            let path = path.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let mut conn = sqlite_conn(&path);
+                let mut h = histogram();
+                let mut seq = 0i64;
+                let mut rows = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let tx = conn
+                        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                        .expect("transaction");
+                    {
+                        let mut insert = tx
+                            .prepare_cached(
+                                "INSERT INTO bench_publish VALUES (?1, ?2, ?3, 20000, ?4, ?5)",
+                            )
+                            .expect("prepare");
+                        for _ in 0..rows_per_write {
+                            seq += 1;
+                            let (room, seq, iv, ct) = row(w, seq);
+                            insert
+                                .execute(rusqlite::params![
+                                    &room[..],
+                                    seq,
+                                    nanochat::store::now_ms(),
+                                    &iv[..],
+                                    ct
+                                ])
+                                .expect("insert");
+                        }
+                    }
+                    tx.commit().expect("commit");
+                    let _ = h.record(t.elapsed().as_micros() as u64 + 1);
+                    rows += rows_per_write as u64;
+                }
+                (rows, h)
+            }));
+        }
+    }
+    let mut h = histogram();
+    let mut total = 0;
+    for t in tasks {
+        let (rows, local) = t.await.expect("writer");
+        total += rows;
+        h.add(&local).expect("same bounds");
+    }
+    report(args, kind, total, run.elapsed().as_secs_f64(), &h, 0.0);
+}
