@@ -85,3 +85,92 @@ fn the_idle_memory_scenario_runs() {
         assert!(report["rss_after_bytes"].as_u64().unwrap() > 0, "{report}");
     }
 }
+
+#[test]
+fn the_publish_scenario_runs_against_both_baselines_on_sqlite() {
+    let tiny = ["--senders", "2", "--window", "2", "--secs", "1"];
+    for target in ["nanochat", "naive", "batch"] {
+        let report = run(&[&["publish", "--target", target][..], &tiny].concat());
+        assert!(report["acked"].as_u64().unwrap() > 0, "{report}");
+        assert!(report["p99_ms"].as_f64().unwrap() > 0.0, "{report}");
+        assert_eq!(report["backend"], "sqlite");
+    }
+}
+
+#[actix_web::test]
+async fn the_publish_scenario_runs_against_both_baselines_on_postgres() {
+    let db = crate::pg::cluster().database().await;
+    for target in ["nanochat", "naive", "batch"] {
+        let report = run(&[
+            "publish",
+            "--target",
+            target,
+            "--postgres",
+            &db.url,
+            "--senders",
+            "2",
+            "--window",
+            "2",
+            "--secs",
+            "1",
+        ]);
+        assert!(report["acked"].as_u64().unwrap() > 0, "{report}");
+        assert_eq!(report["backend"], "postgres");
+    }
+}
+
+#[test]
+fn the_abuse_scenario_runs_and_the_flooder_is_thrown_out() {
+    let report = run(&[
+        "abuse",
+        "--rooms",
+        "2",
+        "--members",
+        "3",
+        "--rate",
+        "2000",
+        "--secs",
+        "2",
+    ]);
+    for phase in ["calm", "flood"] {
+        assert_eq!(
+            report[phase]["delivered"], report[phase]["expected"],
+            "honest members lost messages: {report}"
+        );
+        assert!(report[phase]["expected"].as_u64().unwrap() > 0, "{report}");
+    }
+    // The default limits close or refuse the flooder: it never keeps one socket for long.
+    let flooder = &report["flooder"];
+    assert!(
+        flooder["thrown_out"].as_u64().unwrap() + flooder["refused_handshakes"].as_u64().unwrap()
+            > 0,
+        "{report}"
+    );
+}
+
+#[test]
+fn the_soak_scenario_runs_and_expires_aged_rows() {
+    let report = run(&[
+        "soak",
+        "--secs",
+        "8",
+        "--clients",
+        "4",
+        "--sample-secs",
+        "2",
+    ]);
+    assert!(report["acks"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["creates"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        report["aged_rows_written"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    // Maintenance runs every 2 s: the server expired aged rows while the soak ran.
+    assert!(
+        report["aged_rows_waiting_at_end"].as_u64().unwrap()
+            < report["aged_rows_written"].as_u64().unwrap(),
+        "{report}"
+    );
+    assert!(report["samples"].as_u64().unwrap() >= 3, "{report}");
+    assert_eq!(report["client_errors"], 0, "{report}");
+}

@@ -8,6 +8,7 @@
 //!                      [--secs 10] [--postgres URL] [--nodes 1]
 //! nanochat-load idle   --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
 //! nanochat-load soak   [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
+//! nanochat-load abuse  [--rooms 10] [--members 10] [--rate 10000] [--secs 10]
 //! nanochat-load publish --target nanochat|naive|batch [--senders 16] [--window 8] [--secs 10]
 //!                       [--postgres URL]
 //! ```
@@ -28,6 +29,7 @@ use nanochat::crypto::{self, RoomKeys};
 use nanochat::protocol::{b64u, from_b64u};
 use tokio_tungstenite::tungstenite::Message;
 
+mod abuse;
 mod publish;
 mod soak;
 
@@ -123,6 +125,7 @@ fn spawn_nanochat(
     secret: &std::path::Path,
     pg: Option<&str>,
     extra: &[(&str, &str)],
+    real_limits: bool,
 ) -> Server {
     let mut cmd = Command::new(sibling("nanochat"));
     cmd.env_clear()
@@ -131,22 +134,25 @@ fn spawn_nanochat(
         .env("NANOCHAT__SERVER__DATA_DIR", dir)
         .env("NANOCHAT__SERVER__SECRET_FILE", secret)
         .env("NANOCHAT__LOG__FORMAT", "json")
-        .env("NANOCHAT__POW__MODE", "off")
-        .env("NANOCHAT__LIMITS__MAX_CONNECTIONS", "1000000")
-        .env("NANOCHAT__LIMITS__FRAMES_PER_SECOND", "1000000")
-        .env("NANOCHAT__LIMITS__FRAMES_BURST", "1000000")
-        .env("NANOCHAT__RATE__CLIENT_MAX_SOCKETS", "1000000");
-    for limit in [
-        "CLIENT_CONNECTIONS",
-        "CLIENT_FRAMES",
-        "CLIENT_MESSAGES",
-        "CLIENT_CREATIONS",
-        "ROOM_MESSAGES",
-        "GLOBAL_CREATIONS",
-        "GLOBAL_CONNECTIONS",
-    ] {
-        cmd.env(format!("NANOCHAT__RATE__{limit}__PER_MINUTE"), "100000000")
-            .env(format!("NANOCHAT__RATE__{limit}__BURST"), "10000000");
+        .env("NANOCHAT__POW__MODE", "off");
+    // The abuse scenario measures the default limits; the others take them out of the way.
+    if !real_limits {
+        cmd.env("NANOCHAT__LIMITS__MAX_CONNECTIONS", "1000000")
+            .env("NANOCHAT__LIMITS__FRAMES_PER_SECOND", "1000000")
+            .env("NANOCHAT__LIMITS__FRAMES_BURST", "1000000")
+            .env("NANOCHAT__RATE__CLIENT_MAX_SOCKETS", "1000000");
+        for limit in [
+            "CLIENT_CONNECTIONS",
+            "CLIENT_FRAMES",
+            "CLIENT_MESSAGES",
+            "CLIENT_CREATIONS",
+            "ROOM_MESSAGES",
+            "GLOBAL_CREATIONS",
+            "GLOBAL_CONNECTIONS",
+        ] {
+            cmd.env(format!("NANOCHAT__RATE__{limit}__PER_MINUTE"), "100000000")
+                .env(format!("NANOCHAT__RATE__{limit}__BURST"), "10000000");
+        }
     }
     if let Some(url) = pg {
         cmd.env("NANOCHAT__DATABASE__URL", url);
@@ -260,7 +266,7 @@ fn rss_bytes(pid: u32) -> u64 {
 async fn main() {
     let cmd = std::env::args().nth(1).unwrap_or_default();
     assert!(
-        ["fanout", "idle", "soak", "publish"].contains(&cmd.as_str()),
+        ["fanout", "idle", "soak", "publish", "abuse"].contains(&cmd.as_str()),
         "usage: nanochat-load fanout|idle|soak|publish --target nanochat|bare|naive|batch ..."
     );
     let args = parse_args();
@@ -288,7 +294,8 @@ async fn main() {
             .map(|i| {
                 let d = dir.join(format!("node{i}"));
                 std::fs::create_dir_all(&d).expect("node dir");
-                let s = spawn_nanochat(&d, &secret, args.postgres.as_deref(), extra);
+                let s =
+                    spawn_nanochat(&d, &secret, args.postgres.as_deref(), extra, cmd == "abuse");
                 // Let the first node create the secret file before the others read it.
                 std::thread::sleep(Duration::from_millis(300));
                 s
@@ -297,6 +304,12 @@ async fn main() {
         other => panic!("unknown target {other}"),
     };
 
+    if cmd == "abuse" {
+        abuse::run(&args, &servers[0]).await;
+        drop(servers);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     if cmd == "publish" {
         publish::nanochat(&args, &servers[0]).await;
         drop(servers);
