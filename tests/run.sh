@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and integration tests (real SQLite files, a throwaway Postgres the
 # tests start themselves, real sockets), the browser client's JS tests under node, the
-# browser tests in headless Chromium, and promtool checks of the metrics and alert rules. Installs what a fresh Debian machine lacks when run as
+# browser tests in headless Chromium, promtool checks of the metrics and alert rules, and
+# instruction counts under valgrind for the constant-time checks. Installs what a fresh Debian machine lacks when run as
 # root; otherwise says what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 [ -x /usr/bin/chromium ] || [ -n "${NANOCHAT_CHROMIUM:-}" ] || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing: ${missing[*]}"

@@ -16,5 +16,6 @@ mod hostile;
 mod http;
 mod lifecycle;
 mod pg;
+mod security;
 mod store;
 mod vectors;
