@@ -101,10 +101,23 @@ fn limiter_benches(c: &mut Criterion) {
     });
     drop(keyed);
 
+    // At its cap (100 000 keys, the default), where every check also counts the keys.
+    let capped = KeyedLimiter::new("bench", UNLIMITED, 100_000);
+    for k in &keys[..99_999] {
+        capped.check(*k).unwrap();
+    }
+    c.bench_function("keyed_limit_check_at_cap", |b| {
+        b.iter(|| {
+            i = (i + 7919) % 99_999;
+            capped.check(black_box(keys[i])).unwrap()
+        })
+    });
+
     // The whole admission path of one `send`, as the session runs it before handing the
     // message to the writer: per-client frame limit, per-socket frame limit, parse and
     // validate, per-client message limit, per-room message limit, epoch window. The
-    // per-client maps hold their full default key count (100 000 clients).
+    // per-client maps hold half their default key cap (50 000 other clients); at the cap the
+    // limiter counts its keys on every check (see `keyed_limit_check_at_cap`).
     let mut settings = Settings::default();
     let r = &mut settings.rate;
     for rate in [
@@ -115,7 +128,7 @@ fn limiter_benches(c: &mut Criterion) {
         *rate = UNLIMITED;
     }
     let limits = Limits::new(&settings, Arc::new(nanochat::metrics::Metrics::new()));
-    for k in 0..settings.rate.max_keys as u128 - 1 {
+    for k in 0..settings.rate.max_keys as u128 / 2 {
         let _ = limits.client(ClientLimit::Frame, Client::Ip(k << 64));
         let _ = limits.client(ClientLimit::Message, Client::Ip(k << 64));
     }

@@ -83,6 +83,25 @@ async fn the_server_secret_is_created_private_and_kept_across_restarts() {
         !db.windows(32).any(|w| w == keys.auth_key),
         "auth key stored wrapped"
     );
+    // Whoever holds a dump of the database cannot join with what is stored: no 32 bytes of
+    // the wrapped key work as the auth key.
+    let wrapped: Vec<u8> = rusqlite::Connection::open(app.dir.path().join("nanochat.db"))
+        .unwrap()
+        .query_row(
+            "SELECT auth_wrapped FROM rooms WHERE id = ?1",
+            [&keys.room_id[..]],
+            |r| r.get(0),
+        )
+        .unwrap();
+    for window in wrapped.windows(32) {
+        let mut thief = app.client().await;
+        let mut stolen = keys.clone();
+        stolen.auth_key.copy_from_slice(window);
+        match thief.join(&stolen, None).await.unwrap() {
+            ServerFrame::Error { code, .. } => assert_eq!(code, "auth_failed"),
+            other => panic!("a stored value opened the room: {other:?}"),
+        }
+    }
     drop(_alice);
 
     // Restart on the same directory: same secret, the room still accepts its members.
