@@ -256,14 +256,20 @@ impl PgStore {
         batch: &[NewMessage],
         now: Millis,
     ) -> Result<Vec<AppendOutcome>, tokio_postgres::Error> {
+        // Every statement is prepared once per connection (deadpool's statement cache): a
+        // fresh prepare is one more round trip and, on the partitioned table, a planning pass
+        // over every partition, for each batch.
         let tx = client.transaction().await?;
         let mut rooms: Vec<&[u8]> = batch.iter().map(|m| &m.room[..]).collect();
         rooms.sort_unstable();
         rooms.dedup();
         let locked = tx
             .query(
-                "SELECT id, last_seq FROM rooms WHERE id = ANY($1) AND wiped_at IS NULL
+                &tx.prepare_cached(
+                    "SELECT id, last_seq FROM rooms WHERE id = ANY($1) AND wiped_at IS NULL
                  ORDER BY id FOR UPDATE",
+                )
+                .await?,
                 &[&rooms],
             )
             .await?;
@@ -278,10 +284,13 @@ impl PgStore {
         let iv_col: Vec<&[u8]> = batch.iter().map(|m| &m.iv[..]).collect();
         let dups = tx
             .query(
-                "SELECT m.room_id, m.iv FROM messages m
+                &tx.prepare_cached(
+                    "SELECT m.room_id, m.iv FROM messages m
                  JOIN unnest($1::bytea[], $2::bytea[]) AS t(room_id, iv)
                    ON m.room_id = t.room_id AND m.iv = t.iv
                  WHERE m.created_at >= $3",
+                )
+                .await?,
                 &[&room_col, &iv_col, &ts(replay_window_start(now))],
             )
             .await?;
@@ -311,18 +320,24 @@ impl PgStore {
         if !rooms_w.is_empty() {
             let at = ts(now);
             tx.execute(
-                "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+                &tx.prepare_cached(
+                    "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
                  SELECT r, s, $3, e, i, c
                  FROM unnest($1::bytea[], $2::int8[], $4::int4[], $5::bytea[], $6::bytea[])
                    AS t(r, s, e, i, c)",
+                )
+                .await?,
                 &[&rooms_w, &seqs, &at, &epochs, &ivs, &cts],
             )
             .await?;
             let (ids, lasts): (Vec<&[u8]>, Vec<i64>) =
                 last_seq.iter().map(|(k, v)| (&k[..], *v)).unzip();
             tx.execute(
-                "UPDATE rooms SET last_seq = t.s, last_active = GREATEST(last_active, $3)
+                &tx.prepare_cached(
+                    "UPDATE rooms SET last_seq = t.s, last_active = GREATEST(last_active, $3)
                  FROM unnest($1::bytea[], $2::int8[]) AS t(r, s) WHERE rooms.id = t.r",
+                )
+                .await?,
                 &[&ids, &lasts, &at],
             )
             .await?;
@@ -335,7 +350,7 @@ impl PgStore {
                 crate::cluster::message_payloads(self.node, &crate::cluster::ranges(stored))
             {
                 tx.execute(
-                    "SELECT pg_notify($1, $2)",
+                    &tx.prepare_cached("SELECT pg_notify($1, $2)").await?,
                     &[&crate::cluster::CHANNEL, &payload],
                 )
                 .await?;
