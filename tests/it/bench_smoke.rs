@@ -174,3 +174,30 @@ fn the_soak_scenario_runs_and_expires_aged_rows() {
     assert!(report["samples"].as_u64().unwrap() >= 3, "{report}");
     assert_eq!(report["client_errors"], 0, "{report}");
 }
+
+#[actix_web::test]
+async fn the_expiry_scenario_drops_a_day_and_deletes_one_under_load() {
+    let db = crate::pg::cluster().database().await;
+    let report = run(&[
+        "expiry",
+        "--postgres",
+        &db.url,
+        "--rows",
+        "2000",
+        "--senders",
+        "2",
+        "--window",
+        "2",
+        "--secs",
+        "1",
+    ]);
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{report}");
+    for r in results {
+        assert_eq!(r["rows"], 2000, "all old rows were there before: {report}");
+        assert_eq!(r["old_rows_left"], 0, "and none after: {report}");
+        assert!(r["expiry_ms"].as_f64().unwrap() > 0.0, "{report}");
+    }
+    assert_eq!(results[0]["method"], "drop_partition");
+    assert!(report["acked"].as_u64().unwrap() > 0, "{report}");
+}

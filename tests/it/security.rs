@@ -5,18 +5,7 @@ use std::process::Command;
 /// Instructions executed inside functions matching `function` while `ct_probe` runs
 /// `what variant`, counted by valgrind's callgrind (exact and repeatable, unlike time).
 fn instructions(what: &str, variant: &str, function: &str) -> u64 {
-    let probe = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/ct_probe");
-    assert!(
-        probe.is_file(),
-        "{} is built with the tests: run them with cargo test --all-targets (tests/run.sh)",
-        probe.display()
-    );
+    let probe = env!("CARGO_BIN_EXE_ct-probe");
     let out_file = tempfile::NamedTempFile::new().unwrap();
     let status = Command::new("valgrind")
         .arg("--tool=callgrind")
@@ -25,7 +14,7 @@ fn instructions(what: &str, variant: &str, function: &str) -> u64 {
             out_file.path().display()
         ))
         .arg(format!("--toggle-collect=*{function}*"))
-        .arg(&probe)
+        .arg(probe)
         .args([what, variant])
         .output()
         .expect("this test counts instructions with valgrind: apt-get install valgrind");

@@ -1,6 +1,6 @@
 //! Runs one secret comparison many times, for the constant-time test in
 //! `tests/it/security.rs`, which counts its instructions under valgrind:
-//! `ct_probe join|pow|early_exit right|first|last` (the proof or tag is correct, or wrong in
+//! `ct-probe join|pow|early_exit right|first|last` (the proof or tag is correct, or wrong in
 //! its first or its last byte). `early_exit` is a comparison that stops at the first
 //! difference, the kind the test must catch.
 

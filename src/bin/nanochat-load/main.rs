@@ -8,6 +8,7 @@
 //!                      [--secs 10] [--postgres URL] [--nodes 1]
 //! nanochat-load idle   --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
 //! nanochat-load soak   [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
+//! nanochat-load expiry --postgres URL [--rows 1000000] [--senders 16] [--window 8] [--secs 5]
 //! nanochat-load abuse  [--rooms 10] [--members 10] [--rate 10000] [--secs 10]
 //! nanochat-load publish --target nanochat|naive|batch [--senders 16] [--window 8] [--secs 10]
 //!                       [--postgres URL]
@@ -30,6 +31,7 @@ use nanochat::protocol::{b64u, from_b64u};
 use tokio_tungstenite::tungstenite::Message;
 
 mod abuse;
+mod expiry;
 mod publish;
 mod soak;
 
@@ -43,6 +45,7 @@ struct Args {
     sample_secs: u64,
     senders: usize,
     window: usize,
+    rows: usize,
     postgres: Option<String>,
     nodes: usize,
 }
@@ -58,6 +61,7 @@ fn parse_args() -> Args {
         sample_secs: 10,
         senders: 16,
         window: 8,
+        rows: 1_000_000,
         postgres: None,
         nodes: 1,
     };
@@ -75,6 +79,7 @@ fn parse_args() -> Args {
             "--clients" => a.clients = v.parse().expect("--clients"),
             "--senders" => a.senders = v.parse().expect("--senders"),
             "--window" => a.window = v.parse().expect("--window"),
+            "--rows" => a.rows = v.parse().expect("--rows"),
             "--sample-secs" => a.sample_secs = v.parse().expect("--sample-secs"),
             other => panic!("unknown option {other}"),
         }
@@ -266,7 +271,7 @@ fn rss_bytes(pid: u32) -> u64 {
 async fn main() {
     let cmd = std::env::args().nth(1).unwrap_or_default();
     assert!(
-        ["fanout", "idle", "soak", "publish", "abuse"].contains(&cmd.as_str()),
+        ["fanout", "idle", "soak", "publish", "abuse", "expiry"].contains(&cmd.as_str()),
         "usage: nanochat-load fanout|idle|soak|publish --target nanochat|bare|naive|batch ..."
     );
     let args = parse_args();
@@ -278,10 +283,10 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("nanochat-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let secret = dir.join("secret");
-    let extra: &[(&str, &str)] = if cmd == "soak" {
-        &soak::SERVER_ENV
-    } else {
-        &[]
+    let extra: &[(&str, &str)] = match cmd.as_str() {
+        "soak" => &soak::SERVER_ENV,
+        "expiry" => &expiry::SERVER_ENV,
+        _ => &[],
     };
     if cmd == "publish" && args.target != "nanochat" {
         publish::baseline(&args, &args.target, &dir).await;
@@ -304,6 +309,12 @@ async fn main() {
         other => panic!("unknown target {other}"),
     };
 
+    if cmd == "expiry" {
+        expiry::run(&args, &servers[0]).await;
+        drop(servers);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     if cmd == "abuse" {
         abuse::run(&args, &servers[0]).await;
         drop(servers);

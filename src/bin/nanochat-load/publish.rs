@@ -11,7 +11,7 @@
 //! `--window` sends in flight; the ack latency is from sending the frame to reading its ack.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -50,32 +50,34 @@ fn report(args: &Args, target: &str, acked: u64, secs: f64, h: &Histogram<u64>, 
     );
 }
 
-/// NanoChat: closed-loop senders, one room each.
-pub async fn nanochat(args: &Args, server: &Server) {
-    let start = Instant::now();
-    let acked = Arc::new(AtomicU64::new(0));
+/// Closed-loop senders against `addr`: `senders` sockets, each in its own new room, each
+/// keeping `window` sends in flight, until `stop`. Returns every ack as (when it arrived, µs
+/// since `start`; its latency, µs).
+pub async fn closed_loop(
+    addr: &str,
+    senders: usize,
+    window: usize,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+) -> Vec<(u64, u64)> {
     let mut sockets = Vec::new();
-    for n in 0..args.senders {
+    for n in 0..senders {
         let mut secret = [0u8; 32];
         rand::fill(&mut secret);
         let keys = RoomKeys::derive(&secret);
-        let (mut ws, challenge) = connect(&server.addr, n).await;
+        let (mut ws, challenge) = connect(addr, n).await;
         enter(&mut ws, &challenge, &keys, true).await;
         sockets.push(ws);
     }
-    let cpu_before = cpu_seconds(server.pid());
-    let run = Instant::now();
-    let deadline = run + Duration::from_secs(args.secs);
     let mut tasks = Vec::new();
     for ws in sockets {
-        let acked = acked.clone();
-        let window = args.window;
+        let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let (mut sink, mut stream) = ws.split();
             let permits = Arc::new(tokio::sync::Semaphore::new(window));
             let reader_permits = permits.clone();
             let reader = tokio::spawn(async move {
-                let mut h = histogram();
+                let mut acks = Vec::new();
                 while let Some(Ok(Message::Text(t))) = stream.next().await {
                     let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
                     if v["type"] != "ack" && v["type"] != "error" {
@@ -84,15 +86,14 @@ pub async fn nanochat(args: &Args, server: &Server) {
                     let sent: u64 = v["ref"].as_str().and_then(|r| r.parse().ok()).unwrap_or(0);
                     if v["type"] == "ack" {
                         let now = start.elapsed().as_micros() as u64;
-                        let _ = h.record(now.saturating_sub(sent).max(1));
-                        acked.fetch_add(1, Ordering::Relaxed);
+                        acks.push((now, now.saturating_sub(sent).max(1)));
                     }
                     reader_permits.add_permits(1);
                 }
-                h
+                acks
             });
             let epoch = crypto::epoch_of(nanochat::store::now_ms());
-            while Instant::now() < deadline {
+            while !stop.load(Ordering::Relaxed) {
                 let Ok(p) = permits.acquire().await else {
                     break;
                 };
@@ -120,22 +121,53 @@ pub async fn nanochat(args: &Args, server: &Server) {
                 .await
                 .ok()
                 .and_then(Result::ok)
-                .unwrap_or_else(histogram)
+                .unwrap_or_default()
         }));
     }
-    let mut h = histogram();
+    let mut all = Vec::new();
     for t in tasks {
-        if let Ok(local) = t.await {
-            h.add(&local).expect("same bounds");
+        if let Ok(acks) = t.await {
+            all.extend(acks);
         }
     }
-    let secs = run.elapsed().as_secs_f64();
+    all
+}
+
+/// Latency histogram of (at, latency) samples whose `at` lies in `from..to` (µs).
+pub fn latencies(samples: &[(u64, u64)], from: u64, to: u64) -> Histogram<u64> {
+    let mut h = histogram();
+    for &(at, lat) in samples {
+        if (from..to).contains(&at) {
+            let _ = h.record(lat);
+        }
+    }
+    h
+}
+
+/// NanoChat: closed-loop senders, one room each.
+pub async fn nanochat(args: &Args, server: &Server) {
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu_before = cpu_seconds(server.pid());
+    let run = tokio::spawn({
+        let (addr, stop) = (server.addr.clone(), stop.clone());
+        let (senders, window) = (args.senders, args.window);
+        async move { closed_loop(&addr, senders, window, start, stop).await }
+    });
+    // The sockets are open and joined within the first moments; measure the rest.
+    tokio::time::sleep(Duration::from_secs(args.secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let samples = run.await.expect("senders");
+    let from = samples.iter().map(|s| s.0).min().unwrap_or(0);
+    let to = samples.iter().map(|s| s.0).max().unwrap_or(0) + 1;
+    let h = latencies(&samples, from, to);
+    let secs = (to - from) as f64 / 1e6;
     let cpu = cpu_seconds(server.pid()) - cpu_before;
     report(
         args,
         "nanochat",
-        acked.load(Ordering::Relaxed),
-        secs,
+        samples.len() as u64,
+        secs.max(1e-3),
         &h,
         cpu,
     );

@@ -1,0 +1,190 @@
+//! Expiry under write load (Postgres): while closed-loop senders publish through the server,
+//! one day of `--rows` messages past the retention is expired twice, each time freshly
+//! written: first the way NanoChat does it (maintenance drops the day's partition), then the
+//! way a table without partitions must (`DELETE` of the same rows and `VACUUM`). For each:
+//! how long it took, the senders' p99 ack latency before and during it, and the database
+//! size before and after.
+//!
+//! The old rows go in through the store with a clock set 31 days back, into that day's
+//! partition; the server runs no maintenance of its own during the run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nanochat::store::postgres::PgStore;
+use nanochat::store::{Millis, NewMessage, Retention, Store as _, now_ms};
+
+use crate::publish::{closed_loop, latencies};
+use crate::{Args, Server};
+
+/// The server's own maintenance stays out of the way; the scenario triggers expiry itself.
+pub const SERVER_ENV: [(&str, &str); 1] =
+    [("NANOCHAT__RETENTION__MAINTENANCE_INTERVAL_SECS", "86400")];
+
+const DAY_MS: Millis = 86_400_000;
+
+/// Write `rows` messages dated 31 days ago over 1000 rooms, in batches of 5000.
+async fn fill(store: &PgStore, rows: usize) {
+    let then = now_ms() - 31 * DAY_MS;
+    store.ensure_partitions(then).await.expect("old partitions");
+    let rooms: Vec<[u8; 16]> = (0..1000)
+        .map(|_| {
+            let mut r = [0u8; 16];
+            rand::fill(&mut r);
+            r
+        })
+        .collect();
+    for r in &rooms {
+        store.create_room(r, &[0u8; 60], then).await.expect("room");
+    }
+    let mut written = 0;
+    while written < rows {
+        let n = (rows - written).min(5000);
+        let batch: Vec<NewMessage> = (0..n)
+            .map(|i| {
+                let mut iv = [0u8; 12];
+                rand::fill(&mut iv);
+                let mut ct = vec![0u8; 64];
+                rand::fill(&mut ct[..]);
+                NewMessage {
+                    room: rooms[(written + i) % rooms.len()],
+                    epoch: nanochat::crypto::epoch_of(then),
+                    iv,
+                    ct,
+                }
+            })
+            .collect();
+        store.append(&batch, then).await.expect("append old rows");
+        written += n;
+    }
+}
+
+async fn db_size(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT pg_database_size(current_database())", &[])
+        .await
+        .expect("database size")
+        .get(0)
+}
+
+async fn old_rows(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM messages WHERE created_at < now() - interval '30 days'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0)
+}
+
+pub async fn run(args: &Args, server: &Server) {
+    let url = args
+        .postgres
+        .as_deref()
+        .expect("expiry needs --postgres URL");
+    let store = PgStore::connect(
+        url,
+        &nanochat::config::DatabaseSettings::default(),
+        Retention::from_days(30, 365),
+    )
+    .await
+    .expect("connect to Postgres");
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to Postgres");
+    tokio::spawn(conn);
+
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (addr, stop) = (server.addr.clone(), stop.clone());
+        let (senders, window) = (args.senders, args.window);
+        async move { closed_loop(&addr, senders, window, start, stop).await }
+    });
+    let settle = Duration::from_secs(args.secs);
+    let mut windows = Vec::new();
+    for method in ["drop_partition", "delete_and_vacuum"] {
+        let filled = Instant::now();
+        fill(&store, args.rows).await;
+        let fill_s = filled.elapsed().as_secs_f64();
+        let rows_before = old_rows(&client).await;
+        let size_before = db_size(&client).await;
+        // Steady state: the senders alone, just before the expiry.
+        tokio::time::sleep(settle).await;
+        let op_start = start.elapsed().as_micros() as u64;
+        let t = Instant::now();
+        match method {
+            "drop_partition" => {
+                let report = store.maintain(now_ms()).await.expect("maintenance");
+                assert!(report.partitions_dropped > 0, "{report:?}");
+            }
+            _ => {
+                client
+                    .execute(
+                        "DELETE FROM messages WHERE created_at < now() - interval '30 days'",
+                        &[],
+                    )
+                    .await
+                    .expect("delete");
+                client
+                    .batch_execute("VACUUM messages")
+                    .await
+                    .expect("vacuum");
+            }
+        }
+        let op_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let op_end = start.elapsed().as_micros() as u64;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let size_after = db_size(&client).await;
+        windows.push((
+            method,
+            fill_s,
+            rows_before,
+            op_ms,
+            op_start,
+            op_end,
+            size_before,
+            size_after,
+            old_rows(&client).await,
+        ));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let samples = load.await.expect("senders");
+    let settle_us = settle.as_micros() as u64;
+    let results: Vec<serde_json::Value> = windows
+        .iter()
+        .map(|&(method, fill_s, rows, op_ms, op_start, op_end, before, after, left)| {
+            let steady = latencies(&samples, op_start.saturating_sub(settle_us), op_start);
+            // During: from the start of the expiry to one second after it ended.
+            let during = latencies(&samples, op_start, op_end + 1_000_000);
+            let p99 = |h: &hdrhistogram::Histogram<u64>| h.value_at_quantile(0.99) as f64 / 1000.0;
+            serde_json::json!({
+                "method": method,
+                "rows": rows,
+                "fill_s": (fill_s * 10.0).round() / 10.0,
+                "expiry_ms": (op_ms * 10.0).round() / 10.0,
+                "steady_p99_ms": p99(&steady),
+                "during_p99_ms": p99(&during),
+                "during_max_ms": during.max() as f64 / 1000.0,
+                "spike": if p99(&steady) > 0.0 { (p99(&during) / p99(&steady) * 100.0).round() / 100.0 } else { 0.0 },
+                "db_bytes_before": before,
+                "db_bytes_after": after,
+                "freed_bytes": before - after,
+                "old_rows_left": left,
+            })
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "expiry",
+            "backend": "postgres",
+            "senders": args.senders,
+            "window": args.window,
+            "acked": samples.len(),
+            "results": results,
+        })
+    );
+}
