@@ -57,6 +57,9 @@ async fn fill(store: &PgStore, rows: usize) {
             .collect();
         store.append(&batch, then).await.expect("append old rows");
         written += n;
+        if written % 100_000 == 0 {
+            eprintln!("{written} old rows written");
+        }
     }
 }
 
@@ -114,6 +117,7 @@ pub async fn run(args: &Args, server: &Server) {
         // Steady state: the senders alone, just before the expiry.
         tokio::time::sleep(settle).await;
         let op_start = start.elapsed().as_micros() as u64;
+        eprintln!("{method}: {rows_before} old rows, {size_before} bytes");
         let t = Instant::now();
         match method {
             "drop_partition" => {
@@ -138,6 +142,7 @@ pub async fn run(args: &Args, server: &Server) {
         let op_end = start.elapsed().as_micros() as u64;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let size_after = db_size(&client).await;
+        eprintln!("{method}: {op_ms:.1} ms, {size_after} bytes after");
         windows.push((
             method,
             fill_s,

@@ -94,8 +94,13 @@ pub async fn closed_loop(
             });
             let epoch = crypto::epoch_of(nanochat::store::now_ms());
             while !stop.load(Ordering::Relaxed) {
-                let Ok(p) = permits.acquire().await else {
-                    break;
+                // Bounded wait: a socket the server closed never returns its permits.
+                let p = match tokio::time::timeout(Duration::from_secs(1), permits.acquire()).await
+                {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => break,
+                    Err(_) if reader.is_finished() => break,
+                    Err(_) => continue,
                 };
                 p.forget();
                 let mut iv = [0u8; 12];
