@@ -10,15 +10,23 @@ use nanochat::store::now_ms;
 use crate::helpers::{http_get, start, test_settings};
 use crate::pg::PgCluster;
 
-/// Send message `i` and wait for its answer: ("m<i>", "acked" | "refused").
+/// Send message `i` (its text `m<i>`, then `padding` more bytes, so a full disk is reached
+/// sooner) and wait for its answer: ("m<i>", "acked" | "refused"). The only refusal a fault
+/// may cause is `unavailable`.
 async fn send(
     alice: &mut nanochat::client::Client,
     s: &mut RoomSession,
     i: usize,
+    padding: usize,
 ) -> (String, &'static str) {
-    let text = format!("m{i}");
+    let label = format!("m{i}");
+    let text = if padding == 0 {
+        label.clone()
+    } else {
+        format!("{label} {}", "x".repeat(padding))
+    };
     alice
-        .send_sealed(&text, &s.seal("alice", &text))
+        .send_sealed(&label, &s.seal("alice", &text))
         .await
         .unwrap();
     match alice.recv().await.unwrap() {
@@ -26,7 +34,7 @@ async fn send(
         ServerFrame::Error {
             code, reference, ..
         } => {
-            assert_eq!(code, "unavailable", "while Postgres is down");
+            assert_eq!(code, "unavailable", "while the fault lasts");
             (reference.unwrap(), "refused")
         }
         other => panic!("{other:?}"),
@@ -47,13 +55,13 @@ async fn postgres_crashing_mid_stream_refuses_sends_and_loses_no_acknowledged_me
     let mut outcome: HashMap<String, &'static str> = HashMap::new();
     let mut i = 0;
     for _ in 0..10 {
-        let (r, o) = send(&mut alice, &mut s, i).await;
+        let (r, o) = send(&mut alice, &mut s, i, 0).await;
         outcome.insert(r, o);
         i += 1;
     }
     cluster.stop_immediate();
     for _ in 0..5 {
-        let (r, o) = send(&mut alice, &mut s, i).await;
+        let (r, o) = send(&mut alice, &mut s, i, 0).await;
         assert_eq!(
             o, "refused",
             "nothing is acknowledged while the database is down"
@@ -77,7 +85,7 @@ async fn postgres_crashing_mid_stream_refuses_sends_and_loses_no_acknowledged_me
     // Sending works again (a first attempt may meet a pooled connection that died).
     let mut acked_after = 0;
     for _ in 0..10 {
-        let (r, o) = send(&mut alice, &mut s, i).await;
+        let (r, o) = send(&mut alice, &mut s, i, 0).await;
         if o == "acked" {
             acked_after += 1;
         }
@@ -164,29 +172,6 @@ fn fill_disk(path: &std::path::Path) {
     }
 }
 
-/// Sends with 2 KiB of text each, so the write-ahead log needs fresh pages quickly.
-async fn send_big(
-    alice: &mut nanochat::client::Client,
-    s: &mut RoomSession,
-    i: usize,
-) -> (String, &'static str) {
-    let text = format!("m{i} {}", "x".repeat(2048));
-    alice
-        .send_sealed(&format!("m{i}"), &s.seal("alice", &text))
-        .await
-        .unwrap();
-    match alice.recv().await.unwrap() {
-        ServerFrame::Ack { reference, .. } => (reference, "acked"),
-        ServerFrame::Error {
-            code, reference, ..
-        } => {
-            assert_eq!(code, "unavailable", "while the disk is full");
-            (reference.unwrap(), "refused")
-        }
-        other => panic!("{other:?}"),
-    }
-}
-
 /// Stop a server process with SIGTERM and wait for it.
 fn terminate(proc: &mut crate::binary::Proc) {
     let pid = proc.0.id().to_string();
@@ -252,7 +237,7 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers_without_loss_or_corrupti
     let mut outcome: HashMap<String, &'static str> = HashMap::new();
     let mut i = 0;
     for _ in 0..10 {
-        let (r, o) = send_big(&mut alice, &mut s, i).await;
+        let (r, o) = send(&mut alice, &mut s, i, 2048).await;
         assert_eq!(o, "acked");
         outcome.insert(r, o);
         i += 1;
@@ -262,7 +247,7 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers_without_loss_or_corrupti
     fill_disk(&filler);
     let mut refused = 0;
     for _ in 0..200 {
-        let (r, o) = send_big(&mut alice, &mut s, i).await;
+        let (r, o) = send(&mut alice, &mut s, i, 2048).await;
         outcome.insert(r, o);
         i += 1;
         if o == "refused" {
@@ -297,7 +282,7 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers_without_loss_or_corrupti
             Instant::now() < deadline,
             "sending did not recover: {outcome:?}"
         );
-        let (r, o) = send_big(&mut alice, &mut s, i).await;
+        let (r, o) = send(&mut alice, &mut s, i, 2048).await;
         if o == "acked" {
             acked_after += 1;
         }
@@ -328,7 +313,7 @@ async fn a_read_only_data_directory_stops_the_start_with_a_clear_error_and_harms
     alice.create(&keys).await.unwrap();
     let mut s = RoomSession::new(keys.clone());
     for i in 0..5 {
-        assert_eq!(send_big(&mut alice, &mut s, i).await.1, "acked");
+        assert_eq!(send(&mut alice, &mut s, i, 2048).await.1, "acked");
     }
     drop(alice);
     terminate(&mut server);

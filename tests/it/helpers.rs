@@ -172,15 +172,17 @@ pub async fn http_raw(port: u16, request: &str) -> HttpResponse {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
-    stream.write_all(request.as_bytes()).await.expect("write");
+    // A server may answer and close before a huge request is fully written (a 431, say); then
+    // the write or the read meets a reset, and the answer is whatever arrived (status 0 if
+    // nothing did).
+    let _ = stream.write_all(request.as_bytes()).await;
     let mut buf = Vec::new();
-    tokio::time::timeout(
+    let _ = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         stream.read_to_end(&mut buf),
     )
     .await
-    .expect("response in time")
-    .expect("read");
+    .expect("response in time");
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
