@@ -469,6 +469,8 @@ async fn memory_and_descriptors_return_to_baseline_after_rounds_of_the_corpus() 
     settings.log.filter = "info".into();
     settings.limits.max_frame_bytes = 64 * 1024;
     settings.limits.handshake_timeout_secs = 1;
+    // The room creator waits silently through all rounds before its last check.
+    settings.limits.idle_timeout_secs = 600;
     let config = dir.path().join("nanochat.toml");
     std::fs::write(&config, toml::to_string(&settings).unwrap()).unwrap();
     let config = config.to_str().unwrap().to_owned();
