@@ -11,10 +11,9 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
 use nanochat::crypto::{self, RoomKeys};
-use nanochat::protocol::{b64u, from_b64u};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{Args, Server, connect, cpu_seconds, enter};
+use crate::{Args, Server, connect, cpu_seconds, enter, sent_at, timed_send};
 
 #[derive(Default)]
 struct Flood {
@@ -57,9 +56,7 @@ async fn phase(
                         if !t.as_str().starts_with(r#"{"type":"msg""#) {
                             continue;
                         }
-                        let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
-                        let ct = from_b64u(v["ct"].as_str().unwrap_or("")).unwrap_or_default();
-                        let at = u64::from_be_bytes(ct[..8].try_into().expect("8 bytes"));
+                        let at = sent_at(t.as_str()).expect("a timed message");
                         let now = start.elapsed().as_micros() as u64;
                         let _ = hist
                             .lock()
@@ -73,16 +70,7 @@ async fn phase(
                 let epoch = crypto::epoch_of(nanochat::store::now_ms());
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let mut ct = vec![0u8; 48];
-                    ct[..8].copy_from_slice(&(start.elapsed().as_micros() as u64).to_be_bytes());
-                    rand::fill(&mut ct[8..]);
-                    let mut iv = [0u8; 12];
-                    rand::fill(&mut iv);
-                    let frame = format!(
-                        r#"{{"type":"send","ref":"{i}","epoch":{epoch},"iv":"{}","ct":"{}"}}"#,
-                        b64u(&iv),
-                        b64u(&ct)
-                    );
+                    let frame = timed_send(i, epoch, start, 48);
                     if sink.send(Message::text(frame)).await.is_err() {
                         break;
                     }

@@ -258,6 +258,28 @@ async fn enter(ws: &mut Ws, challenge: &[u8; 32], keys: &RoomKeys, create: bool)
     assert_eq!(answer["type"], "joined", "{answer}");
 }
 
+/// A `send` frame whose ciphertext (`ct_len` random bytes, at least 8) starts with the time
+/// since `start` in µs, so a receiver can tell the delivery latency.
+fn timed_send(reference: u64, epoch: u32, start: Instant, ct_len: usize) -> String {
+    let mut ct = vec![0u8; ct_len];
+    ct[..8].copy_from_slice(&(start.elapsed().as_micros() as u64).to_be_bytes());
+    rand::fill(&mut ct[8..]);
+    let mut iv = [0u8; 12];
+    rand::fill(&mut iv);
+    format!(
+        r#"{{"type":"send","ref":"{reference}","epoch":{epoch},"iv":"{}","ct":"{}"}}"#,
+        b64u(&iv),
+        b64u(&ct)
+    )
+}
+
+/// The send time (µs since the sender's `start`) carried by a `msg` frame from [`timed_send`].
+fn sent_at(msg_text: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(msg_text).ok()?;
+    let ct = from_b64u(v["ct"].as_str()?)?;
+    Some(u64::from_be_bytes(ct.get(..8)?.try_into().ok()?))
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -309,36 +331,22 @@ async fn main() {
         other => panic!("unknown target {other}"),
     };
 
-    if cmd == "expiry" {
-        expiry::run(&args, &servers[0]).await;
-        drop(servers);
-        let _ = std::fs::remove_dir_all(&dir);
-        return;
+    let single = &servers[0];
+    match cmd.as_str() {
+        "expiry" => expiry::run(&args, single).await,
+        "abuse" => abuse::run(&args, single).await,
+        "publish" => publish::nanochat(&args, single).await,
+        "soak" => soak::run(&args, single, &dir.join("node0")).await,
+        "idle" => idle(&args, single).await,
+        _ => return fanout(&args, servers, &dir).await,
     }
-    if cmd == "abuse" {
-        abuse::run(&args, &servers[0]).await;
-        drop(servers);
-        let _ = std::fs::remove_dir_all(&dir);
-        return;
-    }
-    if cmd == "publish" {
-        publish::nanochat(&args, &servers[0]).await;
-        drop(servers);
-        let _ = std::fs::remove_dir_all(&dir);
-        return;
-    }
-    if cmd == "soak" {
-        soak::run(&args, &servers[0], &dir.join("node0")).await;
-        drop(servers);
-        let _ = std::fs::remove_dir_all(&dir);
-        return;
-    }
-    if cmd == "idle" {
-        idle(&args, &servers[0]).await;
-        drop(servers);
-        let _ = std::fs::remove_dir_all(&dir);
-        return;
-    }
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Fan-out: rooms x members joined sockets, one sender per room at an open-loop rate, every
+/// delivery timed.
+async fn fanout(args: &Args, servers: Vec<Server>, dir: &std::path::Path) {
     let start = Instant::now();
     let hist = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
@@ -370,10 +378,7 @@ async fn main() {
                         if !t.starts_with(r#"{"type":"msg""#) {
                             continue;
                         }
-                        let v: serde_json::Value = serde_json::from_str(t).expect("json");
-                        let ct = from_b64u(v["ct"].as_str().unwrap_or("")).unwrap_or_default();
-                        if ct.len() >= 8 {
-                            let sent_us = u64::from_be_bytes(ct[..8].try_into().expect("8 bytes"));
+                        if let Some(sent_us) = sent_at(t) {
                             let now_us = start.elapsed().as_micros() as u64;
                             let _ = local.record(now_us.saturating_sub(sent_us).max(1));
                             delivered.fetch_add(1, Ordering::Relaxed);
@@ -407,16 +412,7 @@ async fn main() {
             let mut i = 0u64;
             while run_start.elapsed() < Duration::from_secs(secs) {
                 tick.tick().await;
-                let mut ct = vec![0u8; 32];
-                ct[..8].copy_from_slice(&(start.elapsed().as_micros() as u64).to_be_bytes());
-                rand::fill(&mut ct[8..]);
-                let mut iv = [0u8; 12];
-                rand::fill(&mut iv);
-                let frame = format!(
-                    r#"{{"type":"send","ref":"{i}","epoch":{epoch},"iv":"{}","ct":"{}"}}"#,
-                    b64u(&iv),
-                    b64u(&ct)
-                );
+                let frame = timed_send(i, epoch, start, 32);
                 if sink.send(Message::text(frame)).await.is_err() {
                     break;
                 }
@@ -464,7 +460,7 @@ async fn main() {
         "deliveries_per_cpu_s": if cpu > 0.0 { (delivered as f64 / cpu).round() } else { 0.0 },
     });
     println!("{report}");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Idle memory: open rooms x members joined sockets, let them sit, and compare the server's
