@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and integration tests (real SQLite files, a throwaway Postgres the
 # tests start themselves, real sockets), the browser client's JS tests under node, the
-# browser tests in headless Chromium, promtool checks of the metrics and alert rules, and
+# browser tests in headless Chromium, the benchmark scenarios at a tiny size (the Node `ws`
+# baseline included), promtool checks of the metrics and alert rules, and
 # instruction counts under valgrind for the constant-time checks. Installs what a fresh Debian machine lacks when run as
 # root; otherwise says what to install.
 set -euo pipefail
@@ -11,6 +12,7 @@ missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 [ -x /usr/bin/chromium ] || [ -n "${NANOCHAT_CHROMIUM:-}" ] || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -24,5 +26,9 @@ if [ ${#missing[@]} -gt 0 ]; then
         exit 1
     fi
 fi
+
+# The Node `ws` fan-out baseline's one package, pinned by its lock file (npm registry).
+[ -d benches/node-ws/node_modules/ws ] ||
+    npm ci --prefix benches/node-ws --no-audit --no-fund --loglevel=error
 
 cargo test --all-targets "$@"

@@ -16,7 +16,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     AppendOutcome, CreateOutcome, MaintenanceReport, Millis, NewMessage, Page, Retention,
-    RoomRecord, Store, StoreError, StoredMessage, assign_seqs, finish_page,
+    RoomRecord, Store, StoreError, StoredMessage, finish_page,
 };
 use crate::crypto::RoomId;
 use crate::protocol::HistoryQuery;
@@ -28,6 +28,14 @@ const MIGRATIONS: &[&str] = &[
 ];
 /// Idle read connections kept open.
 const READ_POOL: usize = 8;
+/// How often the checkpointer thread copies committed WAL pages into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// WAL size (pages) at which the writer checkpoints by itself after a commit: only when the
+/// checkpointer falls behind (a full checkpoint needs a moment without a write in between).
+const WRITER_CHECKPOINT_PAGES: i64 = 4096;
+/// Page cache of the writer connection in KiB (SQLite's negative `cache_size`; the default
+/// is 2 MiB). Taken only as pages are used.
+const WRITER_CACHE_KIB: i64 = -32 * 1024;
 /// Rows deleted per expiry step.
 const DELETE_BATCH: i64 = 5_000;
 
@@ -47,6 +55,8 @@ struct Inner {
     /// Spent proof-of-work tokens and their expiry; one process owns a SQLite store, so the
     /// replay set lives in memory. Entries leave at maintenance once expired.
     spent: Mutex<HashMap<[u8; 16], Millis>>,
+    /// Dropping it stops the checkpointer thread.
+    _checkpointer: std::sync::mpsc::Sender<()>,
 }
 
 fn db_err(e: rusqlite::Error) -> StoreError {
@@ -103,9 +113,17 @@ impl SqliteStore {
             let mut conn = open_connection(&p)
                 .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", p.display()))?;
             migrate(&mut conn)?;
+            // The checkpointer thread copies the WAL into the database file; the writer only
+            // steps in when the WAL has grown past this many pages without a full checkpoint.
+            conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+            // Every message lands at a random place in the (room, iv) index; a cache of a few
+            // MiB makes most of those page reads system calls once the table has grown.
+            conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
             Ok(conn)
         })
         .await??;
+        let (checkpointer, stop) = std::sync::mpsc::channel();
+        spawn_checkpointer(path.clone(), stop)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
@@ -114,6 +132,7 @@ impl SqliteStore {
                 readers: Mutex::new(Vec::new()),
                 retention,
                 spent: Mutex::new(HashMap::new()),
+                _checkpointer: checkpointer,
             }),
         })
     }
@@ -167,6 +186,26 @@ impl SqliteStore {
     }
 }
 
+/// Checkpoint the WAL from a thread of its own, so the writer (and every ack waiting on it)
+/// does not pay for copying pages into the database file and that file's fsync: with SQLite's
+/// default, the writer checkpoints after every 1000 pages of commits. The thread ends when
+/// the store is dropped (`stop`'s sender goes away).
+fn spawn_checkpointer(path: PathBuf, stop: std::sync::mpsc::Receiver<()>) -> anyhow::Result<()> {
+    let conn = open_connection(&path)?;
+    std::thread::Builder::new()
+        .name("sqlite-checkpoint".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stop.recv_timeout(CHECKPOINT_EVERY)
+            {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %e, "WAL checkpoint failed; the writer will retry");
+                }
+            }
+        })?;
+    Ok(())
+}
+
 /// Take the data directory's lock file, waiting a few seconds for a process that is still
 /// exiting (a restart) before giving up.
 async fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
@@ -212,44 +251,54 @@ fn append_tx(
     // writer (an operator's sqlite3 shell, a backup tool). A DEFERRED transaction that reads
     // first fails at once with SQLITE_BUSY_SNAPSHOT when someone else committed in between.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut last_seq: HashMap<RoomId, i64> = HashMap::new();
-    let mut looked_up = HashSet::new();
-    let mut stored_ivs = HashSet::new();
+    // Each room's current last seq, `None` for a room that is not live.
+    let mut last_seq: HashMap<RoomId, Option<i64>> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(batch.len());
     {
         let mut room_q =
             tx.prepare_cached("SELECT last_seq FROM rooms WHERE id = ?1 AND wiped_at IS NULL")?;
-        let mut iv_q =
-            tx.prepare_cached("SELECT 1 FROM messages WHERE room_id = ?1 AND iv = ?2")?;
-        for m in batch {
-            if looked_up.insert(m.room)
-                && let Some(seq) = room_q
-                    .query_row(params![&m.room[..]], |r| r.get::<_, i64>(0))
-                    .optional()?
-            {
-                last_seq.insert(m.room, seq);
-            }
-            if iv_q.exists(params![&m.room[..], &m.iv[..]])? {
-                stored_ivs.insert((m.room, m.iv));
-            }
-        }
-    }
-    let outcomes = assign_seqs(batch, &mut last_seq, &stored_ivs);
-    {
+        // The unique (room_id, iv) index is the replay check: a repeated IV inserts nothing.
+        // One index probe per message instead of a lookup and then an insert.
         let mut insert = tx.prepare_cached(
-            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (room_id, iv) DO NOTHING",
         )?;
-        let mut touched = HashSet::new();
-        for (m, o) in batch.iter().zip(&outcomes) {
-            if let AppendOutcome::Stored { seq } = o {
-                insert.execute(params![&m.room[..], seq, now, m.epoch, &m.iv[..], &m.ct])?;
-                touched.insert(m.room);
+        for m in batch {
+            let last = match last_seq.get_mut(&m.room) {
+                Some(last) => last,
+                None => {
+                    let seq = room_q
+                        .query_row(params![&m.room[..]], |r| r.get::<_, i64>(0))
+                        .optional()?;
+                    last_seq.entry(m.room).or_insert(seq)
+                }
+            };
+            let Some(last) = last else {
+                outcomes.push(AppendOutcome::RoomGone);
+                continue;
+            };
+            let seq = *last + 1;
+            if insert.execute(params![&m.room[..], seq, now, m.epoch, &m.iv[..], &m.ct])? == 1 {
+                *last = seq;
+                outcomes.push(AppendOutcome::Stored { seq });
+            } else {
+                outcomes.push(AppendOutcome::Replay);
             }
         }
         let mut update = tx.prepare_cached(
             "UPDATE rooms SET last_seq = ?2, last_active = MAX(last_active, ?3) WHERE id = ?1",
         )?;
-        for room in touched {
-            update.execute(params![&room[..], last_seq[&room], now])?;
+        let stored = batch
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| matches!(o, AppendOutcome::Stored { .. }));
+        let mut touched = HashSet::new();
+        for (m, _) in stored {
+            if touched.insert(m.room)
+                && let Some(Some(seq)) = last_seq.get(&m.room)
+            {
+                update.execute(params![&m.room[..], seq, now])?;
+            }
         }
     }
     tx.commit()?;

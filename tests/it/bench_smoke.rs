@@ -25,7 +25,7 @@ fn assert_complete(report: &serde_json::Value) {
 }
 
 #[test]
-fn the_fanout_scenario_runs_against_the_bare_baseline_and_nanochat() {
+fn the_fanout_scenario_runs_against_both_baselines_and_nanochat() {
     let tiny = [
         "--rooms",
         "2",
@@ -38,9 +38,48 @@ fn the_fanout_scenario_runs_against_the_bare_baseline_and_nanochat() {
     ];
     let bare = run(&[&["fanout", "--target", "bare"][..], &tiny].concat());
     assert_complete(&bare);
+    let node = run(&[&["fanout", "--target", "node"][..], &tiny].concat());
+    assert_complete(&node);
     let ours = run(&[&["fanout", "--target", "nanochat"][..], &tiny].concat());
     assert_complete(&ours);
     assert!(ours["server_cpu_s"].as_f64().is_some());
+}
+
+#[test]
+fn the_rate_sweep_steps_up_while_runs_pass() {
+    let out = Command::new(env!("CARGO_BIN_EXE_nanochat-load"))
+        .args([
+            "sweep",
+            "--target",
+            "nanochat",
+            "--rooms",
+            "2",
+            "--members",
+            "3",
+        ])
+        .args(["--rate", "20", "--secs", "1", "--steps", "2"])
+        .output()
+        .expect("run the load generator");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    // Two fan-out runs at 20 and 25 msgs/s, then the summary naming the last passing one.
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0]["rate"], 20);
+    assert_eq!(lines[1]["rate"], 25);
+    lines[..2].iter().for_each(assert_complete);
+    assert_eq!(lines[2]["scenario"], "sweep");
+    assert_eq!(lines[2]["max_rate"], 25);
+    assert_eq!(
+        lines[2]["max_deliveries_per_s"],
+        lines[1]["deliveries_per_s"]
+    );
 }
 
 #[actix_web::test]

@@ -555,3 +555,49 @@ async fn a_second_writer_on_the_sqlite_file_delays_appends_instead_of_failing_th
         other.join().unwrap();
     }
 }
+
+/// Committed pages reach the database file through the checkpointer thread, without the
+/// writer paying for it (its own threshold is thousands of pages away) and without a restart.
+#[actix_web::test]
+async fn the_sqlite_wal_is_checkpointed_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), RETENTION).await.unwrap();
+    let db = dir.path().join("nanochat.db");
+    let wal = dir.path().join("nanochat.db-wal");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let r = room(1);
+    store.create_room(&r, &[0u8; 60], now_ms()).await.unwrap();
+    // ~300 pages: far below the writer's own checkpoint threshold.
+    for round in 0..30u8 {
+        let batch: Vec<NewMessage> = (0..10)
+            .map(|_| NewMessage {
+                ct: vec![round; 4000],
+                ..msg(r, round)
+            })
+            .collect();
+        let outcomes = store.append(&batch, now_ms()).await.unwrap();
+        assert_eq!(outcomes.len(), 10);
+    }
+    let wal_size = size(&wal);
+    assert!(
+        wal_size > 1_000_000,
+        "the messages should be in the WAL first ({wal_size} bytes)"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // 1.2 MB of messages; the empty schema takes a few pages.
+    while size(&db) < 1_000_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file stayed at {} bytes with a {wal_size}-byte WAL: nothing \
+             checkpointed it",
+            size(&db)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Everything is still readable, from the file.
+    let page = store
+        .messages(&r, HistoryQuery::After(0), 1000, now_ms())
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 300);
+}

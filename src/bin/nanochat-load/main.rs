@@ -4,8 +4,10 @@
 //! histogram. Prints one JSON line per run. See benches/README.md.
 //!
 //! ```text
-//! nanochat-load fanout --target nanochat|bare [--rooms 100] [--members 10] [--rate 2000]
+//! nanochat-load fanout --target nanochat|bare|node [--rooms 100] [--members 10] [--rate 2000]
 //!                      [--secs 10] [--postgres URL] [--nodes 1]
+//! nanochat-load sweep  --target nanochat|bare|node [--rooms 100] [--members 10] [--rate 1000]
+//!                      [--secs 6] [--steps 12]
 //! nanochat-load idle   --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
 //! nanochat-load soak   [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
 //! nanochat-load expiry --postgres URL [--rows 1000000] [--senders 16] [--window 8] [--secs 5]
@@ -35,6 +37,7 @@ mod expiry;
 mod publish;
 mod soak;
 
+#[derive(Clone)]
 struct Args {
     target: String,
     rooms: usize,
@@ -48,6 +51,7 @@ struct Args {
     rows: usize,
     postgres: Option<String>,
     nodes: usize,
+    steps: usize,
 }
 
 fn parse_args() -> Args {
@@ -64,6 +68,7 @@ fn parse_args() -> Args {
         rows: 1_000_000,
         postgres: None,
         nodes: 1,
+        steps: 12,
     };
     let mut it = std::env::args().skip(2);
     while let Some(k) = it.next() {
@@ -76,6 +81,7 @@ fn parse_args() -> Args {
             "--secs" => a.secs = v.parse().expect("--secs"),
             "--postgres" => a.postgres = Some(v),
             "--nodes" => a.nodes = v.parse().expect("--nodes"),
+            "--steps" => a.steps = v.parse().expect("--steps"),
             "--clients" => a.clients = v.parse().expect("--clients"),
             "--senders" => a.senders = v.parse().expect("--senders"),
             "--window" => a.window = v.parse().expect("--window"),
@@ -178,10 +184,15 @@ fn spawn_nanochat(
             .lines()
             .map_while(Result::ok)
         {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["message"] == "nanochat listening"
-            {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["message"] == "nanochat listening" {
                 let _ = tx.send(v["port"].as_u64().unwrap_or(0));
+            }
+            // The server's warnings and errors explain a run that went wrong.
+            if v["level"] == "WARN" || v["level"] == "ERROR" {
+                eprintln!("server: {line}");
             }
         }
     });
@@ -194,12 +205,32 @@ fn spawn_nanochat(
     }
 }
 
+/// The tokio + tungstenite ceiling (`benches/bare_broadcast.rs`).
 fn spawn_bare() -> Server {
-    let mut child = Command::new(sibling("bare-broadcast"))
-        .arg("127.0.0.1:0")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start bare-broadcast (cargo build --release --bins)");
+    let mut cmd = Command::new(sibling("bare-broadcast"));
+    cmd.arg("127.0.0.1:0");
+    spawn_baseline(cmd, "start bare-broadcast (cargo build --release --bins)")
+}
+
+/// The plain Node.js `ws` broadcast server (`benches/node-ws/server.js`).
+fn spawn_node() -> Server {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/node-ws");
+    assert!(
+        dir.join("node_modules/ws").is_dir(),
+        "the Node baseline needs its package: npm ci --prefix {}",
+        dir.display()
+    );
+    let mut cmd = Command::new("node");
+    cmd.arg(dir.join("server.js")).arg("127.0.0.1:0");
+    spawn_baseline(
+        cmd,
+        "start node (install Node.js: apt-get install -y nodejs npm)",
+    )
+}
+
+/// Start a baseline server that prints `listening on <addr>` as its first line.
+fn spawn_baseline(mut cmd: Command, what: &str) -> Server {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect(what);
     let mut line = String::new();
     use std::io::BufRead as _;
     std::io::BufReader::new(child.stdout.take().expect("stdout"))
@@ -274,10 +305,12 @@ fn timed_send(reference: u64, epoch: u32, start: Instant, ct_len: usize) -> Stri
 }
 
 /// The send time (µs since the sender's `start`) carried by a `msg` frame from [`timed_send`].
+/// Decodes only the first 12 characters of the ciphertext (its first 9 bytes): the receivers
+/// are the load generator's busiest part and share the machine with the server under test.
 fn sent_at(msg_text: &str) -> Option<u64> {
-    let v: serde_json::Value = serde_json::from_str(msg_text).ok()?;
-    let ct = from_b64u(v["ct"].as_str()?)?;
-    Some(u64::from_be_bytes(ct.get(..8)?.try_into().ok()?))
+    let (_, rest) = msg_text.split_once(r#""ct":""#)?;
+    let head = from_b64u(rest.get(..12)?)?;
+    Some(u64::from_be_bytes(head.get(..8)?.try_into().ok()?))
 }
 
 fn rss_bytes(pid: u32) -> u64 {
@@ -293,8 +326,11 @@ fn rss_bytes(pid: u32) -> u64 {
 async fn main() {
     let cmd = std::env::args().nth(1).unwrap_or_default();
     assert!(
-        ["fanout", "idle", "soak", "publish", "abuse", "expiry"].contains(&cmd.as_str()),
-        "usage: nanochat-load fanout|idle|soak|publish --target nanochat|bare|naive|batch ..."
+        [
+            "fanout", "sweep", "idle", "soak", "publish", "abuse", "expiry"
+        ]
+        .contains(&cmd.as_str()),
+        "usage: nanochat-load fanout|sweep|idle|soak|publish|abuse|expiry --target ... (see --help in benches/README.md)"
     );
     let args = parse_args();
     let bound = if cmd == "soak" { 7200 } else { 600 };
@@ -304,7 +340,6 @@ async fn main() {
     );
     let dir = std::env::temp_dir().join(format!("nanochat-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let secret = dir.join("secret");
     let extra: &[(&str, &str)] = match cmd.as_str() {
         "soak" => &soak::SERVER_ENV,
         "expiry" => &expiry::SERVER_ENV,
@@ -315,22 +350,12 @@ async fn main() {
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
-    let servers: Vec<Server> = match args.target.as_str() {
-        "bare" => vec![spawn_bare()],
-        "nanochat" => (0..args.nodes)
-            .map(|i| {
-                let d = dir.join(format!("node{i}"));
-                std::fs::create_dir_all(&d).expect("node dir");
-                let s =
-                    spawn_nanochat(&d, &secret, args.postgres.as_deref(), extra, cmd == "abuse");
-                // Let the first node create the secret file before the others read it.
-                std::thread::sleep(Duration::from_millis(300));
-                s
-            })
-            .collect(),
-        other => panic!("unknown target {other}"),
-    };
-
+    if cmd == "sweep" {
+        sweep(&args, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let servers = spawn_targets(&args, &dir, extra, cmd == "abuse");
     let single = &servers[0];
     match cmd.as_str() {
         "expiry" => expiry::run(&args, single).await,
@@ -338,15 +363,82 @@ async fn main() {
         "publish" => publish::nanochat(&args, single).await,
         "soak" => soak::run(&args, single, &dir.join("node0")).await,
         "idle" => idle(&args, single).await,
-        _ => return fanout(&args, servers, &dir).await,
+        _ => println!("{}", fanout(&args, servers).await),
     }
-    drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The server(s) under test: `--nodes` NanoChat processes sharing one secret (fresh data
+/// directories under `dir`), or one baseline server.
+fn spawn_targets(
+    args: &Args,
+    dir: &std::path::Path,
+    extra: &[(&str, &str)],
+    real_limits: bool,
+) -> Vec<Server> {
+    match args.target.as_str() {
+        "bare" => vec![spawn_bare()],
+        "node" => vec![spawn_node()],
+        "nanochat" => (0..args.nodes)
+            .map(|i| {
+                let d = dir.join(format!("node{i}"));
+                let _ = std::fs::remove_dir_all(&d);
+                std::fs::create_dir_all(&d).expect("node dir");
+                let s = spawn_nanochat(
+                    &d,
+                    &dir.join("secret"),
+                    args.postgres.as_deref(),
+                    extra,
+                    real_limits,
+                );
+                // Let the first node create the secret file before the others read it.
+                std::thread::sleep(Duration::from_millis(300));
+                s
+            })
+            .collect(),
+        other => panic!("unknown target {other}"),
+    }
+}
+
+/// The highest fan-out rate a target sustains: fan-out runs from `--rate` up in steps of 25%,
+/// each against freshly started server(s), until a run loses a delivery or its p99 delivery
+/// latency exceeds 200 ms (or `--steps` runs were made). Prints every run, then the last
+/// passing one as `{"scenario":"sweep",...}`.
+async fn sweep(args: &Args, dir: &std::path::Path) {
+    let mut run = args.clone();
+    let mut best = serde_json::Value::Null;
+    let mut failed = serde_json::Value::Null;
+    for _ in 0..args.steps {
+        let servers = spawn_targets(&run, dir, &[], false);
+        let report = fanout(&run, servers).await;
+        println!("{report}");
+        let ok = report["lost"] == 0 && report["p99_ms"].as_f64().is_some_and(|p| p <= 200.0);
+        if !ok {
+            failed = report;
+            break;
+        }
+        best = report;
+        run.rate = run.rate * 5 / 4;
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "sweep",
+            "target": args.target,
+            "rooms": args.rooms,
+            "members": args.members,
+            "max_rate": best["rate"],
+            "max_deliveries_per_s": best["deliveries_per_s"],
+            "p99_ms_at_max": best["p99_ms"],
+            "deliveries_per_cpu_s_at_max": best["deliveries_per_cpu_s"],
+            "first_failing_rate": failed["rate"],
+        })
+    );
 }
 
 /// Fan-out: rooms x members joined sockets, one sender per room at an open-loop rate, every
 /// delivery timed.
-async fn fanout(args: &Args, servers: Vec<Server>, dir: &std::path::Path) {
+async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
     let start = Instant::now();
     let hist = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
@@ -440,7 +532,7 @@ async fn fanout(args: &Args, servers: Vec<Server>, dir: &std::path::Path) {
     let delivered = delivered.load(Ordering::Relaxed);
     let expected = sent * (args.members as u64 - 1);
     let h = hist.lock().expect("histogram");
-    let report = serde_json::json!({
+    serde_json::json!({
         "scenario": "fanout",
         "target": args.target,
         "nodes": args.nodes,
@@ -458,9 +550,7 @@ async fn fanout(args: &Args, servers: Vec<Server>, dir: &std::path::Path) {
         "max_ms": h.max() as f64 / 1000.0,
         "server_cpu_s": (cpu * 100.0).round() / 100.0,
         "deliveries_per_cpu_s": if cpu > 0.0 { (delivered as f64 / cpu).round() } else { 0.0 },
-    });
-    println!("{report}");
-    let _ = std::fs::remove_dir_all(dir);
+    })
 }
 
 /// Idle memory: open rooms x members joined sockets, let them sit, and compare the server's

@@ -19,6 +19,7 @@ use hdrhistogram::Histogram;
 use nanochat::crypto::{self, RoomKeys};
 use nanochat::protocol::b64u;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::{Args, Server, connect, cpu_seconds, enter};
 
@@ -78,8 +79,22 @@ pub async fn closed_loop(
             let reader_permits = permits.clone();
             let reader = tokio::spawn(async move {
                 let mut acks = Vec::new();
-                while let Some(Ok(Message::Text(t))) = stream.next().await {
+                while let Some(Ok(m)) = stream.next().await {
+                    let t = match m {
+                        Message::Text(t) => t,
+                        Message::Close(reason) => {
+                            // Normal is the answer to our own close at the end.
+                            if reason.as_ref().is_some_and(|r| r.code != CloseCode::Normal) {
+                                eprintln!("sender closed by the server: {reason:?}");
+                            }
+                            break;
+                        }
+                        _ => continue,
+                    };
                     let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
+                    if v["type"] == "error" {
+                        eprintln!("sender refused: {t}");
+                    }
                     if v["type"] != "ack" && v["type"] != "error" {
                         continue;
                     }
@@ -92,7 +107,6 @@ pub async fn closed_loop(
                 }
                 acks
             });
-            let epoch = crypto::epoch_of(nanochat::store::now_ms());
             while !stop.load(Ordering::Relaxed) {
                 // Bounded wait: a socket the server closed never returns its permits.
                 let p = match tokio::time::timeout(Duration::from_secs(1), permits.acquire()).await
@@ -103,6 +117,8 @@ pub async fn closed_loop(
                     Err(_) => continue,
                 };
                 p.forget();
+                // Per send: a run may cross midnight UTC, where the epoch changes.
+                let epoch = crypto::epoch_of(nanochat::store::now_ms());
                 let mut iv = [0u8; 12];
                 rand::fill(&mut iv);
                 let mut ct = [0u8; 64];
