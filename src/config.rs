@@ -215,8 +215,11 @@ pub struct ProxySettings {
 pub struct StoreSettings {
     /// Most messages written in one transaction.
     pub batch_max: usize,
-    /// Messages waiting for the writer before senders wait.
+    /// Messages waiting for the writers before senders wait (shared by the writers).
     pub queue: usize,
+    /// Writer tasks committing in parallel on Postgres, rooms split between them (each room
+    /// stays with one, so its order holds). SQLite always uses one.
+    pub writers: usize,
 }
 
 /// `[log]`
@@ -343,6 +346,7 @@ impl Default for StoreSettings {
         Self {
             batch_max: 512,
             queue: 8192,
+            writers: 1,
         }
     }
 }
@@ -639,6 +643,12 @@ impl Settings {
             self.store.queue >= 1 && self.store.queue <= 1 << 20,
             "store.queue",
             "must be between 1 and 1048576",
+        )?;
+        // Each writer holds a pooled connection for its batch; leave some for reads.
+        check(
+            self.store.writers >= 1 && self.store.writers < self.database.pool_size.max(2),
+            "store.writers",
+            "must be at least 1 and below database.pool_size",
         )?;
         Ok(())
     }

@@ -384,6 +384,12 @@ impl Application {
             metrics.clone(),
             settings.store.queue,
             settings.store.batch_max,
+            // SQLite has one writer connection: more tasks would only queue for it.
+            if store.backend() == "sqlite" {
+                1
+            } else {
+                settings.store.writers
+            },
         );
 
         let listener = TcpListener::bind(&settings.server.listen).with_context(|| {

@@ -116,6 +116,15 @@ impl PgStore {
         pg.connect_timeout(timeout);
         let node: u64 = rand::random();
         pg.application_name(format!("nanochat-{node:016x}"));
+        // Plan every execution with its parameters and today's statistics. A generic plan is
+        // fixed once per connection, and one made while the day's partition was still empty
+        // (every midnight, or a fresh database) can keep the replay check on a bad plan for
+        // the connection's life: measured as half the write throughput, at random.
+        let options = match pg.get_options() {
+            Some(theirs) => format!("{theirs} -c plan_cache_mode=force_custom_plan"),
+            None => "-c plan_cache_mode=force_custom_plan".to_owned(),
+        };
+        pg.options(options);
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -288,10 +297,12 @@ impl PgStore {
                     "SELECT m.room_id, m.iv FROM messages m
                  JOIN unnest($1::bytea[], $2::bytea[]) AS t(room_id, iv)
                    ON m.room_id = t.room_id AND m.iv = t.iv
-                 WHERE m.created_at >= $3",
+                 WHERE m.created_at >= $3 AND m.created_at <= $4",
                 )
                 .await?,
-                &[&room_col, &iv_col, &ts(replay_window_start(now))],
+                // Between the replay window's start and now: the partitions made ahead for
+                // the coming days are left out of the lookup.
+                &[&room_col, &iv_col, &ts(replay_window_start(now)), &ts(now)],
             )
             .await?;
         let stored_ivs: HashSet<(RoomId, [u8; 12])> = dups
@@ -319,42 +330,45 @@ impl PgStore {
         }
         if !rooms_w.is_empty() {
             let at = ts(now);
-            tx.execute(
-                &tx.prepare_cached(
-                    "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
-                 SELECT r, s, $3, e, i, c
-                 FROM unnest($1::bytea[], $2::int8[], $4::int4[], $5::bytea[], $6::bytea[])
-                   AS t(r, s, e, i, c)",
-                )
-                .await?,
-                &[&rooms_w, &seqs, &at, &epochs, &ivs, &cts],
-            )
-            .await?;
             let (ids, lasts): (Vec<&[u8]>, Vec<i64>) =
                 last_seq.iter().map(|(k, v)| (&k[..], *v)).unzip();
-            tx.execute(
-                &tx.prepare_cached(
-                    "UPDATE rooms SET last_seq = t.s, last_active = GREATEST(last_active, $3)
-                 FROM unnest($1::bytea[], $2::int8[]) AS t(r, s) WHERE rooms.id = t.r",
-                )
-                .await?,
-                &[&ids, &lasts, &at],
-            )
-            .await?;
-            // One notification per batch, delivered only if this transaction commits.
+            // Announce the stored ranges to the other processes; delivered only if this
+            // transaction commits.
             let stored = batch.iter().zip(&outcomes).filter_map(|(m, o)| match o {
                 AppendOutcome::Stored { seq } => Some((m.room, *seq)),
                 _ => None,
             });
-            for payload in
-                crate::cluster::message_payloads(self.node, &crate::cluster::ranges(stored))
-            {
-                tx.execute(
-                    &tx.prepare_cached("SELECT pg_notify($1, $2)").await?,
-                    &[&crate::cluster::CHANNEL, &payload],
+            let payloads =
+                crate::cluster::message_payloads(self.node, &crate::cluster::ranges(stored));
+            // Insert, room update and notification in one statement: one round trip.
+            tx.execute(
+                &tx.prepare_cached(
+                    "WITH stored AS (
+                        INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+                        SELECT r, s, $3, e, i, c
+                        FROM unnest($1::bytea[], $2::int8[], $4::int4[], $5::bytea[], $6::bytea[])
+                          AS t(r, s, e, i, c)
+                     ), advanced AS (
+                        UPDATE rooms SET last_seq = t.s, last_active = GREATEST(last_active, $3)
+                        FROM unnest($7::bytea[], $8::int8[]) AS t(r, s) WHERE rooms.id = t.r
+                     )
+                     SELECT pg_notify($9, p) FROM unnest($10::text[]) AS p",
                 )
-                .await?;
-            }
+                .await?,
+                &[
+                    &rooms_w,
+                    &seqs,
+                    &at,
+                    &epochs,
+                    &ivs,
+                    &cts,
+                    &ids,
+                    &lasts,
+                    &crate::cluster::CHANNEL,
+                    &payloads,
+                ],
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(outcomes)

@@ -5,11 +5,14 @@
 //! # Concurrency
 //! - The queue is bounded (`store.queue`): when storage is slower than the senders, `submit`
 //!   waits, which pauses the sending sockets' reads instead of growing memory.
-//! - One batch is in flight at a time. While it commits, new messages pile up in the queue and
-//!   form the next batch, so batches grow exactly when the database is the bottleneck, and a
-//!   quiet server commits each message alone without waiting for a timer.
-//! - Seqs of one room are assigned in batch order and batches commit in order, so publishing
-//!   after each commit delivers every room's messages in seq order.
+//! - Rooms are split over `shards` writer tasks by room id; each has one batch in flight at a
+//!   time. While it commits, new messages pile up in its queue and form the next batch, so
+//!   batches grow exactly when the database is the bottleneck, and a quiet server commits each
+//!   message alone without waiting for a timer. Several shards let Postgres commit batches in
+//!   parallel (SQLite has one writer connection, so it runs one shard).
+//! - A room always goes to the same shard. Within it, seqs are assigned in batch order and
+//!   batches commit in order, so publishing after each commit delivers every room's messages
+//!   in seq order. Shards never share a room, so their transactions never wait for each other.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,25 +44,44 @@ struct Job {
     reply: oneshot::Sender<WriteResult>,
 }
 
-/// Handle to the group-commit task. Cloning is cheap; the task stops when the last handle is
-/// dropped and the queue is drained.
+/// Handle to the group-commit tasks. Cloning is cheap; the tasks stop when the last handle is
+/// dropped and their queues are drained.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::Sender<Job>,
+    shards: Arc<[mpsc::Sender<Job>]>,
 }
 
 impl Writer {
-    /// Start the writer task.
+    /// Start `shards` writer tasks (at least one), sharing `queue` places between them.
     pub fn spawn(
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         queue: usize,
         batch_max: usize,
-    ) -> (Writer, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(queue);
-        let task = tokio::spawn(run(rx, store, hub, metrics, batch_max));
-        (Writer { tx }, task)
+        shards: usize,
+    ) -> (Writer, Vec<tokio::task::JoinHandle<()>>) {
+        let shards = shards.max(1);
+        let per_shard = (queue / shards).max(batch_max).max(1);
+        let (senders, tasks): (Vec<_>, Vec<_>) = (0..shards)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(per_shard);
+                let task = tokio::spawn(run(
+                    rx,
+                    store.clone(),
+                    hub.clone(),
+                    metrics.clone(),
+                    batch_max,
+                ));
+                (tx, task)
+            })
+            .unzip();
+        (
+            Writer {
+                shards: senders.into(),
+            },
+            tasks,
+        )
     }
 
     /// Queue a message; the receiver resolves after its batch commits (or fails).
@@ -76,7 +98,11 @@ impl Writer {
             received,
             reply,
         };
-        if let Err(mpsc::error::SendError(job)) = self.tx.send(job).await {
+        // Room ids are HKDF outputs: their first bytes spread rooms evenly. A client choosing
+        // ids to crowd one shard only slows that shard, as one writer would be anyway.
+        let head = u64::from_le_bytes(job.msg.room[..8].try_into().expect("16-byte room id"));
+        let shard = &self.shards[(head % self.shards.len() as u64) as usize];
+        if let Err(mpsc::error::SendError(job)) = shard.send(job).await {
             // The writer is gone (shutting down): nothing was stored.
             let _ = job.reply.send(Err(ErrorCode::Unavailable));
         }

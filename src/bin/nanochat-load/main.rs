@@ -171,6 +171,10 @@ fn spawn_nanochat(
     for (k, v) in extra {
         cmd.env(k, v);
     }
+    // Settings to try out: NANOCHAT__* variables of the generator's environment win.
+    for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("NANOCHAT__")) {
+        cmd.env(k, v);
+    }
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
