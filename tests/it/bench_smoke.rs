@@ -3,7 +3,8 @@
 
 use std::process::Command;
 
-fn run(args: &[&str]) -> serde_json::Value {
+/// Every JSON line the load generator printed.
+fn run_lines(args: &[&str]) -> Vec<serde_json::Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_nanochat-load"))
         .args(args)
         .output()
@@ -13,8 +14,15 @@ fn run(args: &[&str]) -> serde_json::Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().expect("a report line")).expect("JSON report")
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON report line"))
+        .collect()
+}
+
+/// The load generator's last (or only) report.
+fn run(args: &[&str]) -> serde_json::Value {
+    run_lines(args).pop().expect("a report line")
 }
 
 fn assert_complete(report: &serde_json::Value) {
@@ -24,51 +32,39 @@ fn assert_complete(report: &serde_json::Value) {
     assert!(report["p99_ms"].as_f64().unwrap() > 0.0, "{report}");
 }
 
+/// Two rooms of three at 20 messages/s for one second.
+const TINY: [&str; 8] = [
+    "--rooms",
+    "2",
+    "--members",
+    "3",
+    "--rate",
+    "20",
+    "--secs",
+    "1",
+];
+
 #[test]
 fn the_fanout_scenario_runs_against_both_baselines_and_nanochat() {
-    let tiny = [
-        "--rooms",
-        "2",
-        "--members",
-        "3",
-        "--rate",
-        "20",
-        "--secs",
-        "1",
-    ];
-    let bare = run(&[&["fanout", "--target", "bare"][..], &tiny].concat());
+    let bare = run(&[&["fanout", "--target", "bare"][..], &TINY].concat());
     assert_complete(&bare);
-    let node = run(&[&["fanout", "--target", "node"][..], &tiny].concat());
+    let node = run(&[&["fanout", "--target", "node"][..], &TINY].concat());
     assert_complete(&node);
-    let ours = run(&[&["fanout", "--target", "nanochat"][..], &tiny].concat());
+    let ours = run(&[&["fanout", "--target", "nanochat"][..], &TINY].concat());
     assert_complete(&ours);
     assert!(ours["server_cpu_s"].as_f64().is_some());
 }
 
 #[test]
 fn the_rate_sweep_steps_up_while_runs_pass() {
-    let out = Command::new(env!("CARGO_BIN_EXE_nanochat-load"))
-        .args([
-            "sweep",
-            "--target",
-            "nanochat",
-            "--rooms",
-            "2",
-            "--members",
-            "3",
-        ])
-        .args(["--rate", "20", "--secs", "1", "--steps", "2"])
-        .output()
-        .expect("run the load generator");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let lines = run_lines(
+        &[
+            &["sweep", "--target", "nanochat"][..],
+            &TINY,
+            &["--steps", "2"],
+        ]
+        .concat(),
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
     // Two fan-out runs at 20 and 25 msgs/s, then the summary naming the last passing one.
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert_eq!(lines[0]["rate"], 20);
