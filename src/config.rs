@@ -724,5 +724,13 @@ mod tests {
         let e =
             Settings::load_from(None, env(&[("NANOCHAT__LIMITS__HISTORY", "many")])).unwrap_err();
         assert!(e.to_string().contains("history"), "{e}");
+        // Every writer holds a pooled connection while it commits: some must stay for reads.
+        for writers in ["0", "16"] {
+            let e = Settings::load_from(None, env(&[("NANOCHAT__STORE__WRITERS", writers)]))
+                .unwrap_err();
+            assert!(e.to_string().contains("store.writers"), "{writers}: {e}");
+        }
+        let ok = Settings::load_from(None, env(&[("NANOCHAT__STORE__WRITERS", "15")])).unwrap();
+        assert_eq!(ok.store.writers, 15);
     }
 }
