@@ -51,10 +51,8 @@ async fn scrape_after_traffic() -> String {
             .send_sealed(&i.to_string(), &s.seal("a", "hi"))
             .await
             .unwrap();
-        assert!(matches!(
-            alice.recv().await.unwrap(),
-            ServerFrame::Ack { .. }
-        ));
+        let answer = alice.recv().await.unwrap();
+        assert!(matches!(answer, ServerFrame::Ack { .. }), "{answer:?}");
     }
     let mut bob = app.client().await;
     assert!(matches!(
