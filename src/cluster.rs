@@ -13,7 +13,8 @@
 //!   already published locally).
 //! - When the listener connection drops, it reconnects with backoff and then catches up: for
 //!   every room with local sockets it reads what was committed after the highest seq this
-//!   process knows, so nothing committed while it was away is skipped.
+//!   process knows, so nothing committed while it was away is skipped, and it closes the rooms
+//!   wiped meanwhile. The first connection at start-up catches up the same way.
 //! - Sessions deliver in seq order and fill any gap from storage ([`crate::session`]), so a
 //!   message that arrives through the listener after a later local one is still shown once and
 //!   in order.
@@ -178,10 +179,20 @@ async fn handle(
     }
 }
 
-/// Catch up every room with local sockets after the listener (re)connected.
+/// Catch up every room with local sockets after the listener (re)connected: close the rooms
+/// another node wiped meanwhile, and publish what was committed to the others.
 async fn catch_up(store: &dyn Store, hub: &Hub) {
     for (room, last) in hub.rooms() {
-        if let Err(e) = publish_from_store(store, hub, &room, last, None).await {
+        let caught_up = async {
+            if store.room(&room, now_ms()).await?.is_some_and(|r| r.wiped) {
+                hub.nuke(&room);
+                return Ok(());
+            }
+            publish_from_store(store, hub, &room, last, None)
+                .await
+                .map(drop)
+        };
+        if let Err(e) = caught_up.await {
             tracing::warn!(error = %e, "cluster catch-up failed; members catch up on reconnect");
             return;
         }
@@ -234,10 +245,13 @@ pub async fn listen(
                             .cluster_notifications_total
                             .with_label_values(&["listening"])
                             .inc();
+                        // Notifications queue up from here on; the catch-up covers before.
                         catch_up(&*store, &hub).await;
+                        metrics.cluster_listening.set(1);
                         while let Some(payload) = rx.recv().await {
                             handle(&payload, &info, &*store, &hub, &metrics).await;
                         }
+                        metrics.cluster_listening.set(0);
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot LISTEN for cluster notifications"),
                 }

@@ -80,6 +80,9 @@ pub struct Metrics {
     pub start_time_seconds: IntGauge,
     /// 1 while the server drains for shutdown.
     pub draining: IntGauge,
+    /// 1 while the cluster listener is connected and listening (Postgres with several nodes);
+    /// 0 before it first connects and while it reconnects.
+    pub cluster_listening: IntGauge,
     /// Cluster listener events: `received` notifications from other nodes, `listening`
     /// (connected), `reconnect`.
     pub cluster_notifications_total: IntCounterVec,
@@ -327,6 +330,14 @@ impl Metrics {
                 r,
                 IntGauge::new("nanochat_draining", "1 while the server drains for shutdown.")
                     .expect("valid metric"),
+            ),
+            cluster_listening: reg(
+                r,
+                IntGauge::new(
+                    "nanochat_cluster_listening",
+                    "1 while the cluster listener receives other nodes' notifications.",
+                )
+                .expect("valid metric"),
             ),
             cluster_notifications_total: counter_vec(
                 "nanochat_cluster_notifications_total",

@@ -161,6 +161,55 @@ async fn panic_on_one_node_closes_the_room_on_the_other() {
     );
 }
 
+/// Wait until a node's cluster listener receives notifications.
+async fn until_listening(app: &TestApp) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while app.state.metrics.cluster_listening.get() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cluster listener did not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_web::test]
+async fn a_wipe_missed_while_the_listener_was_away_closes_the_room_on_reconnect() {
+    let a = spawn_app_with(Backend::Postgres, |_| {}).await;
+    until_listening(&a).await;
+    let (mut alice, keys) = a.room_creator().await;
+    let db = a.db.as_ref().unwrap();
+    // Another node's wipe whose notification never reached this node (committed without one).
+    let wiped = crate::pg::cluster()
+        .connect(db)
+        .await
+        .execute(
+            "UPDATE rooms SET wiped_at = now() WHERE id = $1",
+            &[&&keys.room_id[..]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(wiped, 1);
+    assert!(
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), alice.recv()).await,
+            Err(_) | Ok(Err(ClientError::Timeout))
+        ),
+        "no notice yet: nothing told this node"
+    );
+    let node = format!("{:016x}", a.state.store.cluster().unwrap().node);
+    crate::pg::cluster()
+        .admin(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = '{}' AND application_name = 'nanochat-listener-{node}'",
+            db.name
+        ))
+        .await;
+    assert_eq!(alice.recv().await.unwrap(), ServerFrame::Nuked);
+    expect_close(&mut alice, 1000).await;
+    until_listening(&a).await;
+}
+
 #[actix_web::test]
 async fn a_token_is_redeemed_once_across_nodes() {
     let pow = |s: &mut nanochat::config::Settings| {

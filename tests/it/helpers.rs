@@ -98,6 +98,13 @@ pub async fn second_node(first: &TestApp, adjust: impl FnOnce(&mut Settings)) ->
 
 /// Start a server with exactly these settings (data dir and database already chosen).
 pub async fn start(settings: Settings, dir: tempfile::TempDir, db: Option<TestDb>) -> TestApp {
+    // The server's warnings and errors go to the test's captured output, which the harness
+    // shows when the test fails (the first test to start installs it for the process).
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_ansi(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("nanochat=warn"))
+        .try_init();
     let app = Application::build(settings.clone())
         .await
         .expect("the server builds");
