@@ -346,7 +346,7 @@ impl Default for StoreSettings {
         Self {
             batch_max: 512,
             queue: 8192,
-            writers: 1,
+            writers: 2,
         }
     }
 }

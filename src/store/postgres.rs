@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 
 use super::{
     AppendOutcome, CreateOutcome, MaintenanceReport, Millis, NewMessage, Page, Retention,
@@ -100,6 +101,26 @@ pub fn partition_day(name: &str) -> Option<i64> {
     // Invert civil_from_days by searching near the estimate; names are always ours.
     let estimate = (y - 1970) * 365 + (y - 1969) / 4 + i64::from(m - 1) * 30 + i64::from(d) - 1;
     (estimate - 40..estimate + 40).find(|&day| civil_from_days(day) == (y, m, d))
+}
+
+/// A pooled connection that may be inside a transaction `append` drives by hand. If the call
+/// is dropped half way (cancelled), the connection leaves the pool and closes, which makes
+/// Postgres roll the transaction back, instead of going back to the pool mid-transaction.
+struct InTransaction(Option<deadpool_postgres::Client>);
+
+impl InTransaction {
+    /// The transaction ended (committed or rolled back): return the connection to the pool.
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for InTransaction {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
 }
 
 impl PgStore {
@@ -259,29 +280,67 @@ impl PgStore {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    /// One batch in two round trips. The transaction is driven by hand so its statements can
+    /// be pipelined: `append` rolls back after an error and keeps a connection left inside a
+    /// transaction (a cancelled call) out of the pool.
     async fn append_once(
         &self,
-        client: &mut deadpool_postgres::Client,
+        client: &deadpool_postgres::Client,
         batch: &[NewMessage],
         now: Millis,
     ) -> Result<Vec<AppendOutcome>, tokio_postgres::Error> {
         // Every statement is prepared once per connection (deadpool's statement cache): a
         // fresh prepare is one more round trip and, on the partitioned table, a planning pass
         // over every partition, for each batch.
-        let tx = client.transaction().await?;
+        let lock_rooms = client
+            .prepare_cached(
+                "SELECT id, last_seq FROM rooms WHERE id = ANY($1) AND wiped_at IS NULL
+                 ORDER BY id FOR UPDATE",
+            )
+            .await?;
+        let find_replays = client
+            .prepare_cached(
+                "SELECT m.room_id, m.iv FROM messages m
+                 JOIN unnest($1::bytea[], $2::bytea[]) AS t(room_id, iv)
+                   ON m.room_id = t.room_id AND m.iv = t.iv
+                 WHERE m.created_at >= $3 AND m.created_at <= $4",
+            )
+            .await?;
+        let write = client
+            .prepare_cached(
+                "WITH stored AS (
+                    INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+                    SELECT r, s, $3, e, i, c
+                    FROM unnest($1::bytea[], $2::int8[], $4::int4[], $5::bytea[], $6::bytea[])
+                      AS t(r, s, e, i, c)
+                 ), advanced AS (
+                    UPDATE rooms SET last_seq = t.s, last_active = GREATEST(last_active, $3)
+                    FROM unnest($7::bytea[], $8::int8[]) AS t(r, s) WHERE rooms.id = t.r
+                 )
+                 SELECT pg_notify($9, p) FROM unnest($10::text[]) AS p",
+            )
+            .await?;
         let mut rooms: Vec<&[u8]> = batch.iter().map(|m| &m.room[..]).collect();
         rooms.sort_unstable();
         rooms.dedup();
-        let locked = tx
-            .query(
-                &tx.prepare_cached(
-                    "SELECT id, last_seq FROM rooms WHERE id = ANY($1) AND wiped_at IS NULL
-                 ORDER BY id FOR UPDATE",
-                )
-                .await?,
-                &[&rooms],
-            )
-            .await?;
+        let room_col: Vec<&[u8]> = batch.iter().map(|m| &m.room[..]).collect();
+        let iv_col: Vec<&[u8]> = batch.iter().map(|m| &m.iv[..]).collect();
+        // First round trip: BEGIN, lock the rooms, look for replays. Postgres runs pipelined
+        // statements one after the other and the lookup takes its snapshot when it starts, so
+        // it runs with the locks held and sees every message another process committed to
+        // these rooms before us. The replay window starts three days back (the epoch check
+        // refuses anything older) and ends now: the partitions made ahead are left out.
+        let (window_start, window_end) = (ts(replay_window_start(now)), ts(now));
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&rooms];
+        let replay_params: [&(dyn ToSql + Sync); 4] =
+            [&room_col, &iv_col, &window_start, &window_end];
+        let (begun, locked, dups) = futures_util::join!(
+            client.batch_execute("BEGIN"),
+            client.query(&lock_rooms, &lock_params),
+            client.query(&find_replays, &replay_params),
+        );
+        begun?;
+        let (locked, dups) = (locked?, dups?);
         let mut last_seq: HashMap<RoomId, i64> = locked
             .iter()
             .filter_map(|r| {
@@ -289,22 +348,6 @@ impl PgStore {
                 Some((id.try_into().ok()?, r.get::<_, i64>(1)))
             })
             .collect();
-        let room_col: Vec<&[u8]> = batch.iter().map(|m| &m.room[..]).collect();
-        let iv_col: Vec<&[u8]> = batch.iter().map(|m| &m.iv[..]).collect();
-        let dups = tx
-            .query(
-                &tx.prepare_cached(
-                    "SELECT m.room_id, m.iv FROM messages m
-                 JOIN unnest($1::bytea[], $2::bytea[]) AS t(room_id, iv)
-                   ON m.room_id = t.room_id AND m.iv = t.iv
-                 WHERE m.created_at >= $3 AND m.created_at <= $4",
-                )
-                .await?,
-                // Between the replay window's start and now: the partitions made ahead for
-                // the coming days are left out of the lookup.
-                &[&room_col, &iv_col, &ts(replay_window_start(now)), &ts(now)],
-            )
-            .await?;
         let stored_ivs: HashSet<(RoomId, [u8; 12])> = dups
             .iter()
             .filter_map(|r| {
@@ -328,49 +371,39 @@ impl PgStore {
                 cts.push(&m.ct[..]);
             }
         }
-        if !rooms_w.is_empty() {
-            let at = ts(now);
-            let (ids, lasts): (Vec<&[u8]>, Vec<i64>) =
-                last_seq.iter().map(|(k, v)| (&k[..], *v)).unzip();
-            // Announce the stored ranges to the other processes; delivered only if this
-            // transaction commits.
-            let stored = batch.iter().zip(&outcomes).filter_map(|(m, o)| match o {
-                AppendOutcome::Stored { seq } => Some((m.room, *seq)),
-                _ => None,
-            });
-            let payloads =
-                crate::cluster::message_payloads(self.node, &crate::cluster::ranges(stored));
-            // Insert, room update and notification in one statement: one round trip.
-            tx.execute(
-                &tx.prepare_cached(
-                    "WITH stored AS (
-                        INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
-                        SELECT r, s, $3, e, i, c
-                        FROM unnest($1::bytea[], $2::int8[], $4::int4[], $5::bytea[], $6::bytea[])
-                          AS t(r, s, e, i, c)
-                     ), advanced AS (
-                        UPDATE rooms SET last_seq = t.s, last_active = GREATEST(last_active, $3)
-                        FROM unnest($7::bytea[], $8::int8[]) AS t(r, s) WHERE rooms.id = t.r
-                     )
-                     SELECT pg_notify($9, p) FROM unnest($10::text[]) AS p",
-                )
-                .await?,
-                &[
-                    &rooms_w,
-                    &seqs,
-                    &at,
-                    &epochs,
-                    &ivs,
-                    &cts,
-                    &ids,
-                    &lasts,
-                    &crate::cluster::CHANNEL,
-                    &payloads,
-                ],
-            )
-            .await?;
+        if rooms_w.is_empty() {
+            client.batch_execute("COMMIT").await?;
+            return Ok(outcomes);
         }
-        tx.commit().await?;
+        let at = ts(now);
+        let (ids, lasts): (Vec<&[u8]>, Vec<i64>) =
+            last_seq.iter().map(|(k, v)| (&k[..], *v)).unzip();
+        // Announce the stored ranges to the other processes; delivered only on commit.
+        let stored = batch.iter().zip(&outcomes).filter_map(|(m, o)| match o {
+            AppendOutcome::Stored { seq } => Some((m.room, *seq)),
+            _ => None,
+        });
+        let payloads = crate::cluster::message_payloads(self.node, &crate::cluster::ranges(stored));
+        // Second round trip: insert, room update and notification in one statement, then
+        // COMMIT. If the write fails, the transaction is aborted and COMMIT only rolls back.
+        let write_params: [&(dyn ToSql + Sync); 10] = [
+            &rooms_w,
+            &seqs,
+            &at,
+            &epochs,
+            &ivs,
+            &cts,
+            &ids,
+            &lasts,
+            &crate::cluster::CHANNEL,
+            &payloads,
+        ];
+        let (written, committed) = futures_util::join!(
+            client.execute(&write, &write_params),
+            client.batch_execute("COMMIT"),
+        );
+        written?;
+        committed?;
         Ok(outcomes)
     }
 }
@@ -498,20 +531,28 @@ impl Store for PgStore {
         batch: &[NewMessage],
         now: Millis,
     ) -> Result<Vec<AppendOutcome>, StoreError> {
-        let mut client = self.pool.get().await.map_err(pool_err)?;
-        match self.append_once(&mut client, batch, now).await {
-            Ok(outcomes) => Ok(outcomes),
+        let guard = InTransaction(Some(self.pool.get().await.map_err(pool_err)?));
+        let client = guard.0.as_ref().expect("held until the end");
+        let mut result = self.append_once(client, batch, now).await;
+        if result.is_err() {
+            // Leave the connection outside any transaction (a harmless warning if the
+            // failed COMMIT already ended it).
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        if let Err(e) = &result
+            && e.code() == Some(&SqlState::CHECK_VIOLATION)
+        {
             // No partition for today (maintenance has not run for days): create it and retry
             // once; the failed transaction stored nothing.
-            Err(e) if e.code() == Some(&SqlState::CHECK_VIOLATION) => {
-                tracing::warn!("no message partition for the current day; creating it");
-                self.ensure_partitions(now).await?;
-                self.append_once(&mut client, batch, now)
-                    .await
-                    .map_err(pg_err)
+            tracing::warn!("no message partition for the current day; creating it");
+            self.ensure_partitions(now).await?;
+            result = self.append_once(client, batch, now).await;
+            if result.is_err() {
+                let _ = client.batch_execute("ROLLBACK").await;
             }
-            Err(e) => Err(pg_err(e)),
         }
+        guard.release();
+        result.map_err(pg_err)
     }
 
     async fn messages(

@@ -437,6 +437,55 @@ async fn postgres_writer_shards_keep_each_rooms_order() {
     concurrent_senders_are_group_committed_and_acked_after_commit(f.store.clone(), 4).await;
 }
 
+/// The writer drives its Postgres transaction by hand (to pipeline it). An append dropped
+/// half way must not hand its connection back to the pool inside that transaction, where the
+/// next batch would run in it and the room lock would be held meanwhile.
+#[tokio::test]
+async fn a_cancelled_postgres_append_leaves_no_transaction_open() {
+    let db = cluster().database().await;
+    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
+        .await
+        .unwrap();
+    let mut blocker = cluster().connect(&db).await;
+    let r = room(20);
+    create(&store, &r, now_ms()).await;
+    let tx = blocker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM rooms WHERE id = $1 FOR UPDATE", &[&&r[..]])
+        .await
+        .unwrap();
+    // The append begins its transaction and waits for the room lock: give up on it.
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        store.append(&[msg(r, 1)], now_ms()),
+    )
+    .await;
+    assert!(waited.is_err(), "the append should be waiting for the lock");
+    tx.rollback().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let open: i64 = blocker
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{open} connection(s) left idle inside the cancelled transaction"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Nothing of the cancelled batch was stored, and the store goes on.
+    let out = store.append(&[msg(r, 2)], now_ms()).await.unwrap();
+    assert_eq!(seqs(&out), vec![1]);
+}
+
 #[tokio::test]
 async fn expired_postgres_partitions_are_dropped_not_emptied() {
     let db = cluster().database().await;
