@@ -307,8 +307,10 @@ async fn panic_wipes_the_room_in_every_open_window() {
 async fn creating_a_room_with_proof_of_work_shows_progress() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
         s.pow.mode = PowMode::On;
-        s.pow.base_bits = 22;
-        s.pow.max_bits = 22;
+        // About a million hashes on average: long enough to show progress (first reported
+        // after 1000), short enough that the search's long tail stays far below the wait.
+        s.pow.base_bits = 20;
+        s.pow.max_bits = 20;
     })
     .await;
     let browser = Browser::launch().await;
@@ -326,7 +328,11 @@ async fn creating_a_room_with_proof_of_work_shows_progress() {
     .await;
     page.eval("document.getElementById('new-room').click(), true")
         .await;
-    wait_online(&page).await;
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'online'",
+        90,
+    )
+    .await;
     assert_eq!(
         page.eval("window.seen.shown").await,
         json!(true),
