@@ -486,6 +486,107 @@ async fn a_cancelled_postgres_append_leaves_no_transaction_open() {
     assert_eq!(seqs(&out), vec![1]);
 }
 
+/// Every batch updates its rooms' rows. Those updates must stay in place (HOT: no new index
+/// entries), or a busy room's row leaves thousands of dead versions that every room lookup
+/// and lock then steps over: measured as the largest cost in Postgres during a publish run.
+#[tokio::test]
+async fn busy_postgres_rooms_are_updated_in_place() {
+    let db = cluster().database().await;
+    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
+        .await
+        .unwrap();
+    let r = room(21);
+    create(&store, &r, now_ms()).await;
+    let batches = 200;
+    for _ in 0..batches {
+        let out = store.append(&[msg(r, 1)], now_ms()).await.unwrap();
+        assert_eq!(seqs(&out).len(), 1);
+    }
+    // Backends report their statistics when idle, within about ten seconds.
+    let observer = cluster().connect(&db).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (updated, hot) = loop {
+        let row = observer
+            .query_one(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'rooms'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (updated, hot): (i64, i64) = (row.get(0), row.get(1));
+        if updated >= batches {
+            break (updated, hot);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "statistics never showed the updates ({updated})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(
+        hot * 10 >= updated * 9,
+        "only {hot} of {updated} room updates were in place"
+    );
+}
+
+/// The writer's statements are planned once per connection, often while the tables are still
+/// empty (a fresh database; every midnight's new partition). Those plans must still be index
+/// lookups, which stay cheap as the tables grow: no sequential scan, no hash or merge join.
+#[tokio::test]
+async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
+    use nanochat::store::postgres::{FIND_REPLAYS, LOCK_ROOMS, WRITE_BATCH, WRITER_BEGIN};
+    let db = cluster().database().await;
+    let _store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
+        .await
+        .unwrap();
+    let client = cluster().connect(&db).await;
+    client.batch_execute(WRITER_BEGIN).await.unwrap();
+    let at = "now()";
+    for (name, sql, args) in [
+        ("lock", LOCK_ROOMS, "'{}'::bytea[]".to_owned()),
+        (
+            "replays",
+            FIND_REPLAYS,
+            format!("'{{}}'::bytea[], '{{}}'::bytea[], {at} - interval '3 days', {at}"),
+        ),
+        (
+            "write",
+            WRITE_BATCH,
+            format!(
+                "'{{}}', '{{}}', {at}, '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', 'nanochat', '{{}}'"
+            ),
+        ),
+    ] {
+        client
+            .batch_execute(&format!("PREPARE {name} AS {sql}"))
+            .await
+            .unwrap();
+        let plan: String = client
+            .query(&format!("EXPLAIN EXECUTE {name}({args})"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0) + "\n")
+            .collect();
+        for bad in ["Seq Scan on", "Hash Join", "Merge Join", "Bitmap Heap Scan"] {
+            assert!(!plan.contains(bad), "{name}: {bad} in\n{plan}");
+        }
+        assert!(plan.contains("Index"), "{name}: no index use in\n{plan}");
+    }
+    // The replay lookup reaches only the partitions in its window, chosen when it runs.
+    let replays: String = client
+        .query(
+            "EXPLAIN EXECUTE replays('{}', '{}', now() - interval '3 days', now())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0) + "\n")
+        .collect();
+    assert!(replays.contains("Subplans Removed"), "{replays}");
+}
+
 #[tokio::test]
 async fn expired_postgres_partitions_are_dropped_not_emptied() {
     let db = cluster().database().await;

@@ -121,14 +121,11 @@ fn sibling(name: &str) -> PathBuf {
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // After the command name: state is not numeric; utime and stime are fields 14 and 15.
-    f.get(10)
-        .zip(f.get(11))
-        .map_or(0.0, |(u, s)| (u + s) as f64 / 100.0)
+    // Fields by position after the command name (state first, then ppid, …, which may be
+    // negative, like tpgid): utime and stime are fields 14 and 15 of the whole line.
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 fn spawn_nanochat(
@@ -602,4 +599,25 @@ async fn idle(args: &Args, server: &Server) {
         "bytes_per_socket": after.saturating_sub(before) / opened.max(1),
     });
     println!("{report}");
+}
+
+#[cfg(test)]
+mod tests {
+    /// The reading counts user time: spinning in user space must move it.
+    #[test]
+    fn cpu_seconds_counts_user_time() {
+        let pid = std::process::id();
+        let before = super::cpu_seconds(pid);
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while super::cpu_seconds(pid) < before + 0.3 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "30 s of spinning did not register"
+            );
+            for i in 0..1_000_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+    }
 }
