@@ -8,9 +8,9 @@
 //!   the range of seqs the batch stored: `{"n":"<node>","m":[["<room>",first,last],…]}`. A wipe
 //!   sends `{"n":"<node>","w":"<room>"}`.
 //! - Each process keeps one dedicated listener connection (not from the pool). For a range of a
-//!   room that has sockets here, it reads those messages and publishes them to the local hub;
-//!   rooms without local sockets cost nothing. Its own notifications are ignored (the writer
-//!   already published locally).
+//!   room that has sockets here, it reads those messages (one query per notification, whatever
+//!   its number of rooms) and publishes them to the local hub; rooms without local sockets cost
+//!   nothing. Its own notifications are ignored (the writer already published locally).
 //! - When the listener connection drops, it reconnects with backoff and then catches up: for
 //!   every room with local sockets it reads what was committed after the highest seq this
 //!   process knows, so nothing committed while it was away is skipped, and it closes the rooms
@@ -165,17 +165,25 @@ async fn handle(
     if let Some(room) = notice.w.as_deref().and_then(room_from_wire) {
         hub.nuke(&room);
     }
-    for (room, first, last) in &notice.m {
-        let Some(room) = room_from_wire(room) else {
-            continue;
-        };
-        if hub.members(&room) == 0 {
-            continue;
+    // Only the rooms with sockets here, all read in one query.
+    let wanted: Vec<(RoomId, i64, i64)> = notice
+        .m
+        .iter()
+        .filter_map(|(room, first, last)| Some((room_from_wire(room)?, *first, *last)))
+        .filter(|(room, _, _)| hub.members(room) > 0)
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    match store.messages_in_ranges(&wanted, now_ms()).await {
+        Ok(found) => {
+            for (room, m) in &found {
+                let frame = ServerFrame::Msg(WireMsg::from(m)).to_text().into();
+                hub.publish(room, m.seq, &frame, None);
+            }
         }
-        if let Err(e) = publish_from_store(store, hub, &room, first - 1, Some(*last)).await {
-            // Members fill the gap themselves when the next message arrives, or on reconnect.
-            tracing::warn!(error = %e, "cannot read messages announced by another node");
-        }
+        // Members fill the gap themselves when the next message arrives, or on reconnect.
+        Err(e) => tracing::warn!(error = %e, "cannot read messages announced by another node"),
     }
 }
 

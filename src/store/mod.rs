@@ -234,6 +234,40 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<Page, StoreError>;
 
+    /// The messages of several rooms' seq ranges (`(room, first, last)`, inclusive) stored in
+    /// the last day: what other processes just announced. In room order as given, then seq
+    /// order. Backends answer it in one query where they can; this default reads room by room.
+    async fn messages_in_ranges(
+        &self,
+        ranges: &[(RoomId, i64, i64)],
+        now: Millis,
+    ) -> Result<Vec<(RoomId, StoredMessage)>, StoreError> {
+        let mut found = Vec::new();
+        for (room, first, last) in ranges {
+            let mut after = first - 1;
+            while after < *last {
+                let limit = (last - after).clamp(1, 500) as u32;
+                let page = self
+                    .messages(room, HistoryQuery::After(after), limit, now)
+                    .await?;
+                let Some(end) = page.messages.last().map(|m| m.seq) else {
+                    break;
+                };
+                found.extend(
+                    page.messages
+                        .into_iter()
+                        .filter(|m| m.seq <= *last)
+                        .map(|m| (*room, m)),
+                );
+                after = end;
+                if !page.more {
+                    break;
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Delete every message of a room in one transaction and leave a tombstone. Returns whether
     /// a live room was wiped.
     async fn wipe(&self, room: &RoomId, now: Millis) -> Result<bool, StoreError>;

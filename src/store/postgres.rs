@@ -619,6 +619,51 @@ impl Store for PgStore {
         Ok(finish_page(messages, limit, query))
     }
 
+    async fn messages_in_ranges(
+        &self,
+        ranges: &[(RoomId, i64, i64)],
+        now: Millis,
+    ) -> Result<Vec<(RoomId, StoredMessage)>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT m.room_id, m.seq, m.created_at, m.epoch, m.iv, m.ct
+                 FROM unnest($1::bytea[], $2::int8[], $3::int8[]) WITH ORDINALITY
+                   AS r(room_id, first, last, n)
+                 JOIN messages m ON m.room_id = r.room_id AND m.seq BETWEEN r.first AND r.last
+                 WHERE m.created_at >= $4 AND m.created_at <= $5
+                 ORDER BY r.n, m.seq",
+            )
+            .await
+            .map_err(pg_err)?;
+        let rooms: Vec<&[u8]> = ranges.iter().map(|r| &r.0[..]).collect();
+        let firsts: Vec<i64> = ranges.iter().map(|r| r.1).collect();
+        let lasts: Vec<i64> = ranges.iter().map(|r| r.2).collect();
+        // Announced messages were stored moments ago: the day before and after now bound the
+        // partitions read (and allow for clocks that differ between processes).
+        let (from, to) = (ts(now - EPOCH_MS), ts(now + EPOCH_MS));
+        let rows = client
+            .query(&stmt, &[&rooms, &firsts, &lasts, &from, &to])
+            .await
+            .map_err(pg_err)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let room: RoomId = r.get::<_, &[u8]>(0).try_into().ok()?;
+                Some((
+                    room,
+                    StoredMessage {
+                        seq: r.get(1),
+                        ts: ms(r.get(2)),
+                        epoch: r.get::<_, i32>(3) as u32,
+                        iv: r.get(4),
+                        ct: r.get(5),
+                    },
+                ))
+            })
+            .collect())
+    }
+
     async fn wipe(&self, room: &RoomId, now: Millis) -> Result<bool, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_err)?;
         let tx = client.transaction().await.map_err(pg_err)?;

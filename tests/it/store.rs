@@ -406,6 +406,39 @@ macro_rules! conformance {
     };
 }
 
+/// What the cluster listener reads for an announcement: exactly the given ranges, in the
+/// given room order, each in seq order.
+async fn announced_ranges_are_read_exactly(store: &dyn Store) {
+    let (a, b) = (room(31), room(32));
+    let now = now_ms();
+    create(store, &a, now).await;
+    create(store, &b, now).await;
+    for r in [a, b] {
+        let batch: Vec<_> = (0..5).map(|i| msg(r, i)).collect();
+        assert_eq!(
+            seqs(&store.append(&batch, now).await.unwrap()),
+            vec![1, 2, 3, 4, 5]
+        );
+    }
+    let found = store
+        .messages_in_ranges(&[(b, 2, 4), (a, 1, 1), (a, 4, 9)], now)
+        .await
+        .unwrap();
+    let got: Vec<(u8, i64, u8)> = found.iter().map(|(r, m)| (r[15], m.seq, m.ct[0])).collect();
+    assert_eq!(
+        got,
+        vec![
+            (32, 2, 1),
+            (32, 3, 2),
+            (32, 4, 3),
+            (31, 1, 0),
+            (31, 4, 3),
+            (31, 5, 4)
+        ]
+    );
+    assert!(store.messages_in_ranges(&[], now).await.unwrap().is_empty());
+}
+
 conformance!(
     rooms_are_created_once_and_found,
     messages_get_increasing_seqs_per_room_in_batch_order,
@@ -415,6 +448,7 @@ conformance!(
     messages_past_retention_are_never_returned,
     idle_rooms_and_old_tombstones_are_deleted_by_maintenance,
     spent_tokens_are_refused,
+    announced_ranges_are_read_exactly,
 );
 
 #[tokio::test]
