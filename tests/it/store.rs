@@ -36,14 +36,20 @@ async fn sqlite() -> Fixture {
 }
 
 async fn postgres() -> Fixture {
-    let db = cluster().database().await;
-    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
-        .await
-        .unwrap();
+    let (_db, store) = pg_store().await;
     Fixture {
         store: Arc::new(store),
         _dir: tempfile::tempdir().unwrap(),
     }
+}
+
+/// A Postgres store on a fresh database, with the database (for direct SQL).
+async fn pg_store() -> (crate::pg::TestDb, PgStore) {
+    let db = cluster().database().await;
+    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
+        .await
+        .unwrap();
+    (db, store)
 }
 
 fn room(n: u8) -> [u8; 16] {
@@ -476,10 +482,7 @@ async fn postgres_writer_shards_keep_each_rooms_order() {
 /// next batch would run in it and the room lock would be held meanwhile.
 #[tokio::test]
 async fn a_cancelled_postgres_append_leaves_no_transaction_open() {
-    let db = cluster().database().await;
-    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
-        .await
-        .unwrap();
+    let (db, store) = pg_store().await;
     let mut blocker = cluster().connect(&db).await;
     let r = room(20);
     create(&store, &r, now_ms()).await;
@@ -525,10 +528,7 @@ async fn a_cancelled_postgres_append_leaves_no_transaction_open() {
 /// and lock then steps over: measured as the largest cost in Postgres during a publish run.
 #[tokio::test]
 async fn busy_postgres_rooms_are_updated_in_place() {
-    let db = cluster().database().await;
-    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
-        .await
-        .unwrap();
+    let (db, store) = pg_store().await;
     let r = room(21);
     create(&store, &r, now_ms()).await;
     let batches = 200;
@@ -563,16 +563,24 @@ async fn busy_postgres_rooms_are_updated_in_place() {
     );
 }
 
+/// Postgres' plan for a statement, as text.
+async fn explain(client: &tokio_postgres::Client, statement: &str) -> String {
+    client
+        .query(&format!("EXPLAIN {statement}"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0) + "\n")
+        .collect()
+}
+
 /// The writer's statements are planned once per connection, often while the tables are still
 /// empty (a fresh database; every midnight's new partition). Those plans must still be index
 /// lookups, which stay cheap as the tables grow: no sequential scan, no hash or merge join.
 #[tokio::test]
 async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
     use nanochat::store::postgres::{FIND_REPLAYS, LOCK_ROOMS, WRITE_BATCH, WRITER_BEGIN};
-    let db = cluster().database().await;
-    let _store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
-        .await
-        .unwrap();
+    let (db, _store) = pg_store().await;
     let client = cluster().connect(&db).await;
     client.batch_execute(WRITER_BEGIN).await.unwrap();
     let at = "now()";
@@ -595,38 +603,24 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
             .batch_execute(&format!("PREPARE {name} AS {sql}"))
             .await
             .unwrap();
-        let plan: String = client
-            .query(&format!("EXPLAIN EXECUTE {name}({args})"), &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, String>(0) + "\n")
-            .collect();
+        let plan = explain(&client, &format!("EXECUTE {name}({args})")).await;
         for bad in ["Seq Scan on", "Hash Join", "Merge Join", "Bitmap Heap Scan"] {
             assert!(!plan.contains(bad), "{name}: {bad} in\n{plan}");
         }
         assert!(plan.contains("Index"), "{name}: no index use in\n{plan}");
     }
     // The replay lookup reaches only the partitions in its window, chosen when it runs.
-    let replays: String = client
-        .query(
-            "EXPLAIN EXECUTE replays('{}', '{}', now() - interval '3 days', now())",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get::<_, String>(0) + "\n")
-        .collect();
+    let replays = explain(
+        &client,
+        "EXECUTE replays('{}', '{}', now() - interval '3 days', now())",
+    )
+    .await;
     assert!(replays.contains("Subplans Removed"), "{replays}");
 }
 
 #[tokio::test]
 async fn expired_postgres_partitions_are_dropped_not_emptied() {
-    let db = cluster().database().await;
-    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
-        .await
-        .unwrap();
+    let (db, store) = pg_store().await;
     let sql = cluster().connect(&db).await;
     let today = now_ms().div_euclid(EPOCH_MS);
     let r = room(13);
