@@ -172,6 +172,18 @@ fn prometheus_config_and_rules_pass_promtool() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The rules' own unit tests: given series, which alerts fire.
+    let out = promtool()
+        .args(["test", "rules"])
+        .arg(dir.join("alerts-test.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rules = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
     for alert in [
         "NanoChatDown",
@@ -180,6 +192,7 @@ fn prometheus_config_and_rules_pass_promtool() {
         "NanoChatAckLatencyHigh",
         "NanoChatAbuseSpike",
         "NanoChatPowAtMaximum",
+        "NanoChatClusterListenerDown",
     ] {
         assert!(
             rules.contains(&format!("alert: {alert}")),
