@@ -35,7 +35,7 @@ use crate::crypto::RoomId;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::{HistoryQuery, ServerFrame, WireMsg, b64u, room_from_wire};
-use crate::store::{Store, now_ms};
+use crate::store::{Store, StoredMessage, now_ms};
 
 /// The notification channel.
 pub const CHANNEL: &str = "nanochat";
@@ -115,31 +115,29 @@ pub fn ranges(seqs: impl IntoIterator<Item = (RoomId, i64)>) -> Vec<(RoomId, i64
     by_room.into_iter().map(|(r, (a, b))| (r, a, b)).collect()
 }
 
-/// Read a room's messages after `after` (up to `upto`, if given) and publish them locally.
+/// Deliver one stored message to this process's sockets in its room.
+fn publish_stored(hub: &Hub, room: &RoomId, m: &StoredMessage) {
+    let frame = ServerFrame::Msg(WireMsg::from(m)).to_text().into();
+    hub.publish(room, m.seq, &frame, None);
+}
+
+/// Read every message of a room after `after` and publish it locally.
 async fn publish_from_store(
     store: &dyn Store,
     hub: &Hub,
     room: &RoomId,
     mut after: i64,
-    upto: Option<i64>,
-) -> Result<usize, crate::store::StoreError> {
-    let mut published = 0;
+) -> Result<(), crate::store::StoreError> {
     loop {
-        let limit = upto.map_or(200, |u| (u - after).clamp(1, 200)) as u32;
         let page = store
-            .messages(room, HistoryQuery::After(after), limit, now_ms())
+            .messages(room, HistoryQuery::After(after), 200, now_ms())
             .await?;
         for m in &page.messages {
-            if upto.is_some_and(|u| m.seq > u) {
-                return Ok(published);
-            }
-            let frame = ServerFrame::Msg(WireMsg::from(m)).to_text().into();
-            hub.publish(room, m.seq, &frame, None);
-            published += 1;
+            publish_stored(hub, room, m);
             after = m.seq;
         }
-        if !page.more || page.messages.is_empty() || upto.is_some_and(|u| after >= u) {
-            return Ok(published);
+        if !page.more || page.messages.is_empty() {
+            return Ok(());
         }
     }
 }
@@ -178,8 +176,7 @@ async fn handle(
     match store.messages_in_ranges(&wanted, now_ms()).await {
         Ok(found) => {
             for (room, m) in &found {
-                let frame = ServerFrame::Msg(WireMsg::from(m)).to_text().into();
-                hub.publish(room, m.seq, &frame, None);
+                publish_stored(hub, room, m);
             }
         }
         // Members fill the gap themselves when the next message arrives, or on reconnect.
@@ -196,9 +193,7 @@ async fn catch_up(store: &dyn Store, hub: &Hub) {
                 hub.nuke(&room);
                 return Ok(());
             }
-            publish_from_store(store, hub, &room, last, None)
-                .await
-                .map(drop)
+            publish_from_store(store, hub, &room, last).await
         };
         if let Err(e) = caught_up.await {
             tracing::warn!(error = %e, "cluster catch-up failed; members catch up on reconnect");

@@ -139,6 +139,17 @@ pub fn partition_day(name: &str) -> Option<i64> {
     (estimate - 40..estimate + 40).find(|&day| civil_from_days(day) == (y, m, d))
 }
 
+/// A message read from its columns `seq, created_at, epoch, iv, ct`, starting at `first`.
+fn stored_message(r: &tokio_postgres::Row, first: usize) -> StoredMessage {
+    StoredMessage {
+        seq: r.get(first),
+        ts: ms(r.get(first + 1)),
+        epoch: r.get::<_, i32>(first + 2) as u32,
+        iv: r.get(first + 3),
+        ct: r.get(first + 4),
+    }
+}
+
 /// A pooled connection that may be inside a transaction `append` drives by hand. If the call
 /// is dropped half way (cancelled), the connection leaves the pool and closes, which makes
 /// Postgres roll the transaction back, instead of going back to the pool mid-transaction.
@@ -173,10 +184,10 @@ impl PgStore {
         pg.connect_timeout(timeout);
         let node: u64 = rand::random();
         pg.application_name(format!("nanochat-{node:016x}"));
-        // Plan every execution with its parameters and today's statistics. A generic plan is
-        // fixed once per connection, and one made while the day's partition was still empty
-        // (every midnight, or a fresh database) can keep the replay check on a bad plan for
-        // the connection's life: measured as half the write throughput, at random.
+        // Reads plan every execution with its parameters and today's statistics. A generic
+        // plan is fixed once per connection, and one made while the day's partition was still
+        // empty (every midnight, or a fresh database) can stay bad for the connection's life.
+        // Write transactions set their own options (`WRITER_BEGIN`).
         let options = match pg.get_options() {
             Some(theirs) => format!("{theirs} -c plan_cache_mode=force_custom_plan"),
             None => "-c plan_cache_mode=force_custom_plan".to_owned(),
@@ -330,10 +341,10 @@ impl PgStore {
         let lock_rooms = client.prepare_cached(LOCK_ROOMS).await?;
         let find_replays = client.prepare_cached(FIND_REPLAYS).await?;
         let write = client.prepare_cached(WRITE_BATCH).await?;
-        let mut rooms: Vec<&[u8]> = batch.iter().map(|m| &m.room[..]).collect();
+        let room_col: Vec<&[u8]> = batch.iter().map(|m| &m.room[..]).collect();
+        let mut rooms = room_col.clone();
         rooms.sort_unstable();
         rooms.dedup();
-        let room_col: Vec<&[u8]> = batch.iter().map(|m| &m.room[..]).collect();
         let iv_col: Vec<&[u8]> = batch.iter().map(|m| &m.iv[..]).collect();
         // First round trip: BEGIN, lock the rooms, look for replays. Postgres runs pipelined
         // statements one after the other and the lookup takes its snapshot when it starts, so
@@ -543,12 +554,16 @@ impl Store for PgStore {
     ) -> Result<Vec<AppendOutcome>, StoreError> {
         let guard = InTransaction(Some(self.pool.get().await.map_err(pool_err)?));
         let client = guard.0.as_ref().expect("held until the end");
-        let mut result = self.append_once(client, batch, now).await;
-        if result.is_err() {
-            // Leave the connection outside any transaction (a harmless warning if the
-            // failed COMMIT already ended it).
-            let _ = client.batch_execute("ROLLBACK").await;
-        }
+        let attempt = || async {
+            let result = self.append_once(client, batch, now).await;
+            if result.is_err() {
+                // Leave the connection outside any transaction (a harmless warning if the
+                // failed COMMIT already ended it).
+                let _ = client.batch_execute("ROLLBACK").await;
+            }
+            result
+        };
+        let mut result = attempt().await;
         if let Err(e) = &result
             && e.code() == Some(&SqlState::CHECK_VIOLATION)
         {
@@ -556,10 +571,7 @@ impl Store for PgStore {
             // once; the failed transaction stored nothing.
             tracing::warn!("no message partition for the current day; creating it");
             self.ensure_partitions(now).await?;
-            result = self.append_once(client, batch, now).await;
-            if result.is_err() {
-                let _ = client.batch_execute("ROLLBACK").await;
-            }
+            result = attempt().await;
         }
         guard.release();
         result.map_err(pg_err)
@@ -606,16 +618,7 @@ impl Store for PgStore {
             )
             .await
             .map_err(pg_err)?;
-        let messages = rows
-            .iter()
-            .map(|r| StoredMessage {
-                seq: r.get(0),
-                ts: ms(r.get(1)),
-                epoch: r.get::<_, i32>(2) as u32,
-                iv: r.get(3),
-                ct: r.get(4),
-            })
-            .collect();
+        let messages = rows.iter().map(|r| stored_message(r, 0)).collect();
         Ok(finish_page(messages, limit, query))
     }
 
@@ -650,16 +653,7 @@ impl Store for PgStore {
             .iter()
             .filter_map(|r| {
                 let room: RoomId = r.get::<_, &[u8]>(0).try_into().ok()?;
-                Some((
-                    room,
-                    StoredMessage {
-                        seq: r.get(1),
-                        ts: ms(r.get(2)),
-                        epoch: r.get::<_, i32>(3) as u32,
-                        iv: r.get(4),
-                        ct: r.get(5),
-                    },
-                ))
+                Some((room, stored_message(r, 1)))
             })
             .collect())
     }

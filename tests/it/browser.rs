@@ -32,9 +32,13 @@ async fn say(page: &Page<'_>, text: &str) {
 }
 
 async fn wait_online(page: &Page<'_>) {
+    wait_online_within(page, 20).await;
+}
+
+async fn wait_online_within(page: &Page<'_>, secs: u64) {
     page.wait_for(
         "document.getElementById('status').dataset.state === 'online'",
-        20,
+        secs,
     )
     .await;
 }
@@ -328,11 +332,7 @@ async fn creating_a_room_with_proof_of_work_shows_progress() {
     .await;
     page.eval("document.getElementById('new-room').click(), true")
         .await;
-    page.wait_for(
-        "document.getElementById('status').dataset.state === 'online'",
-        90,
-    )
-    .await;
+    wait_online_within(&page, 90).await;
     assert_eq!(
         page.eval("window.seen.shown").await,
         json!(true),
