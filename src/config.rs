@@ -106,7 +106,8 @@ pub struct LimitSettings {
     pub frames_burst: u32,
     /// Bytes of broadcast frames queued for one socket before it counts as a slow consumer.
     pub send_queue_bytes: usize,
-    /// Open WebSocket connections the whole server accepts; further upgrades get 503.
+    /// Open WebSocket connections the whole server accepts; further upgrades get 503. Lowered
+    /// at start when the hard open-file limit cannot hold it (`startup::fit_open_file_limit`).
     pub max_connections: usize,
     /// Seconds a client has to send its HTTP request head (the upgrade).
     pub handshake_timeout_secs: u64,

@@ -20,7 +20,7 @@ use rust_embed::RustEmbed;
 use crate::abuse::client_ip::ClientIdentity;
 use crate::abuse::limits::{self, Client, Limits};
 use crate::abuse::pow::{self as pow_policy, PowPolicy};
-use crate::config::{PowMode, Settings};
+use crate::config::{LimitSettings, PowMode, Settings};
 use crate::crypto::ServerKeys;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -340,6 +340,47 @@ pub async fn run_maintenance(state: &AppState) {
     }
 }
 
+/// Descriptors kept free for what is not a WebSocket: listeners, database connections and
+/// files, plain HTTP requests, the admin port, logs.
+pub const SPARE_DESCRIPTORS: u64 = 256;
+
+/// Make room for `limits.max_connections` sockets in the process's open-file limit: raise the
+/// soft limit as far as needed, up to the hard limit; if even that is too small, lower
+/// `max_connections` to what fits, with a warning. Past the limit a new socket would fail in
+/// `accept`, and actix-server then stops accepting on every listener for half a second: one
+/// flood would shut everybody out, where a socket over `max_connections` gets a plain 503.
+pub fn fit_open_file_limit(limits: &mut LimitSettings) {
+    let wanted = limits.max_connections as u64 + SPARE_DESCRIPTORS;
+    let (soft, hard) = match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit; leaving it as it is");
+            return;
+        }
+    };
+    let mut limit = soft;
+    if soft < wanted {
+        let raised = wanted.min(hard);
+        match rlimit::setrlimit(rlimit::Resource::NOFILE, raised, hard) {
+            Ok(()) => limit = raised,
+            Err(e) => tracing::warn!(error = %e, soft, "cannot raise the open-file limit"),
+        }
+    }
+    if limit < wanted {
+        let fits = limit.saturating_sub(SPARE_DESCRIPTORS).max(1) as usize;
+        tracing::warn!(
+            open_files = limit,
+            configured = limits.max_connections,
+            max_connections = fits,
+            "the open-file limit is too small for limits.max_connections; accepting fewer \
+             WebSockets (raise LimitNOFILE or `ulimit -n`, see docs/operating.md)"
+        );
+        limits.max_connections = fits;
+    } else {
+        tracing::info!(open_files = limit, "open-file limit");
+    }
+}
+
 /// A built server, listening, not yet serving.
 pub struct Application {
     port: u16,
@@ -351,8 +392,9 @@ pub struct Application {
 
 impl Application {
     /// Open storage, load the secret, bind the listeners and start the background tasks.
-    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+    pub async fn build(mut settings: Settings) -> anyhow::Result<Application> {
         settings.validate()?;
+        fit_open_file_limit(&mut settings.limits);
         let secret = load_or_create_secret(&settings.secret_path())?;
         let keys = ServerKeys::derive(&secret);
         let store = store::open(&settings).await?;

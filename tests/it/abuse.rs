@@ -124,7 +124,11 @@ async fn one_room_is_protected_from_the_sum_of_its_members() {
 
 /// Send a WebSocket upgrade from `from` with extra headers; returns the status, the headers, and
 /// the open stream (kept alive by the caller when the upgrade succeeded).
-async fn upgrade(port: u16, from: &str, extra: &str) -> (u16, String, tokio::net::TcpStream) {
+pub(crate) async fn upgrade(
+    port: u16,
+    from: &str,
+    extra: &str,
+) -> (u16, String, tokio::net::TcpStream) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind((ip(from), 0).into()).unwrap();
     let mut stream = socket

@@ -25,7 +25,30 @@ pub(crate) fn spawn_server(
     dir: &std::path::Path,
     env: &[(&str, &str)],
 ) -> (Proc, u16, Vec<String>, std::sync::mpsc::Receiver<String>) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nanochat"));
+    spawn(Command::new(env!("CARGO_BIN_EXE_nanochat")), dir, env)
+}
+
+/// As `spawn_server`, with the open-file limit set first (`soft`, `hard`).
+fn spawn_server_with_open_files(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    soft: u64,
+    hard: u64,
+) -> (Proc, u16, Vec<String>, std::sync::mpsc::Receiver<String>) {
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(format!(
+            "ulimit -S -n {soft} && ulimit -H -n {hard} && exec \"$0\""
+        ))
+        .arg(env!("CARGO_BIN_EXE_nanochat"));
+    spawn(sh, dir, env)
+}
+
+fn spawn(
+    mut cmd: Command,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Proc, u16, Vec<String>, std::sync::mpsc::Receiver<String>) {
     cmd.current_dir(dir)
         .env_remove("NANOCHAT_CONFIG")
         .env_remove("RUST_LOG")
@@ -350,4 +373,91 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message_on_sqlite() {
 async fn sigkill_mid_stream_loses_no_acknowledged_message_on_postgres() {
     let db = crate::pg::cluster().database().await;
     sigkill_mid_stream_loses_no_acknowledged_message(Some(db.url.clone())).await;
+}
+
+/// (soft, hard) "Max open files" of a running process.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (n[0], n[1])
+}
+
+#[tokio::test]
+async fn the_soft_open_file_limit_is_raised_to_fit_max_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _port, log, _rx) = spawn_server_with_open_files(
+        dir.path(),
+        &[("NANOCHAT__LIMITS__MAX_CONNECTIONS", "1000")],
+        512,
+        4096,
+    );
+    let wanted = 1000 + nanochat::startup::SPARE_DESCRIPTORS;
+    assert_eq!(open_file_limits(child.0.id()), (wanted, 4096));
+    assert!(
+        log.iter()
+            .any(|l| l.contains(&format!("\"open_files\":{wanted}"))),
+        "{log:?}"
+    );
+    assert!(!log.iter().any(|l| l.contains("WARN")), "{log:?}");
+}
+
+#[tokio::test]
+async fn a_hard_open_file_limit_too_small_lowers_max_connections_to_what_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let hard = 300;
+    let fits = (hard - nanochat::startup::SPARE_DESCRIPTORS) as usize;
+    let (child, port, log, _rx) = spawn_server_with_open_files(
+        dir.path(),
+        &[
+            ("NANOCHAT__RATE__CLIENT_MAX_SOCKETS", "1000"),
+            ("NANOCHAT__RATE__CLIENT_CONNECTIONS__PER_MINUTE", "100000"),
+            ("NANOCHAT__RATE__CLIENT_CONNECTIONS__BURST", "1000"),
+            ("NANOCHAT__RATE__GLOBAL_CONNECTIONS__PER_MINUTE", "100000"),
+            ("NANOCHAT__RATE__GLOBAL_CONNECTIONS__BURST", "1000"),
+        ],
+        hard,
+        hard,
+    );
+    assert_eq!(open_file_limits(child.0.id()), (hard, hard));
+    let warning = log
+        .iter()
+        .find(|l| l.contains("open-file limit is too small"))
+        .unwrap_or_else(|| panic!("no warning in {log:?}"));
+    assert!(warning.contains("\"configured\":50000"), "{warning}");
+    assert!(
+        warning.contains(&format!("\"max_connections\":{fits}")),
+        "{warning}"
+    );
+    // The lowered cap holds: the socket past it gets the documented 503, and the server
+    // still answers (no failing accept).
+    let mut open = Vec::new();
+    for n in 0..fits {
+        let (status, _, stream) =
+            crate::abuse::upgrade(port, &format!("127.0.1.{}", n % 200 + 1), "").await;
+        assert_eq!(status, 101, "socket {n}");
+        open.push(stream);
+    }
+    let (status, _, _) = crate::abuse::upgrade(port, "127.0.2.1", "").await;
+    assert_eq!(status, 503);
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, _, stream) = crate::abuse::upgrade(port, "127.0.2.2", "").await;
+        if status == 101 {
+            open.push(stream);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freed slot was never reused"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

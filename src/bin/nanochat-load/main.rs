@@ -145,7 +145,12 @@ fn spawn_nanochat(
         .env("NANOCHAT__POW__MODE", "off");
     // The abuse scenario measures the default limits; the others take them out of the way.
     if !real_limits {
-        cmd.env("NANOCHAT__LIMITS__MAX_CONNECTIONS", "1000000")
+        // All that the inherited open-file limit holds, so the server need not lower it.
+        let open_files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |l| l.0);
+        let sockets = open_files
+            .saturating_sub(nanochat::startup::SPARE_DESCRIPTORS)
+            .max(1);
+        cmd.env("NANOCHAT__LIMITS__MAX_CONNECTIONS", sockets.to_string())
             .env("NANOCHAT__LIMITS__FRAMES_PER_SECOND", "1000000")
             .env("NANOCHAT__LIMITS__FRAMES_BURST", "1000000")
             .env("NANOCHAT__RATE__CLIENT_MAX_SOCKETS", "1000000");
@@ -339,6 +344,7 @@ async fn main() {
         args.secs <= bound,
         "runs are bounded: --secs at most {bound}"
     );
+    raise_open_files();
     let dir = std::env::temp_dir().join(format!("nanochat-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let extra: &[(&str, &str)] = match cmd.as_str() {
@@ -367,6 +373,36 @@ async fn main() {
         _ => println!("{}", fanout(&args, servers).await),
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Descriptors the generator and the servers it starts (they inherit the limit) may open: the
+/// largest scenario, 30 000 idle sockets, needs that many on each side.
+const OPEN_FILES: u64 = 1 << 17;
+
+/// Raise this process's open-file limit to `OPEN_FILES` (the hard limit too, which needs root);
+/// failing that, the soft limit to the hard one.
+fn raise_open_files() {
+    let Ok((soft, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
+        return;
+    };
+    if hard < OPEN_FILES
+        && rlimit::setrlimit(rlimit::Resource::NOFILE, OPEN_FILES, OPEN_FILES).is_ok()
+    {
+        return;
+    }
+    if soft < hard {
+        let _ = rlimit::setrlimit(
+            rlimit::Resource::NOFILE,
+            hard.min(OPEN_FILES.max(soft)),
+            hard,
+        );
+    }
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));
+    if soft < OPEN_FILES {
+        eprintln!(
+            "open-file limit {soft}: runs with more sockets than that fail (raising it needs CAP_SYS_RESOURCE, or a higher ulimit -Hn)"
+        );
+    }
 }
 
 /// The server(s) under test: `--nodes` NanoChat processes sharing one secret (fresh data
