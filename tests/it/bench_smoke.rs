@@ -221,8 +221,8 @@ async fn the_expiry_scenario_drops_a_day_and_deletes_one_under_load() {
         "2000",
         "--senders",
         "2",
-        "--window",
-        "2",
+        "--rate",
+        "200",
         "--secs",
         "1",
     ]);
@@ -234,5 +234,7 @@ async fn the_expiry_scenario_drops_a_day_and_deletes_one_under_load() {
         assert!(r["expiry_ms"].as_f64().unwrap() > 0.0, "{report}");
     }
     assert_eq!(results[0]["method"], "drop_partition");
-    assert!(report["acked"].as_u64().unwrap() > 0, "{report}");
+    // Open loop at 200/s through two fills, two expiries and their waits: well over 200 acks.
+    assert_eq!(report["rate"], 200, "{report}");
+    assert!(report["acked"].as_u64().unwrap() > 200, "{report}");
 }

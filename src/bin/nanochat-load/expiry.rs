@@ -1,9 +1,11 @@
-//! Expiry under write load (Postgres): while closed-loop senders publish through the server,
-//! one day of `--rows` messages past the retention is expired twice, each time freshly
+//! Expiry under write load (Postgres): while senders publish through the server at a fixed
+//! open-loop `--rate` (the "half its maximum": measure the maximum with `publish`
+//! first), one day of `--rows` messages past the retention is expired twice, each time freshly
 //! written: first the way NanoChat does it (maintenance drops the day's partition), then the
 //! way a table without partitions must (`DELETE` of the same rows and `VACUUM`). For each:
 //! how long it took, the senders' p99 ack latency before and during it, and the database
-//! size before and after.
+//! size before and after. Latency counts from each send's scheduled time, so a stall shows in
+//! every send it holds up, not only in the few a closed loop would have in flight.
 //!
 //! The old rows go in through the store with a clock set 31 days back, into that day's
 //! partition; the server runs no maintenance of its own during the run.
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 use nanochat::store::postgres::PgStore;
 use nanochat::store::{Millis, NewMessage, Retention, Store as _, now_ms};
 
-use crate::publish::{closed_loop, latencies};
+use crate::publish::{Pace, latencies, publishers};
 use crate::{Args, Server};
 
 /// The server's own maintenance stays out of the way; the scenario triggers expiry itself.
@@ -103,8 +105,9 @@ pub async fn run(args: &Args, server: &Server) {
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn({
         let (addr, stop) = (server.addr.clone(), stop.clone());
-        let (senders, window) = (args.senders, args.window);
-        async move { closed_loop(&addr, senders, window, start, stop).await }
+        let senders = args.senders;
+        let pace = Pace::Rate(args.rate as f64 / senders.max(1) as f64);
+        async move { publishers(&addr, senders, pace, start, stop).await }
     });
     let settle = Duration::from_secs(args.secs);
     let mut windows = Vec::new();
@@ -112,6 +115,12 @@ pub async fn run(args: &Args, server: &Server) {
         let filled = Instant::now();
         fill(&store, args.rows).await;
         let fill_s = filled.elapsed().as_secs_f64();
+        // A day expires a month after it was written, long after its pages reached the disk;
+        // here it was written a moment ago. Flush it first, so the expiry is not measured
+        // waiting for the write-back of the very pages it throws away.
+        if let Err(e) = client.batch_execute("CHECKPOINT").await {
+            eprintln!("CHECKPOINT refused ({e}): the old day's pages may still be in write-back");
+        }
         let rows_before = old_rows(&client).await;
         let size_before = db_size(&client).await;
         // Steady state: the senders alone, just before the expiry.
@@ -187,7 +196,7 @@ pub async fn run(args: &Args, server: &Server) {
             "scenario": "expiry",
             "backend": "postgres",
             "senders": args.senders,
-            "window": args.window,
+            "rate": args.rate,
             "acked": samples.len(),
             "results": results,
         })

@@ -10,7 +10,7 @@
 //!                      [--secs 6] [--steps 12]
 //! nanochat-load idle   --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
 //! nanochat-load soak   [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
-//! nanochat-load expiry --postgres URL [--rows 1000000] [--senders 16] [--window 8] [--secs 5]
+//! nanochat-load expiry --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
 //! nanochat-load abuse  [--rooms 10] [--members 10] [--rate 10000] [--secs 10]
 //! nanochat-load publish --target nanochat|naive|batch [--senders 16] [--window 8] [--secs 10]
 //!                       [--postgres URL]

@@ -54,10 +54,22 @@ fn report(args: &Args, target: &str, acked: u64, secs: f64, h: &Histogram<u64>, 
 /// Closed-loop senders against `addr`: `senders` sockets, each in its own new room, each
 /// keeping `window` sends in flight, until `stop`. Returns every ack as (when it arrived, µs
 /// since `start`; its latency, µs).
-pub async fn closed_loop(
+/// How senders pace their sends.
+#[derive(Clone, Copy)]
+pub enum Pace {
+    /// Closed loop: each sender keeps this many sends in flight.
+    Window(usize),
+    /// Open loop: each sender sends this many per second on a fixed schedule, whatever the
+    /// acks do; latency is from the scheduled time, so a stall counts for every send it delays.
+    Rate(f64),
+}
+
+/// `senders` sockets, each in a room of its own, publishing at `pace` until `stop`; returns
+/// (ack time, ack latency) samples in µs since `start`.
+pub async fn publishers(
     addr: &str,
     senders: usize,
-    window: usize,
+    pace: Pace,
     start: Instant,
     stop: Arc<AtomicBool>,
 ) -> Vec<(u64, u64)> {
@@ -70,6 +82,11 @@ pub async fn closed_loop(
         enter(&mut ws, &challenge, &keys, true).await;
         sockets.push(ws);
     }
+    // A window's permits come back with acks; an open-loop sender takes none.
+    let window = match pace {
+        Pace::Window(w) => w,
+        Pace::Rate(_) => 0,
+    };
     let mut tasks = Vec::new();
     for ws in sockets {
         let stop = stop.clone();
@@ -77,9 +94,21 @@ pub async fn closed_loop(
             let (mut sink, mut stream) = ws.split();
             let permits = Arc::new(tokio::sync::Semaphore::new(window));
             let reader_permits = permits.clone();
+            let (sent_tx, sent_rx) = tokio::sync::watch::channel(0usize);
             let reader = tokio::spawn(async move {
                 let mut acks = Vec::new();
-                while let Some(Ok(m)) = stream.next().await {
+                let mut answered = 0usize;
+                loop {
+                    // Open loop: stop once everything sent at the end is answered.
+                    if stop_reading(&sent_rx, answered) {
+                        break;
+                    }
+                    let Ok(next) =
+                        tokio::time::timeout(Duration::from_millis(200), stream.next()).await
+                    else {
+                        continue;
+                    };
+                    let Some(Ok(m)) = next else { break };
                     let t = match m {
                         Message::Text(t) => t,
                         Message::Close(reason) => {
@@ -103,20 +132,35 @@ pub async fn closed_loop(
                         let now = start.elapsed().as_micros() as u64;
                         acks.push((now, now.saturating_sub(sent).max(1)));
                     }
+                    answered += 1;
                     reader_permits.add_permits(1);
                 }
                 acks
             });
+            let mut sent = 0usize;
+            let first = Instant::now();
             while !stop.load(Ordering::Relaxed) {
-                // Bounded wait: a socket the server closed never returns its permits.
-                let p = match tokio::time::timeout(Duration::from_secs(1), permits.acquire()).await
-                {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(_)) => break,
-                    Err(_) if reader.is_finished() => break,
-                    Err(_) => continue,
+                let reference = match pace {
+                    Pace::Window(_) => {
+                        // Bounded wait: a socket the server closed never returns its permits.
+                        match tokio::time::timeout(Duration::from_secs(1), permits.acquire()).await
+                        {
+                            Ok(Ok(p)) => p.forget(),
+                            Ok(Err(_)) => break,
+                            Err(_) if reader.is_finished() => break,
+                            Err(_) => continue,
+                        }
+                        start.elapsed().as_micros() as u64
+                    }
+                    Pace::Rate(per_sec) => {
+                        let due = first + Duration::from_secs_f64(sent as f64 / per_sec);
+                        tokio::time::sleep_until(due.into()).await;
+                        if reader.is_finished() {
+                            break;
+                        }
+                        (due - start).as_micros() as u64
+                    }
                 };
-                p.forget();
                 // Per send: a run may cross midnight UTC, where the epoch changes.
                 let epoch = crypto::epoch_of(nanochat::store::now_ms());
                 let mut iv = [0u8; 12];
@@ -124,19 +168,32 @@ pub async fn closed_loop(
                 let mut ct = [0u8; 64];
                 rand::fill(&mut ct);
                 let frame = format!(
-                    r#"{{"type":"send","ref":"{}","epoch":{epoch},"iv":"{}","ct":"{}"}}"#,
-                    start.elapsed().as_micros(),
+                    r#"{{"type":"send","ref":"{reference}","epoch":{epoch},"iv":"{}","ct":"{}"}}"#,
                     b64u(&iv),
                     b64u(&ct)
                 );
                 if sink.send(Message::text(frame)).await.is_err() {
                     break;
                 }
+                sent += 1;
             }
             // Let the last acks arrive, then close so the reader ends.
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), permits.acquire_many(window as u32))
+            match pace {
+                Pace::Window(w) => {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        permits.acquire_many(w as u32),
+                    )
                     .await;
+                }
+                Pace::Rate(_) => {
+                    let _ = sent_tx.send(sent);
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while !reader.is_finished() && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
             let _ = sink.close().await;
             tokio::time::timeout(Duration::from_secs(5), reader)
                 .await
@@ -152,6 +209,13 @@ pub async fn closed_loop(
         }
     }
     all
+}
+
+/// Whether an open-loop reader is done: the sender has said how many it sent (non-zero) and
+/// all of them are answered.
+fn stop_reading(sent: &tokio::sync::watch::Receiver<usize>, answered: usize) -> bool {
+    let sent = *sent.borrow();
+    sent > 0 && answered >= sent
 }
 
 /// Latency histogram of (at, latency) samples whose `at` lies in `from..to` (µs).
@@ -172,8 +236,8 @@ pub async fn nanochat(args: &Args, server: &Server) {
     let cpu_before = cpu_seconds(server.pid());
     let run = tokio::spawn({
         let (addr, stop) = (server.addr.clone(), stop.clone());
-        let (senders, window) = (args.senders, args.window);
-        async move { closed_loop(&addr, senders, window, start, stop).await }
+        let (senders, pace) = (args.senders, Pace::Window(args.window));
+        async move { publishers(&addr, senders, pace, start, stop).await }
     });
     // The sockets are open and joined within the first moments; measure the rest.
     tokio::time::sleep(Duration::from_secs(args.secs)).await;
