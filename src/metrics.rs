@@ -14,6 +14,9 @@ pub struct Metrics {
     registry: Registry,
     /// Open WebSocket connections.
     pub connections_open: IntGauge,
+    /// Open WebSocket connections the server accepts (`limits.max_connections`, as fitted to
+    /// the open-file limit at start).
+    pub connections_max: IntGauge,
     /// WebSocket connections accepted.
     pub connections_total: IntCounter,
     /// Join attempts by result (`ok`, `auth_failed`, `room_gone`, `error`).
@@ -114,6 +117,14 @@ impl Metrics {
                 r,
                 IntGauge::new("nanochat_connections_open", "Open WebSocket connections.")
                     .expect("valid metric"),
+            ),
+            connections_max: reg(
+                r,
+                IntGauge::new(
+                    "nanochat_connections_max",
+                    "Open WebSocket connections the server accepts (limits.max_connections, lowered at start if the open-file limit cannot hold it).",
+                )
+                .expect("valid metric"),
             ),
             connections_total: counter(
                 "nanochat_connections_total",

@@ -406,6 +406,9 @@ impl Application {
             settings.secret_path().display()
         );
         let metrics = Arc::new(Metrics::new());
+        metrics
+            .connections_max
+            .set(i64::try_from(settings.limits.max_connections).unwrap_or(i64::MAX));
         let hub = Arc::new(Hub::new(
             settings.limits.send_queue,
             settings.limits.send_queue_bytes,

@@ -435,6 +435,17 @@ async fn a_hard_open_file_limit_too_small_lowers_max_connections_to_what_fits() 
         warning.contains(&format!("\"max_connections\":{fits}")),
         "{warning}"
     );
+    // Operators see the limit in force.
+    let listening: serde_json::Value = serde_json::from_str(log.last().unwrap()).unwrap();
+    let admin = listening["admin_port"].as_u64().unwrap() as u16;
+    let metrics = crate::helpers::http_get(admin, "/metrics").await;
+    assert!(
+        metrics
+            .body
+            .contains(&format!("nanochat_connections_max {fits}\n")),
+        "{}",
+        metrics.body
+    );
     // The lowered cap holds: the socket past it gets the documented 503, and the server
     // still answers (no failing accept).
     let mut open = Vec::new();

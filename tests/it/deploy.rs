@@ -187,6 +187,7 @@ fn prometheus_config_and_rules_pass_promtool() {
         "NanoChatAbuseSpike",
         "NanoChatPowAtMaximum",
         "NanoChatClusterListenerDown",
+        "NanoChatConnectionsNearLimit",
     ] {
         assert!(
             rules.contains(&format!("alert: {alert}")),
