@@ -339,8 +339,12 @@ pub(crate) fn finish_page(
     Page { messages, more }
 }
 
-/// The earliest creation time a replayed IV can have: the epoch check (±1 day of the server's)
-/// means a message can only be replayed within three days of its first storage.
-pub(crate) fn replay_window_start(now: Millis) -> Millis {
-    (crate::crypto::epoch_of(now) as Millis - 3) * EPOCH_MS
+/// The earliest creation time an earlier copy of a message sent with `epoch` can have. That
+/// copy carried the same epoch and passed the same check when it was received (within one day
+/// of the receiving server's day, by that server's clock, which also dated it), so it was
+/// stored no earlier than the start of day `epoch - 1`. Never earlier than three days back,
+/// the widest the check allows. For a message of today's epoch that leaves yesterday and today.
+pub(crate) fn replay_window_start(epoch: u32, now: Millis) -> Millis {
+    let from_epoch = (Millis::from(epoch) - 1) * EPOCH_MS;
+    from_epoch.max((Millis::from(crate::crypto::epoch_of(now)) - 3) * EPOCH_MS)
 }

@@ -46,8 +46,9 @@ pub const WRITER_BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic
 pub const LOCK_ROOMS: &str =
     "SELECT id, last_seq FROM rooms WHERE id = ANY($1) AND wiped_at IS NULL
      ORDER BY id FOR UPDATE";
-/// The batch's (room, IV) pairs already stored in the replay window: one index probe per
-/// message and partition, stopping at the first match.
+/// The batch's (room, IV) pairs already stored in its replay window (`$3` to `$4`, see
+/// `replay_window_start`): one index probe per message and partition of the window, stopping
+/// at the first match. Partitions outside the window are pruned when the statement starts.
 pub const FIND_REPLAYS: &str = "SELECT t.room_id, t.iv
      FROM unnest($1::bytea[], $2::bytea[]) AS t(room_id, iv)
      CROSS JOIN LATERAL (
@@ -349,9 +350,16 @@ impl PgStore {
         // First round trip: BEGIN, lock the rooms, look for replays. Postgres runs pipelined
         // statements one after the other and the lookup takes its snapshot when it starts, so
         // it runs with the locks held and sees every message another process committed to
-        // these rooms before us. The replay window starts three days back (the epoch check
-        // refuses anything older) and ends now: the partitions made ahead are left out.
-        let (window_start, window_end) = (ts(replay_window_start(now)), ts(now));
+        // these rooms before us. The replay window starts as far back as the oldest epoch in
+        // the batch allows (usually yesterday: two partitions, not four) and ends a minute
+        // from now: another node's clock may run a little ahead of ours, and the partitions
+        // made ahead are left out.
+        let since = batch
+            .iter()
+            .map(|m| replay_window_start(m.epoch, now))
+            .min()
+            .unwrap_or(now);
+        let (window_start, window_end) = (ts(since), ts(now + 60_000));
         let lock_params: [&(dyn ToSql + Sync); 1] = [&rooms];
         let replay_params: [&(dyn ToSql + Sync); 4] =
             [&room_col, &iv_col, &window_start, &window_end];

@@ -445,8 +445,44 @@ async fn announced_ranges_are_read_exactly(store: &dyn Store) {
     assert!(store.messages_in_ranges(&[], now).await.unwrap().is_empty());
 }
 
+/// A message can be replayed for as long as its epoch passes the server's check (within a
+/// day of the server's): the lookup must reach back to the earliest day a copy with that
+/// epoch could have been stored, and no further is needed.
+async fn replays_are_found_as_far_back_as_their_epoch_allows(store: &dyn Store) {
+    let now = now_ms();
+    let today = now.div_euclid(EPOCH_MS);
+    let r = room(6);
+    create(store, &r, (today - 2) * EPOCH_MS).await;
+    // Yesterday's epoch, stored first thing the day before yesterday (its server was a day
+    // behind the sender); today's epoch, stored yesterday.
+    let mut early = msg(r, 1);
+    early.epoch = (today - 1) as u32;
+    let mut ahead = msg(r, 2);
+    ahead.epoch = today as u32;
+    for (m, day) in [(&early, today - 2), (&ahead, today - 1)] {
+        let stored = store
+            .append(std::slice::from_ref(m), day * EPOCH_MS + 1000)
+            .await
+            .unwrap();
+        assert_eq!(seqs(&stored), vec![(day - today + 3)]);
+    }
+    let again = store
+        .append(&[early.clone(), ahead.clone(), msg(r, 3)], now)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        vec![
+            AppendOutcome::Replay,
+            AppendOutcome::Replay,
+            AppendOutcome::Stored { seq: 3 }
+        ]
+    );
+}
+
 conformance!(
     rooms_are_created_once_and_found,
+    replays_are_found_as_far_back_as_their_epoch_allows,
     messages_get_increasing_seqs_per_room_in_batch_order,
     paging_before_and_after_reports_more,
     a_repeated_iv_is_a_replay_and_takes_no_seq,
@@ -580,7 +616,12 @@ async fn explain(client: &tokio_postgres::Client, statement: &str) -> String {
 #[tokio::test]
 async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
     use nanochat::store::postgres::{FIND_REPLAYS, LOCK_ROOMS, WRITE_BATCH, WRITER_BEGIN};
-    let (db, _store) = pg_store().await;
+    let (db, store) = pg_store().await;
+    // Partitions back to four days ago, for the replay lookup's pruning below.
+    store
+        .ensure_partitions(now_ms() - 3 * EPOCH_MS)
+        .await
+        .unwrap();
     let client = cluster().connect(&db).await;
     client.batch_execute(WRITER_BEGIN).await.unwrap();
     let at = "now()";
@@ -589,7 +630,7 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
         (
             "replays",
             FIND_REPLAYS,
-            format!("'{{}}'::bytea[], '{{}}'::bytea[], {at} - interval '3 days', {at}"),
+            format!("'{{}}'::bytea[], '{{}}'::bytea[], {at} - interval '1 day', {at}"),
         ),
         (
             "write",
@@ -609,13 +650,42 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
         }
         assert!(plan.contains("Index"), "{name}: no index use in\n{plan}");
     }
-    // The replay lookup reaches only the partitions in its window, chosen when it runs.
-    let replays = explain(
-        &client,
-        "EXECUTE replays('{}', '{}', now() - interval '3 days', now())",
-    )
-    .await;
-    assert!(replays.contains("Subplans Removed"), "{replays}");
+    // The replay lookup reaches only the partitions of its window, chosen as it starts: for
+    // a batch of today's epoch, yesterday's and today's, not the older ones nor those made
+    // ahead.
+    let run = client
+        .query(
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) EXECUTE replays(
+                ARRAY['\\x00112233445566778899aabbccddeeff'::bytea],
+                ARRAY['\\x00112233445566778899aabb'::bytea],
+                date_trunc('day', now(), 'UTC') - interval '1 day',
+                now() + interval '1 minute')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0) + "\n")
+        .collect::<String>();
+    let day = |back: i64| {
+        format!(
+            " on {} ",
+            partition_name(now_ms().div_euclid(EPOCH_MS) - back)
+        )
+    };
+    let line = |back: i64| {
+        run.lines()
+            .find(|l| l.contains(&day(back)))
+            .unwrap_or_else(|| panic!("no {} in\n{run}", day(back)))
+            .to_owned()
+    };
+    for back in [0, 1] {
+        assert!(line(back).contains("loops=1"), "{}\n{run}", day(back));
+    }
+    for back in [2, 3, 4] {
+        assert!(!run.contains(&day(back)), "{}\n{run}", day(back));
+    }
+    assert!(run.contains("Subplans Removed"), "{run}");
 }
 
 #[tokio::test]
