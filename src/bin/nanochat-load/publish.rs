@@ -7,8 +7,9 @@
 //!   (`unnest` on Postgres, one transaction on SQLite): the practical ceiling of the database,
 //!   with no network protocol, validation, replay check or fan-out in front of it.
 //!
-//! NanoChat runs closed-loop: `--senders` sockets, each in its own room, each keeping
-//! `--window` sends in flight; the ack latency is from sending the frame to reading its ack.
+//! NanoChat runs closed-loop here (`Pace::Window`; the expiry scenario uses `Pace::Rate`):
+//! `--senders` sockets, each in its own room, each keeping `--window` sends in flight; the ack
+//! latency is from sending the frame to reading its ack.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,9 +52,6 @@ fn report(args: &Args, target: &str, acked: u64, secs: f64, h: &Histogram<u64>, 
     );
 }
 
-/// Closed-loop senders against `addr`: `senders` sockets, each in its own new room, each
-/// keeping `window` sends in flight, until `stop`. Returns every ack as (when it arrived, µs
-/// since `start`; its latency, µs).
 /// How senders pace their sends.
 #[derive(Clone, Copy)]
 pub enum Pace {
@@ -64,8 +62,8 @@ pub enum Pace {
     Rate(f64),
 }
 
-/// `senders` sockets, each in a room of its own, publishing at `pace` until `stop`; returns
-/// (ack time, ack latency) samples in µs since `start`.
+/// Senders against `addr`: `senders` sockets, each in its own new room, publishing at `pace`
+/// until `stop`. Returns every ack as (when it arrived, µs since `start`; its latency, µs).
 pub async fn publishers(
     addr: &str,
     senders: usize,
