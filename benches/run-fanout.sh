@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # Fan-out benchmark: for each room shape, the highest rate each server sustains with no loss
-# and p99 delivery <= 200 ms (a sweep of fan-out runs, 25% steps, fresh server each run):
-# NanoChat (SQLite, persisting every message), the bare tokio + tungstenite ceiling and a plain
-# Node.js `ws` server, in the same command. Loopback only; every run is bounded by --secs.
-# Prints one JSON line per run and a "sweep" summary per target and shape; the chart is
-#   benches/run-fanout.sh | tee fanout.jsonl && benches/fanout-chart.py < fanout.jsonl > benches/fanout.svg
+# and p99 delivery <= 200 ms (a sweep of fan-out runs, 25% steps then two halvings of the last
+# gap, fresh server each run): NanoChat (SQLite, persisting every message), the bare tokio +
+# tungstenite ceiling and a plain Node.js `ws` server, in the same command. The three targets
+# take turns, and the whole round is repeated (REPEATS, default 3) so that a ratio compares
+# medians measured side by side, not one lucky or unlucky sweep. Loopback only; every run is
+# bounded by --secs. Prints one JSON line per run and a "sweep" summary per target and shape:
+#   benches/run-fanout.sh | tee fanout.jsonl
+#   benches/fanout-chart.py < fanout.jsonl > benches/fanout.svg       (the chart, medians)
+#   benches/fanout-chart.py --table < fanout.jsonl                     (the results table)
 #   benches/run-fanout.sh [secs]        (Postgres one vs two processes: NANOCHAT_BENCH_PG=<url>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-4}
+repeats=${REPEATS:-3}
 cargo build --release --bins -q
 [ -d benches/node-ws/node_modules/ws ] || npm ci --prefix benches/node-ws --no-audit --no-fund
 load=target/release/nanochat-load
-# rooms, members, starting rate (messages/s)
-for shape in "1 1000 40" "100 10 4000" "1000 2 2000"; do
-    set -- $shape
-    for target in bare node nanochat; do
-        "$load" sweep --target "$target" --rooms "$1" --members "$2" --rate "$3" --secs "$secs" --steps 20
+# rooms, members, then the starting rate (messages/s) for bare, node and nanochat: a little
+# under what each reached before, so a sweep spends its runs near its maximum.
+shapes=("1 1000 300 30 300" "100 10 8000 2500 8000" "1000 2 8000 6000 6000")
+for ((round = 1; round <= repeats; round++)); do
+    for shape in "${shapes[@]}"; do
+        set -- $shape
+        rooms=$1 members=$2
+        shift 2
+        for target in bare node nanochat; do
+            "$load" sweep --target "$target" --rooms "$rooms" --members "$members" --rate "$1" \
+                --secs "$secs" --steps 20
+            shift
+        done
     done
 done
 if [ -n "${NANOCHAT_BENCH_PG:-}" ]; then

@@ -7,7 +7,7 @@
 //! nanochat-load fanout --target nanochat|bare|node [--rooms 100] [--members 10] [--rate 2000]
 //!                      [--secs 10] [--postgres URL] [--nodes 1]
 //! nanochat-load sweep  --target nanochat|bare|node [--rooms 100] [--members 10] [--rate 1000]
-//!                      [--secs 6] [--steps 12]
+//!                      [--secs 6] [--steps 12] [--refine 2]
 //! nanochat-load idle   --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
 //! nanochat-load soak   [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
 //! nanochat-load expiry --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
@@ -52,6 +52,7 @@ struct Args {
     postgres: Option<String>,
     nodes: usize,
     steps: usize,
+    refine: usize,
 }
 
 fn parse_args() -> Args {
@@ -69,6 +70,7 @@ fn parse_args() -> Args {
         postgres: None,
         nodes: 1,
         steps: 12,
+        refine: 2,
     };
     let mut it = std::env::args().skip(2);
     while let Some(k) = it.next() {
@@ -82,6 +84,7 @@ fn parse_args() -> Args {
             "--postgres" => a.postgres = Some(v),
             "--nodes" => a.nodes = v.parse().expect("--nodes"),
             "--steps" => a.steps = v.parse().expect("--steps"),
+            "--refine" => a.refine = v.parse().expect("--refine"),
             "--clients" => a.clients = v.parse().expect("--clients"),
             "--senders" => a.senders = v.parse().expect("--senders"),
             "--window" => a.window = v.parse().expect("--window"),
@@ -126,6 +129,47 @@ fn cpu_seconds(pid: u32) -> f64 {
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
     (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// The whole machine's CPU time from `/proc/stat`, in ticks: all of it, and the part the
+/// hypervisor gave to other guests while this one wanted to run ("steal").
+#[derive(Clone, Copy)]
+struct MachineCpu {
+    total: u64,
+    steal: u64,
+}
+
+impl MachineCpu {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        Self::parse(stat.lines().next().unwrap_or_default())
+    }
+
+    /// The `cpu` line: user nice system idle iowait irq softirq steal guest guest_nice. Guest
+    /// time is already counted in user time, so the total is the first eight fields.
+    fn parse(line: &str) -> Self {
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        Self {
+            total: f.iter().sum(),
+            steal: f.get(7).copied().unwrap_or(0),
+        }
+    }
+
+    /// Percentage of the machine's time stolen since `earlier`: how much of a run the VM's
+    /// cores were taken away. Runs with much steal are slower for reasons outside the test.
+    fn steal_pct_since(&self, earlier: &MachineCpu) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        let steal = self.steal.saturating_sub(earlier.steal);
+        if total == 0 {
+            return 0.0;
+        }
+        (steal as f64 * 1000.0 / total as f64).round() / 10.0
+    }
 }
 
 fn spawn_nanochat(
@@ -439,23 +483,58 @@ fn spawn_targets(
 
 /// The highest fan-out rate a target sustains: fan-out runs from `--rate` up in steps of 25%,
 /// each against freshly started server(s), until a run loses a delivery or its p99 delivery
-/// latency exceeds 200 ms (or `--steps` runs were made). Prints every run, then the last
-/// passing one as `{"scenario":"sweep",...}`.
+/// latency exceeds 200 ms (or `--steps` runs were made; if the first run fails, the rate halves
+/// until one passes); then `--refine` more runs halve the gap between the last passing and the
+/// first failing rate, so the maximum is known to about 6% rather than 25%. Prints every run,
+/// then the highest passing one as `{"scenario":"sweep",...}`.
 async fn sweep(args: &Args, dir: &std::path::Path) {
-    let mut run = args.clone();
+    let run_at = |rate: u64| {
+        let mut run = args.clone();
+        run.rate = rate;
+        async move {
+            let servers = spawn_targets(&run, dir, &[], false);
+            let report = fanout(&run, servers).await;
+            println!("{report}");
+            let ok = report["lost"] == 0 && report["p99_ms"].as_f64().is_some_and(|p| p <= 200.0);
+            (ok, report)
+        }
+    };
     let mut best = serde_json::Value::Null;
     let mut failed = serde_json::Value::Null;
+    let mut rate = args.rate;
     for _ in 0..args.steps {
-        let servers = spawn_targets(&run, dir, &[], false);
-        let report = fanout(&run, servers).await;
-        println!("{report}");
-        let ok = report["lost"] == 0 && report["p99_ms"].as_f64().is_some_and(|p| p <= 200.0);
-        if !ok {
+        let (ok, report) = run_at(rate).await;
+        if ok {
+            best = report;
+            if !failed.is_null() {
+                break;
+            }
+            rate = rate * 5 / 4;
+        } else {
             failed = report;
-            break;
+            if !best.is_null() {
+                break;
+            }
+            // Even the starting rate failed: look lower.
+            rate /= 2;
+            if rate == 0 {
+                break;
+            }
         }
-        best = report;
-        run.rate = run.rate * 5 / 4;
+    }
+    for _ in 0..args.refine {
+        let (Some(pass), Some(fail)) = (best["rate"].as_u64(), failed["rate"].as_u64()) else {
+            break;
+        };
+        let Some(mid) = between(pass, fail) else {
+            break;
+        };
+        let (ok, report) = run_at(mid).await;
+        if ok {
+            best = report;
+        } else {
+            failed = report;
+        }
     }
     println!(
         "{}",
@@ -468,9 +547,17 @@ async fn sweep(args: &Args, dir: &std::path::Path) {
             "max_deliveries_per_s": best["deliveries_per_s"],
             "p99_ms_at_max": best["p99_ms"],
             "deliveries_per_cpu_s_at_max": best["deliveries_per_cpu_s"],
+            "steal_pct_at_max": best["steal_pct"],
             "first_failing_rate": failed["rate"],
         })
     );
+}
+
+/// The rate halfway between a passing and a higher failing one, if there is one strictly
+/// between them.
+fn between(pass: u64, fail: u64) -> Option<u64> {
+    let mid = pass + fail.saturating_sub(pass) / 2;
+    (mid > pass && mid < fail).then_some(mid)
 }
 
 /// Fan-out: rooms x members joined sockets, one sender per room at an open-loop rate, every
@@ -523,6 +610,7 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         let _ = r;
     }
     let cpu_before: f64 = servers.iter().map(|s| cpu_seconds(s.child.id())).sum();
+    let machine_before = MachineCpu::now();
     let per_room = args.rate as f64 / args.rooms as f64;
     let sent = Arc::new(AtomicU64::new(0));
     let run_start = Instant::now();
@@ -561,6 +649,7 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         .map(|s| cpu_seconds(s.child.id()))
         .sum::<f64>()
         - cpu_before;
+    let steal_pct = MachineCpu::now().steal_pct_since(&machine_before);
     drop(servers);
     for r in readers {
         let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
@@ -587,6 +676,7 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         "max_ms": h.max() as f64 / 1000.0,
         "server_cpu_s": (cpu * 100.0).round() / 100.0,
         "deliveries_per_cpu_s": if cpu > 0.0 { (delivered as f64 / cpu).round() } else { 0.0 },
+        "steal_pct": steal_pct,
     })
 }
 
@@ -655,5 +745,28 @@ mod tests {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
             }
         }
+    }
+
+    /// Steal is the eighth number of the `cpu` line and the total the sum of the first eight
+    /// (guest time is inside user time already).
+    #[test]
+    fn steal_is_read_from_the_cpu_line() {
+        let a = super::MachineCpu::parse("cpu  100 0 50 800 10 0 5 35 20 0");
+        assert_eq!(a.total, 1000);
+        assert_eq!(a.steal, 35);
+        let b = super::MachineCpu::parse("cpu  200 0 100 1500 20 0 10 170 40 0");
+        // 135 of 1000 more ticks were stolen.
+        assert_eq!(b.steal_pct_since(&a), 13.5);
+        assert_eq!(a.steal_pct_since(&a), 0.0);
+    }
+
+    /// Refinement probes halfway and stops once nothing lies strictly between.
+    #[test]
+    fn refinement_halves_the_gap_until_it_is_closed() {
+        assert_eq!(super::between(1000, 1250), Some(1125));
+        assert_eq!(super::between(1125, 1250), Some(1187));
+        assert_eq!(super::between(20, 21), None);
+        assert_eq!(super::between(25, 25), None);
+        assert_eq!(super::between(30, 25), None);
     }
 }

@@ -22,13 +22,21 @@ use nanochat::protocol::b64u;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::{Args, Server, connect, cpu_seconds, enter};
+use crate::{Args, MachineCpu, Server, connect, cpu_seconds, enter};
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")
 }
 
-fn report(args: &Args, target: &str, acked: u64, secs: f64, h: &Histogram<u64>, cpu: f64) {
+fn report(
+    args: &Args,
+    target: &str,
+    acked: u64,
+    secs: f64,
+    h: &Histogram<u64>,
+    cpu: f64,
+    machine_before: &MachineCpu,
+) {
     let backend = if args.postgres.is_some() {
         "postgres"
     } else {
@@ -48,6 +56,7 @@ fn report(args: &Args, target: &str, acked: u64, secs: f64, h: &Histogram<u64>, 
             "p99_ms": h.value_at_quantile(0.99) as f64 / 1000.0,
             "max_ms": h.max() as f64 / 1000.0,
             "server_cpu_s": (cpu * 100.0).round() / 100.0,
+            "steal_pct": MachineCpu::now().steal_pct_since(machine_before),
         })
     );
 }
@@ -232,6 +241,7 @@ pub async fn nanochat(args: &Args, server: &Server) {
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let cpu_before = cpu_seconds(server.pid());
+    let machine_before = MachineCpu::now();
     let run = tokio::spawn({
         let (addr, stop) = (server.addr.clone(), stop.clone());
         let (senders, pace) = (args.senders, Pace::Window(args.window));
@@ -253,6 +263,7 @@ pub async fn nanochat(args: &Args, server: &Server) {
         secs.max(1e-3),
         &h,
         cpu,
+        &machine_before,
     );
 }
 
@@ -296,6 +307,7 @@ pub async fn baseline(args: &Args, kind: &str, dir: &std::path::Path) {
     let writers = if kind == "naive" { args.senders } else { 1 };
     let rows_per_write: usize = if kind == "naive" { 1 } else { 1000 };
     let run = Instant::now();
+    let machine_before = MachineCpu::now();
     let mut tasks = Vec::new();
     if let Some(url) = &args.postgres {
         let (setup, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -393,5 +405,13 @@ pub async fn baseline(args: &Args, kind: &str, dir: &std::path::Path) {
         total += rows;
         h.add(&local).expect("same bounds");
     }
-    report(args, kind, total, run.elapsed().as_secs_f64(), &h, 0.0);
+    report(
+        args,
+        kind,
+        total,
+        run.elapsed().as_secs_f64(),
+        &h,
+        0.0,
+        &machine_before,
+    );
 }
