@@ -48,8 +48,10 @@ pub fn next_session_id() -> SessionId {
 pub struct Outbound {
     /// Sequence number of the message in the frame.
     pub seq: i64,
-    /// The serialized frame, shared with every other recipient.
-    pub frame: ByteString,
+    /// The serialized frame, shared with every other recipient. Behind one more pointer so a
+    /// queued frame takes 16 bytes instead of 40: every joined socket's queue allocates room
+    /// for 32 of them up front, idle or not.
+    pub frame: Arc<ByteString>,
 }
 
 /// Why a session was kicked out of its room.
@@ -188,6 +190,7 @@ impl Hub {
         let mut delivered = 0;
         let mut slow = 0;
         let mut dropped = 0;
+        let shared = Arc::new(frame.clone());
         subs.retain(|s| {
             if Some(s.id) == except {
                 return true;
@@ -203,7 +206,7 @@ impl Hub {
             }
             let out = Outbound {
                 seq,
-                frame: frame.clone(),
+                frame: shared.clone(),
             };
             match s.tx.try_send(out) {
                 Ok(()) => {

@@ -304,7 +304,7 @@ pub async fn run(
                             }
                         }
                         Some(Ok(AggregatedMessage::Text(text))) => {
-                            match conn.handle_text(&text).await {
+                            match Box::pin(conn.handle_text(&text)).await {
                                 Ok(Some(sub)) => {
                                     rx = Some(sub.rx);
                                     kick = Some(sub.kick);
@@ -369,12 +369,28 @@ impl Conn {
         if joined.delivered.has(out.seq) {
             return Ok(());
         }
-        let room = joined.room;
+        if out.seq > joined.delivered.through + 1 {
+            // Rare, and its future is large: boxed, so it does not grow every session's task.
+            Box::pin(self.fill_gap(out.seq)).await?;
+        }
+        self.send(bytestring::ByteString::clone(&out.frame)).await?;
+        if let Some(j) = self.joined.as_mut() {
+            j.delivered.mark(out.seq);
+        }
+        Ok(())
+    }
+
+    /// Send the stored messages between what this socket has seen and `next`, which the hub
+    /// is about to deliver.
+    async fn fill_gap(&mut self, next: i64) -> Result<(), ()> {
+        let Some(room) = self.joined.as_ref().map(|j| j.room) else {
+            return Ok(());
+        };
         while let Some(j) = &self.joined
-            && out.seq > j.delivered.through + 1
+            && next > j.delivered.through + 1
         {
             let through = j.delivered.through;
-            let limit = (out.seq - 1 - through).clamp(1, 200) as u32;
+            let limit = (next - 1 - through).clamp(1, 200) as u32;
             let page = self
                 .state
                 .store
@@ -384,17 +400,13 @@ impl Conn {
                 // Storage is down: deliver what we have; the client can page later.
                 break;
             };
-            let missing: Vec<_> = page
-                .messages
-                .into_iter()
-                .filter(|m| m.seq < out.seq)
-                .collect();
+            let missing: Vec<_> = page.messages.into_iter().filter(|m| m.seq < next).collect();
             if missing.is_empty() {
                 self.joined
                     .as_mut()
                     .expect("joined")
                     .delivered
-                    .skip_to(out.seq);
+                    .skip_to(next);
                 break;
             }
             for m in missing {
@@ -413,10 +425,6 @@ impl Conn {
                     .await?;
                 self.joined.as_mut().expect("joined").delivered.mark(seq);
             }
-        }
-        self.send(out.frame).await?;
-        if let Some(j) = self.joined.as_mut() {
-            j.delivered.mark(out.seq);
         }
         Ok(())
     }
