@@ -257,6 +257,12 @@ impl Client {
         self.send_json(&frame.to_json()).await
     }
 
+    /// The socket itself, once the handshake, create or join is done: for load generators
+    /// that then drive it with their own hot loop.
+    pub fn into_inner(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        self.ws
+    }
+
     /// Close the socket politely.
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;

@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use nanochat::crypto::{self, RoomKeys};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{Args, Server, connect, cpu_seconds, enter, sent_at, timed_send};
+use crate::{Args, Server, cpu_seconds, open, sent_at, timed_send};
 
 #[derive(Default)]
 struct Flood {
@@ -45,9 +45,8 @@ async fn phase(
         rand::fill(&mut secret);
         let keys = RoomKeys::derive(&secret);
         for m in 0..args.members {
-            let (mut ws, challenge) = connect(&server.addr, n).await;
+            let ws = open(&server.addr, n, &keys, m == 0).await;
             n += 1;
-            enter(&mut ws, &challenge, &keys, m == 0).await;
             let (mut sink, mut stream) = ws.split();
             let (hist, seen, sent, stop) = (hist.clone(), seen.clone(), sent.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {

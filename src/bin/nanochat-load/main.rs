@@ -1,7 +1,8 @@
 //! Load generator for the benchmarks (loopback only, bounded in time): starts the server(s)
-//! under test itself, opens many sockets spread over 127.0.0.x source addresses, joins rooms,
-//! sends timestamped messages at an open-loop rate and records delivery latency in an HDR
-//! histogram. Prints one JSON line per run. See benches/README.md.
+//! under test itself, opens many sockets spread over 127.0.0.x source addresses, creates and
+//! joins rooms through the crate's client (`nanochat::client`), then drives the sockets with
+//! its own loops: sends timestamped messages at an open-loop rate and records delivery latency
+//! in an HDR histogram. Prints one JSON line per run. See benches/README.md.
 //!
 //! ```text
 //! nanochat-load fanout --target nanochat|bare|node [--rooms 100] [--members 10] [--rate 2000]
@@ -28,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
+use nanochat::client::Client;
 use nanochat::crypto::{self, RoomKeys};
-use nanochat::protocol::{b64u, from_b64u};
+use nanochat::protocol::{ServerFrame, b64u, from_b64u};
 use tokio_tungstenite::tungstenite::Message;
 
 mod abuse;
@@ -293,50 +295,22 @@ fn spawn_baseline(mut cmd: Command, what: &str) -> Server {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(addr: &str, n: usize) -> (Ws, [u8; 32]) {
-    // Spread sockets over 127.0.0.2-254 so no single source runs out of ports.
+/// A socket in a room, opened through the crate's client from 127.0.0.2–251 (by `n`, so no
+/// single source address runs out of ports): the handshake, then `create` (solving proof of
+/// work if asked) or `join` with the proof for this socket's challenge.
+async fn open(addr: &str, n: usize, keys: &RoomKeys, create: bool) -> Ws {
     let local = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (n % 250) as u8));
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.bind((local, 0).into()).expect("bind");
-    let tcp = socket
-        .connect(addr.parse().expect("addr"))
+    let mut client = Client::connect_from(&format!("ws://{addr}/ws"), local)
         .await
-        .expect("connect");
-    let (mut ws, _) = tokio_tungstenite::client_async(
-        format!("ws://{addr}/ws"),
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
-    )
-    .await
-    .expect("handshake");
-    let hello = next_json(&mut ws).await;
-    let challenge = from_b64u(hello["challenge"].as_str().unwrap_or(""))
-        .and_then(|c| c.try_into().ok())
-        .unwrap_or([0; 32]);
-    (ws, challenge)
-}
-
-async fn next_json(ws: &mut Ws) -> serde_json::Value {
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).expect("json"),
-            Some(Ok(_)) => continue,
-            other => panic!("socket ended: {other:?}"),
-        }
-    }
-}
-
-async fn enter(ws: &mut Ws, challenge: &[u8; 32], keys: &RoomKeys, create: bool) {
-    let frame = if create {
-        serde_json::json!({"type":"create","room":b64u(&keys.room_id),"auth_key":b64u(&keys.auth_key)})
+        .expect("connect and read the hello");
+    let answer = if create {
+        client.create(keys).await
     } else {
-        let proof = crypto::join_proof(&keys.auth_key, challenge, &keys.room_id);
-        serde_json::json!({"type":"join","room":b64u(&keys.room_id),"proof":b64u(&proof)})
-    };
-    ws.send(Message::text(frame.to_string()))
-        .await
-        .expect("send");
-    let answer = next_json(ws).await;
-    assert_eq!(answer["type"], "joined", "{answer}");
+        client.join(keys, None).await
+    }
+    .expect("create or join");
+    assert!(matches!(answer, ServerFrame::Joined { .. }), "{answer:?}");
+    client.into_inner()
 }
 
 /// A `send` frame whose ciphertext (`ct_len` random bytes, at least 8) starts with the time
@@ -577,9 +551,8 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         let keys = RoomKeys::derive(&secret_bytes);
         for m in 0..args.members {
             let server = &servers[n % servers.len()];
-            let (mut ws, challenge) = connect(&server.addr, n).await;
+            let mut ws = open(&server.addr, n, &keys, m == 0).await;
             n += 1;
-            enter(&mut ws, &challenge, &keys, m == 0).await;
             if m == 0 {
                 senders.push(ws);
             } else {
@@ -694,9 +667,8 @@ async fn idle(args: &Args, server: &Server) {
     };
     let warm = room_keys();
     for m in 0..args.members {
-        let (mut ws, challenge) = connect(&server.addr, n).await;
+        let ws = open(&server.addr, n, &warm, m == 0).await;
         n += 1;
-        enter(&mut ws, &challenge, &warm, m == 0).await;
         sockets.push(ws);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -705,9 +677,8 @@ async fn idle(args: &Args, server: &Server) {
     for _ in 0..args.rooms {
         let keys = room_keys();
         for m in 0..args.members {
-            let (mut ws, challenge) = connect(&server.addr, n).await;
+            let ws = open(&server.addr, n, &keys, m == 0).await;
             n += 1;
-            enter(&mut ws, &challenge, &keys, m == 0).await;
             sockets.push(ws);
         }
     }

@@ -22,7 +22,7 @@ use nanochat::protocol::b64u;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::{Args, MachineCpu, Server, connect, cpu_seconds, enter};
+use crate::{Args, MachineCpu, Server, cpu_seconds, open};
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")
@@ -85,8 +85,7 @@ pub async fn publishers(
         let mut secret = [0u8; 32];
         rand::fill(&mut secret);
         let keys = RoomKeys::derive(&secret);
-        let (mut ws, challenge) = connect(addr, n).await;
-        enter(&mut ws, &challenge, &keys, true).await;
+        let ws = open(addr, n, &keys, true).await;
         sockets.push(ws);
     }
     // A window's permits come back with acks; an open-loop sender takes none.
