@@ -6,8 +6,15 @@
 //! run beside the writer. Every call runs on tokio's blocking pool (`spawn_blocking`), so no
 //! lock is ever held across an `.await`. Expiry deletes rows in small batches and releases the
 //! writer between them, so maintenance never stalls message writes for long.
+//!
+//! Room rows: the one writer remembers each busy room's last seq ([`LiveRoom`]), so an append
+//! neither reads nor rewrites the room's row for every batch. The row's `last_seq` and
+//! `last_active` are written when they are a minute behind, before a wipe or a re-creation of
+//! the room, at maintenance, and when the store closes. After a crash a row can be behind by
+//! that minute; the room's greatest stored seq is newer then, and the writer takes the greater
+//! of the two the first time it meets the room again, so seqs never repeat.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -38,6 +45,11 @@ const WRITER_CHECKPOINT_PAGES: i64 = 4096;
 const WRITER_CACHE_KIB: i64 = -32 * 1024;
 /// Rows deleted per expiry step.
 const DELETE_BATCH: i64 = 5_000;
+/// A room row's `last_seq` / `last_active` are rewritten once they are this far behind.
+const ROOM_ROW_LAG_MS: Millis = 60_000;
+/// Rooms the writer remembers (about 100 bytes each) before it writes them all out and starts
+/// afresh; maintenance also starts afresh.
+const LIVE_ROOMS_MAX: usize = 100_000;
 
 /// The SQLite store.
 #[derive(Clone)]
@@ -49,7 +61,7 @@ struct Inner {
     path: PathBuf,
     /// Held for the life of the store: one process per data directory.
     _lock: std::fs::File,
-    writer: Mutex<Connection>,
+    writer: Mutex<WriteSide>,
     readers: Mutex<Vec<Connection>>,
     retention: Retention,
     /// Spent proof-of-work tokens and their expiry; one process owns a SQLite store, so the
@@ -57,6 +69,70 @@ struct Inner {
     spent: Mutex<HashMap<[u8; 16], Millis>>,
     /// Dropping it stops the checkpointer thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
+}
+
+/// The writer connection and what it remembers of the rooms it has written to.
+struct WriteSide {
+    conn: Connection,
+    rooms: HashMap<RoomId, LiveRoom>,
+}
+
+/// A live room as the writer knows it.
+#[derive(Debug, Clone, Copy)]
+struct LiveRoom {
+    /// The room's last committed seq and when it was stored.
+    last_seq: i64,
+    last_active: Millis,
+    /// `last_seq` and `last_active` as the room's row holds them.
+    row_seq: i64,
+    row_active: Millis,
+}
+
+impl LiveRoom {
+    /// The row misses messages.
+    fn row_is_behind(&self) -> bool {
+        self.last_seq != self.row_seq
+    }
+
+    /// The row misses messages and its activity time is a minute or more old.
+    fn row_is_stale(&self) -> bool {
+        self.row_is_behind() && self.last_active - self.row_active >= ROOM_ROW_LAG_MS
+    }
+}
+
+/// Bring a room's row up to date (both columns only move forward).
+fn save_room(conn: &Connection, room: &RoomId, live: &LiveRoom) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE rooms SET last_seq = MAX(last_seq, ?2), last_active = MAX(last_active, ?3)
+         WHERE id = ?1",
+    )?
+    .execute(params![&room[..], live.last_seq, live.last_active])?;
+    Ok(())
+}
+
+impl WriteSide {
+    /// Write every room row that misses messages, then forget all rooms.
+    fn save_all(&mut self) -> rusqlite::Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (room, live) in &self.rooms {
+            if live.row_is_behind() {
+                save_room(&tx, room, live)?;
+            }
+        }
+        tx.commit()?;
+        self.rooms.clear();
+        Ok(())
+    }
+}
+
+impl Drop for WriteSide {
+    fn drop(&mut self) {
+        if let Err(e) = self.save_all() {
+            tracing::warn!(error = %e, "could not write room rows at close; the next start recovers them from the messages");
+        }
+    }
 }
 
 fn db_err(e: rusqlite::Error) -> StoreError {
@@ -128,7 +204,10 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 path,
                 _lock: lock,
-                writer: Mutex::new(writer),
+                writer: Mutex::new(WriteSide {
+                    conn: writer,
+                    rooms: HashMap::new(),
+                }),
                 readers: Mutex::new(Vec::new()),
                 retention,
                 spent: Mutex::new(HashMap::new()),
@@ -145,14 +224,15 @@ impl SqliteStore {
     /// Run `f` with the writer connection on the blocking pool.
     async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection, &Inner) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut WriteSide, &Inner) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             // A panic while holding the lock would poison it; the connection itself is still
-            // consistent (SQLite rolls back an open transaction), so keep using it.
-            let mut conn = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut conn, &inner)
+            // consistent (SQLite rolls back an open transaction), and the rooms it remembers
+            // change only after a commit, so keep using it.
+            let mut side = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut side, &inner)
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("storage task failed: {e}")))?
@@ -243,20 +323,27 @@ async fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 fn append_tx(
-    conn: &mut Connection,
+    side: &mut WriteSide,
     batch: &[NewMessage],
     now: Millis,
 ) -> rusqlite::Result<Vec<AppendOutcome>> {
+    let WriteSide { conn, rooms } = side;
     // IMMEDIATE: take the write lock up front, so the busy timeout covers waiting for another
     // writer (an operator's sqlite3 shell, a backup tool). A DEFERRED transaction that reads
     // first fails at once with SQLITE_BUSY_SNAPSHOT when someone else committed in between.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    // Each room's current last seq, `None` for a room that is not live.
-    let mut last_seq: HashMap<RoomId, Option<i64>> = HashMap::new();
+    // The batch's rooms as they will be after this commit, `None` for a room that is not live.
+    // Remembered rooms change only once the commit has succeeded.
+    let mut touched: HashMap<RoomId, Option<LiveRoom>> = HashMap::new();
     let mut outcomes = Vec::with_capacity(batch.len());
     {
-        let mut room_q =
-            tx.prepare_cached("SELECT last_seq FROM rooms WHERE id = ?1 AND wiped_at IS NULL")?;
+        // A room met for the first time: its row, and its greatest stored seq in case the row
+        // is behind (a crash before the row was written).
+        let mut room_q = tx.prepare_cached(
+            "SELECT last_seq, last_active,
+                    (SELECT seq FROM messages WHERE room_id = ?1 ORDER BY seq DESC LIMIT 1)
+             FROM rooms WHERE id = ?1 AND wiped_at IS NULL",
+        )?;
         // The unique (room_id, iv) index is the replay check: a repeated IV inserts nothing.
         // One index probe per message instead of a lookup and then an insert.
         let mut insert = tx.prepare_cached(
@@ -264,44 +351,62 @@ fn append_tx(
              ON CONFLICT (room_id, iv) DO NOTHING",
         )?;
         for m in batch {
-            let last = match last_seq.get_mut(&m.room) {
-                Some(last) => last,
+            let room = match touched.get_mut(&m.room) {
+                Some(room) => room,
                 None => {
-                    let seq = room_q
-                        .query_row(params![&m.room[..]], |r| r.get::<_, i64>(0))
-                        .optional()?;
-                    last_seq.entry(m.room).or_insert(seq)
+                    let room = match rooms.get(&m.room) {
+                        Some(live) => Some(*live),
+                        None => room_q
+                            .query_row(params![&m.room[..]], |r| {
+                                let (row_seq, row_active): (i64, Millis) = (r.get(0)?, r.get(1)?);
+                                let stored: Option<i64> = r.get(2)?;
+                                Ok(LiveRoom {
+                                    last_seq: row_seq.max(stored.unwrap_or(0)),
+                                    last_active: row_active,
+                                    row_seq,
+                                    row_active,
+                                })
+                            })
+                            .optional()?,
+                    };
+                    touched.entry(m.room).or_insert(room)
                 }
             };
-            let Some(last) = last else {
+            let Some(room) = room else {
                 outcomes.push(AppendOutcome::RoomGone);
                 continue;
             };
-            let seq = *last + 1;
+            let seq = room.last_seq + 1;
             if insert.execute(params![&m.room[..], seq, now, m.epoch, &m.iv[..], &m.ct])? == 1 {
-                *last = seq;
+                room.last_seq = seq;
+                room.last_active = room.last_active.max(now);
                 outcomes.push(AppendOutcome::Stored { seq });
             } else {
                 outcomes.push(AppendOutcome::Replay);
             }
         }
-        let mut update = tx.prepare_cached(
-            "UPDATE rooms SET last_seq = ?2, last_active = MAX(last_active, ?3) WHERE id = ?1",
-        )?;
-        let stored = batch
-            .iter()
-            .zip(&outcomes)
-            .filter(|(_, o)| matches!(o, AppendOutcome::Stored { .. }));
-        let mut touched = HashSet::new();
-        for (m, _) in stored {
-            if touched.insert(m.room)
-                && let Some(Some(seq)) = last_seq.get(&m.room)
-            {
-                update.execute(params![&m.room[..], seq, now])?;
-            }
+    }
+    // A busy room's row is rewritten about once a minute, not once per batch.
+    for (id, room) in &mut touched {
+        if let Some(room) = room
+            && room.row_is_stale()
+        {
+            save_room(&tx, id, room)?;
+            room.row_seq = room.last_seq;
+            room.row_active = room.row_active.max(room.last_active);
         }
     }
     tx.commit()?;
+    rooms.extend(
+        touched
+            .into_iter()
+            .filter_map(|(id, room)| Some((id, room?))),
+    );
+    if rooms.len() > LIVE_ROOMS_MAX
+        && let Err(e) = side.save_all()
+    {
+        tracing::warn!(error = %e, "could not write room rows; keeping them in memory");
+    }
     Ok(outcomes)
 }
 
@@ -340,7 +445,13 @@ impl Store for SqliteStore {
     ) -> Result<CreateOutcome, StoreError> {
         let room = *room;
         let wrapped = auth_wrapped.to_vec();
-        self.write(move |conn, inner| {
+        self.write(move |side, inner| {
+            // The row must be current before its idleness is judged; a room that gets a new
+            // row starts afresh in the writer's memory.
+            if let Some(live) = side.rooms.remove(&room) {
+                save_room(&side.conn, &room, &live).map_err(db_err)?;
+            }
+            let conn = &side.conn;
             let idle_cutoff = inner.retention.message_cutoff(now);
             let tomb_cutoff = now - inner.retention.tombstone_ms;
             // A room idle past the retention, or a tombstone past its time, counts as absent
@@ -418,7 +529,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<AppendOutcome>, StoreError> {
         // The blocking pool needs owned data; the copy is small next to an fsync.
         let batch = batch.to_vec();
-        self.write(move |conn, _| append_tx(conn, &batch, now).map_err(db_err))
+        self.write(move |side, _| append_tx(side, &batch, now).map_err(db_err))
             .await
     }
 
@@ -472,14 +583,21 @@ impl Store for SqliteStore {
 
     async fn wipe(&self, room: &RoomId, now: Millis) -> Result<bool, StoreError> {
         let room = *room;
-        self.write(move |conn, _| {
-            let tx = conn
+        self.write(move |side, _| {
+            let remembered = side.rooms.get(&room).map_or(0, |live| live.last_seq);
+            let tx = side
+                .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(db_err)?;
+            // The tombstone keeps the room's last seq (its row may be behind the messages about
+            // to go), so a room re-created here later never repeats a seq.
             let wiped = tx
                 .execute(
-                    "UPDATE rooms SET wiped_at = ?2 WHERE id = ?1 AND wiped_at IS NULL",
-                    params![&room[..], now],
+                    "UPDATE rooms SET wiped_at = ?2, last_seq = MAX(last_seq, ?3,
+                         COALESCE((SELECT seq FROM messages WHERE room_id = ?1
+                                   ORDER BY seq DESC LIMIT 1), 0))
+                     WHERE id = ?1 AND wiped_at IS NULL",
+                    params![&room[..], now, remembered],
                 )
                 .map_err(db_err)?;
             tx.execute(
@@ -488,6 +606,7 @@ impl Store for SqliteStore {
             )
             .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
+            side.rooms.remove(&room);
             Ok(wiped == 1)
         })
         .await
@@ -495,7 +614,8 @@ impl Store for SqliteStore {
 
     async fn check_secret(&self, check: &[u8; 32]) -> Result<bool, StoreError> {
         let check = *check;
-        self.write(move |conn, _| {
+        self.write(move |side, _| {
+            let conn = &side.conn;
             conn.execute(
                 "INSERT INTO server_identity (key, value) VALUES ('secret_check', ?1)
                  ON CONFLICT (key) DO NOTHING",
@@ -537,13 +657,14 @@ impl Store for SqliteStore {
         // Messages first, in batches, releasing the writer between them.
         loop {
             let deleted = self
-                .write(move |conn, inner| {
-                    conn.execute(
-                        "DELETE FROM messages WHERE rowid IN
+                .write(move |side, inner| {
+                    side.conn
+                        .execute(
+                            "DELETE FROM messages WHERE rowid IN
                          (SELECT rowid FROM messages WHERE created_at < ?1 LIMIT ?2)",
-                        params![inner.retention.message_cutoff(now), DELETE_BATCH],
-                    )
-                    .map_err(db_err)
+                            params![inner.retention.message_cutoff(now), DELETE_BATCH],
+                        )
+                        .map_err(db_err)
                 })
                 .await?;
             report.messages_deleted += deleted as u64;
@@ -552,10 +673,17 @@ impl Store for SqliteStore {
             }
         }
         let (rooms, tombstones) = self
-            .write(move |conn, inner| {
+            .write(move |side, inner| {
+                // Room rows must be current before idleness is judged; the writer then starts
+                // afresh, which also forgets rooms about to be deleted.
+                side.save_all().map_err(db_err)?;
+                let conn = &side.conn;
+                // A room whose row fell behind in a crash can still hold newer messages:
+                // it goes once they have expired.
                 let rooms = conn
                     .execute(
-                        "DELETE FROM rooms WHERE wiped_at IS NULL AND last_active < ?1",
+                        "DELETE FROM rooms WHERE wiped_at IS NULL AND last_active < ?1
+                           AND NOT EXISTS (SELECT 1 FROM messages WHERE room_id = rooms.id)",
                         params![inner.retention.message_cutoff(now)],
                     )
                     .map_err(db_err)?;

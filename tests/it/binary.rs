@@ -362,6 +362,21 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message(pg: Option<String>) {
             "acknowledged {text} lost after SIGKILL"
         );
     }
+    // Seqs go on after the last stored one, whatever the room's row said at the kill.
+    reader
+        .send_sealed("after restart", &s.seal("a", "after restart"))
+        .await
+        .unwrap();
+    loop {
+        match reader.recv().await.unwrap() {
+            ServerFrame::Ack { seq, .. } => {
+                assert_eq!(seq, after + 1, "the first seq after the restart");
+                break;
+            }
+            ServerFrame::Error { code, .. } => panic!("send after restart refused: {code:?}"),
+            _ => {}
+        }
+    }
 }
 
 #[actix_web::test]

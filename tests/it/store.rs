@@ -225,6 +225,11 @@ async fn a_wiped_room_is_empty_refuses_writes_and_recreation(store: &dyn Store) 
         store.create_room(&r, &[1; 60], later).await.unwrap(),
         CreateOutcome::Created
     );
+    // Its seqs continue after those of the wiped messages, never repeat.
+    assert_eq!(
+        seqs(&store.append(&[msg(r, 4)], later).await.unwrap()),
+        vec![3]
+    );
     // An unknown room takes no messages.
     assert_eq!(
         store.append(&[msg(room(7), 1)], now).await.unwrap(),
@@ -290,6 +295,40 @@ async fn idle_rooms_and_old_tombstones_are_deleted_by_maintenance(store: &dyn St
     let report = store.maintain(later).await.unwrap();
     assert!(report.tombstones_deleted >= 1, "{report:?}");
     assert_eq!(store.room(&wiped, later).await.unwrap(), None);
+}
+
+async fn a_room_taken_over_after_idling_continues_its_seqs(store: &dyn Store) {
+    let t0 = now_ms() - 40 * EPOCH_MS;
+    let r = room(12);
+    create(store, &r, t0).await;
+    let out = store
+        .append(&[msg(r, 1), msg(r, 2), msg(r, 3)], t0)
+        .await
+        .unwrap();
+    assert_eq!(seqs(&out), vec![1, 2, 3]);
+    // Idle past the retention and not yet deleted by maintenance: a creation takes its place.
+    let now = t0 + 31 * EPOCH_MS;
+    assert_eq!(store.room(&r, now).await.unwrap(), None);
+    assert_eq!(
+        store.create_room(&r, &[3; 60], now).await.unwrap(),
+        CreateOutcome::Created
+    );
+    assert_eq!(
+        store.room(&r, now).await.unwrap().unwrap().auth_wrapped,
+        vec![3; 60]
+    );
+    assert_eq!(
+        seqs(&store.append(&[msg(r, 4)], now).await.unwrap()),
+        vec![4]
+    );
+    // A room active within the retention is not taken over.
+    let busy = room(13);
+    create(store, &busy, t0).await;
+    store.append(&[msg(busy, 1)], now - EPOCH_MS).await.unwrap();
+    assert_eq!(
+        store.create_room(&busy, &[3; 60], now).await.unwrap(),
+        CreateOutcome::Exists
+    );
 }
 
 async fn spent_tokens_are_refused(store: &dyn Store) {
@@ -489,9 +528,104 @@ conformance!(
     a_wiped_room_is_empty_refuses_writes_and_recreation,
     messages_past_retention_are_never_returned,
     idle_rooms_and_old_tombstones_are_deleted_by_maintenance,
+    a_room_taken_over_after_idling_continues_its_seqs,
     spent_tokens_are_refused,
     announced_ranges_are_read_exactly,
 );
+
+/// A room's `last_seq` and `last_active` as its SQLite row holds them.
+fn sqlite_room_row(dir: &std::path::Path, r: &[u8; 16]) -> (i64, i64) {
+    rusqlite::Connection::open(dir.join("nanochat.db"))
+        .unwrap()
+        .query_row(
+            "SELECT last_seq, last_active FROM rooms WHERE id = ?1",
+            [&r[..]],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap()
+}
+
+/// The SQLite writer keeps busy rooms' seqs in memory: a room's row is rewritten when it is a
+/// minute behind (not for every batch), and maintenance brings every row up to date.
+#[tokio::test]
+async fn sqlite_room_rows_are_written_a_minute_behind_and_at_maintenance() {
+    let f = sqlite().await;
+    let store = &*f.store;
+    let t0 = now_ms();
+    let r = room(40);
+    create(store, &r, t0).await;
+    for i in 1..=50 {
+        let out = store.append(&[msg(r, i)], t0 + i64::from(i)).await.unwrap();
+        assert_eq!(seqs(&out), vec![i64::from(i)]);
+    }
+    assert_eq!(
+        sqlite_room_row(f._dir.path(), &r),
+        (0, t0),
+        "50 batches within a minute rewrote the row"
+    );
+    let t1 = t0 + 60_000;
+    assert_eq!(
+        seqs(&store.append(&[msg(r, 51)], t1).await.unwrap()),
+        vec![51]
+    );
+    assert_eq!(sqlite_room_row(f._dir.path(), &r), (51, t1));
+    let t2 = t1 + 5_000;
+    store.append(&[msg(r, 52), msg(r, 53)], t2).await.unwrap();
+    assert_eq!(sqlite_room_row(f._dir.path(), &r), (51, t1));
+    store.maintain(t2).await.unwrap();
+    assert_eq!(sqlite_room_row(f._dir.path(), &r), (53, t2));
+    // Forgotten by maintenance, the room is read back from its row.
+    assert_eq!(
+        seqs(&store.append(&[msg(r, 54)], t2).await.unwrap()),
+        vec![54]
+    );
+}
+
+/// A crash can leave a SQLite room row behind its messages: the next start continues after
+/// the greatest stored seq, and maintenance keeps such a room until its messages expire.
+#[tokio::test]
+async fn a_sqlite_room_row_behind_its_messages_repeats_no_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = now_ms() - 40 * EPOCH_MS;
+    let (r, quiet) = (room(41), room(42));
+    {
+        let store = SqliteStore::open(dir.path(), RETENTION).await.unwrap();
+        create(&store, &r, t0).await;
+        create(&store, &quiet, t0).await;
+        store.append(&[msg(r, 1), msg(r, 2)], t0).await.unwrap();
+        store
+            .append(&[msg(r, 3)], t0 + 20 * EPOCH_MS)
+            .await
+            .unwrap();
+        store.append(&[msg(quiet, 1)], t0).await.unwrap();
+    }
+    // What a crash leaves: rows as they were at creation.
+    rusqlite::Connection::open(dir.path().join("nanochat.db"))
+        .unwrap()
+        .execute("UPDATE rooms SET last_seq = 0, last_active = ?1", [t0])
+        .unwrap();
+    let store = SqliteStore::open(dir.path(), RETENTION).await.unwrap();
+    let now = t0 + 31 * EPOCH_MS;
+    let report = store.maintain(now).await.unwrap();
+    assert_eq!(
+        report.rooms_deleted, 1,
+        "only the quiet room goes: {report:?}"
+    );
+    assert_eq!(
+        store.room(&quiet, now).await.unwrap(),
+        None,
+        "the quiet room was deleted"
+    );
+    // Its row says idle, so a creation may take its place; the stored message 3 still counts.
+    assert_eq!(
+        store.create_room(&r, &[1; 60], now).await.unwrap(),
+        CreateOutcome::Created
+    );
+    assert_eq!(
+        seqs(&store.append(&[msg(r, 4)], now).await.unwrap()),
+        vec![4]
+    );
+}
 
 #[tokio::test]
 async fn sqlite_group_commits_concurrent_senders() {
