@@ -4,18 +4,7 @@
 //! its own loops: sends timestamped messages at an open-loop rate and records delivery latency
 //! in an HDR histogram. Prints one JSON line per run. See benches/README.md.
 //!
-//! ```text
-//! nanochat-load fanout --target nanochat|bare|node [--rooms 100] [--members 10] [--rate 2000]
-//!                      [--secs 10] [--postgres URL] [--nodes 1]
-//! nanochat-load sweep  --target nanochat|bare|node [--rooms 100] [--members 10] [--rate 1000]
-//!                      [--secs 6] [--steps 12] [--refine 2]
-//! nanochat-load idle   --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
-//! nanochat-load soak   [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
-//! nanochat-load expiry --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
-//! nanochat-load abuse  [--rooms 10] [--members 10] [--rate 10000] [--secs 10]
-//! nanochat-load publish --target nanochat|naive|batch [--senders 16] [--window 8] [--secs 10]
-//!                       [--postgres URL]
-//! ```
+//! `nanochat-load --help` lists the scenarios and their options ([`USAGE`]).
 //! `idle` opens rooms x members joined sockets that then stay silent, and reports the server's
 //! resident memory growth per socket. `soak` churns (see `soak.rs`) and samples the server's
 //! memory, descriptors and database connections over time.
@@ -57,7 +46,26 @@ struct Args {
     refine: usize,
 }
 
-fn parse_args() -> Args {
+/// What `--help` and a mistaken command line print.
+const USAGE: &str = "\
+usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in time)
+  fanout  --target nanochat|bare|node [--rooms 100] [--members 10] [--rate 2000] [--secs 10]
+          [--postgres URL] [--nodes 1]
+  sweep   --target nanochat|bare|node [--rooms 100] [--members 10] [--rate 1000] [--secs 6]
+          [--steps 12] [--refine 2]
+  idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
+  soak    [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
+  expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
+  abuse   [--rooms 10] [--members 10] [--rate 10000] [--secs 10]
+  publish --target nanochat|naive|batch [--senders 16] [--window 8] [--secs 10] [--postgres URL]
+Each run prints one JSON line; benches/README.md explains the scenarios.";
+
+const SCENARIOS: &[&str] = &[
+    "fanout", "sweep", "idle", "soak", "publish", "abuse", "expiry",
+];
+
+/// Read the options that follow the scenario name.
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut a = Args {
         target: "nanochat".into(),
         rooms: 100,
@@ -74,28 +82,31 @@ fn parse_args() -> Args {
         steps: 12,
         refine: 2,
     };
-    let mut it = std::env::args().skip(2);
+    fn num<T: std::str::FromStr>(k: &str, v: &str) -> Result<T, String> {
+        v.parse()
+            .map_err(|_| format!("{k} takes a whole number, not {v:?}"))
+    }
     while let Some(k) = it.next() {
-        let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
         match k.as_str() {
             "--target" => a.target = v,
-            "--rooms" => a.rooms = v.parse().expect("--rooms"),
-            "--members" => a.members = v.parse().expect("--members"),
-            "--rate" => a.rate = v.parse().expect("--rate"),
-            "--secs" => a.secs = v.parse().expect("--secs"),
             "--postgres" => a.postgres = Some(v),
-            "--nodes" => a.nodes = v.parse().expect("--nodes"),
-            "--steps" => a.steps = v.parse().expect("--steps"),
-            "--refine" => a.refine = v.parse().expect("--refine"),
-            "--clients" => a.clients = v.parse().expect("--clients"),
-            "--senders" => a.senders = v.parse().expect("--senders"),
-            "--window" => a.window = v.parse().expect("--window"),
-            "--rows" => a.rows = v.parse().expect("--rows"),
-            "--sample-secs" => a.sample_secs = v.parse().expect("--sample-secs"),
-            other => panic!("unknown option {other}"),
+            "--rooms" => a.rooms = num(&k, &v)?,
+            "--members" => a.members = num(&k, &v)?,
+            "--rate" => a.rate = num(&k, &v)?,
+            "--secs" => a.secs = num(&k, &v)?,
+            "--nodes" => a.nodes = num(&k, &v)?,
+            "--steps" => a.steps = num(&k, &v)?,
+            "--refine" => a.refine = num(&k, &v)?,
+            "--clients" => a.clients = num(&k, &v)?,
+            "--senders" => a.senders = num(&k, &v)?,
+            "--window" => a.window = num(&k, &v)?,
+            "--rows" => a.rows = num(&k, &v)?,
+            "--sample-secs" => a.sample_secs = num(&k, &v)?,
+            other => return Err(format!("unknown option {other}")),
         }
     }
-    a
+    Ok(a)
 }
 
 /// A server process under test and its public address.
@@ -349,19 +360,40 @@ fn rss_bytes(pid: u32) -> u64 {
 #[tokio::main]
 async fn main() {
     let cmd = std::env::args().nth(1).unwrap_or_default();
-    assert!(
-        [
-            "fanout", "sweep", "idle", "soak", "publish", "abuse", "expiry"
-        ]
-        .contains(&cmd.as_str()),
-        "usage: nanochat-load fanout|sweep|idle|soak|publish|abuse|expiry --target ... (see --help in benches/README.md)"
-    );
-    let args = parse_args();
+    if matches!(cmd.as_str(), "--help" | "-h" | "help") {
+        println!("{USAGE}");
+        return;
+    }
+    if !SCENARIOS.contains(&cmd.as_str()) {
+        eprintln!("nanochat-load: no scenario {cmd:?}\n{USAGE}");
+        std::process::exit(2);
+    }
+    let args = match parse_args(std::env::args().skip(2)) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("nanochat-load {cmd}: {e}\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    let targets: &[&str] = match cmd.as_str() {
+        "fanout" | "sweep" => &["nanochat", "bare", "node"],
+        "idle" => &["nanochat", "bare"],
+        "publish" => &["nanochat", "naive", "batch"],
+        _ => &["nanochat"],
+    };
+    if !targets.contains(&args.target.as_str()) {
+        eprintln!(
+            "nanochat-load {cmd}: --target is one of {}, not {:?}",
+            targets.join(", "),
+            args.target
+        );
+        std::process::exit(2);
+    }
     let bound = if cmd == "soak" { 7200 } else { 600 };
-    assert!(
-        args.secs <= bound,
-        "runs are bounded: --secs at most {bound}"
-    );
+    if args.secs > bound {
+        eprintln!("nanochat-load {cmd}: runs are bounded: --secs at most {bound}");
+        std::process::exit(2);
+    }
     raise_open_files();
     let dir = std::env::temp_dir().join(format!("nanochat-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -700,6 +732,30 @@ async fn idle(args: &Args, server: &Server) {
 
 #[cfg(test)]
 mod tests {
+    fn parse(line: &str) -> Result<super::Args, String> {
+        super::parse_args(line.split_whitespace().map(String::from))
+    }
+
+    /// Options are read by name; a mistake names the option instead of panicking.
+    #[test]
+    fn options_are_read_and_mistakes_named() {
+        let a = parse("--target bare --rooms 7 --rate 900 --postgres postgres://x").unwrap();
+        assert_eq!(
+            (a.target.as_str(), a.rooms, a.rate, a.members),
+            ("bare", 7, 900, 10)
+        );
+        assert_eq!(a.postgres.as_deref(), Some("postgres://x"));
+        assert_eq!(parse("--rooms").err().unwrap(), "--rooms needs a value");
+        assert_eq!(
+            parse("--rate fast").err().unwrap(),
+            "--rate takes a whole number, not \"fast\""
+        );
+        assert_eq!(
+            parse("--colour red").err().unwrap(),
+            "unknown option --colour"
+        );
+    }
+
     /// The reading counts user time: spinning in user space must move it.
     #[test]
     fn cpu_seconds_counts_user_time() {
