@@ -448,8 +448,9 @@ impl Store for SqliteStore {
         self.write(move |side, inner| {
             // The row must be current before its idleness is judged; a room that gets a new
             // row starts afresh in the writer's memory.
-            if let Some(live) = side.rooms.remove(&room) {
-                save_room(&side.conn, &room, &live).map_err(db_err)?;
+            if let Some(live) = side.rooms.get(&room) {
+                save_room(&side.conn, &room, live).map_err(db_err)?;
+                side.rooms.remove(&room);
             }
             let conn = &side.conn;
             let idle_cutoff = inner.retention.message_cutoff(now);
