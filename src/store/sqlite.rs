@@ -705,3 +705,74 @@ impl Store for SqliteStore {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(room: RoomId, n: u32) -> NewMessage {
+        let mut iv = [0u8; crate::crypto::IV_LEN];
+        iv[..4].copy_from_slice(&n.to_be_bytes());
+        NewMessage {
+            room,
+            epoch: 0,
+            iv,
+            ct: vec![1; 20],
+        }
+    }
+
+    /// The writer's memory of rooms is bounded: past `LIVE_ROOMS_MAX` rooms it writes every
+    /// row out and starts afresh, and seqs carry on from the rows.
+    #[tokio::test]
+    async fn remembered_rooms_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), Retention::from_days(30, 365))
+            .await
+            .unwrap();
+        let now = super::super::now_ms();
+        let rooms: Vec<RoomId> = (0..LIVE_ROOMS_MAX as u32 + 1)
+            .map(|i| {
+                let mut id = [7u8; 16];
+                id[..4].copy_from_slice(&i.to_be_bytes());
+                id
+            })
+            .collect();
+        {
+            let mut side = store.inner.writer.lock().unwrap();
+            let tx = side.conn.transaction().unwrap();
+            for id in &rooms {
+                tx.execute(
+                    "INSERT INTO rooms (id, auth_wrapped, created_at, last_active) VALUES (?1, x'00', ?2, ?2)",
+                    params![&id[..], now],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let remembered = || store.inner.writer.lock().unwrap().rooms.len();
+        let (first, last) = rooms.split_at(LIVE_ROOMS_MAX);
+        for chunk in first.chunks(10_000) {
+            let batch: Vec<_> = chunk.iter().map(|r| message(*r, 1)).collect();
+            store.append(&batch, now).await.unwrap();
+        }
+        assert_eq!(remembered(), LIVE_ROOMS_MAX);
+        let out = store.append(&[message(last[0], 1)], now).await.unwrap();
+        assert_eq!(out, vec![AppendOutcome::Stored { seq: 1 }]);
+        assert_eq!(remembered(), 0, "one room past the bound: all written out");
+        let row_seq: i64 = store
+            .inner
+            .writer
+            .lock()
+            .unwrap()
+            .conn
+            .query_row(
+                "SELECT last_seq FROM rooms WHERE id = ?1",
+                params![&first[123][..]],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(row_seq, 1, "the rows were written before forgetting");
+        let out = store.append(&[message(first[123], 2)], now).await.unwrap();
+        assert_eq!(out, vec![AppendOutcome::Stored { seq: 2 }]);
+    }
+}
