@@ -11,6 +11,7 @@
 //! - [`protocol`]: wire frames, their validation, the stable error codes.
 //! - [`hub`]: rooms -> sockets, fan-out, slow-consumer policy.
 //! - [`session`]: one WebSocket connection's loop.
+//! - [`websocket`]: WebSocket framing on a connection taken over from the HTTP dispatcher.
 //! - [`store`]: the `Store` trait, its SQLite and Postgres backends, and the group-commit writer.
 //! - [`startup`]: `Application`: listeners, routes, background tasks.
 //! - [`cluster`]: several processes on one Postgres: cross-node fan-out with LISTEN/NOTIFY.
@@ -28,3 +29,4 @@ pub mod session;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod websocket;

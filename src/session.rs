@@ -4,7 +4,7 @@
 //! A single task per socket `select!`s over, in priority order:
 //! 1. a kick from the hub (room wiped, or this socket too slow),
 //! 2. commits of this socket's `send`s, answered with `ack` in send order,
-//! 3. frames queued for this socket by the hub,
+//! 3. frames queued for this socket by the hub (all that are waiting go out in one write),
 //! 4. the next client frame, read only while fewer than `limits.max_inflight_sends` sends are
 //!    waiting for their commit (so a fast sender is paced by the database, not buffered),
 //! 5. the heartbeat tick: close after `limits.idle_timeout_secs` of client silence, else ping.
@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
+use actix_http::ws::CloseCode;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use governor::clock::Clock;
@@ -35,6 +35,7 @@ use crate::protocol::{
 use crate::startup::{AppState, Peer};
 use crate::store::writer::WriteResult;
 use crate::store::{CreateOutcome, NewMessage, Page, StoreError, now_ms};
+use crate::websocket::{Incoming, ReadError, Reader, Writer};
 
 /// Close code for a socket that could not keep up with its room.
 pub const CLOSE_TOO_SLOW: u16 = 4008;
@@ -42,6 +43,8 @@ pub const CLOSE_TOO_SLOW: u16 = 4008;
 const STRIKE_RATE_LIMITED: u32 = 1;
 /// Strike cost of an invalid frame: malformed input costs more than a valid frame sent too fast.
 const STRIKE_INVALID: u32 = 4;
+/// Most live frames written to a socket in one write.
+const DELIVER_BATCH: usize = 64;
 
 type PendingAck = Pin<
     Box<
@@ -118,7 +121,7 @@ impl Delivered {
 struct Conn {
     id: SessionId,
     state: Arc<AppState>,
-    ws: actix_ws::Session,
+    ws: Writer,
     challenge: [u8; CHALLENGE_LEN],
     joined: Option<Joined>,
     pending: FuturesOrdered<PendingAck>,
@@ -173,18 +176,8 @@ async fn next_kick(kick: &Option<Kick>) -> KickReason {
 }
 
 /// Run one connection to its end.
-pub async fn run(
-    state: Arc<AppState>,
-    ws: actix_ws::Session,
-    stream: actix_ws::MessageStream,
-    peer: Peer,
-) {
+pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Peer) {
     let limits = &state.settings.limits;
-    let max_frame = limits.max_frame_bytes;
-    let mut stream = stream
-        .max_frame_size(max_frame)
-        .aggregate_continuations()
-        .max_continuation_size(max_frame);
     let quota = Quota::per_second(
         std::num::NonZeroU32::new(limits.frames_per_second).unwrap_or(std::num::NonZeroU32::MIN),
     )
@@ -272,10 +265,7 @@ pub async fn run(
                         // The hub dropped us without a kick: treat as too slow.
                         break End::Close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow");
                     };
-                    if let Some(q) = &conn.queued {
-                        q.fetch_sub(out.frame.len(), std::sync::atomic::Ordering::Relaxed);
-                    }
-                    if conn.deliver(out).await.is_err() {
+                    if conn.deliver_queued(out, &mut rx).await.is_err() {
                         break End::Gone;
                     }
                 }
@@ -283,7 +273,7 @@ pub async fn run(
                     last_heard = Instant::now();
                     match msg {
                         None => break End::Gone,
-                        Some(Ok(AggregatedMessage::Text(text))) if draining => {
+                        Some(Ok(Incoming::Text(text))) if draining => {
                             // Nothing new is taken on while draining; say so, so the client
                             // knows to retry after reconnecting.
                             let limits = FrameLimits {
@@ -303,7 +293,7 @@ pub async fn run(
                                 break End::Gone;
                             }
                         }
-                        Some(Ok(AggregatedMessage::Text(text))) => {
+                        Some(Ok(Incoming::Text(text))) => {
                             match Box::pin(conn.handle_text(&text)).await {
                                 Ok(Some(sub)) => {
                                     rx = Some(sub.rx);
@@ -314,24 +304,24 @@ pub async fn run(
                                 Err(end) => break end,
                             }
                         }
-                        Some(Ok(AggregatedMessage::Binary(_))) => {
+                        Some(Ok(Incoming::Binary)) => {
                             let err = refuse(ErrorCode::BadRequest, "binary frames are not accepted; send JSON text frames");
                             let _ = conn.send_error(&err, None).await;
                             break End::Close(CloseCode::Unsupported, "binary frame");
                         }
-                        Some(Ok(AggregatedMessage::Ping(bytes))) => {
+                        Some(Ok(Incoming::Ping(bytes))) => {
                             if conn.ws.pong(&bytes).await.is_err() {
                                 break End::Gone;
                             }
                         }
-                        Some(Ok(AggregatedMessage::Pong(_))) => {}
-                        Some(Ok(AggregatedMessage::Close(_))) => break End::Close(CloseCode::Normal, ""),
-                        Some(Err(ProtocolError::Overflow)) => {
+                        Some(Ok(Incoming::Pong)) => {}
+                        Some(Ok(Incoming::Close)) => break End::Close(CloseCode::Normal, ""),
+                        Some(Err(ReadError::TooLarge)) => {
                             let err = refuse(ErrorCode::TooLarge, "the frame is larger than this server accepts");
                             let _ = conn.send_error(&err, None).await;
                             break End::Close(CloseCode::Size, "frame too large");
                         }
-                        Some(Err(_)) => break End::Close(CloseCode::Protocol, "protocol error"),
+                        Some(Err(ReadError::Protocol)) => break End::Close(CloseCode::Protocol, "protocol error"),
                     }
                 }
                 _ = ticker.tick() => {
@@ -351,16 +341,42 @@ pub async fn run(
     }
     state.metrics.connections_open.dec();
     if let End::Close(code, description) = end {
-        let reason = CloseReason {
-            code,
-            description: (!description.is_empty()).then(|| description.to_owned()),
-        };
-        let _ = tokio::time::timeout(conn.send_timeout, conn.ws.close(Some(reason))).await;
+        let closed =
+            tokio::time::timeout(conn.send_timeout, conn.ws.close(code.into(), description)).await;
+        if matches!(closed, Ok(Ok(()))) {
+            // Read on until the client answers the close, so that its input still in flight
+            // does not make the kernel reset the connection before our close frame is read.
+            stream.linger().await;
+        }
     }
 }
 
 impl Conn {
-    /// Deliver a live frame once and in order, reading any gap before it from storage.
+    /// Deliver `first` and the frames queued behind it (at most `DELIVER_BATCH`) in one write:
+    /// under load a socket's frames queue up while its task waits its turn, and one write of
+    /// many frames costs little more than a write of one.
+    async fn deliver_queued(
+        &mut self,
+        first: Outbound,
+        rx: &mut Option<mpsc::Receiver<Outbound>>,
+    ) -> Result<(), ()> {
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(out) = next.take() {
+            if let Some(q) = &self.queued {
+                q.fetch_sub(out.frame.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+            self.deliver(out).await?;
+            taken += 1;
+            if taken < DELIVER_BATCH {
+                next = rx.as_mut().and_then(|rx| rx.try_recv().ok());
+            }
+        }
+        self.flush().await
+    }
+
+    /// Queue a live frame for the next flush, once and in order, reading any gap before it
+    /// from storage.
     async fn deliver(&mut self, out: Outbound) -> Result<(), ()> {
         let joined = self
             .joined
@@ -373,7 +389,7 @@ impl Conn {
             // Rare, and its future is large: boxed, so it does not grow every session's task.
             Box::pin(self.fill_gap(out.seq)).await?;
         }
-        self.send(bytestring::ByteString::clone(&out.frame)).await?;
+        self.ws.queue_text(&out.frame);
         if let Some(j) = self.joined.as_mut() {
             j.delivered.mark(out.seq);
         }
@@ -429,9 +445,17 @@ impl Conn {
         Ok(())
     }
 
-    /// Send one text frame, giving up after the send timeout.
-    async fn send(&mut self, text: impl Into<bytestring::ByteString>) -> Result<(), ()> {
-        match tokio::time::timeout(self.send_timeout, self.ws.text(text)).await {
+    /// Write whatever is queued, giving up after the send timeout.
+    async fn flush(&mut self) -> Result<(), ()> {
+        match tokio::time::timeout(self.send_timeout, self.ws.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    /// Send one text frame (after any queued ones), giving up after the send timeout.
+    async fn send(&mut self, text: impl AsRef<str>) -> Result<(), ()> {
+        match tokio::time::timeout(self.send_timeout, self.ws.text(text.as_ref())).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(()),
         }

@@ -11,11 +11,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_codec::Framed;
+use actix_http::body::{BodySize, BoxBody};
+use actix_http::{ConnectionType, HttpService, Request, Response, h1, ws};
+use actix_service::{IntoServiceFactory as _, fn_service, map_config};
+use actix_web::dev::AppConfig;
 use actix_web::http::header;
 use actix_web::middleware::DefaultHeaders;
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use actix_web::{App, HttpMessage as _, HttpRequest, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
+use futures_util::SinkExt as _;
 use rust_embed::RustEmbed;
+use tokio::net::TcpStream;
 
 use crate::abuse::client_ip::ClientIdentity;
 use crate::abuse::limits::{self, Client, Limits};
@@ -28,6 +35,7 @@ use crate::protocol::{b64u, from_b64u};
 use crate::session;
 use crate::store::writer::Writer;
 use crate::store::{self, Store, now_ms};
+use crate::websocket;
 
 /// The Content-Security-Policy of every public response: own origin only, no inline script.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
@@ -158,26 +166,100 @@ fn refuse_upgrade(
     status: actix_web::http::StatusCode,
     reason: &'static str,
     retry: Duration,
-) -> HttpResponse {
+) -> Response<BoxBody> {
     state
         .metrics
         .upgrades_refused_total
         .with_label_values(&[reason])
         .inc();
-    HttpResponse::build(status)
+    Response::build(status)
         .insert_header((header::RETRY_AFTER, retry.as_secs().max(1).to_string()))
         .content_type("text/plain; charset=utf-8")
         .body("too many connections; retry later\n")
+        .map_into_boxed_body()
 }
 
-async fn ws(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, actix_web::Error> {
+/// Where an upgrade request goes: actix-http hands the connection over whole, with the
+/// request, so the socket leaves the HTTP dispatcher and its buffers behind (see
+/// [`crate::websocket`]). The session runs inside this future, so a graceful stop waits for
+/// it to drain, as for any other connection.
+///
+/// The connection's task is allocated once, for the largest state of everything it runs, and
+/// lives as long as the socket: the handshake and the session are boxed, and each box is freed
+/// when its step ends, so an idle socket pays for neither the handshake's nor the dispatcher's
+/// state twice.
+fn upgrade(
+    state: Arc<AppState>,
+    onion: bool,
+    req: Request,
+    framed: Framed<TcpStream, h1::Codec>,
+) -> impl Future<Output = Result<(), actix_http::Error>> {
+    let handshake = Box::pin(handshake(state.clone(), onion, req, framed));
+    async move {
+        if let Some((reader, writer, peer)) = handshake.await {
+            Box::pin(session::run(state, writer, reader, peer)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Admit the client and answer its upgrade: the socket's two halves when accepted, `None` when
+/// refused (the refusal is sent) or when the client is gone.
+async fn handshake(
+    state: Arc<AppState>,
+    onion: bool,
+    req: Request,
+    mut framed: Framed<TcpStream, h1::Codec>,
+) -> Option<(websocket::Reader, websocket::Writer, Peer)> {
+    match admit(&state, onion, &req) {
+        Ok(peer) => {
+            let mut accept = ws::handshake_response(req.head()).finish();
+            with_security_headers(accept.headers_mut());
+            framed
+                .send(h1::Message::Item((accept.drop_body(), BodySize::None)))
+                .await
+                .ok()?;
+            // Keep the socket and any bytes the client sent after its request; the
+            // dispatcher's buffers and codec go.
+            let parts = framed.into_parts();
+            state.pow.record_connection();
+            let (reader, writer) = websocket::split(
+                parts.io,
+                parts.read_buf,
+                state.settings.limits.max_frame_bytes,
+            );
+            Some((reader, writer, peer))
+        }
+        Err(refusal) => {
+            let (mut head, body) = refusal.into_parts();
+            with_security_headers(head.headers_mut());
+            head.head_mut().set_connection_type(ConnectionType::Close);
+            let body = actix_web::body::to_bytes(body).await.unwrap_or_default();
+            let _ = framed
+                .send(h1::Message::Item((
+                    head,
+                    BodySize::Sized(body.len() as u64),
+                )))
+                .await;
+            let _ = framed.send(h1::Message::Chunk(Some(body))).await;
+            let _ = framed.send(h1::Message::Chunk(None)).await;
+            None
+        }
+    }
+}
+
+/// Decide who the client is and whether it may connect, *before* accepting the upgrade.
+fn admit(state: &AppState, onion: bool, req: &Request) -> Result<Peer, Response<BoxBody>> {
     use actix_web::http::StatusCode;
-    // Decide who the client is and whether it may connect *before* accepting the upgrade.
-    let onion = state.onion_port == Some(req.app_config().local_addr().port());
+    if req.path() != "/ws" {
+        return Err(Response::build(StatusCode::NOT_FOUND)
+            .content_type("text/plain; charset=utf-8")
+            .body("not found\n")
+            .map_into_boxed_body());
+    }
+    if let Err(e) = ws::verify_handshake(req.head()) {
+        return Err(Response::from(e));
+    }
     let client = if onion {
         Client::Onion
     } else {
@@ -192,8 +274,8 @@ async fn ws(
         )
     };
     if let Err(r) = state.limits.client(limits::ClientLimit::Connection, client) {
-        return Ok(refuse_upgrade(
-            &state,
+        return Err(refuse_upgrade(
+            state,
             StatusCode::TOO_MANY_REQUESTS,
             r.limiter,
             r.retry_after,
@@ -201,32 +283,30 @@ async fn ws(
     }
     let slot = match state.limits.open_socket(client) {
         Ok(slot) => slot,
-        Err(r) if r.limiter == "max_connections" => {
-            return Ok(refuse_upgrade(
-                &state,
-                StatusCode::SERVICE_UNAVAILABLE,
-                r.limiter,
-                r.retry_after,
-            ));
-        }
         Err(r) => {
-            return Ok(refuse_upgrade(
-                &state,
-                StatusCode::TOO_MANY_REQUESTS,
-                r.limiter,
-                r.retry_after,
-            ));
+            let status = if r.limiter == "max_connections" {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::TOO_MANY_REQUESTS
+            };
+            return Err(refuse_upgrade(state, status, r.limiter, r.retry_after));
         }
     };
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
-    state.pow.record_connection();
-    let peer = Peer {
+    Ok(Peer {
         client,
         onion,
         slot,
-    };
-    actix_web::rt::spawn(session::run(state.into_inner(), session, stream, peer));
-    Ok(response)
+    })
+}
+
+/// `/ws` without an `Upgrade: websocket` header: say what the endpoint expects.
+async fn ws_without_upgrade(req: HttpRequest) -> HttpResponse {
+    match ws::verify_handshake(req.head()) {
+        Err(e) => Response::from(e).into(),
+        Ok(()) => HttpResponse::BadRequest()
+            .content_type("text/plain; charset=utf-8")
+            .body("a WebSocket upgrade is expected here\n"),
+    }
 }
 
 async fn healthz() -> HttpResponse {
@@ -265,18 +345,35 @@ async fn metrics_endpoint(state: web::Data<AppState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
+/// Headers on every public response, WebSocket upgrades and their refusals included.
+const SECURITY_HEADERS: [(&str, &str); 7] = [
+    ("content-security-policy", CONTENT_SECURITY_POLICY),
+    ("referrer-policy", "no-referrer"),
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("cross-origin-opener-policy", "same-origin"),
+    ("cross-origin-resource-policy", "same-origin"),
+    (
+        "permissions-policy",
+        "camera=(), microphone=(), geolocation=(), interest-cohort=()",
+    ),
+];
+
 fn security_headers() -> DefaultHeaders {
-    DefaultHeaders::new()
-        .add((header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY))
-        .add((header::REFERRER_POLICY, "no-referrer"))
-        .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-        .add((header::X_FRAME_OPTIONS, "DENY"))
-        .add(("Cross-Origin-Opener-Policy", "same-origin"))
-        .add(("Cross-Origin-Resource-Policy", "same-origin"))
-        .add((
-            "Permissions-Policy",
-            "camera=(), microphone=(), geolocation=(), interest-cohort=()",
-        ))
+    SECURITY_HEADERS
+        .iter()
+        .fold(DefaultHeaders::new(), |h, &(name, value)| {
+            h.add((name, value))
+        })
+}
+
+fn with_security_headers(headers: &mut actix_http::header::HeaderMap) {
+    for (name, value) in SECURITY_HEADERS {
+        headers.insert(
+            header::HeaderName::from_static(name),
+            header::HeaderValue::from_static(value),
+        );
+    }
 }
 
 /// Run a background task until the server stops.
@@ -481,25 +578,36 @@ impl Application {
         });
         let handshake_timeout = Duration::from_secs(state.settings.limits.handshake_timeout_secs);
         let data = web::Data::from(state.clone());
-        let mut public = HttpServer::new({
-            let data = data.clone();
-            move || {
-                App::new()
-                    .app_data(data.clone())
+        // The public listeners run actix-http directly rather than through `HttpServer`, for
+        // its upgrade hook: WebSocket upgrades leave the HTTP dispatcher (see `upgrade`).
+        let mut public = actix_server::Server::build()
+            .workers(workers)
+            .shutdown_timeout(state.settings.server.shutdown_grace_secs)
+            .disable_signals();
+        let listeners = std::iter::once((listener, false)).chain(onion_listener.map(|l| (l, true)));
+        for (listener, onion) in listeners {
+            let name = format!("public-{}", listener.local_addr()?);
+            let (data, state) = (data.clone(), state.clone());
+            public = public.listen(name, listener, move || {
+                let (data, state) = (data.clone(), state.clone());
+                let app = App::new()
+                    .app_data(data)
                     .wrap(security_headers())
-                    .route("/ws", web::get().to(ws))
+                    .route("/ws", web::get().to(ws_without_upgrade))
                     .route("/healthz", web::get().to(healthz))
                     .route("/readyz", web::get().to(readyz))
-                    .route("/{path:.*}", web::get().to(asset))
-            }
-        })
-        .workers(workers)
-        .client_request_timeout(handshake_timeout)
-        .shutdown_timeout(state.settings.server.shutdown_grace_secs)
-        .disable_signals()
-        .listen(listener)?;
-        if let Some(onion) = onion_listener {
-            public = public.listen(onion)?;
+                    .route("/{path:.*}", web::get().to(asset));
+                HttpService::build()
+                    .client_request_timeout(handshake_timeout)
+                    .client_disconnect_timeout(Duration::from_secs(1))
+                    .upgrade(fn_service(
+                        move |(req, framed): (Request, Framed<TcpStream, h1::Codec>)| {
+                            upgrade(state.clone(), onion, req, framed)
+                        },
+                    ))
+                    .finish(map_config(app.into_factory(), |_| AppConfig::default()))
+                    .tcp()
+            })?;
         }
         let public = public.run();
         let admin = HttpServer::new(move || {

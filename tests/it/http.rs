@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use nanochat::protocol::ServerFrame;
 use nanochat::startup::CONTENT_SECURITY_POLICY;
 
-use crate::helpers::{Backend, http_get, spawn_app, start};
+use crate::helpers::{Backend, http_get, http_raw, spawn_app, spawn_app_with, start};
 
 #[actix_web::test]
 async fn the_page_is_served_with_strict_security_headers() {
@@ -34,6 +34,33 @@ async fn the_page_is_served_with_strict_security_headers() {
     assert!(!CONTENT_SECURITY_POLICY.contains("unsafe-inline"));
     assert!(CONTENT_SECURITY_POLICY.contains("script-src 'self'"));
     assert_eq!(http_get(app.port, "/nope").await.status, 404);
+}
+
+/// WebSocket upgrades leave actix-web's stack at the handshake; the answer, its refusals and an
+/// upgrade anywhere but `/ws` still carry the security headers.
+#[actix_web::test]
+async fn upgrades_and_their_refusals_carry_the_security_headers() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.limits.max_connections = 1).await;
+    let csp = format!(
+        "content-security-policy: {}",
+        CONTENT_SECURITY_POLICY.to_ascii_lowercase()
+    );
+    let (status, head, _open) = crate::abuse::upgrade(app.port, "127.0.0.2", "").await;
+    assert_eq!(status, 101);
+    assert!(head.contains(&csp), "{head}");
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    // The only socket allowed is taken.
+    let (status, head, _) = crate::abuse::upgrade(app.port, "127.0.0.3", "").await;
+    assert_eq!(status, 503);
+    assert!(head.contains(&csp), "{head}");
+    assert!(head.contains("retry-after: "), "{head}");
+    let elsewhere = crate::helpers::UPGRADE_HEAD.replace("GET /ws ", "GET /index.html ");
+    let r = http_raw(app.port, &format!("{elsewhere}\r\n")).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.headers.get("content-security-policy").map(String::as_str),
+        Some(CONTENT_SECURITY_POLICY)
+    );
 }
 
 #[actix_web::test]
