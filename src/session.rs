@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_http::ws::CloseCode;
-use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt as _, StreamExt};
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::mpsc;
@@ -255,8 +255,12 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
                     };
                 }
                 Some((reference, iv, result)) = conn.pending.next(), if !conn.pending.is_empty() => {
-                    conn.inflight_ivs.remove(&iv);
-                    if conn.finish_send(reference, result).await.is_err() {
+                    conn.answer_send(reference, iv, result);
+                    // Sends committed together are answered in one write.
+                    while let Some(Some((reference, iv, result))) = conn.pending.next().now_or_never() {
+                        conn.answer_send(reference, iv, result);
+                    }
+                    if conn.flush().await.is_err() {
                         break End::Gone;
                     }
                 }
@@ -489,11 +493,15 @@ impl Conn {
         Ok(())
     }
 
-    async fn finish_send(
+    /// Queue the answer to a committed (or failed) send: `ack`, or the error that says why it
+    /// was not stored.
+    fn answer_send(
         &mut self,
         reference: String,
+        iv: [u8; 12],
         result: Result<WriteResult, oneshot::error::RecvError>,
-    ) -> Result<(), ()> {
+    ) {
+        self.inflight_ivs.remove(&iv);
         let frame = match result {
             Ok(Ok(c)) => {
                 if let Some(j) = self.joined.as_mut() {
@@ -534,7 +542,7 @@ impl Conn {
                 )
             }
         };
-        self.send(frame.to_text()).await
+        self.ws.queue_text(&frame.to_text());
     }
 
     /// Handle one text frame. `Ok(Some(_))` when the socket just joined a room; `Err` when the
