@@ -459,10 +459,8 @@ impl Conn {
 
     /// Send one text frame (after any queued ones), giving up after the send timeout.
     async fn send(&mut self, text: impl AsRef<str>) -> Result<(), ()> {
-        match tokio::time::timeout(self.send_timeout, self.ws.text(text.as_ref())).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(()),
-        }
+        self.ws.queue_text(text.as_ref());
+        self.flush().await
     }
 
     async fn send_error(

@@ -246,11 +246,6 @@ impl Writer {
         Ok(())
     }
 
-    pub async fn text(&mut self, text: &str) -> io::Result<()> {
-        self.queue_text(text);
-        self.flush().await
-    }
-
     pub async fn ping(&mut self, payload: &[u8]) -> io::Result<()> {
         put_frame(&mut self.out, OP_PING, payload);
         self.flush().await
