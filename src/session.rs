@@ -15,11 +15,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use actix_http::ws::CloseCode;
+use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
-use futures_util::{FutureExt as _, StreamExt};
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::mpsc;
@@ -256,10 +257,15 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
                 }
                 Some((reference, iv, result)) = conn.pending.next(), if !conn.pending.is_empty() => {
                     conn.answer_send(reference, iv, result);
-                    // Sends committed together are answered in one write.
-                    while let Some(Some((reference, iv, result))) = conn.pending.next().now_or_never() {
-                        conn.answer_send(reference, iv, result);
-                    }
+                    // Sends committed together are answered in one write. Polled with this
+                    // task's own waker, so a wake-up asked for meanwhile is never lost.
+                    std::future::poll_fn(|cx| {
+                        while let Poll::Ready(Some((reference, iv, result))) = conn.pending.poll_next_unpin(cx) {
+                            conn.answer_send(reference, iv, result);
+                        }
+                        Poll::Ready(())
+                    })
+                    .await;
                     if conn.flush().await.is_err() {
                         break End::Gone;
                     }

@@ -14,8 +14,7 @@ use actix_codec::Decoder;
 use actix_http::ws::{Codec, Frame, Item, ProtocolError};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
-use futures_util::FutureExt as _;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -96,12 +95,14 @@ impl Reader {
                 return None;
             }
             self.buf.reserve(READ_CHUNK);
-            // One read, polled once: unlike `try_read_buf`, a read shorter than the space
-            // given marks the socket drained, which saves a second read that would only find
-            // nothing. Not ready after all: wait again, holding no buffer.
-            match self.io.read_buf(&mut self.buf).now_or_never() {
-                Some(Ok(0)) | Some(Err(_)) => return None,
-                Some(Ok(_)) | None => {}
+            // Not `read_buf(..).now_or_never()`: when the task's cooperative budget is spent,
+            // that returns "not ready" while `readable()` keeps answering "ready", and the
+            // loop would spin without ever yielding. `try_read_buf` reads regardless.
+            match self.io.try_read_buf(&mut self.buf) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
             }
         }
     }

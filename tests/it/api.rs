@@ -598,10 +598,10 @@ async fn storage_outage_gives_unavailable_and_recovers_without_loss() {
 async fn a_client_that_stops_reading_is_dropped_and_the_room_goes_on() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
         // The sender keeps at most 32 messages in flight, so no batch is larger than 32. The
-        // queue holds four batches: while a reading client's socket write is under way its
-        // frames wait there, and a busy test machine can delay the reader by a batch or two.
+        // queue holds eight batches: while a reading client's socket write is under way its
+        // frames wait there, and a busy test machine can delay the test's reader by several.
         s.store.batch_max = 32;
-        s.limits.send_queue = 128;
+        s.limits.send_queue = 256;
         s.limits.send_timeout_secs = 1;
     })
     .await;
