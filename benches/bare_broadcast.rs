@@ -11,6 +11,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 type Members = Vec<(u64, mpsc::UnboundedSender<Message>)>;
 
@@ -40,7 +41,11 @@ async fn main() {
         let id = next_id;
         let rooms = rooms.clone();
         tokio::spawn(async move {
-            let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+            // tungstenite zeroes its whole read buffer (128 KiB by default) before every read;
+            // with chat-sized frames that would be most of this server's work.
+            let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
+            let Ok(ws) = tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await
+            else {
                 return;
             };
             let (mut sink, mut stream) = ws.split();

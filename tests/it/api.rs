@@ -595,6 +595,39 @@ async fn storage_outage_gives_unavailable_and_recovers_without_loss() {
 }
 
 #[actix_web::test]
+async fn the_largest_ciphertext_reaches_members_and_history_whole() {
+    // Frames of about 53 KB: several reads of the client's 8 KiB read buffer, and far more
+    // than one of the server's socket reads.
+    let app = spawn_app_with(Backend::Sqlite, |s| s.limits.max_ct_bytes = 40_000).await;
+    let (mut alice, keys) = app.room_creator().await;
+    let mut bob = app.client().await;
+    joined(&mut bob, &keys, None).await;
+    let epoch = crypto::epoch_of(nanochat::store::now_ms());
+    let mut ct = vec![0u8; 40_000];
+    rand::fill(&mut ct[..]);
+    let iv = [9u8; 12];
+    alice
+        .send_json(&json!({"type":"send","ref":"big","epoch":epoch,"iv":b64u(&iv),"ct":b64u(&ct)}))
+        .await
+        .unwrap();
+    match alice.recv().await.unwrap() {
+        ServerFrame::Ack { reference, seq, .. } => {
+            assert_eq!((reference.as_str(), seq), ("big", 1))
+        }
+        other => panic!("expected ack, got {other:?}"),
+    }
+    match bob.recv().await.unwrap() {
+        ServerFrame::Msg(m) => assert_eq!((m.seq, m.ct), (1, b64u(&ct))),
+        other => panic!("expected the message, got {other:?}"),
+    }
+    let mut carol = app.client().await;
+    let (history, _) = joined(&mut carol, &keys, None).await;
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].ct, b64u(&ct));
+    assert_eq!(history[0].iv, b64u(&iv));
+}
+
+#[actix_web::test]
 async fn a_client_that_stops_reading_is_dropped_and_the_room_goes_on() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
         // The sender keeps at most 32 messages in flight, so no batch is larger than 32. The

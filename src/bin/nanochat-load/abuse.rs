@@ -113,9 +113,10 @@ async fn flood_loop(addr: &str, rate: u64, stop: &AtomicBool, flood: &Flood) {
             continue;
         };
         flood.connects.fetch_add(1, Ordering::Relaxed);
-        let ws = tokio_tungstenite::client_async(
+        let ws = tokio_tungstenite::client_async_with_config(
             format!("ws://{addr}/ws"),
             tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+            Some(nanochat::client::ws_config()),
         )
         .await;
         let Ok((ws, _)) = ws else {
