@@ -205,7 +205,9 @@ fn the_publish_scenario_runs_against_both_baselines_on_sqlite() {
 #[actix_web::test]
 async fn the_publish_scenario_runs_against_both_baselines_on_postgres() {
     let db = crate::pg::cluster().database().await;
-    for target in ["nanochat", "naive", "batch"] {
+    // NanoChat twice on one URL: every run works in a database of its own, so the second
+    // does not meet the first one's secret check.
+    for target in ["nanochat", "naive", "batch", "nanochat"] {
         let report = run(&[
             "publish",
             "--target",
@@ -222,6 +224,26 @@ async fn the_publish_scenario_runs_against_both_baselines_on_postgres() {
         assert!(report["acked"].as_u64().unwrap() > 0, "{report}");
         assert_eq!(report["backend"], "postgres");
     }
+    // The runs' databases are gone, and the one named in the URL was left untouched.
+    let client = crate::pg::cluster().connect(&db).await;
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'nanochat_load_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "a run's database was left behind");
+    let tables: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "the runs wrote into the database of the URL");
 }
 
 #[test]

@@ -58,7 +58,9 @@ usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in 
   expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
   abuse   [--rooms 10] [--members 10] [--rate 10000] [--secs 10]
   publish --target nanochat|naive|batch [--senders 16] [--window 8] [--secs 10] [--postgres URL]
-Each run prints one JSON line; benches/README.md explains the scenarios.";
+With --postgres, each run works in a database it creates on that server and drops at the end
+(the URL's role needs CREATEDB). Each run prints one JSON line; benches/README.md explains the
+scenarios.";
 
 const SCENARIOS: &[&str] = &[
     "fanout", "sweep", "idle", "soak", "publish", "abuse", "expiry",
@@ -395,9 +397,32 @@ async fn main() {
         std::process::exit(2);
     }
     raise_open_files();
+    // Every Postgres run works in a database of its own, created now and dropped at the end.
+    let scratch = match &args.postgres {
+        Some(url) => match ScratchDb::create(url).await {
+            Ok(db) => Some(db),
+            Err(e) => {
+                eprintln!("nanochat-load {cmd}: {e}");
+                std::process::exit(2);
+            }
+        },
+        None => None,
+    };
+    let mut args = args;
+    if let Some(db) = &scratch {
+        args.postgres = Some(db.url.clone());
+    }
+    run_scenario(&cmd, &args).await;
+    if let Some(db) = scratch {
+        db.drop_database().await;
+    }
+}
+
+async fn run_scenario(cmd: &str, args: &Args) {
+    let args = args.clone();
     let dir = std::env::temp_dir().join(format!("nanochat-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let extra: &[(&str, &str)] = match cmd.as_str() {
+    let extra: &[(&str, &str)] = match cmd {
         "soak" => &soak::SERVER_ENV,
         "expiry" => &expiry::SERVER_ENV,
         _ => &[],
@@ -414,7 +439,7 @@ async fn main() {
     }
     let servers = spawn_targets(&args, &dir, extra, cmd == "abuse");
     let single = &servers[0];
-    match cmd.as_str() {
+    match cmd {
         "expiry" => expiry::run(&args, single).await,
         "abuse" => abuse::run(&args, single).await,
         "publish" => publish::nanochat(&args, single).await,
@@ -423,6 +448,83 @@ async fn main() {
         _ => println!("{}", fanout(&args, servers).await),
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The database a Postgres run works in: created on the server `--postgres` names, under a
+/// name of its own (`nanochat_load_<pid>`), and dropped when the run ends. Runs therefore
+/// start from the same empty state, whatever ran before, and leave nothing behind; a NanoChat
+/// run in a database another run had used would refuse to start (its secret check holds the
+/// other run's secret). The role in the URL needs the right to create databases.
+struct ScratchDb {
+    /// The URL given, for dropping the database afterwards.
+    admin: String,
+    name: String,
+    /// The URL of the new database.
+    url: String,
+}
+
+impl ScratchDb {
+    async fn create(url: &str) -> Result<ScratchDb, String> {
+        let name = format!("nanochat_load_{}", std::process::id());
+        let scratch_url = with_database(url, &name);
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| format!("cannot connect to --postgres {url}: {e}"))?;
+        tokio::spawn(conn);
+        // One statement each: a multi-statement string would run as one transaction, where
+        // CREATE DATABASE is not allowed.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            client.batch_execute(&sql).await.map_err(|e| {
+                let why = e
+                    .as_db_error()
+                    .map_or(e.to_string(), |d| d.message().to_owned());
+                format!("cannot create the run's database {name} (the role needs CREATEDB): {why}")
+            })?;
+        }
+        Ok(ScratchDb {
+            admin: url.to_owned(),
+            name,
+            url: scratch_url,
+        })
+    }
+
+    async fn drop_database(self) {
+        let dropped = async {
+            let (client, conn) =
+                tokio_postgres::connect(&self.admin, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.name
+                ))
+                .await
+        };
+        if let Err(e) = dropped.await {
+            eprintln!("could not drop the run's database {}: {e}", self.name);
+        }
+    }
+}
+
+/// The connection string `url` with its database replaced by `name`: a `postgres://` URL, or
+/// `key=value` pairs (where the last `dbname` given wins).
+fn with_database(url: &str, name: &str) -> String {
+    let Some(rest) = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+    else {
+        return format!("{url} dbname={name}");
+    };
+    let scheme = &url[..url.len() - rest.len()];
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, format!("?{q}")),
+        None => (rest, String::new()),
+    };
+    let authority = rest.split_once('/').map_or(rest, |(a, _)| a);
+    format!("{scheme}{authority}/{name}{query}")
 }
 
 /// Descriptors the generator and the servers it starts (they inherit the limit) may open: the
@@ -734,6 +836,34 @@ async fn idle(args: &Args, server: &Server) {
 mod tests {
     fn parse(line: &str) -> Result<super::Args, String> {
         super::parse_args(line.split_whitespace().map(String::from))
+    }
+
+    /// A run's database replaces the one in the connection string; host, user and options stay.
+    #[test]
+    fn the_run_database_keeps_everything_else_of_the_url() {
+        let cases = [
+            (
+                "postgres://u@127.0.0.1:5432/app",
+                "postgres://u@127.0.0.1:5432/r",
+            ),
+            (
+                "postgresql://u:p@h/app?sslmode=disable",
+                "postgresql://u:p@h/r?sslmode=disable",
+            ),
+            ("postgres://h:1", "postgres://h:1/r"),
+            ("postgres://h/?host=/tmp", "postgres://h/r?host=/tmp"),
+            (
+                "host=/tmp dbname=app user=u",
+                "host=/tmp dbname=app user=u dbname=r",
+            ),
+        ];
+        for (url, want) in cases {
+            assert_eq!(super::with_database(url, "r"), want, "{url}");
+        }
+        let config: tokio_postgres::Config = super::with_database("host=/tmp dbname=app", "r")
+            .parse()
+            .unwrap();
+        assert_eq!(config.get_dbname(), Some("r"), "the last dbname wins");
     }
 
     /// Options are read by name; a mistake names the option instead of panicking.
