@@ -40,48 +40,53 @@ async fn phase(
     let seen = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     let mut n = if flood_on { 1000 } else { 0 };
+    // Everyone joins before anyone sends: a message sent while a member of its room was still
+    // joining would count a delivery to that member that cannot happen.
+    let mut members = Vec::new();
     for _ in 0..args.rooms {
         let mut secret = [0u8; 32];
         rand::fill(&mut secret);
         let keys = RoomKeys::derive(&secret);
         for m in 0..args.members {
-            let ws = open(&server.addr, n, &keys, m == 0).await;
+            members.push(open(&server.addr, n, &keys, m == 0).await);
             n += 1;
-            let (mut sink, mut stream) = ws.split();
-            let (hist, seen, sent, stop) = (hist.clone(), seen.clone(), sent.clone(), stop.clone());
-            tasks.push(tokio::spawn(async move {
-                let reader = tokio::spawn(async move {
-                    while let Some(Ok(Message::Text(t))) = stream.next().await {
-                        if !t.as_str().starts_with(r#"{"type":"msg""#) {
-                            continue;
-                        }
-                        let at = sent_at(t.as_str()).expect("a timed message");
-                        let now = start.elapsed().as_micros() as u64;
-                        let _ = hist
-                            .lock()
-                            .expect("h")
-                            .record(now.saturating_sub(at).max(1));
-                        seen.fetch_add(1, Ordering::Relaxed);
-                    }
-                });
-                // Spread the members' sends over the 2 s period.
-                tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 2000)).await;
-                let epoch = crypto::epoch_of(nanochat::store::now_ms());
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let frame = timed_send(i, epoch, start, 48);
-                    if sink.send(Message::text(frame)).await.is_err() {
-                        break;
-                    }
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    i += 1;
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let _ = sink.close().await;
-                let _ = tokio::time::timeout(Duration::from_secs(3), reader).await;
-            }));
         }
+    }
+    for ws in members {
+        let (mut sink, mut stream) = ws.split();
+        let (hist, seen, sent, stop) = (hist.clone(), seen.clone(), sent.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let reader = tokio::spawn(async move {
+                while let Some(Ok(Message::Text(t))) = stream.next().await {
+                    if !t.as_str().starts_with(r#"{"type":"msg""#) {
+                        continue;
+                    }
+                    let at = sent_at(t.as_str()).expect("a timed message");
+                    let now = start.elapsed().as_micros() as u64;
+                    let _ = hist
+                        .lock()
+                        .expect("h")
+                        .record(now.saturating_sub(at).max(1));
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            // Spread the members' sends over the 2 s period.
+            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 2000)).await;
+            let epoch = crypto::epoch_of(nanochat::store::now_ms());
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let frame = timed_send(i, epoch, start, 48);
+                if sink.send(Message::text(frame)).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = sink.close().await;
+            let _ = tokio::time::timeout(Duration::from_secs(3), reader).await;
+        }));
     }
     let flooder = flood_on.then(|| {
         let (addr, stop, flood, rate) =
