@@ -418,8 +418,8 @@ async fn main() {
     }
 }
 
+/// Run scenario `cmd` (already checked) with its servers and files in a temporary directory.
 async fn run_scenario(cmd: &str, args: &Args) {
-    let args = args.clone();
     let dir = std::env::temp_dir().join(format!("nanochat-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let extra: &[(&str, &str)] = match cmd {
@@ -428,24 +428,24 @@ async fn run_scenario(cmd: &str, args: &Args) {
         _ => &[],
     };
     if cmd == "publish" && args.target != "nanochat" {
-        publish::baseline(&args, &args.target, &dir).await;
+        publish::baseline(args, &args.target, &dir).await;
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
     if cmd == "sweep" {
-        sweep(&args, &dir).await;
+        sweep(args, &dir).await;
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
-    let servers = spawn_targets(&args, &dir, extra, cmd == "abuse");
+    let servers = spawn_targets(args, &dir, extra, cmd == "abuse");
     let single = &servers[0];
     match cmd {
-        "expiry" => expiry::run(&args, single).await,
-        "abuse" => abuse::run(&args, single).await,
-        "publish" => publish::nanochat(&args, single).await,
-        "soak" => soak::run(&args, single, &dir.join("node0")).await,
-        "idle" => idle(&args, single).await,
-        _ => println!("{}", fanout(&args, servers).await),
+        "expiry" => expiry::run(args, single).await,
+        "abuse" => abuse::run(args, single).await,
+        "publish" => publish::nanochat(args, single).await,
+        "soak" => soak::run(args, single, &dir.join("node0")).await,
+        "idle" => idle(args, single).await,
+        _ => println!("{}", fanout(args, servers).await),
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -469,7 +469,7 @@ impl ScratchDb {
         let scratch_url = with_database(url, &name);
         let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
-            .map_err(|e| format!("cannot connect to --postgres {url}: {e}"))?;
+            .map_err(|e| format!("cannot connect to the --postgres server: {e}"))?;
         tokio::spawn(conn);
         // One statement each: a multi-statement string would run as one transaction, where
         // CREATE DATABASE is not allowed.
