@@ -336,11 +336,13 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message(pg: Option<String>) {
         panic!("join after restart failed")
     };
     let mut page = messages;
+    let mut stored = Vec::new();
     loop {
         for m in &page {
             texts.insert(s.open(m).expect("stored intact").text);
             after = m.seq;
         }
+        stored.extend(page.iter().cloned());
         if !more {
             break;
         }
@@ -361,6 +363,29 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message(pg: Option<String>) {
             texts.contains(text),
             "acknowledged {text} lost after SIGKILL"
         );
+    }
+    // The replay check survived too: the messages stored just before the kill (whose keys a
+    // server may hold in memory only) are refused when sent again.
+    for m in stored.iter().rev().take(3) {
+        reader
+            .send_json(
+                &serde_json::json!({"type": "send", "ref": format!("again {}", m.seq),
+                "epoch": m.epoch, "iv": m.iv, "ct": m.ct}),
+            )
+            .await
+            .unwrap();
+        loop {
+            match reader.recv().await.unwrap() {
+                ServerFrame::Error { code, .. } => {
+                    assert_eq!(code, "replay", "seq {} sent again", m.seq);
+                    break;
+                }
+                ServerFrame::Ack { seq, .. } => {
+                    panic!("seq {} sent again after SIGKILL was stored as {seq}", m.seq)
+                }
+                _ => {}
+            }
+        }
     }
     // Seqs go on after the last stored one, whatever the room's row said at the kill.
     reader

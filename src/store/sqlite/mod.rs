@@ -14,7 +14,7 @@
 //! that minute; the room's greatest stored seq is newer then, and the writer takes the greater
 //! of the two the first time it meets the room again, so seqs never repeat.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -27,11 +27,15 @@ use super::{
 };
 use crate::crypto::RoomId;
 use crate::protocol::HistoryQuery;
+use replay::ReplayKeys;
+
+mod replay;
 
 /// Migrations in order; the index + 1 is the schema version.
 const MIGRATIONS: &[&str] = &[
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-    include_str!("../../migrations/sqlite/0002_server_identity.sql"),
+    include_str!("../../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../../migrations/sqlite/0002_server_identity.sql"),
+    include_str!("../../../migrations/sqlite/0003_replay_keys.sql"),
 ];
 /// Idle read connections kept open.
 const READ_POOL: usize = 8;
@@ -71,10 +75,12 @@ struct Inner {
     _checkpointer: std::sync::mpsc::Sender<()>,
 }
 
-/// The writer connection and what it remembers of the rooms it has written to.
+/// The writer connection, what it remembers of the rooms it has written to, and the replay
+/// keys not yet in their table.
 struct WriteSide {
     conn: Connection,
     rooms: HashMap<RoomId, LiveRoom>,
+    keys: ReplayKeys,
 }
 
 /// A live room as the writer knows it.
@@ -131,6 +137,9 @@ impl Drop for WriteSide {
     fn drop(&mut self) {
         if let Err(e) = self.save_all() {
             tracing::warn!(error = %e, "could not write room rows at close; the next start recovers them from the messages");
+        }
+        if let Err(e) = self.keys.flush(&mut self.conn) {
+            tracing::warn!(error = %e, "could not write replay keys at close; the next start recovers them from the messages");
         }
     }
 }
@@ -189,6 +198,13 @@ impl SqliteStore {
             let mut conn = open_connection(&p)
                 .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", p.display()))?;
             migrate(&mut conn)?;
+            let recovered = replay::recover(&mut conn)?;
+            if recovered > 0 {
+                tracing::info!(
+                    recovered,
+                    "put replay keys of messages stored before an unclean stop into their table"
+                );
+            }
             // The checkpointer thread copies the WAL into the database file; the writer only
             // steps in when the WAL has grown past this many pages without a full checkpoint.
             conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
@@ -207,6 +223,7 @@ impl SqliteStore {
                 writer: Mutex::new(WriteSide {
                     conn: writer,
                     rooms: HashMap::new(),
+                    keys: ReplayKeys::new(),
                 }),
                 readers: Mutex::new(Vec::new()),
                 retention,
@@ -327,16 +344,17 @@ fn append_tx(
     batch: &[NewMessage],
     now: Millis,
 ) -> rusqlite::Result<Vec<AppendOutcome>> {
-    let WriteSide { conn, rooms } = side;
+    let WriteSide { conn, rooms, keys } = side;
     // IMMEDIATE: take the write lock up front, so the busy timeout covers waiting for another
     // writer (an operator's sqlite3 shell, a backup tool). A DEFERRED transaction that reads
     // first fails at once with SQLITE_BUSY_SNAPSHOT when someone else committed in between.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     // The batch's rooms as they will be after this commit, `None` for a room that is not live.
-    // Remembered rooms change only once the commit has succeeded.
+    // Remembered rooms and replay keys change only once the commit has succeeded.
     let mut touched: HashMap<RoomId, Option<LiveRoom>> = HashMap::new();
+    let mut stored = HashSet::with_capacity(batch.len());
     let mut outcomes = Vec::with_capacity(batch.len());
-    {
+    let step = {
         // A room met for the first time: its row, and its greatest stored seq in case the row
         // is behind (a crash before the row was written).
         let mut room_q = tx.prepare_cached(
@@ -344,11 +362,8 @@ fn append_tx(
                     (SELECT seq FROM messages WHERE room_id = ?1 ORDER BY seq DESC LIMIT 1)
              FROM rooms WHERE id = ?1 AND wiped_at IS NULL",
         )?;
-        // The unique (room_id, iv) index is the replay check: a repeated IV inserts nothing.
-        // One index probe per message instead of a lookup and then an insert.
         let mut insert = tx.prepare_cached(
-            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (room_id, iv) DO NOTHING",
+            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         for m in batch {
             let room = match touched.get_mut(&m.room) {
@@ -376,16 +391,20 @@ fn append_tx(
                 outcomes.push(AppendOutcome::RoomGone);
                 continue;
             };
-            let seq = room.last_seq + 1;
-            if insert.execute(params![&m.room[..], seq, now, m.epoch, &m.iv[..], &m.ct])? == 1 {
-                room.last_seq = seq;
-                room.last_active = room.last_active.max(now);
-                outcomes.push(AppendOutcome::Stored { seq });
-            } else {
+            let k = replay::key(&m.room, &m.iv);
+            if stored.contains(&k) || keys.contains(&tx, &k)? {
                 outcomes.push(AppendOutcome::Replay);
+                continue;
             }
+            let seq = room.last_seq + 1;
+            insert.execute(params![&m.room[..], seq, now, m.epoch, &m.iv[..], &m.ct])?;
+            stored.insert(k);
+            room.last_seq = seq;
+            room.last_active = room.last_active.max(now);
+            outcomes.push(AppendOutcome::Stored { seq });
         }
-    }
+        keys.move_chunk(&tx, batch.len())?
+    };
     // A busy room's row is rewritten about once a minute, not once per batch.
     for (id, room) in &mut touched {
         if let Some(room) = room
@@ -397,6 +416,11 @@ fn append_tx(
         }
     }
     tx.commit()?;
+    keys.committed(stored, step, || {
+        conn.query_row("SELECT COALESCE(MAX(rowid), 0) FROM messages", [], |r| {
+            r.get(0)
+        })
+    });
     rooms.extend(
         touched
             .into_iter()
@@ -408,6 +432,38 @@ fn append_tx(
         tracing::warn!(error = %e, "could not write room rows; keeping them in memory");
     }
     Ok(outcomes)
+}
+
+/// Delete up to [`DELETE_BATCH`] messages stored before `cutoff`, and their replay keys.
+fn expire_batch(side: &mut WriteSide, cutoff: Millis) -> rusqlite::Result<usize> {
+    let tx = side
+        .conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut gone: Vec<replay::Key> = tx
+        .prepare_cached(
+            "DELETE FROM messages WHERE rowid IN
+             (SELECT rowid FROM messages WHERE created_at < ?1 LIMIT ?2)
+             RETURNING room_id, iv",
+        )?
+        .query_map(params![cutoff, DELETE_BATCH], |r| {
+            let room: Vec<u8> = r.get(0)?;
+            let iv: Vec<u8> = r.get(1)?;
+            // Rows written by this server always fit; anything else cannot match a key.
+            Ok(match (room.try_into(), iv.try_into()) {
+                (Ok(room), Ok(iv)) => replay::key(&room, &iv),
+                _ => [0; 16 + crate::crypto::IV_LEN],
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    ReplayKeys::forget(&tx, &mut gone)?;
+    let highest = ReplayKeys::lower_mark(&tx)?;
+    tx.commit()?;
+    side.keys
+        .rows_deleted(highest, |k| gone.binary_search(k).is_ok());
+    Ok(gone.len())
 }
 
 #[async_trait]
@@ -606,8 +662,15 @@ impl Store for SqliteStore {
                 params![&room[..]],
             )
             .map_err(db_err)?;
+            tx.execute(
+                "DELETE FROM message_ivs WHERE room_id = ?1",
+                params![&room[..]],
+            )
+            .map_err(db_err)?;
+            let highest = ReplayKeys::lower_mark(&tx).map_err(db_err)?;
             tx.commit().map_err(db_err)?;
             side.rooms.remove(&room);
+            side.keys.rows_deleted(highest, |k| k[..16] == room[..]);
             Ok(wiped == 1)
         })
         .await
@@ -659,13 +722,7 @@ impl Store for SqliteStore {
         loop {
             let deleted = self
                 .write(move |side, inner| {
-                    side.conn
-                        .execute(
-                            "DELETE FROM messages WHERE rowid IN
-                         (SELECT rowid FROM messages WHERE created_at < ?1 LIMIT ?2)",
-                            params![inner.retention.message_cutoff(now), DELETE_BATCH],
-                        )
-                        .map_err(db_err)
+                    expire_batch(side, inner.retention.message_cutoff(now)).map_err(db_err)
                 })
                 .await?;
             report.messages_deleted += deleted as u64;
@@ -774,5 +831,274 @@ mod tests {
         assert_eq!(row_seq, 1, "the rows were written before forgetting");
         let out = store.append(&[message(first[123], 2)], now).await.unwrap();
         assert_eq!(out, vec![AppendOutcome::Stored { seq: 2 }]);
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+    use crate::crypto::EPOCH_MS;
+
+    fn message(room: RoomId, n: u32) -> NewMessage {
+        let mut iv = [0u8; crate::crypto::IV_LEN];
+        iv[8..].copy_from_slice(&n.to_be_bytes());
+        NewMessage {
+            room,
+            epoch: 0,
+            iv,
+            ct: vec![2; 20],
+        }
+    }
+
+    async fn open(dir: &Path) -> SqliteStore {
+        let store = SqliteStore::open(dir, Retention::from_days(30, 365))
+            .await
+            .unwrap();
+        // Small generations and chunks, so a few dozen messages go through every stage.
+        store.inner.writer.lock().unwrap().keys = ReplayKeys::with_sizes(8, 3);
+        store
+    }
+
+    async fn create(store: &SqliteStore, room: RoomId, now: Millis) {
+        let out = store.create_room(&room, &[0], now).await.unwrap();
+        assert_eq!(out, CreateOutcome::Created);
+    }
+
+    /// The keys in memory and in the table are exactly the stored messages' keys, and every
+    /// message at or below the mark has its key in the table.
+    fn assert_consistent(store: &SqliteStore) -> (usize, usize) {
+        let side = store.inner.writer.lock().unwrap();
+        let conn = &side.conn;
+        let mut messages: Vec<replay::Key> = conn
+            .prepare("SELECT room_id, iv FROM messages")
+            .unwrap()
+            .query_map([], |r| {
+                let room: Vec<u8> = r.get(0)?;
+                let iv: Vec<u8> = r.get(1)?;
+                Ok(replay::key(
+                    &room.try_into().unwrap(),
+                    &iv.try_into().unwrap(),
+                ))
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let table: Vec<replay::Key> = conn
+            .prepare("SELECT room_id, iv FROM message_ivs")
+            .unwrap()
+            .query_map([], |r| {
+                let room: Vec<u8> = r.get(0)?;
+                let iv: Vec<u8> = r.get(1)?;
+                Ok(replay::key(
+                    &room.try_into().unwrap(),
+                    &iv.try_into().unwrap(),
+                ))
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let mut known: Vec<replay::Key> = table.iter().chain(side.keys.memory()).copied().collect();
+        messages.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(
+            known, messages,
+            "replay keys = stored messages' keys, each once"
+        );
+        let unindexed: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM messages m
+                 WHERE m.rowid <= (SELECT indexed_through FROM replay_index)
+                   AND NOT EXISTS (SELECT 1 FROM message_ivs k
+                                   WHERE k.room_id = m.room_id AND k.iv = m.iv)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            unindexed, 0,
+            "a message at or below the mark has no key in the table"
+        );
+        (table.len(), side.keys.in_memory())
+    }
+
+    async fn append(store: &SqliteStore, batch: &[NewMessage], now: Millis) -> Vec<AppendOutcome> {
+        let out = store.append(batch, now).await.unwrap();
+        assert_consistent(store);
+        out
+    }
+
+    #[tokio::test]
+    async fn replays_are_refused_from_memory_from_the_table_and_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let now = super::super::now_ms();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        create(&store, a, now).await;
+        create(&store, b, now).await;
+        for chunk in (1..=40u32).collect::<Vec<_>>().chunks(5) {
+            let batch: Vec<_> = chunk.iter().map(|n| message(a, *n)).collect();
+            let out = append(&store, &batch, now).await;
+            assert!(
+                out.iter()
+                    .all(|o| matches!(o, AppendOutcome::Stored { .. }))
+            );
+        }
+        let (in_table, in_memory) = assert_consistent(&store);
+        assert!(
+            in_table > 0 && in_memory > 0,
+            "{in_table} in the table, {in_memory} in memory"
+        );
+        // Every stored IV is refused, wherever its key is; another room may use it.
+        for n in 1..=40 {
+            let out = append(&store, &[message(a, n), message(b, n)], now).await;
+            assert_eq!(out[0], AppendOutcome::Replay, "IV {n}");
+            assert!(
+                matches!(out[1], AppendOutcome::Stored { .. }),
+                "IV {n} in room b"
+            );
+        }
+        // Twice in one batch: the second is the replay.
+        let out = append(&store, &[message(a, 100), message(a, 100)], now).await;
+        assert_eq!(
+            out,
+            vec![AppendOutcome::Stored { seq: 41 }, AppendOutcome::Replay]
+        );
+
+        // A clean stop writes every key into the table.
+        drop(store);
+        let store = open(dir.path()).await;
+        assert_eq!(assert_consistent(&store), (81, 0));
+        for n in [1, 40, 100] {
+            let out = append(&store, &[message(a, n)], now).await;
+            assert_eq!(out, vec![AppendOutcome::Replay], "IV {n} after a restart");
+        }
+    }
+
+    /// A crash leaves the keys of the messages stored above the mark only in memory, which is
+    /// gone: the next open puts them into the table.
+    #[tokio::test]
+    async fn keys_lost_in_a_crash_are_recovered_from_the_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let now = super::super::now_ms();
+        let a = [3u8; 16];
+        create(&store, a, now).await;
+        for n in 1..=30 {
+            append(&store, &[message(a, n)], now).await;
+        }
+        drop(store);
+        {
+            // The state a crash leaves: the mark at rowid 10, keys above it missing.
+            let conn = Connection::open(dir.path().join("nanochat.db")).unwrap();
+            conn.execute_batch(
+                "UPDATE replay_index SET indexed_through = 10;
+                 DELETE FROM message_ivs WHERE (room_id, iv) IN
+                     (SELECT room_id, iv FROM messages WHERE rowid > 10);",
+            )
+            .unwrap();
+            let left: i64 = conn
+                .query_row("SELECT COUNT(*) FROM message_ivs", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(left, 10);
+        }
+        let store = open(dir.path()).await;
+        assert_eq!(assert_consistent(&store), (30, 0));
+        for n in 1..=30 {
+            let out = append(&store, &[message(a, n)], now).await;
+            assert_eq!(out, vec![AppendOutcome::Replay], "IV {n} after the crash");
+        }
+    }
+
+    /// Expiry and wipes take the keys with the messages, wherever the keys are, and never
+    /// leave a message above the mark: SQLite reuses the rowids of deleted top rows.
+    #[tokio::test]
+    async fn expiry_and_wipes_take_the_keys_with_the_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let t0 = super::super::now_ms();
+        let later = t0 + 20 * EPOCH_MS;
+        let (a, b) = ([4u8; 16], [5u8; 16]);
+        create(&store, a, t0).await;
+        create(&store, b, t0).await;
+        for n in 1..=20 {
+            append(&store, &[message(a, n)], t0).await;
+        }
+        for n in 21..=30 {
+            append(&store, &[message(a, n)], later).await;
+        }
+        for n in 1..=7 {
+            append(&store, &[message(b, n)], later).await;
+        }
+        // Room b holds the highest rowids; wiping it must lower the mark before their numbers
+        // come back.
+        assert!(store.wipe(&b, later).await.unwrap());
+        assert_consistent(&store);
+        for n in 31..=35 {
+            append(&store, &[message(a, n)], later).await;
+        }
+
+        let report = store.maintain(t0 + 31 * EPOCH_MS).await.unwrap();
+        assert_eq!(report.messages_deleted, 20);
+        let (in_table, in_memory) = assert_consistent(&store);
+        assert_eq!(in_table + in_memory, 15);
+        let now = t0 + 31 * EPOCH_MS;
+        // An expired message's IV is free again; a stored one's is not.
+        let out = append(
+            &store,
+            &[message(a, 1), message(a, 21), message(a, 35)],
+            now,
+        )
+        .await;
+        assert_eq!(
+            out,
+            vec![
+                AppendOutcome::Stored { seq: 36 },
+                AppendOutcome::Replay,
+                AppendOutcome::Replay
+            ]
+        );
+        drop(store);
+        let store = open(dir.path()).await;
+        assert_eq!(assert_consistent(&store), (16, 0));
+    }
+
+    /// A database from before the keys had a table of their own keeps refusing its replays.
+    #[tokio::test]
+    async fn a_version_2_database_moves_its_keys_into_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = super::super::now_ms();
+        let a = [6u8; 16];
+        {
+            let conn = Connection::open(dir.path().join("nanochat.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);
+                 INSERT INTO schema_migrations VALUES (1, 0), (2, 0);",
+            )
+            .unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+            conn.execute(
+                "INSERT INTO rooms (id, auth_wrapped, created_at, last_active, last_seq)
+                 VALUES (?1, x'00', ?2, ?2, 12)",
+                params![&a[..], now],
+            )
+            .unwrap();
+            for n in 1..=12u32 {
+                let m = message(a, n);
+                conn.execute(
+                    "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+                     VALUES (?1, ?2, ?3, 0, ?4, x'00')",
+                    params![&a[..], n, now, &m.iv[..]],
+                )
+                .unwrap();
+            }
+        }
+        let store = open(dir.path()).await;
+        assert_eq!(assert_consistent(&store), (12, 0));
+        let out = append(&store, &[message(a, 12), message(a, 13)], now).await;
+        assert_eq!(
+            out,
+            vec![AppendOutcome::Replay, AppendOutcome::Stored { seq: 13 }]
+        );
     }
 }
