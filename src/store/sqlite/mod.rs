@@ -365,6 +365,7 @@ fn append_tx(
         let mut insert = tx.prepare_cached(
             "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
+        let mut probe = ReplayKeys::probe(&tx)?;
         for m in batch {
             let room = match touched.get_mut(&m.room) {
                 Some(room) => room,
@@ -392,7 +393,7 @@ fn append_tx(
                 continue;
             };
             let k = replay::key(&m.room, &m.iv);
-            if stored.contains(&k) || keys.contains(&tx, &k)? {
+            if stored.contains(&k) || keys.contains(&mut probe, &k)? {
                 outcomes.push(AppendOutcome::Replay);
                 continue;
             }

@@ -85,13 +85,22 @@ impl ReplayKeys {
         self.pending.iter().chain(&self.moving)
     }
 
+    /// The statement [`ReplayKeys::contains`] looks in the table with, prepared once per
+    /// transaction.
+    pub(super) fn probe(conn: &Connection) -> rusqlite::Result<rusqlite::CachedStatement<'_>> {
+        conn.prepare_cached("SELECT 1 FROM message_ivs WHERE room_id = ?1 AND iv = ?2")
+    }
+
     /// Whether the key is stored: in memory or in the table.
-    pub(super) fn contains(&self, conn: &Connection, k: &Key) -> rusqlite::Result<bool> {
+    pub(super) fn contains(
+        &self,
+        probe: &mut rusqlite::Statement<'_>,
+        k: &Key,
+    ) -> rusqlite::Result<bool> {
         if self.pending.contains(k) || self.moving.binary_search_by(|probe| k.cmp(probe)).is_ok() {
             return Ok(true);
         }
-        conn.prepare_cached("SELECT 1 FROM message_ivs WHERE room_id = ?1 AND iv = ?2")?
-            .exists(params![&k[..16], &k[16..]])
+        probe.exists(params![&k[..16], &k[16..]])
     }
 
     /// Inside an append's transaction of `batch` messages: move the generation's next chunk.
