@@ -283,10 +283,12 @@ const PG_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_publish (
     CREATE INDEX IF NOT EXISTS bench_publish_iv ON bench_publish (room_id, iv);
     TRUNCATE bench_publish;";
 
+/// The server's `messages` table as it is since schema version 3: the replay keys live in a
+/// table of their own, which the baselines (no replay check) do without.
 const SQLITE_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_publish (
     room_id BLOB NOT NULL, seq INTEGER NOT NULL, created_at INTEGER NOT NULL,
     epoch INTEGER NOT NULL, iv BLOB NOT NULL, ct BLOB NOT NULL, PRIMARY KEY (room_id, seq));
-    CREATE UNIQUE INDEX IF NOT EXISTS bench_publish_iv ON bench_publish (room_id, iv);";
+    CREATE INDEX IF NOT EXISTS bench_publish_created ON bench_publish (created_at);";
 
 fn sqlite_conn(path: &std::path::Path) -> rusqlite::Connection {
     let conn = rusqlite::Connection::open(path).expect("open bench database");
