@@ -865,39 +865,30 @@ mod replay_tests {
         assert_eq!(out, CreateOutcome::Created);
     }
 
+    /// The `(room_id, iv)` pairs a query returns, as keys.
+    fn keys_in(conn: &Connection, sql: &str) -> Vec<replay::Key> {
+        conn.prepare(sql)
+            .unwrap()
+            .query_map([], |r| {
+                let room: Vec<u8> = r.get(0)?;
+                let iv: Vec<u8> = r.get(1)?;
+                Ok(replay::key(
+                    &room.try_into().unwrap(),
+                    &iv.try_into().unwrap(),
+                ))
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
     /// The keys in memory and in the table are exactly the stored messages' keys, and every
     /// message at or below the mark has its key in the table.
     fn assert_consistent(store: &SqliteStore) -> (usize, usize) {
         let side = store.inner.writer.lock().unwrap();
         let conn = &side.conn;
-        let mut messages: Vec<replay::Key> = conn
-            .prepare("SELECT room_id, iv FROM messages")
-            .unwrap()
-            .query_map([], |r| {
-                let room: Vec<u8> = r.get(0)?;
-                let iv: Vec<u8> = r.get(1)?;
-                Ok(replay::key(
-                    &room.try_into().unwrap(),
-                    &iv.try_into().unwrap(),
-                ))
-            })
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        let table: Vec<replay::Key> = conn
-            .prepare("SELECT room_id, iv FROM message_ivs")
-            .unwrap()
-            .query_map([], |r| {
-                let room: Vec<u8> = r.get(0)?;
-                let iv: Vec<u8> = r.get(1)?;
-                Ok(replay::key(
-                    &room.try_into().unwrap(),
-                    &iv.try_into().unwrap(),
-                ))
-            })
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
+        let mut messages = keys_in(conn, "SELECT room_id, iv FROM messages");
+        let table = keys_in(conn, "SELECT room_id, iv FROM message_ivs");
         let mut known: Vec<replay::Key> = table.iter().chain(side.keys.memory()).copied().collect();
         messages.sort_unstable();
         known.sort_unstable();
