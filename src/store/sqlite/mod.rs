@@ -417,11 +417,7 @@ fn append_tx(
         }
     }
     tx.commit()?;
-    keys.committed(stored, step, || {
-        conn.query_row("SELECT COALESCE(MAX(rowid), 0) FROM messages", [], |r| {
-            r.get(0)
-        })
-    });
+    keys.committed(conn, stored, step);
     rooms.extend(
         touched
             .into_iter()
@@ -964,6 +960,33 @@ mod replay_tests {
             let out = append(&store, &[message(a, n)], now).await;
             assert_eq!(out, vec![AppendOutcome::Replay], "IV {n} after a restart");
         }
+    }
+
+    /// Keys met while their generation is half-way into the table: some in memory, sorted,
+    /// the rest in the table.
+    #[tokio::test]
+    async fn replays_are_refused_while_a_generation_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let now = super::super::now_ms();
+        let a = [7u8; 16];
+        create(&store, a, now).await;
+        // Single messages: each transaction moves 3 keys of a generation of 8.
+        for n in [5, 2, 8, 1, 7, 3, 6, 4] {
+            append(&store, &[message(a, n)], now).await;
+        }
+        assert_eq!(
+            assert_consistent(&store),
+            (0, 8),
+            "one generation, not moved yet"
+        );
+        let mut moved = Vec::new();
+        for n in [4, 8, 1, 5, 3, 7, 2, 6] {
+            let out = append(&store, &[message(a, n)], now).await;
+            assert_eq!(out, vec![AppendOutcome::Replay], "IV {n}");
+            moved.push(assert_consistent(&store));
+        }
+        assert_eq!(moved[..3], [(3, 5), (6, 2), (8, 0)]);
     }
 
     /// A crash leaves the keys of the messages stored above the mark only in memory, which is

@@ -118,17 +118,17 @@ impl ReplayKeys {
     }
 
     /// After the append's commit: its keys wait, the moved ones leave memory, and a new
-    /// generation starts when enough have gathered. `last_rowid` is the highest message rowid.
+    /// generation starts when enough have gathered.
     pub(super) fn committed(
         &mut self,
+        conn: &Connection,
         stored: impl IntoIterator<Item = Key>,
         step: Step,
-        last_rowid: impl FnOnce() -> rusqlite::Result<i64>,
     ) {
         self.pending.extend(stored);
         self.moving.truncate(self.moving.len() - step.len);
         if self.moving.is_empty() && self.pending.len() >= self.move_at {
-            match last_rowid() {
+            match highest_rowid(conn) {
                 Ok(rowid) => {
                     self.moving = self.pending.drain().collect();
                     self.moving.sort_unstable_by(|a, b| b.cmp(a));
@@ -143,10 +143,7 @@ impl ReplayKeys {
     /// Inside a transaction that deleted messages: no rowid above the highest one left may be
     /// claimed as indexed. Call [`ReplayKeys::rows_deleted`] after the commit.
     pub(super) fn lower_mark(conn: &Connection) -> rusqlite::Result<i64> {
-        let highest: i64 =
-            conn.query_row("SELECT COALESCE(MAX(rowid), 0) FROM messages", [], |r| {
-                r.get(0)
-            })?;
+        let highest = highest_rowid(conn)?;
         conn.execute(
             "UPDATE replay_index SET indexed_through = MIN(indexed_through, ?1)",
             params![highest],
@@ -183,11 +180,7 @@ impl ReplayKeys {
         all.sort_unstable();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         insert(&tx, all.iter())?;
-        let highest: i64 =
-            tx.query_row("SELECT COALESCE(MAX(rowid), 0) FROM messages", [], |r| {
-                r.get(0)
-            })?;
-        set_mark(&tx, highest)?;
+        set_mark(&tx, highest_rowid(&tx)?)?;
         tx.commit()?;
         self.pending.clear();
         self.moving.clear();
@@ -206,10 +199,7 @@ pub(super) fn recover(conn: &mut Connection) -> rusqlite::Result<usize> {
          ON CONFLICT DO NOTHING",
         params![mark],
     )?;
-    let highest: i64 = tx.query_row("SELECT COALESCE(MAX(rowid), 0) FROM messages", [], |r| {
-        r.get(0)
-    })?;
-    set_mark(&tx, highest)?;
+    set_mark(&tx, highest_rowid(&tx)?)?;
     tx.commit()?;
     Ok(above)
 }
@@ -222,6 +212,13 @@ fn insert<'a>(conn: &Connection, keys: impl Iterator<Item = &'a Key>) -> rusqlit
         insert.execute(params![&k[..16], &k[16..]])?;
     }
     Ok(())
+}
+
+/// The highest message rowid (0 for none): the next message gets the one after it.
+fn highest_rowid(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT COALESCE(MAX(rowid), 0) FROM messages", [], |r| {
+        r.get(0)
+    })
 }
 
 fn set_mark(conn: &Connection, rowid: i64) -> rusqlite::Result<()> {
