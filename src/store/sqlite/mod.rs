@@ -442,15 +442,7 @@ fn expire_batch(side: &mut WriteSide, cutoff: Millis) -> rusqlite::Result<usize>
              (SELECT rowid FROM messages WHERE created_at < ?1 LIMIT ?2)
              RETURNING room_id, iv",
         )?
-        .query_map(params![cutoff, DELETE_BATCH], |r| {
-            let room: Vec<u8> = r.get(0)?;
-            let iv: Vec<u8> = r.get(1)?;
-            // Rows written by this server always fit; anything else cannot match a key.
-            Ok(match (room.try_into(), iv.try_into()) {
-                (Ok(room), Ok(iv)) => replay::key(&room, &iv),
-                _ => [0; 16 + crate::crypto::IV_LEN],
-            })
-        })?
+        .query_map(params![cutoff, DELETE_BATCH], replay::row_key)?
         .collect::<rusqlite::Result<_>>()?;
     if gone.is_empty() {
         return Ok(0);
@@ -865,14 +857,7 @@ mod replay_tests {
     fn keys_in(conn: &Connection, sql: &str) -> Vec<replay::Key> {
         conn.prepare(sql)
             .unwrap()
-            .query_map([], |r| {
-                let room: Vec<u8> = r.get(0)?;
-                let iv: Vec<u8> = r.get(1)?;
-                Ok(replay::key(
-                    &room.try_into().unwrap(),
-                    &iv.try_into().unwrap(),
-                ))
-            })
+            .query_map([], replay::row_key)
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap()

@@ -41,6 +41,16 @@ pub(super) fn key(room: &RoomId, iv: &[u8; IV_LEN]) -> Key {
     k
 }
 
+/// The key of a row whose first two columns are `room_id` and `iv`. Rows written by this
+/// server always fit; anything else becomes a key no message has.
+pub(super) fn row_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<Key> {
+    let (room, iv) = (r.get_ref(0)?.as_blob()?, r.get_ref(1)?.as_blob()?);
+    Ok(match (room.try_into(), iv.try_into()) {
+        (Ok(room), Ok(iv)) => key(room, iv),
+        _ => [0; 16 + IV_LEN],
+    })
+}
+
 /// Keys of stored messages not yet in the table: `MOVE_AT` and one batch at most, since a
 /// moving generation shrinks faster than `pending` grows. About 6 MB at most (the set's
 /// table keeps its capacity, 128k slots of 29 bytes, beside the 1.8 MB generation).
