@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Durable-publish benchmark: acknowledged (committed) messages/s with p99 ack <= 50 ms, against
+# the database's own baselines in the same command: `naive` (one INSERT and commit per message,
+# 16 connections) and `batch` (one writer inserting ready rows 1000 per statement: the
+# ceiling). NanoChat runs at several loads (senders x window = messages in flight, windows
+# within the default limits.max_inflight_sends of 64); its result is the best run whose p99 is
+# at most 50 ms. The targets take turns and the round is repeated (REPEATS, default 3), so
+# ratios compare medians measured side by side. SQLite always; Postgres too when
+# NANOCHAT_BENCH_PG=<url> (a role with CREATEDB; every run works in a database of its own).
+#   benches/run-publish.sh [secs] | tee publish.jsonl
+#   benches/publish-table.py < publish.jsonl                           (the results table)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-8}
+repeats=${REPEATS:-3}
+cargo build --release --bins -q
+load=target/release/nanochat-load
+loads=("32 16" "32 32" "16 64" "24 64" "32 64")
+backends=(sqlite)
+[ -n "${NANOCHAT_BENCH_PG:-}" ] && backends+=(postgres)
+for ((round = 1; round <= repeats; round++)); do
+    for backend in "${backends[@]}"; do
+        db=()
+        [ "$backend" = postgres ] && db=(--postgres "$NANOCHAT_BENCH_PG")
+        echo "{\"scenario\":\"round\",\"round\":$round,\"backend\":\"$backend\"}"
+        "$load" publish --target naive --senders 16 --secs "$secs" "${db[@]}"
+        "$load" publish --target batch --secs "$secs" "${db[@]}"
+        for l in "${loads[@]}"; do
+            set -- $l
+            "$load" publish --target nanochat --senders "$1" --window "$2" --secs "$secs" "${db[@]}"
+        done
+    done
+done
