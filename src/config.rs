@@ -283,7 +283,7 @@ impl Default for LimitSettings {
             history: 100,
             max_frame_bytes: 65536,
             max_ct_bytes: 8192,
-            send_queue: 1024,
+            send_queue: 4096,
             send_timeout_secs: 10,
             max_inflight_sends: 64,
             ping_interval_secs: 20,
@@ -345,7 +345,7 @@ impl Default for ProxySettings {
 impl Default for StoreSettings {
     fn default() -> Self {
         Self {
-            batch_max: 512,
+            batch_max: 4096,
             queue: 8192,
             writers: 2,
         }
