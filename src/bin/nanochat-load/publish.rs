@@ -283,8 +283,10 @@ const PG_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_publish (
     CREATE INDEX IF NOT EXISTS bench_publish_iv ON bench_publish (room_id, iv);
     TRUNCATE bench_publish;";
 
-/// The server's `messages` table as it is since schema version 3: the replay keys live in a
-/// table of their own, which the baselines (no replay check) do without.
+/// A messages table in its plainest form that history can be read from: primary key
+/// `(room_id, seq)`, as the server's was up to schema version 3. The server (version 4) keeps
+/// that index and the replay keys in tables of their own, written in sorted steps; the
+/// baselines (no replay check) do without the keys.
 const SQLITE_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_publish (
     room_id BLOB NOT NULL, seq INTEGER NOT NULL, created_at INTEGER NOT NULL,
     epoch INTEGER NOT NULL, iv BLOB NOT NULL, ct BLOB NOT NULL, PRIMARY KEY (room_id, seq));

@@ -106,11 +106,20 @@ impl Ager {
             Ager::Sqlite(conn) => {
                 let tx = conn.transaction().expect("transaction");
                 {
+                    // A message and its index entries, as the server stores them.
                     let mut insert = tx
                         .prepare_cached(
                             "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
                              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                         )
+                        .expect("prepare");
+                    let mut index = tx
+                        .prepare_cached(
+                            "INSERT INTO message_seqs (room_id, seq, id) VALUES (?1, ?2, last_insert_rowid())",
+                        )
+                        .expect("prepare");
+                    let mut key = tx
+                        .prepare_cached("INSERT INTO message_ivs (room_id, iv) VALUES (?1, ?2)")
                         .expect("prepare");
                     for seq in 1..=n {
                         let mut iv = [0u8; 12];
@@ -125,6 +134,11 @@ impl Ager {
                                 &[0u8; 64][..]
                             ])
                             .expect("insert an aged message");
+                        index
+                            .execute(rusqlite::params![&room[..], seq as i64])
+                            .expect("index an aged message");
+                        key.execute(rusqlite::params![&room[..], &iv[..]])
+                            .expect("key an aged message");
                     }
                 }
                 tx.commit().expect("commit");

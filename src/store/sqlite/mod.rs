@@ -13,6 +13,10 @@
 //! the room, at maintenance, and when the store closes. After a crash a row can be behind by
 //! that minute; the room's greatest stored seq is newer then, and the writer takes the greater
 //! of the two the first time it meets the room again, so seqs never repeat.
+//!
+//! Messages are rows in the order they were stored; a room's history is found through
+//! `message_seqs`, which like the replay keys is filled in large sorted steps while the newest
+//! entries wait in memory, where history reads look too (see [`index`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -27,15 +31,16 @@ use super::{
 };
 use crate::crypto::RoomId;
 use crate::protocol::HistoryQuery;
-use replay::ReplayKeys;
+use index::{PendingIndex, RecentSeqs};
 
-mod replay;
+mod index;
 
 /// Migrations in order; the index + 1 is the schema version.
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0001_init.sql"),
     include_str!("../../../migrations/sqlite/0002_server_identity.sql"),
     include_str!("../../../migrations/sqlite/0003_replay_keys.sql"),
+    include_str!("../../../migrations/sqlite/0004_seq_index.sql"),
 ];
 /// Idle read connections kept open.
 const READ_POOL: usize = 8;
@@ -66,6 +71,8 @@ struct Inner {
     /// Held for the life of the store: one process per data directory.
     _lock: std::fs::File,
     writer: Mutex<WriteSide>,
+    /// Where history reads find the messages not yet in `message_seqs` (the writer's too).
+    recent: Arc<Mutex<RecentSeqs>>,
     readers: Mutex<Vec<Connection>>,
     retention: Retention,
     /// Spent proof-of-work tokens and their expiry; one process owns a SQLite store, so the
@@ -75,12 +82,24 @@ struct Inner {
     _checkpointer: std::sync::mpsc::Sender<()>,
 }
 
-/// The writer connection, what it remembers of the rooms it has written to, and the replay
-/// keys not yet in their table.
+/// The writer connection, what it remembers of the rooms it has written to, and the index
+/// entries not yet in their tables.
 struct WriteSide {
     conn: Connection,
     rooms: HashMap<RoomId, LiveRoom>,
-    keys: ReplayKeys,
+    index: PendingIndex,
+    recent: Arc<Mutex<RecentSeqs>>,
+}
+
+impl WriteSide {
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentSeqs> {
+        lock_recent(&self.recent)
+    }
+}
+
+/// The recent seqs change only after commits, whole, so a panic elsewhere leaves them usable.
+fn lock_recent(recent: &Mutex<RecentSeqs>) -> std::sync::MutexGuard<'_, RecentSeqs> {
+    recent.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A live room as the writer knows it.
@@ -138,8 +157,9 @@ impl Drop for WriteSide {
         if let Err(e) = self.save_all() {
             tracing::warn!(error = %e, "could not write room rows at close; the next start recovers them from the messages");
         }
-        if let Err(e) = self.keys.flush(&mut self.conn) {
-            tracing::warn!(error = %e, "could not write replay keys at close; the next start recovers them from the messages");
+        let mut recent = lock_recent(&self.recent);
+        if let Err(e) = self.index.flush(&mut self.conn, &mut recent) {
+            tracing::warn!(error = %e, "could not write index entries at close; the next start recovers them from the messages");
         }
     }
 }
@@ -198,24 +218,25 @@ impl SqliteStore {
             let mut conn = open_connection(&p)
                 .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", p.display()))?;
             migrate(&mut conn)?;
-            let recovered = replay::recover(&mut conn)?;
+            let recovered = index::recover(&mut conn)?;
             if recovered > 0 {
                 tracing::info!(
                     recovered,
-                    "put replay keys of messages stored before an unclean stop into their table"
+                    "put index entries of messages stored before an unclean stop into their tables"
                 );
             }
             // The checkpointer thread copies the WAL into the database file; the writer only
             // steps in when the WAL has grown past this many pages without a full checkpoint.
             conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
-            // Every message lands at a random place in the (room, iv) index; a cache of a few
-            // MiB makes most of those page reads system calls once the table has grown.
+            // Index entries land at random places in their tables; a cache of a few MiB saves
+            // most of those page reads once the tables have grown.
             conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
             Ok(conn)
         })
         .await??;
         let (checkpointer, stop) = std::sync::mpsc::channel();
         spawn_checkpointer(path.clone(), stop)?;
+        let recent = Arc::new(Mutex::new(RecentSeqs::default()));
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
@@ -223,8 +244,10 @@ impl SqliteStore {
                 writer: Mutex::new(WriteSide {
                     conn: writer,
                     rooms: HashMap::new(),
-                    keys: ReplayKeys::new(),
+                    index: PendingIndex::new(),
+                    recent: recent.clone(),
                 }),
+                recent,
                 readers: Mutex::new(Vec::new()),
                 retention,
                 spent: Mutex::new(HashMap::new()),
@@ -344,7 +367,12 @@ fn append_tx(
     batch: &[NewMessage],
     now: Millis,
 ) -> rusqlite::Result<Vec<AppendOutcome>> {
-    let WriteSide { conn, rooms, keys } = side;
+    let WriteSide {
+        conn,
+        rooms,
+        index,
+        recent,
+    } = side;
     // IMMEDIATE: take the write lock up front, so the busy timeout covers waiting for another
     // writer (an operator's sqlite3 shell, a backup tool). A DEFERRED transaction that reads
     // first fails at once with SQLITE_BUSY_SNAPSHOT when someone else committed in between.
@@ -353,19 +381,20 @@ fn append_tx(
     // Remembered rooms and replay keys change only once the commit has succeeded.
     let mut touched: HashMap<RoomId, Option<LiveRoom>> = HashMap::new();
     let mut stored = HashSet::with_capacity(batch.len());
+    let mut seqs = Vec::with_capacity(batch.len());
     let mut outcomes = Vec::with_capacity(batch.len());
     let step = {
         // A room met for the first time: its row, and its greatest stored seq in case the row
-        // is behind (a crash before the row was written).
+        // is behind (a crash before the row was written); the newest seqs may still be waiting
+        // in memory.
         let mut room_q = tx.prepare_cached(
-            "SELECT last_seq, last_active,
-                    (SELECT seq FROM messages WHERE room_id = ?1 ORDER BY seq DESC LIMIT 1)
+            "SELECT last_seq, last_active, (SELECT MAX(seq) FROM message_seqs WHERE room_id = ?1)
              FROM rooms WHERE id = ?1 AND wiped_at IS NULL",
         )?;
         let mut insert = tx.prepare_cached(
             "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
-        let mut probe = ReplayKeys::probe(&tx)?;
+        let mut probe = PendingIndex::probe(&tx)?;
         for m in batch {
             let room = match touched.get_mut(&m.room) {
                 Some(room) => room,
@@ -376,8 +405,11 @@ fn append_tx(
                             .query_row(params![&m.room[..]], |r| {
                                 let (row_seq, row_active): (i64, Millis) = (r.get(0)?, r.get(1)?);
                                 let stored: Option<i64> = r.get(2)?;
+                                let waiting = lock_recent(recent).last_seq(&m.room);
                                 Ok(LiveRoom {
-                                    last_seq: row_seq.max(stored.unwrap_or(0)),
+                                    last_seq: row_seq
+                                        .max(stored.unwrap_or(0))
+                                        .max(waiting.unwrap_or(0)),
                                     last_active: row_active,
                                     row_seq,
                                     row_active,
@@ -392,19 +424,20 @@ fn append_tx(
                 outcomes.push(AppendOutcome::RoomGone);
                 continue;
             };
-            let k = replay::key(&m.room, &m.iv);
-            if stored.contains(&k) || keys.contains(&mut probe, &k)? {
+            let k = index::key(&m.room, &m.iv);
+            if stored.contains(&k) || index.contains(&mut probe, &k)? {
                 outcomes.push(AppendOutcome::Replay);
                 continue;
             }
             let seq = room.last_seq + 1;
             insert.execute(params![&m.room[..], seq, now, m.epoch, &m.iv[..], &m.ct])?;
+            seqs.push((m.room, seq, tx.last_insert_rowid()));
             stored.insert(k);
             room.last_seq = seq;
             room.last_active = room.last_active.max(now);
             outcomes.push(AppendOutcome::Stored { seq });
         }
-        keys.move_chunk(&tx, batch.len())?
+        index.move_chunk(&tx, batch.len())?
     };
     // A busy room's row is rewritten about once a minute, not once per batch.
     for (id, room) in &mut touched {
@@ -417,7 +450,7 @@ fn append_tx(
         }
     }
     tx.commit()?;
-    keys.committed(conn, stored, step);
+    index.committed(conn, &mut lock_recent(recent), stored, &seqs, step);
     rooms.extend(
         touched
             .into_iter()
@@ -431,28 +464,157 @@ fn append_tx(
     Ok(outcomes)
 }
 
-/// Delete up to [`DELETE_BATCH`] messages stored before `cutoff`, and their replay keys.
+/// Delete up to [`DELETE_BATCH`] messages stored before `cutoff`, and their index entries.
 fn expire_batch(side: &mut WriteSide, cutoff: Millis) -> rusqlite::Result<usize> {
     let tx = side
         .conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut gone: Vec<replay::Key> = tx
+    let rows: Vec<(index::Key, RoomId, i64)> = tx
         .prepare_cached(
-            "DELETE FROM messages WHERE rowid IN
-             (SELECT rowid FROM messages WHERE created_at < ?1 LIMIT ?2)
-             RETURNING room_id, iv",
+            "DELETE FROM messages WHERE id IN
+             (SELECT id FROM messages WHERE created_at < ?1 LIMIT ?2)
+             RETURNING room_id, iv, seq",
         )?
-        .query_map(params![cutoff, DELETE_BATCH], replay::row_key)?
+        .query_map(params![cutoff, DELETE_BATCH], |r| {
+            let k = index::row_key(r)?;
+            let room: RoomId = k[..16].try_into().expect("16 bytes");
+            Ok((k, room, r.get(2)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
-    if gone.is_empty() {
+    if rows.is_empty() {
         return Ok(0);
     }
-    ReplayKeys::forget(&tx, &mut gone)?;
-    let highest = ReplayKeys::lower_mark(&tx)?;
+    let (mut keys, mut seqs): (Vec<_>, Vec<_>) = rows
+        .iter()
+        .map(|(k, room, seq)| (*k, (*room, *seq)))
+        .unzip();
+    PendingIndex::forget(&tx, &mut keys, &mut seqs)?;
+    let highest = PendingIndex::lower_mark(&tx)?;
     tx.commit()?;
-    side.keys
-        .rows_deleted(highest, |k| gone.binary_search(k).is_ok());
-    Ok(gone.len())
+    let recent = side.recent.clone();
+    side.index.rows_deleted(
+        &mut lock_recent(&recent),
+        highest,
+        |k| keys.binary_search(k).is_ok(),
+        |(room, seq, _)| seqs.binary_search(&(*room, *seq)).is_ok(),
+    );
+    Ok(rows.len())
+}
+
+/// A page of a room's history, in the order `query` reads, with one message more than `limit`
+/// when there are more.
+///
+/// The newest messages may not be in `message_seqs` yet: their seqs and ids are copied from
+/// [`RecentSeqs`] first, and only then is the table read (see there why in that order; each
+/// statement below reads the database as it is when the statement starts). Within a room the
+/// seqs waiting in memory are all above the table's, so the page is the table's part and the
+/// memory's part side by side, the table read below the lowest seq in memory.
+fn read_history(
+    conn: &Connection,
+    inner: &Inner,
+    room: &RoomId,
+    query: HistoryQuery,
+    limit: u32,
+    now: Millis,
+) -> rusqlite::Result<Vec<StoredMessage>> {
+    let want = limit as usize + 1;
+    let cutoff = inner.retention.message_cutoff(now);
+    let (waiting, lowest) = lock_recent(&inner.recent).select(room, query, want);
+    if let Some(page) = assemble(conn, room, query, want, cutoff, &waiting, lowest, false)? {
+        return Ok(page);
+    }
+    // Some of the messages picked in memory were gone (expired or wiped a moment ago) and there
+    // are more in memory than were picked: take them all this time.
+    let (waiting, lowest) = lock_recent(&inner.recent).select(room, query, usize::MAX);
+    Ok(assemble(conn, room, query, want, cutoff, &waiting, lowest, true)?.unwrap_or_default())
+}
+
+/// [`read_history`]'s page from the entries picked in memory (in the query's order) and the
+/// table below `lowest`, or `None` when a picked message is gone and the page could miss
+/// messages that were not picked (unless `all_picked`).
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    conn: &Connection,
+    room: &RoomId,
+    query: HistoryQuery,
+    want: usize,
+    cutoff: Millis,
+    waiting: &[(i64, i64)],
+    lowest: Option<i64>,
+    all_picked: bool,
+) -> rusqlite::Result<Option<Vec<StoredMessage>>> {
+    let row = |r: &rusqlite::Row<'_>| {
+        Ok(StoredMessage {
+            seq: r.get(0)?,
+            ts: r.get(1)?,
+            epoch: r.get(2)?,
+            iv: r.get(3)?,
+            ct: r.get(4)?,
+        })
+    };
+    let from_memory = || -> rusqlite::Result<Option<Vec<StoredMessage>>> {
+        // One lookup by id each, checking that the row is the one meant: ids of deleted top
+        // rows are used again.
+        let mut by_id = conn.prepare_cached(
+            "SELECT seq, created_at, epoch, iv, ct FROM messages
+             WHERE id = ?1 AND room_id = ?2 AND seq = ?3 AND created_at >= ?4",
+        )?;
+        let mut found = Vec::with_capacity(waiting.len());
+        for (seq, id) in waiting {
+            if let Some(m) = by_id
+                .query_row(params![id, &room[..], seq, cutoff], row)
+                .optional()?
+            {
+                found.push(m);
+            }
+        }
+        let complete = all_picked || waiting.len() < want;
+        Ok((found.len() == waiting.len() || complete).then_some(found))
+    };
+    let from_table = |after: i64, below: i64, n: usize, desc: bool| {
+        let sql = if desc {
+            "SELECT m.seq, m.created_at, m.epoch, m.iv, m.ct
+             FROM message_seqs s JOIN messages m ON m.id = s.id
+             WHERE s.room_id = ?1 AND s.seq > ?2 AND s.seq < ?3 AND m.created_at >= ?4
+             ORDER BY s.seq DESC LIMIT ?5"
+        } else {
+            "SELECT m.seq, m.created_at, m.epoch, m.iv, m.ct
+             FROM message_seqs s JOIN messages m ON m.id = s.id
+             WHERE s.room_id = ?1 AND s.seq > ?2 AND s.seq < ?3 AND m.created_at >= ?4
+             ORDER BY s.seq ASC LIMIT ?5"
+        };
+        conn.prepare_cached(sql)?
+            .query_map(params![&room[..], after, below, cutoff, n as i64], row)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+    };
+    let below = lowest.unwrap_or(i64::MAX);
+    Ok(match query {
+        HistoryQuery::Latest | HistoryQuery::Before(_) => {
+            let Some(mut page) = from_memory()? else {
+                return Ok(None);
+            };
+            if page.len() < want {
+                let bound = match query {
+                    HistoryQuery::Before(b) => b.min(below),
+                    _ => below,
+                };
+                page.extend(from_table(i64::MIN, bound, want - page.len(), true)?);
+            }
+            page.truncate(want);
+            Some(page)
+        }
+        HistoryQuery::After(a) => {
+            let mut page = from_table(a, below, want, false)?;
+            if page.len() < want {
+                let Some(newer) = from_memory()? else {
+                    return Ok(None);
+                };
+                page.extend(newer);
+            }
+            page.truncate(want);
+            Some(page)
+        }
+    })
 }
 
 #[async_trait]
@@ -588,40 +750,7 @@ impl Store for SqliteStore {
     ) -> Result<Page, StoreError> {
         let room = *room;
         self.read(move |conn, inner| {
-            let cutoff = inner.retention.message_cutoff(now);
-            let (sql, bound) = match query {
-                HistoryQuery::Latest => (
-                    "SELECT seq, created_at, epoch, iv, ct FROM messages
-                     WHERE room_id = ?1 AND created_at >= ?2 AND seq < ?3
-                     ORDER BY seq DESC LIMIT ?4",
-                    i64::MAX,
-                ),
-                HistoryQuery::Before(b) => (
-                    "SELECT seq, created_at, epoch, iv, ct FROM messages
-                     WHERE room_id = ?1 AND created_at >= ?2 AND seq < ?3
-                     ORDER BY seq DESC LIMIT ?4",
-                    b,
-                ),
-                HistoryQuery::After(a) => (
-                    "SELECT seq, created_at, epoch, iv, ct FROM messages
-                     WHERE room_id = ?1 AND created_at >= ?2 AND seq > ?3
-                     ORDER BY seq ASC LIMIT ?4",
-                    a,
-                ),
-            };
-            let mut q = conn.prepare_cached(sql).map_err(db_err)?;
-            let rows = q
-                .query_map(params![&room[..], cutoff, bound, limit as i64 + 1], |r| {
-                    Ok(StoredMessage {
-                        seq: r.get(0)?,
-                        ts: r.get(1)?,
-                        epoch: r.get(2)?,
-                        iv: r.get(3)?,
-                        ct: r.get(4)?,
-                    })
-                })
-                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
-                .map_err(db_err)?;
+            let rows = read_history(conn, inner, &room, query, limit, now).map_err(db_err)?;
             Ok(finish_page(rows, limit, query))
         })
         .await
@@ -630,7 +759,13 @@ impl Store for SqliteStore {
     async fn wipe(&self, room: &RoomId, now: Millis) -> Result<bool, StoreError> {
         let room = *room;
         self.write(move |side, _| {
-            let remembered = side.rooms.get(&room).map_or(0, |live| live.last_seq);
+            // The room's messages not in `message_seqs` yet; only this writer adds to them.
+            let waiting = side.recent().room(&room);
+            let remembered = side
+                .rooms
+                .get(&room)
+                .map_or(0, |live| live.last_seq)
+                .max(waiting.last().map_or(0, |(seq, _)| *seq));
             let tx = side
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -640,26 +775,36 @@ impl Store for SqliteStore {
             let wiped = tx
                 .execute(
                     "UPDATE rooms SET wiped_at = ?2, last_seq = MAX(last_seq, ?3,
-                         COALESCE((SELECT seq FROM messages WHERE room_id = ?1
-                                   ORDER BY seq DESC LIMIT 1), 0))
+                         COALESCE((SELECT MAX(seq) FROM message_seqs WHERE room_id = ?1), 0))
                      WHERE id = ?1 AND wiped_at IS NULL",
                     params![&room[..], now, remembered],
                 )
                 .map_err(db_err)?;
-            tx.execute(
-                "DELETE FROM messages WHERE room_id = ?1",
-                params![&room[..]],
-            )
-            .map_err(db_err)?;
-            tx.execute(
+            {
+                let mut delete = tx
+                    .prepare_cached("DELETE FROM messages WHERE id = ?1 AND room_id = ?2")
+                    .map_err(db_err)?;
+                for (_, id) in &waiting {
+                    delete.execute(params![id, &room[..]]).map_err(db_err)?;
+                }
+            }
+            for sql in [
+                "DELETE FROM messages WHERE id IN (SELECT id FROM message_seqs WHERE room_id = ?1)",
+                "DELETE FROM message_seqs WHERE room_id = ?1",
                 "DELETE FROM message_ivs WHERE room_id = ?1",
-                params![&room[..]],
-            )
-            .map_err(db_err)?;
-            let highest = ReplayKeys::lower_mark(&tx).map_err(db_err)?;
+            ] {
+                tx.execute(sql, params![&room[..]]).map_err(db_err)?;
+            }
+            let highest = PendingIndex::lower_mark(&tx).map_err(db_err)?;
             tx.commit().map_err(db_err)?;
             side.rooms.remove(&room);
-            side.keys.rows_deleted(highest, |k| k[..16] == room[..]);
+            let recent = side.recent.clone();
+            side.index.rows_deleted(
+                &mut lock_recent(&recent),
+                highest,
+                |k| k[..16] == room[..],
+                |(r, _, _)| *r == room,
+            );
             Ok(wiped == 1)
         })
         .await
@@ -730,7 +875,7 @@ impl Store for SqliteStore {
                 let rooms = conn
                     .execute(
                         "DELETE FROM rooms WHERE wiped_at IS NULL AND last_active < ?1
-                           AND NOT EXISTS (SELECT 1 FROM messages WHERE room_id = rooms.id)",
+                           AND NOT EXISTS (SELECT 1 FROM message_seqs WHERE room_id = rooms.id)",
                         params![inner.retention.message_cutoff(now)],
                     )
                     .map_err(db_err)?;
@@ -824,7 +969,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod replay_tests {
+mod index_tests {
     use super::*;
     use crate::crypto::EPOCH_MS;
 
@@ -844,7 +989,7 @@ mod replay_tests {
             .await
             .unwrap();
         // Small generations and chunks, so a few dozen messages go through every stage.
-        store.inner.writer.lock().unwrap().keys = ReplayKeys::with_sizes(8, 3);
+        store.inner.writer.lock().unwrap().index = PendingIndex::with_sizes(8, 3);
         store
     }
 
@@ -854,10 +999,10 @@ mod replay_tests {
     }
 
     /// The `(room_id, iv)` pairs a query returns, as keys.
-    fn keys_in(conn: &Connection, sql: &str) -> Vec<replay::Key> {
+    fn keys_in(conn: &Connection, sql: &str) -> Vec<index::Key> {
         conn.prepare(sql)
             .unwrap()
-            .query_map([], replay::row_key)
+            .query_map([], index::row_key)
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap()
@@ -870,7 +1015,7 @@ mod replay_tests {
         let conn = &side.conn;
         let mut messages = keys_in(conn, "SELECT room_id, iv FROM messages");
         let table = keys_in(conn, "SELECT room_id, iv FROM message_ivs");
-        let mut known: Vec<replay::Key> = table.iter().chain(side.keys.memory()).copied().collect();
+        let mut known: Vec<index::Key> = table.iter().chain(side.index.memory()).copied().collect();
         messages.sort_unstable();
         known.sort_unstable();
         assert_eq!(
@@ -891,7 +1036,51 @@ mod replay_tests {
             unindexed, 0,
             "a message at or below the mark has no key in the table"
         );
-        (table.len(), side.keys.in_memory())
+        assert_seqs_consistent(&side);
+        (table.len(), side.index.in_memory())
+    }
+
+    /// The seq entries in memory and in the table are exactly the stored messages' (room, seq,
+    /// id), every message at or below the mark has its entry in the table, and within a room
+    /// the seqs in memory are above the table's.
+    fn assert_seqs_consistent(side: &WriteSide) {
+        let conn = &side.conn;
+        let triples = |sql: &str| -> Vec<index::SeqEntry> {
+            conn.prepare(sql)
+                .unwrap()
+                .query_map([], |r| {
+                    let room: Vec<u8> = r.get(0)?;
+                    Ok((room.try_into().unwrap(), r.get(1)?, r.get(2)?))
+                })
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        let mut messages = triples("SELECT room_id, seq, id FROM messages");
+        let table = triples("SELECT room_id, seq, id FROM message_seqs");
+        let recent = side.recent().all();
+        assert_eq!(side.recent().len(), recent.len());
+        let mut known: Vec<_> = table.iter().chain(&recent).copied().collect();
+        messages.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(known, messages, "seq entries = stored messages, each once");
+        let mark: i64 = conn
+            .query_row("SELECT indexed_through FROM replay_index", [], |r| r.get(0))
+            .unwrap();
+        for (room, seq, id) in &messages {
+            if *id <= mark {
+                assert!(
+                    table.contains(&(*room, *seq, *id)),
+                    "message {id} at or below the mark {mark} has no seq entry in the table"
+                );
+            }
+        }
+        for (room, seq, _) in &recent {
+            assert!(
+                table.iter().all(|(r, s, _)| r != room || s < seq),
+                "a seq in memory below one in the table"
+            );
+        }
     }
 
     async fn append(store: &SqliteStore, batch: &[NewMessage], now: Millis) -> Vec<AppendOutcome> {
@@ -993,7 +1182,8 @@ mod replay_tests {
             conn.execute_batch(
                 "UPDATE replay_index SET indexed_through = 10;
                  DELETE FROM message_ivs WHERE (room_id, iv) IN
-                     (SELECT room_id, iv FROM messages WHERE rowid > 10);",
+                     (SELECT room_id, iv FROM messages WHERE id > 10);
+                 DELETE FROM message_seqs WHERE id > 10;",
             )
             .unwrap();
             let left: i64 = conn
@@ -1003,6 +1193,16 @@ mod replay_tests {
         }
         let store = open(dir.path()).await;
         assert_eq!(assert_consistent(&store), (30, 0));
+        let page = store
+            .messages(&a, HistoryQuery::After(0), 100, now)
+            .await
+            .unwrap();
+        let seqs: Vec<i64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=30).collect::<Vec<_>>(),
+            "history after the crash"
+        );
         for n in 1..=30 {
             let out = append(&store, &[message(a, n)], now).await;
             assert_eq!(out, vec![AppendOutcome::Replay], "IV {n} after the crash");
@@ -1062,7 +1262,148 @@ mod replay_tests {
         assert_eq!(assert_consistent(&store), (16, 0));
     }
 
-    /// A database from before the keys had a table of their own keeps refusing its replays.
+    /// Every history query a client can make, against a scan of the messages table: the same
+    /// page whether the messages' seqs wait in memory, are moving, or are in the table.
+    async fn assert_history(store: &SqliteStore, room: RoomId, now: Millis) {
+        let cutoff = store.inner.retention.message_cutoff(now);
+        let all: Vec<i64> = {
+            let side = store.inner.writer.lock().unwrap();
+            side.conn
+                .prepare(
+                    "SELECT seq FROM messages WHERE room_id = ?1 AND created_at >= ?2 ORDER BY seq",
+                )
+                .unwrap()
+                .query_map(params![&room[..], cutoff], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        let top = all.last().copied().unwrap_or(0);
+        let mut queries = vec![HistoryQuery::Latest];
+        for at in [0, 1, top / 3, top / 2, top - 1, top, top + 1] {
+            queries.push(HistoryQuery::Before(at));
+            queries.push(HistoryQuery::After(at));
+        }
+        for limit in [1u32, 3, 7, 100] {
+            for query in &queries {
+                let matching: Vec<i64> = match *query {
+                    HistoryQuery::Latest => all.clone(),
+                    HistoryQuery::Before(b) => all.iter().copied().filter(|s| *s < b).collect(),
+                    HistoryQuery::After(a) => all.iter().copied().filter(|s| *s > a).collect(),
+                };
+                let expected: Vec<i64> = match *query {
+                    HistoryQuery::After(_) => {
+                        matching.iter().take(limit as usize).copied().collect()
+                    }
+                    _ => matching[matching.len().saturating_sub(limit as usize)..].to_vec(),
+                };
+                let page = store.messages(&room, *query, limit, now).await.unwrap();
+                let got: Vec<i64> = page.messages.iter().map(|m| m.seq).collect();
+                assert_eq!(got, expected, "{query:?} limit {limit}");
+                assert_eq!(
+                    page.more,
+                    matching.len() > limit as usize,
+                    "{query:?} limit {limit}: more"
+                );
+            }
+        }
+    }
+
+    /// History reads through every stage of the seq index: in memory, moving in chunks, in the
+    /// table, after expiry, a wipe, and a restart.
+    #[tokio::test]
+    async fn history_reads_span_memory_and_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let t0 = super::super::now_ms();
+        let later = t0 + 20 * EPOCH_MS;
+        let (a, b) = ([8u8; 16], [9u8; 16]);
+        create(&store, a, t0).await;
+        create(&store, b, t0).await;
+        let mut n = 0;
+        for round in 0..16u32 {
+            let when = if round < 6 { t0 } else { later };
+            let mut batch = Vec::new();
+            for _ in 0..round % 4 + 1 {
+                n += 1;
+                batch.push(message(a, n));
+                if round % 3 != 0 {
+                    batch.push(message(b, n));
+                }
+            }
+            append(&store, &batch, when).await;
+            assert_history(&store, a, later).await;
+            assert_history(&store, b, later).await;
+        }
+        let (in_table, in_memory) = assert_consistent(&store);
+        assert!(in_table > 0 && in_memory > 0, "{in_table} / {in_memory}");
+
+        // Reads on a day when the first six rounds are past the retention, before and after
+        // maintenance deletes them.
+        let expired_day = t0 + 31 * EPOCH_MS;
+        assert_history(&store, a, expired_day).await;
+        store.maintain(expired_day).await.unwrap();
+        assert_consistent(&store);
+        assert_history(&store, a, expired_day).await;
+        assert!(store.wipe(&b, expired_day).await.unwrap());
+        assert_consistent(&store);
+        assert_history(&store, b, expired_day).await;
+        append(&store, &[message(a, 500), message(a, 501)], expired_day).await;
+        assert_history(&store, a, expired_day).await;
+        drop(store);
+        let store = open(dir.path()).await;
+        assert_eq!(assert_consistent(&store).1, 0);
+        assert_history(&store, a, expired_day).await;
+    }
+
+    /// A message picked from memory whose row is gone (deleted between the copy and the read)
+    /// does not shorten the page: the read takes the room's other entries instead.
+    #[tokio::test]
+    async fn history_reads_step_over_rows_gone_from_under_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        store.inner.writer.lock().unwrap().index = PendingIndex::with_sizes(1000, 3);
+        let now = super::super::now_ms();
+        let a = [10u8; 16];
+        create(&store, a, now).await;
+        for n in 1..=10 {
+            append(&store, &[message(a, n)], now).await;
+        }
+        assert_eq!(store.inner.recent.lock().unwrap().len(), 10);
+        store
+            .inner
+            .writer
+            .lock()
+            .unwrap()
+            .conn
+            .execute(
+                "DELETE FROM messages WHERE room_id = ?1 AND seq IN (2, 8, 9, 10)",
+                params![&a[..]],
+            )
+            .unwrap();
+        let seqs = |page: Page| page.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+        let page = store
+            .messages(&a, HistoryQuery::Latest, 3, now)
+            .await
+            .unwrap();
+        assert!(page.more);
+        assert_eq!(seqs(page), [5, 6, 7]);
+        let page = store
+            .messages(&a, HistoryQuery::After(0), 2, now)
+            .await
+            .unwrap();
+        assert!(page.more);
+        assert_eq!(seqs(page), [1, 3]);
+        let page = store
+            .messages(&a, HistoryQuery::After(6), 3, now)
+            .await
+            .unwrap();
+        assert!(!page.more);
+        assert_eq!(seqs(page), [7]);
+    }
+
+    /// A database from before the keys and seqs had tables of their own keeps refusing its
+    /// replays and reading its history.
     #[tokio::test]
     async fn a_version_2_database_moves_its_keys_into_the_table() {
         let dir = tempfile::tempdir().unwrap();
@@ -1095,6 +1436,7 @@ mod replay_tests {
         }
         let store = open(dir.path()).await;
         assert_eq!(assert_consistent(&store), (12, 0));
+        assert_history(&store, a, now).await;
         let out = append(&store, &[message(a, 12), message(a, 13)], now).await;
         assert_eq!(
             out,
