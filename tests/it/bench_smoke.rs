@@ -345,6 +345,8 @@ fn the_soak_scenario_runs_and_expires_aged_rows() {
     );
     assert!(report["samples"].as_u64().unwrap() >= 3, "{report}");
     assert_eq!(report["client_errors"], 0, "{report}");
+    assert!(report["histories"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["bad_histories"], 0, "{report}");
 }
 
 #[actix_web::test]

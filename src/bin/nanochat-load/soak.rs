@@ -41,6 +41,12 @@ struct Counters {
     acks: AtomicU64,
     refusals: AtomicU64,
     histories: AtomicU64,
+    /// History pages whose seqs were not consecutive or stopped short of a message this
+    /// client had just had acknowledged.
+    bad_histories: AtomicU64,
+    bad_examples: Mutex<Vec<serde_json::Value>>,
+    /// Empty history pages followed by the room's wipe notice.
+    wiped_histories: AtomicU64,
     panics: AtomicU64,
     errors: AtomicU64,
     aged_written: AtomicU64,
@@ -289,6 +295,7 @@ async fn one_visit(
     };
     let mut session = RoomSession::new(keys.clone());
     let sends = 1 + rand::random::<u32>() % 10;
+    let mut last_ack = 0;
     for i in 0..sends {
         let reference = format!("{round}-{i}");
         client
@@ -296,8 +303,11 @@ async fn one_visit(
             .await?;
         loop {
             match client.recv().await? {
-                ServerFrame::Ack { reference: r, .. } if r == reference => {
+                ServerFrame::Ack {
+                    reference: r, seq, ..
+                } if r == reference => {
                     c.acks.fetch_add(1, Ordering::Relaxed);
+                    last_ack = seq;
                     break;
                 }
                 ServerFrame::Error {
@@ -324,9 +334,35 @@ async fn one_visit(
             limit: 50,
         };
         client.send_json(&query.to_json()).await?;
+        // The newest messages, ascending and without holes (rooms are never expired while
+        // in use here), up to at least the last one acknowledged to this client.
         loop {
             match client.recv().await? {
-                ServerFrame::History { .. } => break,
+                ServerFrame::History { messages, more } => {
+                    let seqs: Vec<i64> = messages.iter().map(|m| m.seq).collect();
+                    let consecutive = seqs.windows(2).all(|w| w[1] == w[0] + 1);
+                    if seqs.is_empty() && last_ack > 0 {
+                        // Wiped by another client after our acks (a wipe takes every message
+                        // at once): the wipe's notice follows the page.
+                        let next =
+                            tokio::time::timeout(Duration::from_secs(5), client.recv()).await;
+                        if matches!(next, Ok(Ok(ServerFrame::Nuked))) {
+                            c.wiped_histories.fetch_add(1, Ordering::Relaxed);
+                            return Ok(());
+                        }
+                    }
+                    if !consecutive || seqs.last().copied().unwrap_or(0) < last_ack {
+                        c.bad_histories.fetch_add(1, Ordering::Relaxed);
+                        let mut examples = c.bad_examples.lock().expect("examples");
+                        if examples.len() < 5 {
+                            examples.push(serde_json::json!({
+                                "first": seqs.first(), "last": seqs.last(), "len": seqs.len(),
+                                "more": more, "last_ack": last_ack, "consecutive": consecutive,
+                            }));
+                        }
+                    }
+                    break;
+                }
                 ServerFrame::Nuked | ServerFrame::Error { .. } => return Ok(()),
                 _ => {}
             }
@@ -432,6 +468,9 @@ pub async fn run(args: &Args, server: &Server, data_dir: &Path) {
         "refusals": load(&c.refusals),
         "refusal_codes": *c.refusal_codes.lock().expect("codes"),
         "histories": load(&c.histories),
+        "bad_histories": load(&c.bad_histories),
+        "bad_history_examples": *c.bad_examples.lock().expect("examples"),
+        "wiped_histories": load(&c.wiped_histories),
         "panics": load(&c.panics),
         "client_errors": load(&c.errors),
         "aged_rows_written": load(&c.aged_written),
