@@ -491,9 +491,8 @@ fn expire_batch(side: &mut WriteSide, cutoff: Millis) -> rusqlite::Result<usize>
     PendingIndex::forget(&tx, &mut keys, &mut seqs)?;
     let highest = PendingIndex::lower_mark(&tx)?;
     tx.commit()?;
-    let recent = side.recent.clone();
     side.index.rows_deleted(
-        &mut lock_recent(&recent),
+        &mut lock_recent(&side.recent),
         highest,
         |k| keys.binary_search(k).is_ok(),
         |(room, seq, _)| seqs.binary_search(&(*room, *seq)).is_ok(),
@@ -798,9 +797,8 @@ impl Store for SqliteStore {
             let highest = PendingIndex::lower_mark(&tx).map_err(db_err)?;
             tx.commit().map_err(db_err)?;
             side.rooms.remove(&room);
-            let recent = side.recent.clone();
             side.index.rows_deleted(
-                &mut lock_recent(&recent),
+                &mut lock_recent(&side.recent),
                 highest,
                 |k| k[..16] == room[..],
                 |(r, _, _)| *r == room,
