@@ -2,7 +2,10 @@
 //! tungstenite that answers just enough of protocol v1 for the load generator (hello, create,
 //! join, send -> ack + msg) with no authentication, no validation and no storage.
 //!
-//! Usage: `bare-broadcast 127.0.0.1:0` — prints `listening on <addr>` and serves until killed.
+//! Usage: `bare-broadcast 127.0.0.1:0 [nodelay]` — prints `listening on <addr>` and serves
+//! until killed. By default its sockets keep Nagle's algorithm (tungstenite's default), so under
+//! load the kernel merges small frames written while earlier ones are unacknowledged; `nodelay`
+//! sets `TCP_NODELAY` on every socket, as NanoChat does, to show what that merging is worth.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +32,7 @@ async fn main() {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:0".into());
+    let nodelay = std::env::args().nth(2).as_deref() == Some("nodelay");
     let listener = TcpListener::bind(&addr).await.expect("bind");
     println!("listening on {}", listener.local_addr().expect("addr"));
     let rooms: Arc<Mutex<Rooms>> = Arc::default();
@@ -37,6 +41,9 @@ async fn main() {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
+        if nodelay && tcp.set_nodelay(true).is_err() {
+            continue;
+        }
         next_id += 1;
         let id = next_id;
         let rooms = rooms.clone();

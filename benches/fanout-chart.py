@@ -15,6 +15,7 @@ import statistics
 import sys
 
 TARGETS = [("bare", "bare tokio + tungstenite", "#9e9e9e"),
+           ("bare-nodelay", "the same, TCP_NODELAY", "#cfcfcf"),
            ("nanochat", "NanoChat (SQLite, every message stored)", "#1565c0"),
            ("node", "Node.js ws", "#ef6c00")]
 
@@ -42,8 +43,12 @@ def shapes_of(found):
 
 def table(found, steal):
     med = {k: statistics.median(v) for k, v in found.items()}
-    out = ["| room shape | bare (deliveries/s) | Node `ws` | NanoChat | NanoChat / bare | NanoChat / Node | sweeps | steal |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    # The bare server with TCP_NODELAY gets columns only when the sweeps include it.
+    nodelay = any(t == "bare-nodelay" for _, t in found)
+    extra = (" bare, `TCP_NODELAY` |", " NanoChat / bare-nodelay |") if nodelay else ("", "")
+    out = [f"| room shape | bare (deliveries/s) |{extra[0]} Node `ws` | NanoChat | NanoChat / bare |"
+           f"{extra[1]} NanoChat / Node | sweeps | steal |",
+           "| --- " * (8 + 2 * nodelay) + "|"]
 
     def cell(shape, target):
         v = found.get((shape, target))
@@ -57,14 +62,16 @@ def table(found, steal):
         x, y = med.get((shape, a)), med.get((shape, b))
         if not x or not y:
             return "-"
-        return f"{x / y:.0%}" if b == "bare" else f"{x / y:.1f}×"
+        return f"{x / y:.0%}" if b.startswith("bare") else f"{x / y:.1f}×"
 
     for shape in shapes_of(found):
         n = max(len(found.get((shape, t), [])) for t, _, _ in TARGETS)
         s = [x for t, _, _ in TARGETS for x in steal.get((shape, t), [])]
         st = f"{statistics.median(s):.0f}%" if s else "-"
-        out.append(f"| {shape} | {cell(shape, 'bare')} | {cell(shape, 'node')} | "
-                   f"{cell(shape, 'nanochat')} | **{ratio(shape, 'nanochat', 'bare')}** | "
+        bare_nd = f" {cell(shape, 'bare-nodelay')} |" if nodelay else ""
+        ratio_nd = f" {ratio(shape, 'nanochat', 'bare-nodelay')} |" if nodelay else ""
+        out.append(f"| {shape} | {cell(shape, 'bare')} |{bare_nd} {cell(shape, 'node')} | "
+                   f"{cell(shape, 'nanochat')} | **{ratio(shape, 'nanochat', 'bare')}** |{ratio_nd} "
                    f"**{ratio(shape, 'nanochat', 'node')}** | {n} | {st} |")
     return "\n".join(out)
 
@@ -73,9 +80,10 @@ def chart(found):
     best = {k: statistics.median(v) for k, v in found.items()}
     shapes = shapes_of(found)
     top = max(best.values(), default=1) or 1
-    W, H, left, bottom, plot_h = 720, 320, 70, 250, 200
+    targets = [t for t in TARGETS if any(k[1] == t[0] for k in best)]
+    W, H, left, bottom, plot_h = 860, 320, 70, 250, 200
     group = (W - left - 20) / max(len(shapes), 1)
-    bar = group / (len(TARGETS) + 1)
+    bar = group / (len(targets) + 1)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
            'font-family="sans-serif" font-size="11">', f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="13">Fan-out: highest deliveries/s '
@@ -87,7 +95,7 @@ def chart(found):
                    f'<text x="{left - 5}" y="{y + 4:.1f}" text-anchor="end">{v / 1000:.0f}k</text>')
     for g, shape in enumerate(shapes):
         x0 = left + g * group + bar / 2
-        for t, (target, _, color) in enumerate(TARGETS):
+        for t, (target, _, color) in enumerate(targets):
             v = best.get((shape, target))
             if v is None:
                 continue
@@ -96,10 +104,11 @@ def chart(found):
             out.append(f'<rect x="{x:.1f}" y="{bottom - h:.1f}" width="{bar * 0.9:.1f}" height="{h:.1f}" '
                        f'fill="{color}"/><text x="{x + bar * 0.45:.1f}" y="{bottom - h - 4:.1f}" '
                        f'text-anchor="middle" font-size="10">{v / 1000:.0f}k</text>')
-        out.append(f'<text x="{x0 + bar * 1.5:.1f}" y="{bottom + 16}" text-anchor="middle">rooms x members: '
+        out.append(f'<text x="{x0 + bar * (len(targets) - 1) / 2 + bar * 0.45:.1f}" y="{bottom + 16}" '
+                   'text-anchor="middle">rooms x members: '
                    f'{shape}</text>')
     x = left
-    for _, label, color in TARGETS:
+    for _, label, color in targets:
         out.append(f'<rect x="{x}" y="{H - 30}" width="12" height="12" fill="{color}"/>'
                    f'<text x="{x + 16}" y="{H - 20}">{label}</text>')
         x += 16 + 6.2 * len(label) + 24  # about 6 px per character at this size

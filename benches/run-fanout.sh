@@ -2,8 +2,9 @@
 # Fan-out benchmark: for each room shape, the highest rate each server sustains with no loss
 # and p99 delivery <= 200 ms (a sweep of fan-out runs, 25% steps then two halvings of the last
 # gap, fresh server each run): NanoChat (SQLite, persisting every message), the bare tokio +
-# tungstenite ceiling and a plain Node.js `ws` server, in the same command. The three targets
-# take turns, and the whole round is repeated (REPEATS, default 3) so that a ratio compares
+# tungstenite ceiling (also with TCP_NODELAY on its sockets, as NanoChat's have) and a plain
+# Node.js `ws` server, in the same command. The targets take turns, and the whole round is
+# repeated (REPEATS, default 3) so that a ratio compares
 # medians measured side by side, not one lucky or unlucky sweep. Loopback only; every run is
 # bounded by --secs. Prints one JSON line per run and a "sweep" summary per target and shape:
 #   benches/run-fanout.sh | tee fanout.jsonl
@@ -17,15 +18,15 @@ repeats=${REPEATS:-3}
 cargo build --release --bins -q
 [ -d benches/node-ws/node_modules/ws ] || npm ci --prefix benches/node-ws --no-audit --no-fund
 load=target/release/nanochat-load
-# rooms, members, then the starting rate (messages/s) for bare, node and nanochat: a little
-# under what each reached before, so a sweep spends its runs near its maximum.
-shapes=("1 1000 500 50 1500" "100 10 40000 4000 28000" "1000 2 36000 11000 40000")
+# rooms, members, then the starting rate (messages/s) for bare, bare-nodelay, node and
+# nanochat: a little under what each reached before, so a sweep spends its runs near its maximum.
+shapes=("1 1000 500 300 50 1500" "100 10 40000 16000 4000 28000" "1000 2 80000 50000 11000 40000")
 for ((round = 1; round <= repeats; round++)); do
     for shape in "${shapes[@]}"; do
         set -- $shape
         rooms=$1 members=$2
         shift 2
-        for target in bare node nanochat; do
+        for target in bare bare-nodelay node nanochat; do
             "$load" sweep --target "$target" --rooms "$rooms" --members "$members" --rate "$1" \
                 --secs "$secs" --steps 20
             shift

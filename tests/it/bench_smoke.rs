@@ -45,16 +45,19 @@ const TINY: [&str; 8] = [
 ];
 
 #[test]
-fn the_fanout_scenario_runs_against_both_baselines_and_nanochat() {
+fn the_fanout_scenario_runs_against_every_baseline_and_nanochat() {
     let bare = run(&[&["fanout", "--target", "bare"][..], &TINY].concat());
     assert_complete(&bare);
+    let nodelay = run(&[&["fanout", "--target", "bare-nodelay"][..], &TINY].concat());
+    assert_complete(&nodelay);
+    assert_eq!(nodelay["target"], "bare-nodelay", "{nodelay}");
     let node = run(&[&["fanout", "--target", "node"][..], &TINY].concat());
     assert_complete(&node);
     let ours = run(&[&["fanout", "--target", "nanochat"][..], &TINY].concat());
     assert_complete(&ours);
     assert!(ours["server_cpu_s"].as_f64().is_some());
     // How much of the run the VM's host took away, for reading noisy results.
-    for report in [&bare, &node, &ours] {
+    for report in [&bare, &nodelay, &node, &ours] {
         let steal = report["steal_pct"].as_f64().expect("steal_pct");
         assert!((0.0..=100.0).contains(&steal), "{report}");
     }

@@ -49,10 +49,10 @@ struct Args {
 /// What `--help` and a mistaken command line print.
 const USAGE: &str = "\
 usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in time)
-  fanout  --target nanochat|bare|node [--rooms 100] [--members 10] [--rate 2000] [--secs 10]
-          [--postgres URL] [--nodes 1]
-  sweep   --target nanochat|bare|node [--rooms 100] [--members 10] [--rate 1000] [--secs 6]
-          [--steps 12] [--refine 2]
+  fanout  --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 2000]
+          [--secs 10] [--postgres URL] [--nodes 1]
+  sweep   --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 1000]
+          [--secs 6] [--steps 12] [--refine 2]
   idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
   soak    [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
   expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
@@ -270,10 +270,14 @@ fn spawn_nanochat(
     }
 }
 
-/// The tokio + tungstenite ceiling (`benches/bare_broadcast.rs`).
-fn spawn_bare() -> Server {
+/// The tokio + tungstenite ceiling (`benches/bare_broadcast.rs`); with `nodelay`, its sockets
+/// set `TCP_NODELAY` as NanoChat's do.
+fn spawn_bare(nodelay: bool) -> Server {
     let mut cmd = Command::new(sibling("bare-broadcast"));
     cmd.arg("127.0.0.1:0");
+    if nodelay {
+        cmd.arg("nodelay");
+    }
     spawn_baseline(cmd, "start bare-broadcast (cargo build --release --bins)")
 }
 
@@ -378,7 +382,7 @@ async fn main() {
         }
     };
     let targets: &[&str] = match cmd.as_str() {
-        "fanout" | "sweep" => &["nanochat", "bare", "node"],
+        "fanout" | "sweep" => &["nanochat", "bare", "bare-nodelay", "node"],
         "idle" => &["nanochat", "bare"],
         "publish" => &["nanochat", "naive", "batch"],
         _ => &["nanochat"],
@@ -566,7 +570,8 @@ fn spawn_targets(
     real_limits: bool,
 ) -> Vec<Server> {
     match args.target.as_str() {
-        "bare" => vec![spawn_bare()],
+        "bare" => vec![spawn_bare(false)],
+        "bare-nodelay" => vec![spawn_bare(true)],
         "node" => vec![spawn_node()],
         "nanochat" => (0..args.nodes)
             .map(|i| {
