@@ -57,7 +57,8 @@ usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in 
   soak    [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
   expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
   abuse   [--rooms 10] [--members 10] [--rate 10000] [--secs 10]
-  publish --target nanochat|naive|batch [--senders 16] [--window 8] [--secs 10] [--postgres URL]
+  publish --target nanochat|bare|naive|batch [--senders 16] [--window 8] [--secs 10]
+          [--postgres URL]
 With --postgres, each run works in a database it creates on that server and drops at the end
 (the URL's role needs CREATEDB). Each run prints one JSON line; benches/README.md explains the
 scenarios.";
@@ -384,7 +385,7 @@ async fn main() {
     let targets: &[&str] = match cmd.as_str() {
         "fanout" | "sweep" => &["nanochat", "bare", "bare-nodelay", "node"],
         "idle" => &["nanochat", "bare"],
-        "publish" => &["nanochat", "naive", "batch"],
+        "publish" => &["nanochat", "bare", "naive", "batch"],
         _ => &["nanochat"],
     };
     if !targets.contains(&args.target.as_str()) {
@@ -431,7 +432,7 @@ async fn run_scenario(cmd: &str, args: &Args) {
         "expiry" => &expiry::SERVER_ENV,
         _ => &[],
     };
-    if cmd == "publish" && args.target != "nanochat" {
+    if cmd == "publish" && !["nanochat", "bare"].contains(&args.target.as_str()) {
         publish::baseline(args, &args.target, &dir).await;
         let _ = std::fs::remove_dir_all(&dir);
         return;
@@ -446,7 +447,7 @@ async fn run_scenario(cmd: &str, args: &Args) {
     match cmd {
         "expiry" => expiry::run(args, single).await,
         "abuse" => abuse::run(args, single).await,
-        "publish" => publish::nanochat(args, single).await,
+        "publish" => publish::over_sockets(args, single).await,
         "soak" => soak::run(args, single, &dir.join("node0")).await,
         "idle" => idle(args, single).await,
         _ => println!("{}", fanout(args, servers).await),

@@ -7,6 +7,10 @@
 //!   (`unnest` on Postgres, one transaction on SQLite): the practical ceiling of the database,
 //!   with no network protocol, validation, replay check or fan-out in front of it.
 //!
+//! `--target bare` runs the same senders against the bare broadcast server, which acks every
+//! send at once and stores nothing: the most acks per second the WebSocket path alone gives on
+//! this machine, the other side of NanoChat's cost.
+//!
 //! NanoChat runs closed-loop here (`Pace::Window`; the expiry scenario uses `Pace::Rate`):
 //! `--senders` sockets, each in its own room, each keeping `--window` sends in flight; the ack
 //! latency is from sending the frame to reading its ack.
@@ -37,7 +41,9 @@ fn report(
     cpu: f64,
     machine_before: &MachineCpu,
 ) {
-    let backend = if args.postgres.is_some() {
+    let backend = if target == "bare" {
+        "none"
+    } else if args.postgres.is_some() {
         "postgres"
     } else {
         "sqlite"
@@ -236,7 +242,8 @@ pub fn latencies(samples: &[(u64, u64)], from: u64, to: u64) -> Histogram<u64> {
 }
 
 /// NanoChat: closed-loop senders, one room each.
-pub async fn nanochat(args: &Args, server: &Server) {
+/// NanoChat, or the bare server, through its sockets.
+pub async fn over_sockets(args: &Args, server: &Server) {
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let cpu_before = cpu_seconds(server.pid());
@@ -257,7 +264,7 @@ pub async fn nanochat(args: &Args, server: &Server) {
     let cpu = cpu_seconds(server.pid()) - cpu_before;
     report(
         args,
-        "nanochat",
+        &args.target,
         samples.len() as u64,
         secs.max(1e-3),
         &h,
