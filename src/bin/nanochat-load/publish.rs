@@ -241,8 +241,7 @@ pub fn latencies(samples: &[(u64, u64)], from: u64, to: u64) -> Histogram<u64> {
     h
 }
 
-/// NanoChat: closed-loop senders, one room each.
-/// NanoChat, or the bare server, through its sockets.
+/// NanoChat, or the bare server, through its sockets: closed-loop senders, one room each.
 pub async fn over_sockets(args: &Args, server: &Server) {
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
