@@ -8,6 +8,8 @@
 //! and a reader that saw seq n has seen every seq below it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -29,6 +31,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_init.sql"),
     include_str!("../../migrations/postgres/0002_cluster.sql"),
     include_str!("../../migrations/postgres/0003_rooms_hot_updates.sql"),
+    include_str!("../../migrations/postgres/0004_replay_keys_per_day.sql"),
 ];
 /// Advisory lock key serializing migrations across processes ("nanochat" + 1).
 const MIGRATE_LOCK: i64 = 0x6e61_6e6f_6368_6101;
@@ -46,15 +49,18 @@ pub const WRITER_BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic
 pub const LOCK_ROOMS: &str =
     "SELECT id, last_seq FROM rooms WHERE id = ANY($1) AND wiped_at IS NULL
      ORDER BY id FOR UPDATE";
-/// The batch's (room, IV) pairs already stored in its replay window (`$3` to `$4`, see
-/// `replay_window_start`): one index probe per message and partition of the window, stopping
-/// at the first match. Partitions outside the window are pruned when the statement starts.
+/// The batch's (room, IV) pairs already stored in its replay window (see
+/// `replay_window_start`), minus the day the batch is written to when that day's partition
+/// keeps its pairs unique (its `_iv` index refuses a repeat at the insert): the ranges `$3` to
+/// `$4` (excluded) and `$5` to `$6`. One index probe per message and partition left, stopping
+/// at the first match; the other partitions are pruned when the statement starts.
 pub const FIND_REPLAYS: &str = "SELECT t.room_id, t.iv
      FROM unnest($1::bytea[], $2::bytea[]) AS t(room_id, iv)
      CROSS JOIN LATERAL (
         SELECT 1 FROM messages m
         WHERE m.room_id = t.room_id AND m.iv = t.iv
-          AND m.created_at >= $3 AND m.created_at <= $4
+          AND ((m.created_at >= $3 AND m.created_at < $4)
+            OR (m.created_at >= $5 AND m.created_at <= $6))
         LIMIT 1) AS found";
 /// Insert the batch, advance its rooms and announce it, in one statement. `last_active` moves
 /// only when a minute or more behind, so most room updates change no indexed column and stay
@@ -80,6 +86,32 @@ pub struct PgStore {
     retention: Retention,
     url: String,
     node: u64,
+    unique_days: Arc<UniqueDays>,
+}
+
+/// Which days' partitions keep their `(room_id, iv)` pairs unique (an `_iv` index that is
+/// unique), so that a batch written into one of them need not look for replays there: the
+/// insert refuses a repeat. Shared by the store's clones (its writers).
+#[derive(Default)]
+struct UniqueDays {
+    /// Days known to have the unique index, and when the catalog was last read for them.
+    known: Mutex<(HashSet<i64>, Option<Millis>)>,
+    /// Until when every batch looks into every day of its window: set for a minute after a
+    /// day's unique index refused a repeat (and the batch was redone), so that a client
+    /// repeating messages costs at most one redone batch a minute, never one per repeat.
+    look_everywhere_until: AtomicI64,
+}
+
+/// How long after a refused repeat every batch looks into every day, and how long a day not
+/// known to be unique waits before the catalog is read again.
+const RECHECK_MS: Millis = 60_000;
+
+/// Whether the error is a day's unique `_iv` index refusing a repeated `(room_id, iv)`.
+fn is_repeat(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+        && e.as_db_error()
+            .and_then(|d| d.constraint())
+            .is_some_and(|c| c.ends_with("_iv"))
 }
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
@@ -213,6 +245,7 @@ impl PgStore {
             retention,
             url: url.to_owned(),
             node,
+            unique_days: Arc::default(),
         };
         // Bounded retry: a database that comes up a few seconds after us is fine; one that
         // does not answer at all stops the start with a clear message.
@@ -299,10 +332,12 @@ impl PgStore {
             }
             let from = ms_literal(day * EPOCH_MS);
             let to = ms_literal((day + 1) * EPOCH_MS);
-            // Identifiers and bounds come from integers formatted here, never from input.
+            // Identifiers and bounds come from integers formatted here, never from input. One
+            // query, so one transaction: a partition never exists without its replay key.
             let sql = format!(
                 "CREATE TABLE IF NOT EXISTS {name} PARTITION OF messages
-                 FOR VALUES FROM ('{from}') TO ('{to}')"
+                 FOR VALUES FROM ('{from}') TO ('{to}');
+                 CREATE UNIQUE INDEX IF NOT EXISTS {name}_iv ON {name} (room_id, iv)"
             );
             match client.batch_execute(&sql).await {
                 Ok(()) => created += 1,
@@ -311,7 +346,125 @@ impl PgStore {
                 Err(e) => return Err(pg_err(e)),
             }
         }
+        // A partition made by a binary older than schema version 4 (still running beside a
+        // newer one) has no replay key: give it one, unique unless it holds a repeat.
+        let names: Vec<String> = (today - 1..=today + PARTITIONS_AHEAD)
+            .map(partition_name)
+            .collect();
+        let bare = client
+            .query(
+                "SELECT c.relname::text FROM pg_class c
+                 WHERE c.relname = ANY($1) AND c.relkind = 'r' AND NOT EXISTS (
+                     SELECT 1 FROM pg_class i WHERE i.relname = c.relname || '_iv')",
+                &[&names],
+            )
+            .await
+            .map_err(pg_err)?;
+        for row in bare {
+            let name: String = row.get(0);
+            let Some(day) = partition_day(&name) else {
+                continue;
+            };
+            let name = partition_name(day);
+            let unique = client
+                .batch_execute(&format!(
+                    "CREATE UNIQUE INDEX IF NOT EXISTS {name}_iv ON {name} (room_id, iv)"
+                ))
+                .await;
+            let made = match unique {
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => client
+                    .batch_execute(&format!(
+                        "CREATE INDEX IF NOT EXISTS {name}_iv ON {name} (room_id, iv)"
+                    ))
+                    .await
+                    .map(|()| "plain"),
+                other => other.map(|()| "unique"),
+            };
+            match made {
+                Ok(kind) => {
+                    tracing::warn!(partition = %name, kind, "gave a partition its replay key")
+                }
+                Err(e) => {
+                    tracing::warn!(partition = %name, error = %e, "could not index a partition's replay keys")
+                }
+            }
+        }
+        self.read_unique_days(&client, now).await.map_err(pg_err)?;
         Ok(created)
+    }
+
+    /// Read from the catalog which partitions from yesterday on have a unique replay key.
+    async fn read_unique_days(
+        &self,
+        client: &tokio_postgres::Client,
+        now: Millis,
+    ) -> Result<(), tokio_postgres::Error> {
+        let today = now.div_euclid(EPOCH_MS);
+        let names: Vec<String> = (today - 1..=today + PARTITIONS_AHEAD)
+            .map(partition_name)
+            .collect();
+        let rows = client
+            .query(
+                "SELECT c.relname::text FROM pg_index x
+                 JOIN pg_class i ON i.oid = x.indexrelid
+                 JOIN pg_class c ON c.oid = x.indrelid
+                 WHERE c.relname = ANY($1) AND i.relname = c.relname || '_iv'
+                   AND x.indisunique AND x.indisvalid",
+                &[&names],
+            )
+            .await?;
+        let days = rows
+            .iter()
+            .filter_map(|r| partition_day(r.get::<_, &str>(0)))
+            .collect();
+        *self
+            .unique_days
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = (days, Some(now));
+        Ok(())
+    }
+
+    /// Whether a batch written at `now` may leave the day it is written to out of its replay
+    /// lookup: that day's partition is known to keep its pairs unique, and no repeat was
+    /// refused in the last minute. Reads the catalog (on the batch's own connection, before
+    /// its transaction) when the day is not known and the last read is a minute old.
+    async fn skips_own_day(&self, client: &tokio_postgres::Client, now: Millis) -> bool {
+        if now
+            < self
+                .unique_days
+                .look_everywhere_until
+                .load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        let day = now.div_euclid(EPOCH_MS);
+        {
+            let known = self
+                .unique_days
+                .known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if known.0.contains(&day) {
+                return true;
+            }
+            if known.1.is_some_and(|at| (now - at).abs() < RECHECK_MS) {
+                return false;
+            }
+        }
+        match self.read_unique_days(client, now).await {
+            Ok(()) => self
+                .unique_days
+                .known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+                .contains(&day),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read which partitions have replay keys");
+                false
+            }
+        }
     }
 
     /// Names of the message partitions that exist, oldest first.
@@ -336,6 +489,7 @@ impl PgStore {
         client: &deadpool_postgres::Client,
         batch: &[NewMessage],
         now: Millis,
+        skip_own_day: bool,
     ) -> Result<Vec<AppendOutcome>, tokio_postgres::Error> {
         // Every statement is prepared once per connection (deadpool's statement cache) and,
         // under `WRITER_BEGIN`, planned once too.
@@ -353,16 +507,30 @@ impl PgStore {
         // these rooms before us. The replay window starts as far back as the oldest epoch in
         // the batch allows (usually yesterday: two partitions, not four) and ends a minute
         // from now: another node's clock may run a little ahead of ours, and the partitions
-        // made ahead are left out.
+        // made ahead are left out. With `skip_own_day`, the day the batch is written to is
+        // left out too: its partition's unique key refuses a repeat at the insert.
         let since = batch
             .iter()
             .map(|m| replay_window_start(m.epoch, now))
             .min()
             .unwrap_or(now);
-        let (window_start, window_end) = (ts(since), ts(now + 60_000));
+        let day_start = now.div_euclid(EPOCH_MS) * EPOCH_MS;
+        let skip_end = if skip_own_day {
+            day_start + EPOCH_MS
+        } else {
+            day_start
+        };
+        let (before_from, before_to) = (ts(since), ts(day_start.max(since)));
+        let (after_from, after_to) = (ts(skip_end.max(since)), ts(now + 60_000));
         let lock_params: [&(dyn ToSql + Sync); 1] = [&rooms];
-        let replay_params: [&(dyn ToSql + Sync); 4] =
-            [&room_col, &iv_col, &window_start, &window_end];
+        let replay_params: [&(dyn ToSql + Sync); 6] = [
+            &room_col,
+            &iv_col,
+            &before_from,
+            &before_to,
+            &after_from,
+            &after_to,
+        ];
         let (begun, locked, dups) = futures_util::join!(
             client.batch_execute(WRITER_BEGIN),
             client.query(&lock_rooms, &lock_params),
@@ -562,8 +730,8 @@ impl Store for PgStore {
     ) -> Result<Vec<AppendOutcome>, StoreError> {
         let guard = InTransaction(Some(self.pool.get().await.map_err(pool_err)?));
         let client = guard.0.as_ref().expect("held until the end");
-        let attempt = || async {
-            let result = self.append_once(client, batch, now).await;
+        let attempt = |skip_own_day: bool| async move {
+            let result = self.append_once(client, batch, now, skip_own_day).await;
             if result.is_err() {
                 // Leave the connection outside any transaction (a harmless warning if the
                 // failed COMMIT already ended it).
@@ -571,16 +739,32 @@ impl Store for PgStore {
             }
             result
         };
-        let mut result = attempt().await;
-        if let Err(e) = &result
-            && e.code() == Some(&SqlState::CHECK_VIOLATION)
-        {
-            // No partition for today (maintenance has not run for days): create it and retry
-            // once; the failed transaction stored nothing.
-            tracing::warn!("no message partition for the current day; creating it");
-            self.ensure_partitions(now).await?;
-            result = attempt().await;
-        }
+        let mut skip_own_day = self.skips_own_day(client, now).await;
+        let mut partitions_made = false;
+        // At most three attempts: a failed one stored nothing.
+        let result = loop {
+            let result = attempt(skip_own_day).await;
+            match &result {
+                Err(e) if !partitions_made && e.code() == Some(&SqlState::CHECK_VIOLATION) => {
+                    // No partition for today (maintenance has not run for days): create it
+                    // and retry.
+                    tracing::warn!("no message partition for the current day; creating it");
+                    self.ensure_partitions(now).await?;
+                    partitions_made = true;
+                    skip_own_day = self.skips_own_day(client, now).await;
+                }
+                Err(e) if skip_own_day && is_repeat(e) => {
+                    // A repeat of a message stored today: look into every day for a while, and
+                    // redo the batch that way so the repeat is answered `replay` and the rest
+                    // is stored.
+                    self.unique_days
+                        .look_everywhere_until
+                        .store(now + RECHECK_MS, Ordering::Relaxed);
+                    skip_own_day = false;
+                }
+                _ => break result,
+            }
+        };
         guard.release();
         result.map_err(pg_err)
     }

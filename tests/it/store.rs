@@ -764,7 +764,7 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
         (
             "replays",
             FIND_REPLAYS,
-            format!("'{{}}'::bytea[], '{{}}'::bytea[], {at} - interval '1 day', {at}"),
+            format!("'{{}}'::bytea[], '{{}}'::bytea[], {at} - interval '1 day', {at}, {at}, {at}"),
         ),
         (
             "write",
@@ -786,40 +786,220 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
     }
     // The replay lookup reaches only the partitions of its window, chosen as it starts: for
     // a batch of today's epoch, yesterday's and today's, not the older ones nor those made
-    // ahead.
-    let run = client
-        .query(
+    // ahead; and only yesterday's when today's is left to its unique key.
+    let probed = |after_from: &str| {
+        let client = &client;
+        let sql = format!(
             "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) EXECUTE replays(
                 ARRAY['\\x00112233445566778899aabbccddeeff'::bytea],
                 ARRAY['\\x00112233445566778899aabb'::bytea],
                 date_trunc('day', now(), 'UTC') - interval '1 day',
-                now() + interval '1 minute')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get::<_, String>(0) + "\n")
-        .collect::<String>();
+                date_trunc('day', now(), 'UTC'),
+                {after_from},
+                now() + interval '1 minute')"
+        );
+        async move {
+            let run = client
+                .query(&sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0) + "\n")
+                .collect::<String>();
+            assert!(run.contains("Subplans Removed"), "{run}");
+            run
+        }
+    };
     let day = |back: i64| {
         format!(
             " on {} ",
             partition_name(now_ms().div_euclid(EPOCH_MS) - back)
         )
     };
-    let line = |back: i64| {
-        run.lines()
-            .find(|l| l.contains(&day(back)))
-            .unwrap_or_else(|| panic!("no {} in\n{run}", day(back)))
-            .to_owned()
-    };
+    let whole = probed("date_trunc('day', now(), 'UTC')").await;
     for back in [0, 1] {
-        assert!(line(back).contains("loops=1"), "{}\n{run}", day(back));
+        let line = whole
+            .lines()
+            .find(|l| l.contains(&day(back)))
+            .unwrap_or_else(|| panic!("no {} in\n{whole}", day(back)));
+        assert!(line.contains("loops=1"), "{}\n{whole}", day(back));
     }
     for back in [2, 3, 4] {
-        assert!(!run.contains(&day(back)), "{}\n{run}", day(back));
+        assert!(!whole.contains(&day(back)), "{}\n{whole}", day(back));
     }
-    assert!(run.contains("Subplans Removed"), "{run}");
+    let skipping = probed("date_trunc('day', now(), 'UTC') + interval '1 day'").await;
+    assert!(skipping.contains(&day(1)), "{skipping}");
+    for back in [0, 2, 3, 4] {
+        assert!(!skipping.contains(&day(back)), "{}\n{skipping}", day(back));
+    }
+}
+
+/// Whether a partition's replay key (`<partition>_iv`) is unique; `None` if it has none.
+async fn replay_key(client: &tokio_postgres::Client, day: i64) -> Option<bool> {
+    client
+        .query_opt(
+            "SELECT x.indisunique FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+             WHERE i.relname = $1",
+            &[&format!("{}_iv", partition_name(day))],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+/// Every day's partition keeps its (room, IV) pairs unique with an index of its own, so the
+/// writers leave the day they write to out of their replay lookup and the insert refuses a
+/// repeat: the batch is redone with the lookup, and only the repeat is refused. A partition
+/// made without that index (by an older binary) gets it at the next maintenance, a plain one
+/// if it already holds a repeat, and the writers look into that day again.
+#[tokio::test]
+async fn postgres_days_keep_their_replay_keys_unique() {
+    let (db, store) = pg_store().await;
+    let client = cluster().connect(&db).await;
+    let today = now_ms().div_euclid(EPOCH_MS);
+    for day in today - 1..=today + 3 {
+        assert_eq!(replay_key(&client, day).await, Some(true), "day {day}");
+    }
+    // A minute into today (whatever the hour), then two minutes later.
+    let (t1, t2) = (today * EPOCH_MS + 60_000, today * EPOCH_MS + 180_000);
+    let r = room(50);
+    create(&store, &r, t1).await;
+    let first = msg(r, 1);
+    let stored = store
+        .append(std::slice::from_ref(&first), t1)
+        .await
+        .unwrap();
+    assert_eq!(seqs(&stored), vec![1]);
+    let again = store.append(&[msg(r, 2), first.clone()], t1).await.unwrap();
+    assert_eq!(
+        again,
+        vec![AppendOutcome::Stored { seq: 2 }, AppendOutcome::Replay]
+    );
+    let copies: i64 = client
+        .query_one(
+            "SELECT count(*) FROM messages WHERE room_id = $1 AND iv = $2",
+            &[&&r[..], &&first.iv[..]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(copies, 1);
+
+    // Today's partition without its key, holding a repeated pair (as a clock stepping back
+    // could leave it); tomorrow's without its key.
+    let (name, ahead) = (partition_name(today), partition_name(today + 1));
+    client
+        .batch_execute(&format!("DROP INDEX {name}_iv; DROP INDEX {ahead}_iv"))
+        .await
+        .unwrap();
+    let other = room(51);
+    create(&store, &other, t1).await;
+    for seq in [1i64, 2] {
+        client
+            .execute(
+                "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+                 VALUES ($1, $2, to_timestamp($3::float8 / 1000), 1, $4, '\\x00')",
+                &[&&other[..], &seq, &(t1 as f64), &&first.iv[..]],
+            )
+            .await
+            .unwrap();
+    }
+    store.ensure_partitions(t2).await.unwrap();
+    assert_eq!(replay_key(&client, today).await, Some(false));
+    assert_eq!(replay_key(&client, today + 1).await, Some(true));
+    // Today is looked into again (two minutes on, past the minute a refused repeat keeps
+    // every lookup whole): repeats are still refused, new messages stored.
+    let mut repeat = first.clone();
+    repeat.room = other;
+    let out = store.append(&[repeat, msg(r, 3)], t2).await.unwrap();
+    assert_eq!(
+        out,
+        vec![AppendOutcome::Replay, AppendOutcome::Stored { seq: 3 }]
+    );
+    let out = store
+        .append(std::slice::from_ref(&first), t2)
+        .await
+        .unwrap();
+    assert_eq!(out, vec![AppendOutcome::Replay]);
+}
+
+/// Schema version 4 replaces the partitioned `(room_id, iv)` index with one per partition:
+/// unique, or plain where a partition already holds a repeated pair.
+#[tokio::test]
+async fn a_version_3_postgres_database_gets_a_replay_key_per_day() {
+    let db = cluster().database().await;
+    let client = cluster().connect(&db).await;
+    for sql in [
+        include_str!("../../migrations/postgres/0001_init.sql"),
+        include_str!("../../migrations/postgres/0002_cluster.sql"),
+        include_str!("../../migrations/postgres/0003_rooms_hot_updates.sql"),
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    client
+        .batch_execute(
+            "CREATE TABLE schema_migrations (
+                 version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO schema_migrations (version) VALUES (1), (2), (3);",
+        )
+        .await
+        .unwrap();
+    let now = now_ms();
+    let today = now.div_euclid(EPOCH_MS);
+    for day in [today - 1, today] {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {} PARTITION OF messages
+                 FOR VALUES FROM (to_timestamp({})) TO (to_timestamp({}))",
+                partition_name(day),
+                day * 86_400,
+                (day + 1) * 86_400
+            ))
+            .await
+            .unwrap();
+    }
+    // Yesterday holds one IV twice in a room.
+    let r = room(52);
+    let held = msg(r, 1);
+    for seq in [1i64, 2] {
+        client
+            .execute(
+                "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+                 VALUES ($1, $2, to_timestamp($3::float8), 1, $4, '\\x00')",
+                &[
+                    &&r[..],
+                    &seq,
+                    &((today - 1) as f64 * 86_400.0 + 60.0),
+                    &&held.iv[..],
+                ],
+            )
+            .await
+            .unwrap();
+    }
+    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
+        .await
+        .unwrap();
+    let version: i32 = client
+        .query_one("SELECT max(version) FROM schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 4);
+    let gone: bool = client
+        .query_one("SELECT to_regclass('messages_room_iv') IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(gone);
+    assert_eq!(replay_key(&client, today - 1).await, Some(false));
+    assert_eq!(replay_key(&client, today).await, Some(true));
+    // Partitions made ahead by the store have theirs, unique.
+    assert_eq!(replay_key(&client, today + 1).await, Some(true));
+    // The repeated IV is still refused in that room; a new one stored.
+    store.create_room(&r, &[1u8; 60], now).await.unwrap();
+    let out = store.append(&[held.clone(), msg(r, 2)], now).await.unwrap();
+    assert_eq!(out[0], AppendOutcome::Replay);
+    assert!(matches!(out[1], AppendOutcome::Stored { .. }), "{out:?}");
 }
 
 #[tokio::test]
