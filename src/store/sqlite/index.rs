@@ -225,7 +225,6 @@ impl PendingIndex {
     }
 
     /// Every key in memory.
-    #[cfg(test)]
     pub(super) fn memory(&self) -> impl Iterator<Item = &Key> {
         self.pending.iter().chain(&self.moving)
     }

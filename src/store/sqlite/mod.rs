@@ -31,8 +31,10 @@ use super::{
 };
 use crate::crypto::RoomId;
 use crate::protocol::HistoryQuery;
+use filter::ReplayFilter;
 use index::{PendingIndex, RecentSeqs};
 
+mod filter;
 mod index;
 
 /// Migrations in order; the index + 1 is the schema version.
@@ -89,6 +91,8 @@ struct WriteSide {
     rooms: HashMap<RoomId, LiveRoom>,
     index: PendingIndex,
     recent: Arc<Mutex<RecentSeqs>>,
+    /// Rules most new keys out without a lookup in `message_ivs`.
+    filter: ReplayFilter,
 }
 
 impl WriteSide {
@@ -246,6 +250,7 @@ impl SqliteStore {
                     rooms: HashMap::new(),
                     index: PendingIndex::new(),
                     recent: recent.clone(),
+                    filter: ReplayFilter::new(),
                 }),
                 recent,
                 readers: Mutex::new(Vec::new()),
@@ -372,7 +377,9 @@ fn append_tx(
         rooms,
         index,
         recent,
+        filter,
     } = side;
+    filter.tend(conn, index.memory());
     // IMMEDIATE: take the write lock up front, so the busy timeout covers waiting for another
     // writer (an operator's sqlite3 shell, a backup tool). A DEFERRED transaction that reads
     // first fails at once with SQLITE_BUSY_SNAPSHOT when someone else committed in between.
@@ -425,12 +432,13 @@ fn append_tx(
                 continue;
             };
             let k = index::key(&m.room, &m.iv);
-            if stored.contains(&k) || index.contains(&mut probe, &k)? {
+            if stored.contains(&k) || (filter.may_contain(&k) && index.contains(&mut probe, &k)?) {
                 outcomes.push(AppendOutcome::Replay);
                 continue;
             }
             let seq = room.last_seq + 1;
             insert.execute(params![&m.room[..], seq, now, m.epoch, &m.iv[..], &m.ct])?;
+            filter.insert(&k);
             seqs.push((m.room, seq, tx.last_insert_rowid()));
             stored.insert(k);
             room.last_seq = seq;
@@ -1020,6 +1028,10 @@ mod index_tests {
             known, messages,
             "replay keys = stored messages' keys, each once"
         );
+        assert!(
+            messages.iter().all(|k| side.filter.holds(k)),
+            "the replay key filter rules out a stored key"
+        );
         let unindexed: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM messages m
@@ -1132,6 +1144,92 @@ mod index_tests {
             let out = append(&store, &[message(a, n)], now).await;
             assert_eq!(out, vec![AppendOutcome::Replay], "IV {n} after a restart");
         }
+    }
+
+    /// Append fresh messages to `room`, numbered from `n`, until the writer's replay key filter
+    /// is built (it is taken in between appends); returns the next number.
+    async fn until_filter_built(store: &SqliteStore, room: RoomId, now: Millis, mut n: u32) -> u32 {
+        for _ in 0..500 {
+            if store.inner.writer.lock().unwrap().filter.ready() {
+                return n;
+            }
+            append(store, &[message(room, n)], now).await;
+            n += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the replay key filter was not built within 5 s");
+    }
+
+    /// Once the filter is built, new keys are not looked up in the table (a few may be), and
+    /// every replay is still refused: of keys in the table from before a restart, of keys in
+    /// memory, and of keys stored since.
+    #[tokio::test]
+    async fn the_replay_filter_spares_lookups_and_refuses_every_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let now = super::super::now_ms();
+        let a = [9u8; 16];
+        create(&store, a, now).await;
+        for chunk in (1..=200u32).collect::<Vec<_>>().chunks(10) {
+            let batch: Vec<_> = chunk.iter().map(|n| message(a, *n)).collect();
+            append(&store, &batch, now).await;
+        }
+        drop(store);
+        let store = open(dir.path()).await;
+        let next = until_filter_built(&store, a, now, 1_000).await;
+        store.inner.writer.lock().unwrap().filter.lookups = 0;
+        for chunk in (2_000..2_300u32).collect::<Vec<_>>().chunks(10) {
+            let batch: Vec<_> = chunk.iter().map(|n| message(a, *n)).collect();
+            let out = append(&store, &batch, now).await;
+            assert!(
+                out.iter()
+                    .all(|o| matches!(o, AppendOutcome::Stored { .. }))
+            );
+        }
+        let lookups = store.inner.writer.lock().unwrap().filter.lookups;
+        assert!(lookups < 10, "{lookups} of 300 new keys looked up");
+        for n in (1..=200).chain(1_000..next).chain(2_000..2_300) {
+            let out = append(&store, &[message(a, n)], now).await;
+            assert_eq!(out, vec![AppendOutcome::Replay], "IV {n}");
+        }
+        let lookups = store.inner.writer.lock().unwrap().filter.lookups;
+        assert!(
+            lookups >= 300 + u64::from(next - 1_000) + 200,
+            "replays are looked up"
+        );
+    }
+
+    /// A filter that fills up is replaced by a new one built while messages keep coming, and
+    /// no replay gets through at any point of it.
+    #[tokio::test]
+    async fn replays_stay_refused_while_the_filter_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        // Room for 64 keys: a new filter after every 32.
+        store.inner.writer.lock().unwrap().filter = ReplayFilter::with_min_keys(64);
+        let now = super::super::now_ms();
+        let a = [10u8; 16];
+        create(&store, a, now).await;
+        for round in 0..40u32 {
+            let fresh: Vec<_> = (0..20).map(|i| message(a, round * 20 + i)).collect();
+            let out = append(&store, &fresh, now).await;
+            assert!(
+                out.iter()
+                    .all(|o| matches!(o, AppendOutcome::Stored { .. })),
+                "round {round}: {out:?}"
+            );
+            let earlier: Vec<_> = (0..10)
+                .map(|j| message(a, (round * 7 + j * 13) % (round * 20 + 20)))
+                .collect();
+            let out = append(&store, &earlier, now).await;
+            assert!(
+                out.iter().all(|o| *o == AppendOutcome::Replay),
+                "round {round}: {out:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let builds = store.inner.writer.lock().unwrap().filter.builds;
+        assert!(builds >= 3, "{builds} filters built");
     }
 
     /// Keys met while their generation is half-way into the table: some in memory, sorted,
