@@ -15,8 +15,8 @@
 //! - Deleted keys stay in the filter (they only cost a lookup). Once it has taken half its
 //!   capacity in new keys, a new one is built the same way, sized for the table as it is then,
 //!   which also drops the deleted ones.
-//! - Memory: 2 bytes per key of capacity, at most [`MAX_BYTES`]; past that the share of keys
-//!   looked up grows, nothing else changes.
+//! - Memory: 2 bytes per key of capacity, at most [`MAX_BYTES`] per filter (three while a new
+//!   one is built); past that the share of keys looked up grows, nothing else changes.
 
 use std::hash::{BuildHasher, RandomState};
 use std::path::PathBuf;
@@ -33,7 +33,8 @@ const BITS_PER_KEY: usize = 16;
 const BITS_SET: u32 = 6;
 /// The smallest capacity a filter is made with.
 const MIN_KEYS: usize = 1 << 20;
-/// The most memory one filter takes (two can exist while the next one is built).
+/// The most memory one filter takes (three exist while the next one is built: the current one,
+/// the next one, and the part its scan fills).
 pub(super) const MAX_BYTES: usize = 64 << 20;
 /// Wait before building again after a failed scan.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
