@@ -106,6 +106,20 @@ struct UniqueDays {
 /// known to be unique waits before the catalog is read again.
 const RECHECK_MS: Millis = 60_000;
 
+/// The partitions from yesterday to the last one made ahead of `now`'s day.
+fn nearby_partitions(now: Millis) -> Vec<String> {
+    let today = now.div_euclid(EPOCH_MS);
+    (today - 1..=today + PARTITIONS_AHEAD)
+        .map(partition_name)
+        .collect()
+}
+
+/// The statement giving a partition its replay key, `<partition>_iv` on `(room_id, iv)`.
+fn replay_key(partition: &str, unique: bool) -> String {
+    let unique = if unique { "UNIQUE " } else { "" };
+    format!("CREATE {unique}INDEX IF NOT EXISTS {partition}_iv ON {partition} (room_id, iv)")
+}
+
 /// Whether the error is a day's unique `_iv` index refusing a repeated `(room_id, iv)`.
 fn is_repeat(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
@@ -336,8 +350,8 @@ impl PgStore {
             // query, so one transaction: a partition never exists without its replay key.
             let sql = format!(
                 "CREATE TABLE IF NOT EXISTS {name} PARTITION OF messages
-                 FOR VALUES FROM ('{from}') TO ('{to}');
-                 CREATE UNIQUE INDEX IF NOT EXISTS {name}_iv ON {name} (room_id, iv)"
+                 FOR VALUES FROM ('{from}') TO ('{to}'); {}",
+                replay_key(&name, true)
             );
             match client.batch_execute(&sql).await {
                 Ok(()) => created += 1,
@@ -348,15 +362,12 @@ impl PgStore {
         }
         // A partition made by a binary older than schema version 4 (still running beside a
         // newer one) has no replay key: give it one, unique unless it holds a repeat.
-        let names: Vec<String> = (today - 1..=today + PARTITIONS_AHEAD)
-            .map(partition_name)
-            .collect();
         let bare = client
             .query(
                 "SELECT c.relname::text FROM pg_class c
                  WHERE c.relname = ANY($1) AND c.relkind = 'r' AND NOT EXISTS (
                      SELECT 1 FROM pg_class i WHERE i.relname = c.relname || '_iv')",
-                &[&names],
+                &[&nearby_partitions(now)],
             )
             .await
             .map_err(pg_err)?;
@@ -366,16 +377,10 @@ impl PgStore {
                 continue;
             };
             let name = partition_name(day);
-            let unique = client
-                .batch_execute(&format!(
-                    "CREATE UNIQUE INDEX IF NOT EXISTS {name}_iv ON {name} (room_id, iv)"
-                ))
-                .await;
+            let unique = client.batch_execute(&replay_key(&name, true)).await;
             let made = match unique {
                 Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => client
-                    .batch_execute(&format!(
-                        "CREATE INDEX IF NOT EXISTS {name}_iv ON {name} (room_id, iv)"
-                    ))
+                    .batch_execute(&replay_key(&name, false))
                     .await
                     .map(|()| "plain"),
                 other => other.map(|()| "unique"),
@@ -399,10 +404,6 @@ impl PgStore {
         client: &tokio_postgres::Client,
         now: Millis,
     ) -> Result<(), tokio_postgres::Error> {
-        let today = now.div_euclid(EPOCH_MS);
-        let names: Vec<String> = (today - 1..=today + PARTITIONS_AHEAD)
-            .map(partition_name)
-            .collect();
         let rows = client
             .query(
                 "SELECT c.relname::text FROM pg_index x
@@ -410,7 +411,7 @@ impl PgStore {
                  JOIN pg_class c ON c.oid = x.indrelid
                  WHERE c.relname = ANY($1) AND i.relname = c.relname || '_iv'
                    AND x.indisunique AND x.indisvalid",
-                &[&names],
+                &[&nearby_partitions(now)],
             )
             .await?;
         let days = rows
