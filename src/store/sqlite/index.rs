@@ -12,7 +12,8 @@
 //! [`PendingIndex::move_at`] of them they become a sorted generation (`moving`, `moving_seqs`)
 //! that the following appends carry into the tables, a chunk in each of their transactions.
 //! Sorted, many entries share each leaf, so a generation writes a page per many entries instead
-//! of one per entry. A key is looked up in all three places.
+//! of one per entry. A key is looked up in all three places, unless the writer's filter (see
+//! `filter`) rules it out first.
 //!
 //! Durability: an entry in memory belongs to a committed message. `replay_index.indexed_through`
 //! is a message id at or below which every stored message has both entries in the tables; it

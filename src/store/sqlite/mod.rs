@@ -16,7 +16,8 @@
 //!
 //! Messages are rows in the order they were stored; a room's history is found through
 //! `message_seqs`, which like the replay keys is filled in large sorted steps while the newest
-//! entries wait in memory, where history reads look too (see [`index`]).
+//! entries wait in memory, where history reads look too (see [`index`]). A filter in memory over
+//! the replay keys spares the table lookup for almost every new message (see [`filter`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
