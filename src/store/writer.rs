@@ -8,8 +8,12 @@
 //! - Rooms are split over `shards` writer tasks by room id; each has one batch in flight at a
 //!   time. While it commits, new messages pile up in its queue and form the next batch, so
 //!   batches grow exactly when the database is the bottleneck, and a quiet server commits each
-//!   message alone without waiting for a timer. Several shards let Postgres commit batches in
-//!   parallel (SQLite has one writer connection, so it runs one shard).
+//!   message alone without waiting for a timer.
+//!   Several shards let Postgres commit batches in parallel (SQLite has one writer
+//!   connection, so it runs one shard).
+//! - Answering a committed batch (acks, `msg` frames, fan-out) overlaps the next batch's
+//!   transaction when one is already queued, so it does not lengthen the time between
+//!   commits; with nothing queued it is answered at once.
 //! - A room always goes to the same shard. Within it, seqs are assigned in batch order and
 //!   batches commit in order, so publishing after each commit delivers every room's messages
 //!   in seq order. Shards never share a room, so their transactions never wait for each other.
@@ -110,6 +114,15 @@ impl Writer {
     }
 }
 
+/// A batch whose transaction has ended: what its senders and rooms are still owed.
+struct Finished {
+    msgs: Vec<NewMessage>,
+    metas: Vec<(SessionId, Instant, oneshot::Sender<WriteResult>)>,
+    result: Result<Vec<AppendOutcome>, super::StoreError>,
+    now: Millis,
+    committed: Instant,
+}
+
 async fn run(
     mut rx: mpsc::Receiver<Job>,
     store: Arc<dyn Store>,
@@ -118,62 +131,116 @@ async fn run(
     batch_max: usize,
 ) {
     let mut jobs = Vec::with_capacity(batch_max);
-    while rx.recv_many(&mut jobs, batch_max).await > 0 {
+    // A committed batch not yet answered, kept only while the next one commits.
+    let mut unanswered: Option<Finished> = None;
+    loop {
+        if jobs.is_empty() && rx.recv_many(&mut jobs, batch_max).await == 0 {
+            break;
+        }
         let (msgs, metas): (Vec<NewMessage>, Vec<_>) = jobs
             .drain(..)
             .map(|j| (j.msg, (j.origin, j.received, j.reply)))
             .unzip();
         let started = Instant::now();
         let now = now_ms();
-        let result = store.append(&msgs, now).await;
-        metrics
-            .store_batch_seconds
-            .observe(started.elapsed().as_secs_f64());
-        metrics.store_batch_size.observe(msgs.len() as f64);
-        match result {
-            Ok(outcomes) => {
-                let committed = Instant::now();
-                for ((msg, (origin, received, reply)), outcome) in
-                    msgs.into_iter().zip(metas).zip(outcomes)
-                {
-                    let answer = match outcome {
-                        AppendOutcome::Stored { seq } => {
-                            metrics.messages_stored_total.inc();
-                            let frame: ByteString = ServerFrame::Msg(WireMsg {
-                                seq,
-                                ts: now,
-                                epoch: msg.epoch,
-                                iv: b64u(&msg.iv),
-                                ct: b64u(&msg.ct),
-                            })
-                            .to_text()
-                            .into();
-                            hub.publish(&msg.room, seq, &frame, Some(origin));
-                            Ok(Committed { seq, ts: now })
-                        }
-                        AppendOutcome::Replay => Err(ErrorCode::Replay),
-                        AppendOutcome::RoomGone => Err(ErrorCode::RoomGone),
-                    };
-                    let result = if answer.is_ok() { "ok" } else { "refused" };
-                    metrics
-                        .ack_latency_seconds
-                        .with_label_values(&[result])
-                        .observe(received.elapsed().as_secs_f64());
-                    let _ = reply.send(answer);
-                }
-                metrics
-                    .fanout_seconds
-                    .observe(committed.elapsed().as_secs_f64());
+        let append = async {
+            let result = store.append(&msgs, now).await;
+            metrics
+                .store_batch_seconds
+                .observe(started.elapsed().as_secs_f64());
+            result
+        };
+        // The previous batch is answered and fanned out while this one commits: that work
+        // no longer stands between two transactions. Its rooms' next messages are in this
+        // batch, published only after it, so every room still sees its messages in order.
+        let result = match unanswered.take() {
+            Some(done) => {
+                let (result, ()) = futures_util::future::join(append, async {
+                    answer(done, &hub, &metrics);
+                })
+                .await;
+                result
             }
-            Err(e) => {
-                tracing::warn!(error = %e, batch = msgs.len(), "message batch not stored");
+            None => append.await,
+        };
+        metrics.store_batch_size.observe(msgs.len() as f64);
+        let done = Finished {
+            msgs,
+            metas,
+            result,
+            now,
+            committed: Instant::now(),
+        };
+        // Whatever queued meanwhile forms the next batch. With none, answer at once rather
+        // than wait for a next batch to overlap with.
+        while jobs.len() < batch_max {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        if jobs.is_empty() {
+            answer(done, &hub, &metrics);
+        } else {
+            unanswered = Some(done);
+        }
+    }
+    if let Some(done) = unanswered {
+        answer(done, &hub, &metrics);
+    }
+}
+
+/// Answer each sender of a finished batch and fan its stored messages out.
+fn answer(done: Finished, hub: &Hub, metrics: &Metrics) {
+    let Finished {
+        msgs,
+        metas,
+        result,
+        now,
+        committed,
+    } = done;
+    match result {
+        Ok(outcomes) => {
+            for ((msg, (origin, received, reply)), outcome) in
+                msgs.into_iter().zip(metas).zip(outcomes)
+            {
+                let answer = match outcome {
+                    AppendOutcome::Stored { seq } => {
+                        metrics.messages_stored_total.inc();
+                        let frame: ByteString = ServerFrame::Msg(WireMsg {
+                            seq,
+                            ts: now,
+                            epoch: msg.epoch,
+                            iv: b64u(&msg.iv),
+                            ct: b64u(&msg.ct),
+                        })
+                        .to_text()
+                        .into();
+                        hub.publish(&msg.room, seq, &frame, Some(origin));
+                        Ok(Committed { seq, ts: now })
+                    }
+                    AppendOutcome::Replay => Err(ErrorCode::Replay),
+                    AppendOutcome::RoomGone => Err(ErrorCode::RoomGone),
+                };
+                let result = if answer.is_ok() { "ok" } else { "refused" };
                 metrics
-                    .store_errors_total
-                    .with_label_values(&["append"])
-                    .inc();
-                for (_, _, reply) in metas {
-                    let _ = reply.send(Err(ErrorCode::Unavailable));
-                }
+                    .ack_latency_seconds
+                    .with_label_values(&[result])
+                    .observe(received.elapsed().as_secs_f64());
+                let _ = reply.send(answer);
+            }
+            metrics
+                .fanout_seconds
+                .observe(committed.elapsed().as_secs_f64());
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, batch = msgs.len(), "message batch not stored");
+            metrics
+                .store_errors_total
+                .with_label_values(&["append"])
+                .inc();
+            for (_, _, reply) in metas {
+                let _ = reply.send(Err(ErrorCode::Unavailable));
             }
         }
     }

@@ -428,6 +428,76 @@ async fn concurrent_senders_are_group_committed_and_acked_after_commit(
     );
 }
 
+/// Batches back to back: the writer answers and fans out each batch while the next one
+/// commits. A watcher of each room still gets every message once and in seq order, each ack
+/// names the seq the watcher saw for that message, and a message sent alone afterwards is
+/// answered without another batch behind it.
+async fn back_to_back_batches_are_fanned_out_in_order(store: Arc<dyn Store>) {
+    let now = now_ms();
+    let rooms: Vec<[u8; 16]> = (0..3).map(|n| room(40 + n)).collect();
+    for r in &rooms {
+        create(&*store, r, now).await;
+    }
+    let metrics = Arc::new(Metrics::new());
+    let hub = Arc::new(Hub::new(4096, 16 << 20, metrics.clone()));
+    let mut watchers: Vec<_> = rooms.iter().map(|r| hub.subscribe(r, 1_000)).collect();
+    // Small batches and many messages in flight: dozens of batches, each one queued behind
+    // the one committing.
+    let (writer, _tasks) = Writer::spawn(store.clone(), hub, metrics.clone(), 4096, 16, 1);
+    let mut acks = Vec::new();
+    for i in 0..600usize {
+        let rx = writer
+            .submit(
+                msg(rooms[i % 3], (i % 250) as u8),
+                (i % 7) as u64,
+                std::time::Instant::now(),
+            )
+            .await;
+        acks.push((i % 3, rx));
+    }
+    let mut acked: Vec<Vec<i64>> = vec![Vec::new(); 3];
+    for (r, rx) in acks {
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
+            .await
+            .expect("every message is answered");
+        acked[r].push(answer.unwrap().expect("stored").seq);
+    }
+    assert!(
+        metrics.store_batch_size.get_sample_count() >= 20,
+        "expected many small batches, got {}",
+        metrics.store_batch_size.get_sample_count()
+    );
+    for (r, w) in watchers.iter_mut().enumerate() {
+        let mut seen = Vec::new();
+        while let Ok(out) = w.rx.try_recv() {
+            seen.push(out.seq);
+        }
+        assert_eq!(
+            seen,
+            (1..=200).collect::<Vec<i64>>(),
+            "room {r}: in order, once"
+        );
+        let mut sorted = acked[r].clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, seen, "room {r}: acks name the delivered seqs");
+    }
+    // Alone on a quiet writer: answered and delivered without waiting for company.
+    let rx = writer
+        .submit(msg(rooms[0], 1), 3, std::time::Instant::now())
+        .await;
+    let lone = tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+        .await
+        .expect("a lone message is answered without a next batch")
+        .unwrap()
+        .expect("stored");
+    assert_eq!(lone.seq, 201);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(10), watchers[0].rx.recv())
+        .await
+        .expect("and fanned out")
+        .expect("subscribed");
+    assert_eq!(out.seq, 201);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite_backend {
@@ -637,6 +707,18 @@ async fn sqlite_group_commits_concurrent_senders() {
 async fn postgres_group_commits_concurrent_senders() {
     let f = postgres().await;
     concurrent_senders_are_group_committed_and_acked_after_commit(f.store.clone(), 1).await;
+}
+
+#[tokio::test]
+async fn sqlite_writer_fans_out_back_to_back_batches_in_order() {
+    let f = sqlite().await;
+    back_to_back_batches_are_fanned_out_in_order(f.store.clone()).await;
+}
+
+#[tokio::test]
+async fn postgres_writer_fans_out_back_to_back_batches_in_order() {
+    let f = postgres().await;
+    back_to_back_batches_are_fanned_out_in_order(f.store.clone()).await;
 }
 
 /// Four writer shards committing in parallel: every room's seqs still come in order, once
