@@ -428,8 +428,8 @@ async fn concurrent_senders_are_group_committed_and_acked_after_commit(
     );
 }
 
-/// Batches back to back: the writer answers and fans out each batch while the next one
-/// commits. A watcher of each room still gets every message once and in seq order, each ack
+/// Batches back to back (on SQLite a task of their own answers and fans out each batch while
+/// the next one commits; on Postgres the writer does so between batches). A watcher of each room still gets every message once and in seq order, each ack
 /// names the seq the watcher saw for that message, and a message sent alone afterwards is
 /// answered without another batch behind it.
 async fn back_to_back_batches_are_fanned_out_in_order(store: Arc<dyn Store>) {
