@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use bytestring::ByteString;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::crypto::RoomId;
 use crate::metrics::Metrics;
@@ -63,10 +62,13 @@ pub enum KickReason {
     Nuked,
 }
 
-/// A one-shot signal from the hub to a session.
+/// Why the hub let go of a session, set once. The hub kicks a socket by taking it out of its
+/// room, which drops the only sender of the socket's queue: the session sees its queue close
+/// (it watches the queue anyway) and only then reads the reason, so its loop has nothing more
+/// to check each time round.
 #[derive(Debug, Clone, Default)]
 pub struct Kick {
-    token: CancellationToken,
+    /// 0 until fired, then the first reason's code.
     reason: Arc<AtomicU8>,
 }
 
@@ -80,15 +82,14 @@ impl Kick {
         let _ = self
             .reason
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
-        self.token.cancel();
     }
 
-    /// Wait until the session is kicked; returns why.
-    pub async fn kicked(&self) -> KickReason {
-        self.token.cancelled().await;
+    /// Why the socket was kicked, if it was.
+    pub fn reason(&self) -> Option<KickReason> {
         match self.reason.load(Ordering::Acquire) {
-            2 => KickReason::Nuked,
-            _ => KickReason::SlowConsumer,
+            0 => None,
+            2 => Some(KickReason::Nuked),
+            _ => Some(KickReason::SlowConsumer),
         }
     }
 }
@@ -104,7 +105,7 @@ struct Subscriber {
 pub struct Subscription {
     /// Frames for this socket.
     pub rx: mpsc::Receiver<Outbound>,
-    /// Fires when the socket must leave the room.
+    /// Why the socket left the room, once `rx` has closed.
     pub kick: Kick,
     /// Bytes queued in `rx`; the session subtracts what it has written.
     pub queued: Arc<AtomicUsize>,
@@ -288,7 +289,9 @@ mod tests {
             assert!(hub.publish(&room, seq, &frame, None) >= 1);
             assert_eq!(fast.rx.recv().await.map(|o| o.seq), Some(seq));
         }
-        assert_eq!(slow.kick.kicked().await, KickReason::SlowConsumer);
+        assert!(slow.rx.is_closed());
+        assert_eq!(slow.kick.reason(), Some(KickReason::SlowConsumer));
+        assert_eq!(fast.kick.reason(), None);
         assert_eq!(hub.members(&room), 1);
         // Its two queued frames and the one that did not fit were dropped with it.
         assert_eq!(hub.metrics.messages_dropped_total.get(), 3);
@@ -307,8 +310,10 @@ mod tests {
         assert_eq!(b.rx.recv().await.map(|o| o.seq), Some(1));
         assert!(a.rx.try_recv().is_err());
         assert_eq!(hub.nuke(&room), 2);
-        assert_eq!(a.kick.kicked().await, KickReason::Nuked);
-        assert_eq!(b.kick.kicked().await, KickReason::Nuked);
+        for sub in [&a, &b] {
+            assert!(sub.rx.is_closed());
+            assert_eq!(sub.kick.reason(), Some(KickReason::Nuked));
+        }
         assert_eq!(hub.members(&room), 0);
     }
 
@@ -322,6 +327,7 @@ mod tests {
         assert_eq!(hub.publish(&room, 2, &frame, None), 1);
         assert_eq!(sub.queued.load(Ordering::Relaxed), 10);
         assert_eq!(hub.publish(&room, 3, &frame, None), 0);
-        assert_eq!(sub.kick.kicked().await, KickReason::SlowConsumer);
+        assert!(sub.rx.is_closed());
+        assert_eq!(sub.kick.reason(), Some(KickReason::SlowConsumer));
     }
 }

@@ -2,25 +2,25 @@
 //!
 //! # The loop
 //! A single task per socket `select!`s over, in priority order:
-//! 1. a kick from the hub (room wiped, or this socket too slow),
-//! 2. commits of this socket's `send`s, answered with `ack` in send order,
-//! 3. frames queued for this socket by the hub (all that are waiting go out in one write),
-//! 4. the next client frame, read only while fewer than `limits.max_inflight_sends` sends are
+//! 1. commits of this socket's `send`s, answered with `ack` in send order,
+//! 2. frames queued for this socket by the hub (all that are waiting go out in one write), or
+//!    the queue's closing: the hub kicked the socket (room wiped, or this socket too slow),
+//!    which ends it at once, whatever is still queued,
+//! 3. the next client frame, read only while fewer than `limits.max_inflight_sends` sends are
 //!    waiting for their commit (so a fast sender is paced by the database, not buffered),
-//! 5. the heartbeat tick: close after `limits.idle_timeout_secs` of client silence, else ping.
+//! 4. the heartbeat tick: close after `limits.idle_timeout_secs` of client silence, else ping.
 //!
 //! Writes to the socket are bounded by `limits.send_timeout_secs`; a client that stops reading
 //! is dropped instead of holding the task. Nothing here holds a lock across an `.await`.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use actix_http::ws::CloseCode;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesOrdered;
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::mpsc;
@@ -47,17 +47,29 @@ const STRIKE_INVALID: u32 = 4;
 /// Most live frames written to a socket in one write.
 const DELIVER_BATCH: usize = 64;
 
-type PendingAck = Pin<
-    Box<
-        dyn Future<
-            Output = (
-                String,
-                [u8; 12],
-                Result<WriteResult, oneshot::error::RecvError>,
-            ),
-        >,
-    >,
->;
+/// A `send` waiting for its commit. Commits come back in the order sends were made (one room,
+/// one writer), and acks must go out in that order anyway, so only the oldest is ever waited on.
+struct PendingSend {
+    reference: String,
+    iv: [u8; 12],
+    reply: oneshot::Receiver<WriteResult>,
+}
+
+type Answered = (
+    String,
+    [u8; 12],
+    Result<WriteResult, oneshot::error::RecvError>,
+);
+
+/// The oldest pending send's answer, once it has one.
+fn next_answer(pending: &mut VecDeque<PendingSend>, cx: &mut Context<'_>) -> Poll<Answered> {
+    let Some(oldest) = pending.front_mut() else {
+        return Poll::Pending;
+    };
+    let result = std::task::ready!(Pin::new(&mut oldest.reply).poll(cx));
+    let done = pending.pop_front().expect("front exists");
+    Poll::Ready((done.reference, done.iv, result))
+}
 
 /// Why the loop ended, turned into a close frame.
 enum End {
@@ -125,7 +137,7 @@ struct Conn {
     ws: Writer,
     challenge: [u8; CHALLENGE_LEN],
     joined: Option<Joined>,
-    pending: FuturesOrdered<PendingAck>,
+    pending: VecDeque<PendingSend>,
     limiter: DefaultDirectRateLimiter,
     strikes: DirectLimiter,
     send_timeout: Duration,
@@ -169,13 +181,6 @@ async fn next_outbound(rx: &mut Option<mpsc::Receiver<Outbound>>) -> Option<Outb
     }
 }
 
-async fn next_kick(kick: &Option<Kick>) -> KickReason {
-    match kick {
-        Some(k) => k.kicked().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Run one connection to its end.
 pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Peer) {
     let limits = &state.settings.limits;
@@ -197,7 +202,7 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
         ws,
         challenge,
         joined: None,
-        pending: FuturesOrdered::new(),
+        pending: VecDeque::new(),
         limiter: RateLimiter::direct(quota),
         // One strike is forgiven every two seconds.
         strikes: DirectLimiter::with_quota(
@@ -228,8 +233,13 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
     let mut last_heard = Instant::now();
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
 
-    let shutdown = state.shutdown.clone();
-    let mut draining = false;
+    // Polled once here so that its wake-up is registered; after that the loop looks at the
+    // lock-free flag and polls the token only once shutdown has begun (a token's poll takes a
+    // lock that every session shares). The flag is read at every poll, not as a `select!`
+    // condition: those are read once per round, and the wake-up comes in the middle of one.
+    let shutdown = state.shutdown.clone().cancelled_owned();
+    tokio::pin!(shutdown);
+    let mut draining = futures_util::poll!(&mut shutdown).is_ready();
     let end = if conn.send(hello.to_text()).await.is_err() {
         End::Gone
     } else {
@@ -241,26 +251,18 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
             }
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled(), if !draining => {
+                _ = std::future::poll_fn(|cx| match state.is_shutting_down() {
+                    true => shutdown.as_mut().poll(cx),
+                    false => Poll::Pending,
+                }), if !draining => {
                     draining = true;
                 }
-                reason = next_kick(&kick) => {
-                    break match reason {
-                        KickReason::Nuked => {
-                            let _ = conn.send(ServerFrame::Nuked.to_text()).await;
-                            End::Close(CloseCode::Normal, "room wiped")
-                        }
-                        KickReason::SlowConsumer => {
-                            End::Close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow")
-                        }
-                    };
-                }
-                Some((reference, iv, result)) = conn.pending.next(), if !conn.pending.is_empty() => {
+                (reference, iv, result) = std::future::poll_fn(|cx| next_answer(&mut conn.pending, cx)), if !conn.pending.is_empty() => {
                     conn.answer_send(reference, iv, result);
                     // Sends committed together are answered in one write. Polled with this
                     // task's own waker, so a wake-up asked for meanwhile is never lost.
                     std::future::poll_fn(|cx| {
-                        while let Poll::Ready(Some((reference, iv, result))) = conn.pending.poll_next_unpin(cx) {
+                        while let Poll::Ready((reference, iv, result)) = next_answer(&mut conn.pending, cx) {
                             conn.answer_send(reference, iv, result);
                         }
                         Poll::Ready(())
@@ -271,9 +273,18 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
                     }
                 }
                 out = next_outbound(&mut rx) => {
-                    let Some(out) = out else {
-                        // The hub dropped us without a kick: treat as too slow.
-                        break End::Close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow");
+                    // A closed queue is a kick: leave now, frames still queued are not sent
+                    // (the client catches up from storage when it rejoins).
+                    let closed = rx.as_ref().is_none_or(|rx| rx.is_closed());
+                    let Some(out) = out.filter(|_| !closed) else {
+                        break match kick.as_ref().and_then(Kick::reason) {
+                            Some(KickReason::Nuked) => {
+                                let _ = conn.send(ServerFrame::Nuked.to_text()).await;
+                                End::Close(CloseCode::Normal, "room wiped")
+                            }
+                            // Too slow, or dropped by the hub without a reason: the same.
+                            _ => End::Close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow"),
+                        };
                     };
                     if conn.deliver_queued(out, &mut rx).await.is_err() {
                         break End::Gone;
@@ -905,8 +916,11 @@ impl Conn {
         };
         let rx = self.state.writer.submit(msg, self.id, received).await;
         self.inflight_ivs.insert(iv);
-        self.pending
-            .push_back(Box::pin(async move { (reference, iv, rx.await) }));
+        self.pending.push_back(PendingSend {
+            reference,
+            iv,
+            reply: rx,
+        });
         Ok(())
     }
 

@@ -66,6 +66,9 @@ pub struct AppState {
     pub onion_port: Option<u16>,
     /// Cancelled when the server starts draining for shutdown.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Set just before `shutdown` is cancelled: a check that takes no lock, for loops that
+    /// look every time round.
+    shutting_down: std::sync::atomic::AtomicBool,
     /// Cancelled when the server has stopped: ends the background tasks, which releases the
     /// store (and with it the SQLite data-directory lock).
     pub tasks: tokio_util::sync::CancellationToken,
@@ -76,7 +79,15 @@ impl AppState {
     /// then asks its client to reconnect.
     pub fn begin_shutdown(&self) {
         self.metrics.draining.set(1);
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::Release);
         self.shutdown.cancel();
+    }
+
+    /// Whether [`AppState::begin_shutdown`] has been called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -316,7 +327,7 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if state.shutdown.is_cancelled() {
+    if state.is_shutting_down() {
         return HttpResponse::ServiceUnavailable()
             .content_type("text/plain; charset=utf-8")
             .body("shutting down\n");
@@ -574,6 +585,7 @@ impl Application {
             identity,
             onion_port,
             shutdown: tokio_util::sync::CancellationToken::new(),
+            shutting_down: Default::default(),
             tasks: tokio_util::sync::CancellationToken::new(),
         });
         let handshake_timeout = Duration::from_secs(state.settings.limits.handshake_timeout_secs);

@@ -42,6 +42,9 @@ pub struct Committed {
 /// The answer to one submitted message.
 pub type WriteResult = Result<Committed, ErrorCode>;
 
+/// Queued boxed: the queue stores its items in blocks of 32, and a block of whole jobs (about
+/// 3 KiB) was a large allocation every 32 messages, each of which made glibc sweep the socket
+/// thread's freed small blocks first. A block of pointers is small.
 struct Job {
     msg: NewMessage,
     origin: SessionId,
@@ -53,7 +56,7 @@ struct Job {
 /// dropped and their queues are drained.
 #[derive(Clone)]
 pub struct Writer {
-    shards: Arc<[mpsc::Sender<Job>]>,
+    shards: Arc<[mpsc::Sender<Box<Job>>]>,
 }
 
 impl Writer {
@@ -108,12 +111,12 @@ impl Writer {
         received: Instant,
     ) -> oneshot::Receiver<WriteResult> {
         let (reply, rx) = oneshot::channel();
-        let job = Job {
+        let job = Box::new(Job {
             msg,
             origin,
             received,
             reply,
-        };
+        });
         // Room ids are HKDF outputs: their first bytes spread rooms evenly. A client choosing
         // ids to crowd one shard only slows that shard, as one writer would be anyway.
         let head = u64::from_le_bytes(job.msg.room[..8].try_into().expect("16-byte room id"));
@@ -146,7 +149,7 @@ enum Answers {
 /// One writer: commit whatever is queued, have the batch answered, then take what queued
 /// meanwhile. Ends when every [`Writer`] is gone.
 async fn run(
-    mut rx: mpsc::Receiver<Job>,
+    mut rx: mpsc::Receiver<Box<Job>>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     batch_max: usize,

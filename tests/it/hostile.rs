@@ -531,3 +531,83 @@ async fn memory_and_descriptors_return_to_baseline_after_rounds_of_the_corpus() 
     still_served(&mut alice, &mut s).await;
     eprintln!("rss KiB / fds per round: {samples:?}");
 }
+
+/// A member that stops reading is cut off with close code 4008 once its queue is over budget;
+/// the room's other members keep being served, and what it missed is in storage.
+#[actix_web::test]
+async fn a_member_that_stops_reading_is_closed_as_too_slow_and_no_one_else_waits() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.limits.max_ct_bytes = 8192;
+        s.limits.max_frame_bytes = 8192 * 4 / 3 + 256;
+        // Room for a single large frame: the second one queued behind it is over budget.
+        s.limits.send_queue_bytes = s.limits.max_frame_bytes;
+        // Long enough that the stalled socket is still open when it reads again.
+        s.limits.send_timeout_secs = 120;
+    })
+    .await;
+    let (mut alice, keys) = app.room_creator().await;
+    let mut lazy = app.client().await;
+    assert!(matches!(
+        lazy.join(&keys, None).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    let mut s = RoomSession::new(keys.clone());
+    let text = "z".repeat(6000);
+    let mut sent = 0;
+    let kicked = |metrics: &str| {
+        metrics
+            .lines()
+            .any(|l| l.starts_with("nanochat_slow_consumers_total ") && !l.ends_with(" 0"))
+    };
+    // `lazy` reads nothing: its socket's buffers fill, its session waits on the write, and the
+    // hub finds its queue over budget.
+    loop {
+        let sealed = s.seal("alice", &text);
+        alice.send_sealed(&sent.to_string(), &sealed).await.unwrap();
+        assert!(
+            matches!(alice.recv().await.unwrap(), ServerFrame::Ack { .. }),
+            "alice's sends are acknowledged while another member stalls"
+        );
+        sent += 1;
+        if sent % 50 == 0
+            && kicked(
+                &crate::helpers::http_get(app.admin_port, "/metrics")
+                    .await
+                    .body,
+            )
+        {
+            break;
+        }
+        assert!(sent < 20_000, "the stalled member was never found too slow");
+    }
+    // Reading again, it gets what was already written to it and then the close.
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        crate::api::expect_close(&mut lazy, 4008),
+    )
+    .await
+    .expect("closed as too slow");
+    // Alice is still served, and a new member finds every message in storage.
+    still_served(&mut alice, &mut s).await;
+    let mut late = app.client().await;
+    let mut seqs = Vec::new();
+    let mut page = late.join(&keys, Some(0)).await.unwrap();
+    loop {
+        let (ServerFrame::Joined { messages, more, .. } | ServerFrame::History { messages, more }) =
+            page
+        else {
+            panic!("unexpected {page:?}");
+        };
+        seqs.extend(messages.iter().map(|m| m.seq));
+        if !more {
+            break;
+        }
+        let after = seqs.last().copied().unwrap_or(0);
+        late.send_json(&serde_json::json!({"type": "history", "after": after}))
+            .await
+            .unwrap();
+        page = late.recv().await.unwrap();
+    }
+    // Everything alice sent, and her last message after the close.
+    assert_eq!(seqs, (1..=sent + 1).collect::<Vec<i64>>());
+}
