@@ -46,6 +46,8 @@ const STRIKE_RATE_LIMITED: u32 = 1;
 const STRIKE_INVALID: u32 = 4;
 /// Most live frames written to a socket in one write.
 const DELIVER_BATCH: usize = 64;
+/// Pending sends a socket keeps room for once all are answered; a larger burst's room is freed.
+const INFLIGHT_KEPT: usize = 8;
 
 /// A `send` waiting for its commit. Commits come back in the order sends were made (one room,
 /// one writer), and acks must go out in that order anyway, so only the oldest is ever waited on.
@@ -268,6 +270,7 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
                         Poll::Ready(())
                     })
                     .await;
+                    conn.release_idle_inflight();
                     if conn.flush().await.is_err() {
                         break End::Gone;
                     }
@@ -506,6 +509,16 @@ impl Conn {
             return Err(End::Close(CloseCode::Policy, "too many refused frames"));
         }
         Ok(())
+    }
+
+    /// Once every send is answered, give back what a burst of them grew (up to
+    /// `limits.max_inflight_sends` entries), so a socket that sent a burst once does not keep
+    /// that memory while it sits idle.
+    fn release_idle_inflight(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > INFLIGHT_KEPT {
+            self.pending = VecDeque::new();
+            self.inflight_ivs = Default::default();
+        }
     }
 
     /// Queue the answer to a committed (or failed) send: `ack`, or the error that says why it
