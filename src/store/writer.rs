@@ -204,6 +204,10 @@ fn answer(done: Finished, hub: &Hub, metrics: &Metrics) {
     } = done;
     match result {
         Ok(outcomes) => {
+            // Looked up and timed once per batch, not per message.
+            let acked = metrics.ack_latency_seconds.with_label_values(&["ok"]);
+            let refused = metrics.ack_latency_seconds.with_label_values(&["refused"]);
+            let answered = Instant::now();
             for ((msg, (origin, received, reply)), outcome) in
                 msgs.into_iter().zip(metas).zip(outcomes)
             {
@@ -225,11 +229,8 @@ fn answer(done: Finished, hub: &Hub, metrics: &Metrics) {
                     AppendOutcome::Replay => Err(ErrorCode::Replay),
                     AppendOutcome::RoomGone => Err(ErrorCode::RoomGone),
                 };
-                let result = if answer.is_ok() { "ok" } else { "refused" };
-                metrics
-                    .ack_latency_seconds
-                    .with_label_values(&[result])
-                    .observe(received.elapsed().as_secs_f64());
+                let latency = if answer.is_ok() { &acked } else { &refused };
+                latency.observe(answered.saturating_duration_since(received).as_secs_f64());
                 let _ = reply.send(answer);
             }
             metrics
