@@ -53,15 +53,13 @@ const INFLIGHT_KEPT: usize = 8;
 /// one writer), and acks must go out in that order anyway, so only the oldest is ever waited on.
 struct PendingSend {
     reference: String,
+    /// When a gap is filled from storage, a stored message with this IV is this socket's own,
+    /// answered by its ack rather than echoed.
     iv: [u8; 12],
     reply: oneshot::Receiver<WriteResult>,
 }
 
-type Answered = (
-    String,
-    [u8; 12],
-    Result<WriteResult, oneshot::error::RecvError>,
-);
+type Answered = (String, Result<WriteResult, oneshot::error::RecvError>);
 
 /// The oldest pending send's answer, once it has one.
 fn next_answer(pending: &mut VecDeque<PendingSend>, cx: &mut Context<'_>) -> Poll<Answered> {
@@ -70,7 +68,7 @@ fn next_answer(pending: &mut VecDeque<PendingSend>, cx: &mut Context<'_>) -> Pol
     };
     let result = std::task::ready!(Pin::new(&mut oldest.reply).poll(cx));
     let done = pending.pop_front().expect("front exists");
-    Poll::Ready((done.reference, done.iv, result))
+    Poll::Ready((done.reference, result))
 }
 
 /// Why the loop ended, turned into a close frame.
@@ -145,9 +143,6 @@ struct Conn {
     send_timeout: Duration,
     peer: Peer,
     queued: Option<Arc<std::sync::atomic::AtomicUsize>>,
-    /// IVs of this socket's sends that wait for their ack: when a gap is filled from storage,
-    /// these are the sender's own messages, answered by their ack rather than echoed.
-    inflight_ivs: std::collections::HashSet<[u8; 12]>,
 }
 
 fn refuse(code: ErrorCode, message: &'static str) -> FrameError {
@@ -218,7 +213,6 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
         ),
         peer,
         queued: None,
-        inflight_ivs: Default::default(),
     };
     state.metrics.connections_open.inc();
     state.metrics.connections_total.inc();
@@ -259,13 +253,13 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
                 }), if !draining => {
                     draining = true;
                 }
-                (reference, iv, result) = std::future::poll_fn(|cx| next_answer(&mut conn.pending, cx)), if !conn.pending.is_empty() => {
-                    conn.answer_send(reference, iv, result);
+                (reference, result) = std::future::poll_fn(|cx| next_answer(&mut conn.pending, cx)), if !conn.pending.is_empty() => {
+                    conn.answer_send(reference, result);
                     // Sends committed together are answered in one write. Polled with this
                     // task's own waker, so a wake-up asked for meanwhile is never lost.
                     std::future::poll_fn(|cx| {
-                        while let Poll::Ready((reference, iv, result)) = next_answer(&mut conn.pending, cx) {
-                            conn.answer_send(reference, iv, result);
+                        while let Poll::Ready((reference, result)) = next_answer(&mut conn.pending, cx) {
+                            conn.answer_send(reference, result);
                         }
                         Poll::Ready(())
                     })
@@ -454,10 +448,9 @@ impl Conn {
                 if self.joined.as_ref().is_some_and(|j| j.delivered.has(seq)) {
                     continue;
                 }
-                // Committed but not yet acknowledged here: its ack is on the way.
-                if <[u8; 12]>::try_from(m.iv.as_slice())
-                    .is_ok_and(|iv| self.inflight_ivs.contains(&iv))
-                {
+                // One of this socket's own sends, committed but not yet acknowledged here:
+                // its ack is on the way (a few pending sends at most, so a scan will do).
+                if self.pending.iter().any(|p| p.iv[..] == m.iv[..]) {
                     self.joined.as_mut().expect("joined").delivered.mark(seq);
                     continue;
                 }
@@ -517,7 +510,6 @@ impl Conn {
     fn release_idle_inflight(&mut self) {
         if self.pending.is_empty() && self.pending.capacity() > INFLIGHT_KEPT {
             self.pending = VecDeque::new();
-            self.inflight_ivs = Default::default();
         }
     }
 
@@ -526,10 +518,8 @@ impl Conn {
     fn answer_send(
         &mut self,
         reference: String,
-        iv: [u8; 12],
         result: Result<WriteResult, oneshot::error::RecvError>,
     ) {
-        self.inflight_ivs.remove(&iv);
         let frame = match result {
             Ok(Ok(c)) => {
                 if let Some(j) = self.joined.as_mut() {
@@ -928,7 +918,6 @@ impl Conn {
             ct,
         };
         let rx = self.state.writer.submit(msg, self.id, received).await;
-        self.inflight_ivs.insert(iv);
         self.pending.push_back(PendingSend {
             reference,
             iv,
