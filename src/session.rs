@@ -71,6 +71,54 @@ fn next_answer(pending: &mut VecDeque<PendingSend>, cx: &mut Context<'_>) -> Pol
     Poll::Ready((done.reference, result))
 }
 
+/// The heartbeat timer, polled only once it is due. A poll registers this task to be woken when
+/// the timer fires and stays registered until then, so polling it every time round the loop
+/// (as an `Interval` in the `select!` would be) only re-registers the same waker, after a
+/// cache miss on the timer's own allocation: about 1.5% of the server's samples at 25 000
+/// messages/s. The due time is kept here, beside the loop's other state, and a clock read
+/// decides.
+struct Heartbeat {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    every: Duration,
+    due: tokio::time::Instant,
+    /// Polled since its last reset, so the timer holds this task's waker.
+    armed: bool,
+}
+
+impl Heartbeat {
+    fn new(every: Duration) -> Self {
+        let due = tokio::time::Instant::now() + every;
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(due)),
+            every,
+            due,
+            armed: false,
+        }
+    }
+
+    /// Ready once per period; the next period starts when it fires.
+    fn poll_beat(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.armed && tokio::time::Instant::now() < self.due {
+            return Poll::Pending;
+        }
+        // Outside the task's budget: a poll refused for a spent budget would register nothing,
+        // and nothing else wakes a silent socket.
+        let mut sleep = tokio::task::unconstrained(self.sleep.as_mut());
+        match Pin::new(&mut sleep).poll(cx) {
+            Poll::Ready(()) => {
+                self.due = tokio::time::Instant::now() + self.every;
+                self.sleep.as_mut().reset(self.due);
+                self.armed = false;
+                Poll::Ready(())
+            }
+            Poll::Pending => {
+                self.armed = true;
+                Poll::Pending
+            }
+        }
+    }
+}
+
 /// Why the loop ended, turned into a close frame.
 enum End {
     /// The client closed or vanished; nothing to send.
@@ -227,7 +275,7 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
     let mut rx: Option<mpsc::Receiver<Outbound>> = None;
     let mut kick: Option<Kick> = None;
     let mut last_heard = Instant::now();
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    let mut heartbeat = Heartbeat::new(ping_every);
 
     // Polled once here so that its wake-up is registered; after that the loop looks at the
     // lock-free flag and polls the token only once shutdown has begun (a token's poll takes a
@@ -342,7 +390,7 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
                         Some(Err(ReadError::Protocol)) => break End::Close(CloseCode::Protocol, "protocol error"),
                     }
                 }
-                _ = ticker.tick() => {
+                () = std::future::poll_fn(|cx| heartbeat.poll_beat(cx)) => {
                     if last_heard.elapsed() >= idle_after {
                         break End::Close(CloseCode::Away, "idle timeout");
                     }
