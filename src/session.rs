@@ -320,7 +320,7 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
                 out = next_outbound(&mut rx) => {
                     // A closed queue is a kick: leave now, frames still queued are not sent
                     // (the client catches up from storage when it rejoins).
-                    let closed = rx.as_ref().is_none_or(|rx| rx.is_closed());
+                    let closed = rx.as_ref().is_some_and(mpsc::Receiver::is_closed);
                     let Some(out) = out.filter(|_| !closed) else {
                         break match kick.as_ref().and_then(Kick::reason) {
                             Some(KickReason::Nuked) => {
