@@ -21,6 +21,7 @@ use hdrhistogram::Histogram;
 use nanochat::client::Client;
 use nanochat::crypto::{self, RoomKeys};
 use nanochat::protocol::{ServerFrame, b64u, from_b64u};
+use rand::seq::SliceRandom as _;
 use tokio_tungstenite::tungstenite::Message;
 
 mod abuse;
@@ -684,43 +685,53 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
     let delivered = Arc::new(AtomicU64::new(0));
     let mut senders = Vec::new();
     let mut readers = Vec::new();
-    let mut n = 0;
-    for r in 0..args.rooms {
-        let mut secret_bytes = [0u8; 32];
-        rand::fill(&mut secret_bytes);
-        let keys = RoomKeys::derive(&secret_bytes);
-        for m in 0..args.members {
-            let server = &servers[n % servers.len()];
-            let mut ws = open(&server.addr, n, &keys, m == 0).await;
-            n += 1;
-            if m == 0 {
-                senders.push(ws);
-            } else {
-                let hist = hist.clone();
-                let delivered = delivered.clone();
-                readers.push(tokio::spawn(async move {
-                    let mut local =
-                        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-                    while let Some(Ok(msg)) = ws.next().await {
-                        let Message::Text(t) = msg else { continue };
-                        let t = t.as_str();
-                        if !t.starts_with(r#"{"type":"msg""#) {
-                            continue;
-                        }
-                        if let Some(sent_us) = sent_at(t) {
-                            let now_us = start.elapsed().as_micros() as u64;
-                            let _ = local.record(now_us.saturating_sub(sent_us).max(1));
-                            delivered.fetch_add(1, Ordering::Relaxed);
-                        }
+    // Sockets open in a random order, each room created by whichever of its members comes
+    // first, and that member is the room's sender. Opening them room by room, sender first,
+    // would line the roles up with a server's connection order: a server that hands
+    // connections to its threads in turn would get every sender on one thread and every
+    // reader on another, which no real instance sees (its members arrive at random).
+    let keys: Vec<RoomKeys> = (0..args.rooms)
+        .map(|_| {
+            let mut secret_bytes = [0u8; 32];
+            rand::fill(&mut secret_bytes);
+            RoomKeys::derive(&secret_bytes)
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..args.rooms)
+        .flat_map(|r| std::iter::repeat_n(r, args.members))
+        .collect();
+    order.shuffle(&mut rand::rng());
+    let mut created = vec![false; args.rooms];
+    for (n, r) in order.into_iter().enumerate() {
+        let server = &servers[n % servers.len()];
+        let create = !std::mem::replace(&mut created[r], true);
+        let mut ws = open(&server.addr, n, &keys[r], create).await;
+        if create {
+            senders.push(ws);
+        } else {
+            let hist = hist.clone();
+            let delivered = delivered.clone();
+            readers.push(tokio::spawn(async move {
+                let mut local =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+                while let Some(Ok(msg)) = ws.next().await {
+                    let Message::Text(t) = msg else { continue };
+                    let t = t.as_str();
+                    if !t.starts_with(r#"{"type":"msg""#) {
+                        continue;
                     }
-                    hist.lock()
-                        .expect("histogram")
-                        .add(&local)
-                        .expect("same bounds");
-                }));
-            }
+                    if let Some(sent_us) = sent_at(t) {
+                        let now_us = start.elapsed().as_micros() as u64;
+                        let _ = local.record(now_us.saturating_sub(sent_us).max(1));
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                hist.lock()
+                    .expect("histogram")
+                    .add(&local)
+                    .expect("same bounds");
+            }));
         }
-        let _ = r;
     }
     let cpu_before: f64 = servers.iter().map(|s| cpu_seconds(s.child.id())).sum();
     let machine_before = MachineCpu::now();
