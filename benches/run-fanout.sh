@@ -20,7 +20,7 @@ cargo build --release --bins -q
 load=target/release/nanochat-load
 # rooms, members, then the starting rate (messages/s) for bare, bare-nodelay, node and
 # nanochat: a little under what each reached before, so a sweep spends its runs near its maximum.
-shapes=("1 1000 500 300 50 1500" "100 10 40000 16000 4000 28000" "1000 2 80000 50000 11000 40000")
+shapes=("1 1000 500 300 50 1500" "100 10 40000 16000 4000 60000" "1000 2 80000 50000 11000 70000")
 for ((round = 1; round <= repeats; round++)); do
     for shape in "${shapes[@]}"; do
         set -- $shape
