@@ -161,7 +161,12 @@ impl Delivered {
         if seq <= self.through {
             return;
         }
-        self.ahead.insert(seq);
+        if seq > self.through + 1 {
+            self.ahead.insert(seq);
+            return;
+        }
+        // The next one, as almost always: no set node is allocated and freed for it.
+        self.through = seq;
         while self.ahead.remove(&(self.through + 1)) {
             self.through += 1;
         }
@@ -1042,5 +1047,8 @@ mod tests {
         d.mark(9);
         d.skip_to(9); // 6, 7 and 8 could not be read
         assert_eq!(d.through, 9);
+        d.mark(10);
+        assert_eq!(d.through, 10);
+        assert!(d.ahead.is_empty());
     }
 }
