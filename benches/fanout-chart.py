@@ -13,6 +13,9 @@ Usage:
 import json
 import statistics
 import sys
+from xml.sax.saxutils import escape
+
+from machine import caption
 
 TARGETS = [("bare", "bare tokio + tungstenite", "#9e9e9e"),
            ("bare-nodelay", "the same, TCP_NODELAY", "#cfcfcf"),
@@ -21,32 +24,36 @@ TARGETS = [("bare", "bare tokio + tungstenite", "#9e9e9e"),
 
 
 def sweeps(lines):
-    """{(shape, target): [max deliveries/s of each sweep]} and the steal of each passing maximum.
-    A sweep with no passing run counts as 0, so a failure pulls the median down."""
-    found, steal = {}, {}
+    """{(shape, target): [max deliveries/s of each sweep]}, the steal of each passing maximum,
+    and the machine records (benches/machine.py). A sweep with no passing run counts as 0, so a
+    failure pulls the median down."""
+    found, steal, machines = {}, {}, []
     for line in lines:
         if not line.strip().startswith("{"):
             continue
         r = json.loads(line)
+        if r.get("scenario") == "machine":
+            machines.append(r)
         if r.get("scenario") != "sweep":
             continue
         key = (f'{r["rooms"]} x {r["members"]}', r["target"])
         found.setdefault(key, []).append(r.get("max_deliveries_per_s") or 0)
         if r.get("steal_pct_at_max") is not None:
             steal.setdefault(key, []).append(r["steal_pct_at_max"])
-    return found, steal
+    return found, steal, machines
 
 
 def shapes_of(found):
     return sorted({shape for shape, _ in found}, key=lambda s: -int(s.split(" x ")[1]))
 
 
-def table(found, steal):
+def table(found, steal, machines):
     med = {k: statistics.median(v) for k, v in found.items()}
     # The bare server with TCP_NODELAY gets columns only when the sweeps include it.
     nodelay = any(t == "bare-nodelay" for _, t in found)
     extra = (" bare, `TCP_NODELAY` |", " NanoChat / bare-nodelay |") if nodelay else ("", "")
-    out = [f"| room shape | bare (deliveries/s) |{extra[0]} Node `ws` | NanoChat | NanoChat / bare |"
+    out = [line + "\n" for line in caption(machines)]
+    out += [f"| room shape | bare (deliveries/s) |{extra[0]} Node `ws` | NanoChat | NanoChat / bare |"
            f"{extra[1]} NanoChat / Node | sweeps | steal |",
            "| --- " * (8 + 2 * nodelay) + "|"]
 
@@ -76,7 +83,7 @@ def table(found, steal):
     return "\n".join(out)
 
 
-def chart(found):
+def chart(found, machines):
     best = {k: statistics.median(v) for k, v in found.items()}
     shapes = shapes_of(found)
     top = max(best.values(), default=1) or 1
@@ -88,6 +95,9 @@ def chart(found):
            'font-family="sans-serif" font-size="11">', f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="13">Fan-out: highest deliveries/s '
            'with no loss and p99 &#8804; 200 ms (median of sweeps; higher is better)</text>']
+    for i, line in enumerate(caption(machines)[:2]):
+        out.append(f'<text x="{W / 2}" y="{32 + 11 * i}" text-anchor="middle" font-size="9" '
+                   f'fill="#555">{escape(line)}</text>')
     for i in range(5):
         v = top * i / 4
         y = bottom - plot_h * i / 4
@@ -117,5 +127,5 @@ def chart(found):
 
 
 if __name__ == "__main__":
-    found, steal = sweeps(sys.stdin)
-    print(table(found, steal) if "--table" in sys.argv[1:] else chart(found))
+    found, steal, machines = sweeps(sys.stdin)
+    print(table(found, steal, machines) if "--table" in sys.argv[1:] else chart(found, machines))

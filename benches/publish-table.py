@@ -13,17 +13,22 @@ import json
 import statistics
 import sys
 
+from machine import caption
+
 P99_LIMIT_MS = 50.0
 
 
 def rounds(lines):
-    """[(backend, round, {"naive": run, "batch": run, "nanochat": [runs]})] in input order."""
-    found = []
+    """[(backend, round, {"naive": run, "batch": run, "nanochat": [runs]})] in input order, and
+    the machine records (benches/machine.py)."""
+    found, machines = [], []
     for line in lines:
         if not line.strip().startswith("{"):
             continue
         r = json.loads(line)
-        if r.get("scenario") == "round":
+        if r.get("scenario") == "machine":
+            machines.append(r)
+        elif r.get("scenario") == "round":
             found.append((r["backend"], r["round"], {"nanochat": []}))
         elif r.get("scenario") == "publish" and found:
             group = found[-1][2]
@@ -31,7 +36,7 @@ def rounds(lines):
                 group["nanochat"].append(r)
             else:
                 group[r["target"]] = r
-    return found
+    return found, machines
 
 
 def best(runs):
@@ -40,7 +45,10 @@ def best(runs):
 
 
 def main():
-    found = rounds(sys.stdin)
+    found, machines = rounds(sys.stdin)
+    for line in caption(machines):
+        print(line)
+        print()
     print("| backend | round | naive/s | ceiling/s | NanoChat/s | load | p99 ms | / ceiling | / naive |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     ratios = {}

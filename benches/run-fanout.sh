@@ -11,6 +11,7 @@
 #   benches/fanout-chart.py < fanout.jsonl > benches/fanout.svg       (the chart, medians)
 #   benches/fanout-chart.py --table < fanout.jsonl                     (the results table)
 #   benches/run-fanout.sh [secs]        (Postgres one vs two processes: NANOCHAT_BENCH_PG=<url>)
+# The first line says what it ran on (benches/machine.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-4}
@@ -18,6 +19,7 @@ repeats=${REPEATS:-3}
 cargo build --release --bins -q
 [ -d benches/node-ws/node_modules/ws ] || npm ci --prefix benches/node-ws --no-audit --no-fund
 load=target/release/nanochat-load
+benches/machine.py   # what the numbers were measured on, first in the output
 # rooms, members, then the starting rate (messages/s) for bare, bare-nodelay, node and
 # nanochat: a little under what each reached before, so a sweep spends its runs near its maximum.
 shapes=("1 1000 500 300 50 1500" "100 10 40000 16000 4000 60000" "1000 2 80000 50000 11000 70000")

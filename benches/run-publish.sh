@@ -9,12 +9,14 @@
 # NANOCHAT_BENCH_PG=<url> (a role with CREATEDB; every run works in a database of its own).
 #   benches/run-publish.sh [secs] | tee publish.jsonl
 #   benches/publish-table.py < publish.jsonl                           (the results table)
+# The first line says what it ran on (benches/machine.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-8}
 repeats=${REPEATS:-3}
 cargo build --release --bins -q
 load=target/release/nanochat-load
+benches/machine.py   # what the numbers were measured on, first in the output
 loads=("32 16" "32 32" "16 64" "24 64" "32 64")
 backends=(sqlite)
 [ -n "${NANOCHAT_BENCH_PG:-}" ] && backends+=(postgres)

@@ -108,8 +108,38 @@ fn summarise(script: &str, args: &[&str], input: &str) -> String {
     String::from_utf8(out.stdout).expect("UTF-8")
 }
 
+/// What `benches/machine.py` says this machine and checkout are, as the run scripts print it.
+fn machine_record() -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(format!("{}/benches/machine.py", env!("CARGO_MANIFEST_DIR")))
+        .output()
+        .expect("python3 runs benches/machine.py (Debian: apt-get install python3)");
+    assert!(out.status.success(), "benches/machine.py failed");
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(record["scenario"], "machine");
+    assert!(record["cpus"].as_u64().is_some_and(|n| n > 0), "{record}");
+    // "unknown" outside a git checkout; a clone names its commit.
+    assert!(
+        record["commit"].as_str().is_some_and(|c| !c.is_empty()),
+        "{record}"
+    );
+    record
+}
+
+/// A summary's first line says where its numbers were measured.
+fn assert_captioned(summary: &str, machine: &serde_json::Value) {
+    let commit = machine["commit"].as_str().expect("a commit");
+    let first = summary.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("Measured ")
+            && first.contains(&format!("at commit {commit} "))
+            && first.contains(&format!("on {} CPUs", machine["cpus"])),
+        "no caption for {machine} in\n{summary}"
+    );
+}
+
 /// `benches/fanout-chart.py` reads real sweep summaries: the table compares the median of each
-/// target's sweeps, and the chart draws them.
+/// target's sweeps, and the chart draws them; both say where they were measured.
 #[test]
 fn the_fanout_summary_compares_medians_of_repeated_sweeps() {
     let sweep = |target: &str| {
@@ -129,12 +159,15 @@ fn the_fanout_summary_compares_medians_of_repeated_sweeps() {
         .as_f64()
         .expect("a passing run")
         / (2.0 * base);
-    let input: String = bare
-        .iter()
+    let machine = machine_record();
+    let input: String = [&machine]
+        .into_iter()
+        .chain(&bare)
         .chain([&ours])
         .map(|s| format!("{s}\n"))
         .collect();
     let table = summarise("fanout-chart.py", &["--table"], &input);
+    assert_captioned(&table, &machine);
     let row = table
         .lines()
         .find(|l| l.starts_with("| 2 x 3 |"))
@@ -148,6 +181,13 @@ fn the_fanout_summary_compares_medians_of_repeated_sweeps() {
     let svg = summarise("fanout-chart.py", &[], &input);
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert!(svg.contains("rooms x members: 2 x 3"), "{svg}");
+    assert!(
+        svg.contains(&format!(
+            "at commit {} ",
+            machine["commit"].as_str().unwrap()
+        )),
+        "the chart names its commit: {svg}"
+    );
 }
 
 #[actix_web::test]
@@ -208,7 +248,8 @@ fn the_publish_scenario_runs_against_every_baseline_on_sqlite() {
 }
 
 /// `benches/publish-table.py` reads real publish reports: NanoChat's result in a round is its
-/// fastest run whose p99 ack is within 50 ms, compared with that round's baselines.
+/// fastest run whose p99 ack is within 50 ms, compared with that round's baselines; the table
+/// says where it was measured.
 #[test]
 fn the_publish_summary_takes_the_best_run_within_the_latency_limit() {
     let tiny = ["--secs", "1"];
@@ -228,7 +269,9 @@ fn the_publish_summary_takes_the_best_run_within_the_latency_limit() {
         r["p99_ms"] = serde_json::json!(p99);
         r
     };
+    let machine = machine_record();
     let runs = [
+        machine.clone(),
         serde_json::json!({"scenario": "round", "round": 1, "backend": "sqlite"}),
         set(publish("naive", "2", "1"), 1000.0, 1.0),
         set(publish("batch", "1", "1"), 10000.0, 20.0),
@@ -239,6 +282,7 @@ fn the_publish_summary_takes_the_best_run_within_the_latency_limit() {
     ];
     let input: String = runs.iter().map(|r| format!("{r}\n")).collect();
     let table = summarise("publish-table.py", &[], &input);
+    assert_captioned(&table, &machine);
     let round = table
         .lines()
         .find(|l| l.starts_with("| sqlite | 1 |"))
