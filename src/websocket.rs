@@ -180,15 +180,9 @@ impl Reader {
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
             loop {
                 self.buf.clear();
-                if self.io.readable().await.is_err() {
-                    return;
-                }
-                self.buf.reserve(READ_CHUNK);
-                match self.io.try_read_buf(&mut self.buf) {
-                    Ok(0) => return,
+                match std::future::poll_fn(|cx| self.read_some(cx)).await {
+                    Ok(0) | Err(_) => return,
                     Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return,
                 }
             }
         })
