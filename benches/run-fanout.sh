@@ -11,11 +11,15 @@
 #   benches/fanout-chart.py < fanout.jsonl > benches/fanout.svg       (the chart, medians)
 #   benches/fanout-chart.py --table < fanout.jsonl                     (the results table)
 #   benches/run-fanout.sh [secs]        (Postgres one vs two processes: NANOCHAT_BENCH_PG=<url>)
+# WARMUP (seconds, default 20) is how long each run sends before it measures: NanoChat's
+# latency climbs as its database fills, so an empty one flatters it (benches/README.md,
+# session 19). WARMUP=0 measures as the sweeps up to session 18 did.
 # The first line says what it ran on (benches/machine.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-4}
 repeats=${REPEATS:-3}
+warmup=${WARMUP:-20}
 cargo build --release --bins -q
 [ -d benches/node-ws/node_modules/ws ] || npm ci --prefix benches/node-ws --no-audit --no-fund
 load=target/release/nanochat-load
@@ -30,7 +34,7 @@ for ((round = 1; round <= repeats; round++)); do
         shift 2
         for target in bare bare-nodelay node nanochat; do
             "$load" sweep --target "$target" --rooms "$rooms" --members "$members" --rate "$1" \
-                --secs "$secs" --steps 20
+                --secs "$secs" --warmup "$warmup" --steps 20
             shift
         done
     done

@@ -63,6 +63,24 @@ fn the_fanout_scenario_runs_against_every_baseline_and_nanochat() {
     }
 }
 
+/// With `--warmup`, the load runs that long before anything is counted: only the measured
+/// second's sends are reported, and each of their deliveries (none of the warm-up's).
+#[test]
+fn a_warm_up_is_sent_but_not_measured() {
+    let report = run(&[
+        &["fanout", "--target", "nanochat", "--warmup", "2"][..],
+        &TINY,
+    ]
+    .concat());
+    assert_complete(&report);
+    assert_eq!(report["warmup_s"], 2, "{report}");
+    // 20 messages/s over all rooms for the measured second (a tick either side at most);
+    // counting the warm-up too would make it about 60.
+    let sent = report["sent"].as_u64().unwrap();
+    assert!((16..=24).contains(&sent), "{report}");
+    assert_eq!(report["expected"], 2 * sent, "{report}");
+}
+
 #[test]
 fn the_rate_sweep_steps_up_while_runs_pass() {
     let lines = run_lines(

@@ -36,6 +36,8 @@ struct Args {
     members: usize,
     rate: u64,
     secs: u64,
+    /// Seconds of load before a fan-out run starts measuring.
+    warmup: u64,
     clients: usize,
     sample_secs: u64,
     senders: usize,
@@ -51,9 +53,9 @@ struct Args {
 const USAGE: &str = "\
 usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in time)
   fanout  --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 2000]
-          [--secs 10] [--postgres URL] [--nodes 1]
+          [--secs 10] [--warmup 0] [--postgres URL] [--nodes 1]
   sweep   --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 1000]
-          [--secs 6] [--steps 12] [--refine 2]
+          [--secs 6] [--warmup 0] [--steps 12] [--refine 2]
   idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
   soak    [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
   expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
@@ -76,6 +78,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         members: 10,
         rate: 2000,
         secs: 10,
+        warmup: 0,
         clients: 40,
         sample_secs: 10,
         senders: 16,
@@ -99,6 +102,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--members" => a.members = num(&k, &v)?,
             "--rate" => a.rate = num(&k, &v)?,
             "--secs" => a.secs = num(&k, &v)?,
+            "--warmup" => a.warmup = num(&k, &v)?,
             "--nodes" => a.nodes = num(&k, &v)?,
             "--steps" => a.steps = num(&k, &v)?,
             "--refine" => a.refine = num(&k, &v)?,
@@ -398,8 +402,8 @@ async fn main() {
         std::process::exit(2);
     }
     let bound = if cmd == "soak" { 7200 } else { 600 };
-    if args.secs > bound {
-        eprintln!("nanochat-load {cmd}: runs are bounded: --secs at most {bound}");
+    if args.secs > bound || args.warmup > bound {
+        eprintln!("nanochat-load {cmd}: runs are bounded: --secs and --warmup at most {bound}");
         std::process::exit(2);
     }
     raise_open_files();
@@ -676,9 +680,13 @@ fn between(pass: u64, fail: u64) -> Option<u64> {
 }
 
 /// Fan-out: rooms x members joined sockets, one sender per room at an open-loop rate, every
-/// delivery timed.
+/// delivery timed. With `--warmup`, the senders run that long first and only what is sent
+/// after it is counted and timed (and the server's CPU measured from then): a server that
+/// stores messages is measured with a database that has been filling for a while, not empty.
 async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
     let start = Instant::now();
+    // Sends stamped before this (µs after `start`) are warm-up: set once the sockets are open.
+    let measure_from = Arc::new(AtomicU64::new(u64::MAX));
     let hist = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
     ));
@@ -711,6 +719,7 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         } else {
             let hist = hist.clone();
             let delivered = delivered.clone();
+            let measure_from = measure_from.clone();
             readers.push(tokio::spawn(async move {
                 let mut local =
                     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
@@ -720,7 +729,9 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
                     if !t.starts_with(r#"{"type":"msg""#) {
                         continue;
                     }
-                    if let Some(sent_us) = sent_at(t) {
+                    if let Some(sent_us) = sent_at(t)
+                        && sent_us >= measure_from.load(Ordering::Relaxed)
+                    {
                         let now_us = start.elapsed().as_micros() as u64;
                         let _ = local.record(now_us.saturating_sub(sent_us).max(1));
                         delivered.fetch_add(1, Ordering::Relaxed);
@@ -733,15 +744,16 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
             }));
         }
     }
-    let cpu_before: f64 = servers.iter().map(|s| cpu_seconds(s.child.id())).sum();
-    let machine_before = MachineCpu::now();
     let per_room = args.rate as f64 / args.rooms as f64;
     let sent = Arc::new(AtomicU64::new(0));
     let run_start = Instant::now();
+    let warmup = Duration::from_secs(args.warmup);
+    let from_us = (run_start + warmup - start).as_micros() as u64;
+    measure_from.store(from_us, Ordering::Relaxed);
     let mut tasks = Vec::new();
     for ws in senders {
         let sent = sent.clone();
-        let secs = args.secs;
+        let secs = args.warmup + args.secs;
         tasks.push(tokio::spawn(async move {
             let period = Duration::from_secs_f64(1.0 / per_room.max(0.001));
             let mut tick = tokio::time::interval(period);
@@ -754,20 +766,27 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
             while run_start.elapsed() < Duration::from_secs(secs) {
                 tick.tick().await;
                 let frame = timed_send(i, epoch, start, 32);
+                // Counted by its stamp, as the readers decide what to time.
+                let measured = sent_at(&frame).is_some_and(|us| us >= from_us);
                 if sink.send(Message::text(frame)).await.is_err() {
                     break;
                 }
-                sent.fetch_add(1, Ordering::Relaxed);
+                if measured {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
                 i += 1;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
             drain.abort();
         }));
     }
+    tokio::time::sleep_until((run_start + warmup).into()).await;
+    let cpu_before: f64 = servers.iter().map(|s| cpu_seconds(s.child.id())).sum();
+    let machine_before = MachineCpu::now();
     for t in tasks {
         let _ = t.await;
     }
-    let elapsed = run_start.elapsed().as_secs_f64() - 2.0;
+    let elapsed = run_start.elapsed().as_secs_f64() - warmup.as_secs_f64() - 2.0;
     let cpu: f64 = servers
         .iter()
         .map(|s| cpu_seconds(s.child.id()))
@@ -790,6 +809,7 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         "rooms": args.rooms,
         "members": args.members,
         "rate": args.rate,
+        "warmup_s": args.warmup,
         "sent": sent,
         "expected": expected,
         "delivered": delivered,
