@@ -9,11 +9,15 @@
 # NANOCHAT_BENCH_PG=<url> (a role with CREATEDB; every run works in a database of its own).
 #   benches/run-publish.sh [secs] | tee publish.jsonl
 #   benches/publish-table.py < publish.jsonl                           (the results table)
+# WARMUP (seconds, default 20): every run writes that long before it measures, so NanoChat is
+# measured with a database that has been filling (benches/README.md, session 19); WARMUP=0
+# measures as runs up to session 18 did.
 # The first line says what it ran on (benches/machine.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-8}
 repeats=${REPEATS:-3}
+warmup=${WARMUP:-20}
 cargo build --release --bins -q
 load=target/release/nanochat-load
 benches/machine.py   # what the numbers were measured on, first in the output
@@ -25,11 +29,12 @@ for ((round = 1; round <= repeats; round++)); do
         db=()
         [ "$backend" = postgres ] && db=(--postgres "$NANOCHAT_BENCH_PG")
         echo "{\"scenario\":\"round\",\"round\":$round,\"backend\":\"$backend\"}"
-        "$load" publish --target naive --senders 16 --secs "$secs" "${db[@]}"
-        "$load" publish --target batch --secs "$secs" "${db[@]}"
+        "$load" publish --target naive --senders 16 --secs "$secs" --warmup "$warmup" "${db[@]}"
+        "$load" publish --target batch --secs "$secs" --warmup "$warmup" "${db[@]}"
         for l in "${loads[@]}"; do
             set -- $l
-            "$load" publish --target nanochat --senders "$1" --window "$2" --secs "$secs" "${db[@]}"
+            "$load" publish --target nanochat --senders "$1" --window "$2" --secs "$secs" \
+                --warmup "$warmup" "${db[@]}"
         done
     done
 done

@@ -265,6 +265,30 @@ fn the_publish_scenario_runs_against_every_baseline_on_sqlite() {
     }
 }
 
+/// With `--warmup`, publish reports the measured second alone: its rate is over that second,
+/// not over the warm-up too (which would about halve it).
+#[test]
+fn a_publish_warm_up_is_left_out_of_the_rate() {
+    let tiny = [
+        "--senders",
+        "2",
+        "--window",
+        "2",
+        "--secs",
+        "1",
+        "--warmup",
+        "1",
+    ];
+    for target in ["nanochat", "batch"] {
+        let report = run(&[&["publish", "--target", target][..], &tiny].concat());
+        assert_eq!(report["warmup_s"], 1, "{report}");
+        let acked = report["acked"].as_u64().unwrap() as f64;
+        assert!(acked > 0.0, "{report}");
+        let rate = report["acked_per_s"].as_f64().unwrap();
+        assert!(rate > 0.6 * acked && rate < 1.2 * acked, "{report}");
+    }
+}
+
 /// `benches/publish-table.py` reads real publish reports: NanoChat's result in a round is its
 /// fastest run whose p99 ack is within 50 ms, compared with that round's baselines; the table
 /// says where it was measured.

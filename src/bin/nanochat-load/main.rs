@@ -60,7 +60,7 @@ usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in 
   soak    [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
   expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
   abuse   [--rooms 10] [--members 10] [--rate 10000] [--secs 10]
-  publish --target nanochat|bare|naive|batch [--senders 16] [--window 8] [--secs 10]
+  publish --target nanochat|bare|naive|batch [--senders 16] [--window 8] [--secs 10] [--warmup 0]
           [--postgres URL]
 With --postgres, each run works in a database it creates on that server and drops at the end
 (the URL's role needs CREATEDB). Each run prints one JSON line; benches/README.md explains the

@@ -56,6 +56,7 @@ fn report(
             "backend": backend,
             "senders": args.senders,
             "window": args.window,
+            "warmup_s": args.warmup,
             "acked": acked,
             "acked_per_s": (acked as f64 / secs).round(),
             "p50_ms": h.value_at_quantile(0.5) as f64 / 1000.0,
@@ -242,29 +243,33 @@ pub fn latencies(samples: &[(u64, u64)], from: u64, to: u64) -> Histogram<u64> {
 }
 
 /// NanoChat, or the bare server, through its sockets: closed-loop senders, one room each.
+/// With `--warmup`, only acks after the warm-up count (and the server's CPU from then).
 pub async fn over_sockets(args: &Args, server: &Server) {
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu_before = cpu_seconds(server.pid());
-    let machine_before = MachineCpu::now();
     let run = tokio::spawn({
         let (addr, stop) = (server.addr.clone(), stop.clone());
         let (senders, pace) = (args.senders, Pace::Window(args.window));
         async move { publishers(&addr, senders, pace, start, stop).await }
     });
+    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    let measure_from = start.elapsed().as_micros() as u64;
+    let cpu_before = cpu_seconds(server.pid());
+    let machine_before = MachineCpu::now();
     // The sockets are open and joined within the first moments; measure the rest.
     tokio::time::sleep(Duration::from_secs(args.secs)).await;
     stop.store(true, Ordering::Relaxed);
     let samples = run.await.expect("senders");
-    let from = samples.iter().map(|s| s.0).min().unwrap_or(0);
+    let first = samples.iter().map(|s| s.0).min().unwrap_or(0);
+    let from = first.max(measure_from);
     let to = samples.iter().map(|s| s.0).max().unwrap_or(0) + 1;
     let h = latencies(&samples, from, to);
-    let secs = (to - from) as f64 / 1e6;
+    let secs = to.saturating_sub(from) as f64 / 1e6;
     let cpu = cpu_seconds(server.pid()) - cpu_before;
     report(
         args,
         &args.target,
-        samples.len() as u64,
+        h.len(),
         secs.max(1e-3),
         &h,
         cpu,
@@ -314,12 +319,12 @@ fn sqlite_conn(path: &std::path::Path) -> rusqlite::Connection {
 
 /// The baselines: `naive` (one INSERT per message, `--senders` writers) or `batch` (one
 /// writer, 1000 rows per statement).
+/// With `--warmup`, the writers write that long before their writes count.
 pub async fn baseline(args: &Args, kind: &str, dir: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(args.secs);
+    let measure_at = Instant::now() + Duration::from_secs(args.warmup);
+    let deadline = measure_at + Duration::from_secs(args.secs);
     let writers = if kind == "naive" { args.senders } else { 1 };
     let rows_per_write: usize = if kind == "naive" { 1 } else { 1000 };
-    let run = Instant::now();
-    let machine_before = MachineCpu::now();
     let mut tasks = Vec::new();
     if let Some(url) = &args.postgres {
         let (setup, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -359,8 +364,10 @@ pub async fn baseline(args: &Args, kind: &str, dir: &std::path::Path) {
                         )
                         .await
                         .expect("insert");
-                    let _ = h.record(t.elapsed().as_micros() as u64 + 1);
-                    rows += batch.len() as u64;
+                    if t >= measure_at {
+                        let _ = h.record(t.elapsed().as_micros() as u64 + 1);
+                        rows += batch.len() as u64;
+                    }
                 }
                 (rows, h)
             }));
@@ -403,13 +410,18 @@ pub async fn baseline(args: &Args, kind: &str, dir: &std::path::Path) {
                         }
                     }
                     tx.commit().expect("commit");
-                    let _ = h.record(t.elapsed().as_micros() as u64 + 1);
-                    rows += rows_per_write as u64;
+                    if t >= measure_at {
+                        let _ = h.record(t.elapsed().as_micros() as u64 + 1);
+                        rows += rows_per_write as u64;
+                    }
                 }
                 (rows, h)
             }));
         }
     }
+    tokio::time::sleep_until(measure_at.into()).await;
+    let machine_before = MachineCpu::now();
+    let measuring = Instant::now();
     let mut h = histogram();
     let mut total = 0;
     for t in tasks {
@@ -421,7 +433,7 @@ pub async fn baseline(args: &Args, kind: &str, dir: &std::path::Path) {
         args,
         kind,
         total,
-        run.elapsed().as_secs_f64(),
+        measuring.elapsed().as_secs_f64(),
         &h,
         0.0,
         &machine_before,
