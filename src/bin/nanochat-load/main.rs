@@ -36,7 +36,7 @@ struct Args {
     members: usize,
     rate: u64,
     secs: u64,
-    /// Seconds of load before a fan-out run starts measuring.
+    /// Seconds of load before a fan-out or publish run starts measuring.
     warmup: u64,
     clients: usize,
     sample_secs: u64,
