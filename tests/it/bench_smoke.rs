@@ -251,11 +251,13 @@ fn the_idle_memory_scenario_runs() {
     }
 }
 
+/// Two senders with two sends in flight each, for one second.
+const TINY_PUBLISH: [&str; 6] = ["--senders", "2", "--window", "2", "--secs", "1"];
+
 #[test]
 fn the_publish_scenario_runs_against_every_baseline_on_sqlite() {
-    let tiny = ["--senders", "2", "--window", "2", "--secs", "1"];
     for target in ["nanochat", "naive", "batch", "bare"] {
-        let report = run(&[&["publish", "--target", target][..], &tiny].concat());
+        let report = run(&[&["publish", "--target", target][..], &TINY_PUBLISH].concat());
         assert!(report["acked"].as_u64().unwrap() > 0, "{report}");
         assert!(report["p99_ms"].as_f64().unwrap() > 0.0, "{report}");
         assert_eq!(report["target"], target, "{report}");
@@ -269,18 +271,12 @@ fn the_publish_scenario_runs_against_every_baseline_on_sqlite() {
 /// not over the warm-up too (which would about halve it).
 #[test]
 fn a_publish_warm_up_is_left_out_of_the_rate() {
-    let tiny = [
-        "--senders",
-        "2",
-        "--window",
-        "2",
-        "--secs",
-        "1",
-        "--warmup",
-        "1",
-    ];
     for target in ["nanochat", "batch"] {
-        let report = run(&[&["publish", "--target", target][..], &tiny].concat());
+        let report = run(&[
+            &["publish", "--target", target, "--warmup", "1"][..],
+            &TINY_PUBLISH,
+        ]
+        .concat());
         assert_eq!(report["warmup_s"], 1, "{report}");
         let acked = report["acked"].as_u64().unwrap() as f64;
         assert!(acked > 0.0, "{report}");
@@ -346,18 +342,10 @@ async fn the_publish_scenario_runs_against_both_baselines_on_postgres() {
     // does not meet the first one's secret check.
     for target in ["nanochat", "naive", "batch", "nanochat"] {
         let report = run(&[
-            "publish",
-            "--target",
-            target,
-            "--postgres",
-            &db.url,
-            "--senders",
-            "2",
-            "--window",
-            "2",
-            "--secs",
-            "1",
-        ]);
+            &["publish", "--target", target, "--postgres", &db.url][..],
+            &TINY_PUBLISH,
+        ]
+        .concat());
         assert!(report["acked"].as_u64().unwrap() > 0, "{report}");
         assert_eq!(report["backend"], "postgres");
     }
