@@ -460,8 +460,11 @@ fn open_fds(pid: u32) -> usize {
 
 /// The whole corpus, again and again, against a real server process: after warm-up rounds,
 /// further rounds leave its resident memory and its open descriptors where they were.
-/// Measured over 14 rounds: RSS rises while SQLite's page cache and the allocator's arenas fill
-/// (20.7 -> 23.1 MB in three rounds), then moves by 4-50 KiB per round; descriptors stay put.
+/// Measured over 16 rounds alone (session 20): RSS rises while SQLite's page cache and the
+/// allocator's arenas fill (24.2 -> 26.8 MB in five rounds), then moves by 0-130 KiB per round;
+/// descriptors stay put. Under the full suite's parallel load the rise lasts longer (CI once
+/// saw +1.1 MiB between rounds 2 and 5, decelerating), so the baseline is taken after five
+/// rounds and four more must stay within 1 MiB of it: a leak of 256 KiB a round would fail.
 #[actix_web::test]
 async fn memory_and_descriptors_return_to_baseline_after_rounds_of_the_corpus() {
     let dir = tempfile::tempdir().unwrap();
@@ -485,7 +488,7 @@ async fn memory_and_descriptors_return_to_baseline_after_rounds_of_the_corpus() 
     let corpus = frame_corpus(&b64u(&keys.room_id), epoch);
 
     let mut samples = Vec::new();
-    for round in 0..6u16 {
+    for round in 0..10u16 {
         let mut attacker = nanochat::client::Client::connect(&url).await.unwrap();
         assert!(matches!(
             attacker.join(&keys, None).await.unwrap(),
@@ -516,7 +519,7 @@ async fn memory_and_descriptors_return_to_baseline_after_rounds_of_the_corpus() 
         tokio::time::sleep(Duration::from_millis(500)).await;
         samples.push((proc_status(pid, "VmRSS:"), open_fds(pid)));
     }
-    let (warm_rss, warm_fds) = samples[2];
+    let (warm_rss, warm_fds) = samples[5];
     let (last_rss, last_fds) = *samples.last().unwrap();
     assert!(
         last_fds <= warm_fds,
