@@ -148,6 +148,8 @@ pub struct MaintenanceReport {
     pub partitions_dropped: u64,
     /// Messages deleted row by row (SQLite).
     pub messages_deleted: u64,
+    /// Replay keys dropped with runs older than any replay window (SQLite).
+    pub replay_keys_dropped: u64,
     /// Idle rooms deleted.
     pub rooms_deleted: u64,
     /// Expired tombstones deleted.

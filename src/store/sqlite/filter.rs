@@ -1,4 +1,4 @@
-//! A filter in memory over every replay key the store holds (the `message_ivs` table and the
+//! A filter in memory over every replay key the store holds (the `replay_blocks` table and the
 //! keys still waiting in memory), so that the writer looks a new message's key up in the table
 //! only when the filter cannot rule it out. Without it every stored message costs a B-tree
 //! lookup in a table of random keys (about a sixth of the server's CPU in a publish run, and a
@@ -271,10 +271,12 @@ impl ReplayFilter {
 /// Every key of the table, into `into`.
 fn scan(path: &std::path::Path, mut into: KeyFilter) -> rusqlite::Result<KeyFilter> {
     let conn = super::open_connection(path)?;
-    let mut keys = conn.prepare("SELECT room_id, iv FROM message_ivs")?;
-    let mut rows = keys.query([])?;
+    let mut blocks = conn.prepare("SELECT keys FROM replay_blocks")?;
+    let mut rows = blocks.query([])?;
     while let Some(r) = rows.next()? {
-        into.insert(&super::index::row_key(r)?);
+        for k in super::index::block_keys(r.get_ref(0)?.as_blob()?) {
+            into.insert(&k);
+        }
     }
     Ok(into)
 }

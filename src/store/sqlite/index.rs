@@ -1,6 +1,7 @@
 //! The two lookups kept beside the messages, filled in large sorted steps:
-//! - `message_ivs`, every stored message's `(room id, IV)`, so that a room never stores two
-//!   messages with one IV (`replay`), exactly and across restarts and crashes;
+//! - `replay_blocks` (and `replay_runs`), the `(room id, IV)` of every message stored within
+//!   the replay window (and of some older ones), so that a room never stores two messages with
+//!   one IV (`replay`) while a copy could be accepted, across restarts and crashes;
 //! - `message_seqs`, every stored message's `(room id, seq) → id`, which history reads go
 //!   through.
 //!
@@ -8,26 +9,39 @@
 //! IVs are random, and with many busy rooms so are the rooms' places in the seq index, so each
 //! entry lands on a leaf of its own, which is written to the WAL and again at the checkpoint.
 //! Instead the entries of freshly stored messages wait in memory: the keys in `pending`, the
-//! seqs in [`RecentSeqs`] (which history reads consult too). Once there are
-//! [`PendingIndex::move_at`] of them they become a sorted generation (`moving`, `moving_seqs`)
-//! that the following appends carry into the tables, a chunk in each of their transactions.
-//! Sorted, many entries share each leaf, so a generation writes a page per many entries instead
-//! of one per entry. A key is looked up in all three places, unless the writer's filter (see
-//! `filter`) rules it out first.
+//! seqs in [`RecentSeqs`] (which history reads consult too). Once there are `move_at` of them
+//! they become a sorted generation (`moving`, `moving_seqs`) that the following appends carry
+//! into the tables, a chunk in each of their transactions. Sorted, many entries share each
+//! leaf, so a generation writes a page per many entries instead of one per entry.
+//!
+//! Merged into one table of random keys, a generation's keys would still land on more distinct
+//! leaves the larger the table grew (up to a page per key): the writer's cost per message
+//! would grow with the messages stored. Even written side by side, a row per key costs a
+//! statement and a B-tree insert per message. So each generation's keys become a *run* of
+//! their own, stored as blocks of [`BLOCK`] sorted keys (`replay_blocks`: the run, the
+//! block's first key, the keys), a row per block, appended whatever the table's size. A key is
+//! looked up in memory and then in each run that can hold a copy the message's epoch allows
+//! ([`crate::store::replay_window_start`]: a run whose newest message is older cannot), newest
+//! first: the one block that could hold it, searched in memory. Unless, that is, the writer's
+//! filter (see `filter`) rules the key out first. A run is dropped whole once no message's
+//! window reaches it ([`PendingIndex::drop_aged`]); the keys of messages deleted before that
+//! stay in their run (a repeat of such an IV is refused, as it was while stored).
 //!
 //! Durability: an entry in memory belongs to a committed message. `replay_index.indexed_through`
-//! is a message id at or below which every stored message has both entries in the tables; it
-//! moves up when a generation's last chunk commits. On open, the entries of messages above it go
-//! into the tables again (a crash loses only memory). Ids grow with every insert, except that
+//! is a message id at or below which every stored message has both entries in the tables (its
+//! key until its run is dropped); it moves up when a generation's last chunk commits. On open,
+//! the entries of messages above it go into the tables again, the keys as new runs (a crash
+//! loses only memory). Ids grow with every insert, except that
 //! SQLite reuses the numbers of the highest rows once they are deleted: every delete lowers the
 //! mark to the highest id left, so no message is ever above the mark without its entries.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::crypto::{IV_LEN, RoomId};
+use crate::crypto::{EPOCH_MS, IV_LEN, RoomId};
 use crate::protocol::HistoryQuery;
+use crate::store::Millis;
 
 /// A room id and an IV, side by side (their order in the table's key).
 pub(super) type Key = [u8; 16 + IV_LEN];
@@ -37,6 +51,8 @@ pub(super) type SeqEntry = (RoomId, i64, i64);
 
 /// Messages whose entries wait in memory before a generation starts moving them.
 const MOVE_AT: usize = 65_536;
+/// Keys per row of `replay_blocks`: 3.5 KiB of keys, so a row fits one 4 KiB page.
+const BLOCK: usize = 128;
 /// Entries of each kind each append's transaction carries into the tables at least; twice its
 /// own batch when that is more, so a generation has moved before the next one is due and memory
 /// stays under `MOVE_AT` messages and a batch. Kept small because on a large table each entry
@@ -49,6 +65,30 @@ pub(super) fn key(room: &RoomId, iv: &[u8; IV_LEN]) -> Key {
     k[..16].copy_from_slice(room);
     k[16..].copy_from_slice(iv);
     k
+}
+
+/// Whether a block of sorted keys (as stored in `replay_blocks.keys`) holds `k`.
+fn block_holds(block: &[u8], k: &Key) -> bool {
+    let n = block.len() / k.len();
+    let at = |i: usize| &block[i * k.len()..(i + 1) * k.len()];
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        match at(mid).cmp(&k[..]) {
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+            std::cmp::Ordering::Equal => return true,
+        }
+    }
+    false
+}
+
+/// The keys of a block as stored in `replay_blocks.keys` (a block written by anything else
+/// than this server may end in a partial key, which is ignored).
+pub(super) fn block_keys(block: &[u8]) -> impl Iterator<Item = Key> + '_ {
+    block
+        .chunks_exact(16 + IV_LEN)
+        .map(|c| c.try_into().expect("chunks of a key's length"))
 }
 
 /// The key of a row whose first two columns are `room_id` and `iv`. Rows written by this
@@ -179,6 +219,19 @@ impl RecentSeqs {
     }
 }
 
+/// A run of replay keys in the table: its number, and a time no message it holds is newer than.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Run {
+    pub(super) id: i64,
+    pub(super) newest_ms: Millis,
+}
+
+/// The earliest time a run must still be looked in at `now`: the widest replay window starts
+/// three days back (see [`crate::store::replay_window_start`]).
+pub(super) fn keep_runs_since(now: Millis) -> Millis {
+    (Millis::from(crate::crypto::epoch_of(now)) - 3) * EPOCH_MS
+}
+
 /// Entries of stored messages not yet in their tables: `MOVE_AT` messages and one batch at
 /// most, since a moving generation shrinks faster than the new entries grow. About 12 MB at
 /// most (the key set's table keeps its capacity, 128k slots of 29 bytes; the generation's keys
@@ -192,6 +245,12 @@ pub(super) struct PendingIndex {
     moving_seqs: Vec<SeqEntry>,
     /// Every message at or below this id has its entries in the tables once `moving` is in.
     moving_through: i64,
+    /// The runs in the table, oldest first; the last one is `moving`'s while it moves.
+    runs: Vec<Run>,
+    /// The number the next run gets.
+    next_run: i64,
+    /// The latest time an append was committed at.
+    latest: Millis,
     move_at: usize,
     chunk: usize,
 }
@@ -215,9 +274,33 @@ impl PendingIndex {
             moving: Vec::new(),
             moving_seqs: Vec::new(),
             moving_through: 0,
+            runs: Vec::new(),
+            next_run: 1,
+            latest: 0,
             move_at: move_at.max(1),
             chunk: chunk.max(1),
         }
+    }
+
+    /// Learn the runs already in the table (at open, and for tests that swap the index).
+    pub(super) fn load_runs(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        self.runs = conn
+            .prepare("SELECT run, newest_ms FROM replay_runs ORDER BY run")?
+            .query_map([], |r| {
+                Ok(Run {
+                    id: r.get(0)?,
+                    newest_ms: r.get(1)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        self.next_run = self.runs.last().map_or(1, |r| r.id + 1);
+        Ok(())
+    }
+
+    /// The runs in the table, oldest first.
+    #[cfg(test)]
+    pub(super) fn runs(&self) -> &[Run] {
+        &self.runs
     }
 
     /// Keys waiting in memory.
@@ -230,22 +313,38 @@ impl PendingIndex {
         self.pending.iter().chain(&self.moving)
     }
 
-    /// The statement [`PendingIndex::contains`] looks in the table with, prepared once per
-    /// transaction.
+    /// The statement [`PendingIndex::contains`] looks in a run with, prepared once per
+    /// transaction: the run's block that would hold the key.
     pub(super) fn probe(conn: &Connection) -> rusqlite::Result<rusqlite::CachedStatement<'_>> {
-        conn.prepare_cached("SELECT 1 FROM message_ivs WHERE room_id = ?1 AND iv = ?2")
+        conn.prepare_cached(
+            "SELECT keys FROM replay_blocks WHERE run = ?1 AND first <= ?2
+             ORDER BY first DESC LIMIT 1",
+        )
     }
 
-    /// Whether the key is stored: in memory or in the table.
+    /// Whether the key is held: in memory, or in a run whose newest message was stored at
+    /// `since` or later (the start of the message's replay window).
     pub(super) fn contains(
         &self,
         probe: &mut rusqlite::Statement<'_>,
         k: &Key,
+        since: Millis,
     ) -> rusqlite::Result<bool> {
         if self.pending.contains(k) || self.moving.binary_search_by(|probe| k.cmp(probe)).is_ok() {
             return Ok(true);
         }
-        probe.exists(params![&k[..16], &k[16..]])
+        // Newest first; a clock that stepped back can leave the times out of order.
+        for run in self.runs.iter().rev().filter(|r| r.newest_ms >= since) {
+            let held = probe
+                .query_row(params![run.id, &k[..]], |r| {
+                    Ok(block_holds(r.get_ref(0)?.as_blob()?, k))
+                })
+                .optional()?;
+            if held == Some(true) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Inside an append's transaction of `batch` messages: move the generation's next chunk.
@@ -255,10 +354,15 @@ impl PendingIndex {
             keys: self.moving.len().min(n),
             seqs: self.moving_seqs.len().min(n),
         };
-        insert_keys(
-            conn,
-            self.moving[self.moving.len() - step.keys..].iter().rev(),
-        )?;
+        if step.keys > 0 {
+            // The run is `moving`'s, the last one (numbered when the generation started).
+            let run = *self.runs.last().expect("a moving generation has its run");
+            insert_keys(
+                conn,
+                run,
+                self.moving[self.moving.len() - step.keys..].iter().rev(),
+            )?;
+        }
         insert_seqs(
             conn,
             self.moving_seqs[self.moving_seqs.len() - step.seqs..]
@@ -275,8 +379,8 @@ impl PendingIndex {
         Ok(step)
     }
 
-    /// After the append's commit: its entries wait, the moved ones leave memory, and a new
-    /// generation starts when enough have gathered.
+    /// After the append's commit at `now`: its entries wait, the moved ones leave memory, and
+    /// a new generation (with a run of its own) starts when enough have gathered.
     pub(super) fn committed(
         &mut self,
         conn: &Connection,
@@ -284,8 +388,10 @@ impl PendingIndex {
         keys: impl IntoIterator<Item = Key>,
         seqs: &[SeqEntry],
         step: Step,
+        now: Millis,
     ) {
         self.pending.extend(keys);
+        self.latest = self.latest.max(now);
         recent.add(seqs);
         self.moving.truncate(self.moving.len() - step.keys);
         let left = self.moving_seqs.len() - step.seqs;
@@ -303,6 +409,14 @@ impl PendingIndex {
                     // (room, seq) is unique: by room, then seq.
                     self.moving_seqs.sort_unstable_by(|a, b| b.cmp(a));
                     self.moving_through = id;
+                    if !self.moving.is_empty() {
+                        // Every message of the generation was stored by now.
+                        self.runs.push(Run {
+                            id: self.next_run,
+                            newest_ms: now,
+                        });
+                        self.next_run += 1;
+                    }
                 }
                 // Try again after the next append; the entries stay where they are.
                 Err(e) => tracing::warn!(error = %e, "could not start moving index entries"),
@@ -337,26 +451,59 @@ impl PendingIndex {
         recent.retain(|s| !gone_seq(s));
     }
 
-    /// Inside an expiry transaction: drop the deleted messages' entries from the tables (the
-    /// ones in memory go in [`PendingIndex::rows_deleted`]). Sorts both lists.
-    pub(super) fn forget(
-        conn: &Connection,
-        keys: &mut [Key],
-        seqs: &mut [(RoomId, i64)],
-    ) -> rusqlite::Result<()> {
-        keys.sort_unstable();
+    /// Inside an expiry transaction: drop the deleted messages' seq entries from the table (the
+    /// ones in memory go in [`PendingIndex::rows_deleted`]; replay keys leave with their runs).
+    /// Sorts the list.
+    pub(super) fn forget(conn: &Connection, seqs: &mut [(RoomId, i64)]) -> rusqlite::Result<()> {
         seqs.sort_unstable();
-        let mut delete =
-            conn.prepare_cached("DELETE FROM message_ivs WHERE room_id = ?1 AND iv = ?2")?;
-        for k in keys.iter() {
-            delete.execute(params![&k[..16], &k[16..]])?;
-        }
         let mut delete =
             conn.prepare_cached("DELETE FROM message_seqs WHERE room_id = ?1 AND seq = ?2")?;
         for (room, seq) in seqs.iter() {
             delete.execute(params![&room[..], seq])?;
         }
         Ok(())
+    }
+
+    /// Drop up to `limit` blocks of runs whose newest message is older than `before` (the
+    /// oldest first), inside the caller's transaction. Returns the blocks and keys deleted and
+    /// the runs emptied; call [`PendingIndex::runs_dropped`] with the last after the commit.
+    /// Never the moving generation's run.
+    pub(super) fn drop_aged(
+        &self,
+        conn: &Connection,
+        before: Millis,
+        limit: usize,
+    ) -> rusqlite::Result<(usize, usize, usize)> {
+        let (mut blocks, mut keys, mut emptied) = (0, 0, 0);
+        let mut delete = conn.prepare_cached(
+            "DELETE FROM replay_blocks WHERE rowid IN
+             (SELECT rowid FROM replay_blocks WHERE run = ?1 LIMIT ?2)
+             RETURNING length(keys)",
+        )?;
+        // The moving generation's run stays while it moves (it would take days of a trickle
+        // of messages to be that old).
+        let settled = self.runs.len() - usize::from(!self.moving.is_empty());
+        for run in self.runs[..settled]
+            .iter()
+            .take_while(|r| r.newest_ms < before)
+        {
+            let mut rows = delete.query(params![run.id, (limit - blocks) as i64])?;
+            while let Some(r) = rows.next()? {
+                blocks += 1;
+                keys += r.get::<_, i64>(0)? as usize / (16 + IV_LEN);
+            }
+            if blocks == limit {
+                break;
+            }
+            conn.execute("DELETE FROM replay_runs WHERE run = ?1", params![run.id])?;
+            emptied += 1;
+        }
+        Ok((blocks, keys, emptied))
+    }
+
+    /// After [`PendingIndex::drop_aged`] committed: forget the runs it emptied.
+    pub(super) fn runs_dropped(&mut self, emptied: usize) {
+        self.runs.drain(..emptied);
     }
 
     /// Move every entry in memory into the tables in one transaction (at close).
@@ -372,11 +519,21 @@ impl PendingIndex {
         keys.sort_unstable();
         let mut seqs = recent.all();
         seqs.sort_unstable();
+        let run = Run {
+            id: self.next_run,
+            newest_ms: crate::store::now_ms().max(self.latest),
+        };
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        insert_keys(&tx, keys.iter())?;
+        if !keys.is_empty() {
+            insert_keys(&tx, run, keys.iter())?;
+        }
         insert_seqs(&tx, seqs.iter())?;
         set_mark(&tx, highest_id(&tx)?)?;
         tx.commit()?;
+        if !keys.is_empty() {
+            self.runs.push(run);
+            self.next_run += 1;
+        }
         self.pending.clear();
         self.moving.clear();
         self.moving_seqs.clear();
@@ -385,17 +542,40 @@ impl PendingIndex {
     }
 }
 
-/// At open: put the entries of messages stored above the mark (after a crash) into the
-/// tables. Returns how many messages were above it.
+/// At open: put the entries of messages stored above the mark (after a crash, from a backup,
+/// or from an older schema) into the tables, the keys as runs of up to `MOVE_AT` messages in
+/// the order they were stored. Returns how many messages were above it.
 pub(super) fn recover(conn: &mut Connection) -> rusqlite::Result<usize> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mark: i64 = tx.query_row("SELECT indexed_through FROM replay_index", [], |r| r.get(0))?;
-    let above = tx.execute(
-        "INSERT INTO message_ivs (room_id, iv)
-         SELECT room_id, iv FROM messages WHERE id > ?1 ORDER BY room_id, iv
-         ON CONFLICT DO NOTHING",
-        params![mark],
+    let mut run: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(run), 0) + 1 FROM replay_runs",
+        [],
+        |r| r.get(0),
     )?;
+    let (mut above, mut after) = (0, mark);
+    loop {
+        let from = after;
+        let mut newest_ms = Millis::MIN;
+        let mut keys: Vec<Key> = tx
+            .prepare_cached(
+                "SELECT room_id, iv, id, created_at FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?
+            .query_map(params![from, MOVE_AT as i64], |r| {
+                after = r.get(2)?;
+                newest_ms = newest_ms.max(r.get(3)?);
+                row_key(r)
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        if keys.is_empty() {
+            break;
+        }
+        above += keys.len();
+        keys.sort_unstable();
+        keys.dedup();
+        insert_keys(&tx, Run { id: run, newest_ms }, keys.iter())?;
+        run += 1;
+    }
     tx.execute(
         "INSERT INTO message_seqs (room_id, seq, id)
          SELECT room_id, seq, id FROM messages WHERE id > ?1 ORDER BY room_id, seq
@@ -407,14 +587,35 @@ pub(super) fn recover(conn: &mut Connection) -> rusqlite::Result<usize> {
     Ok(above)
 }
 
-fn insert_keys<'a>(conn: &Connection, keys: impl Iterator<Item = &'a Key>) -> rusqlite::Result<()> {
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO message_ivs (room_id, iv) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-    )?;
+/// Write keys, in ascending order and above every key already in `run`, into `run` as blocks
+/// (recording the run if it is new).
+fn insert_keys<'a>(
+    conn: &Connection,
+    run: Run,
+    keys: impl Iterator<Item = &'a Key>,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO replay_runs (run, newest_ms) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+    )?
+    .execute(params![run.id, run.newest_ms])?;
+    let mut insert =
+        conn.prepare_cached("INSERT INTO replay_blocks (run, first, keys) VALUES (?1, ?2, ?3)")?;
+    const FULL: usize = BLOCK * (16 + IV_LEN);
+    let mut block = Vec::with_capacity(FULL);
+    let mut write = |block: &mut Vec<u8>| -> rusqlite::Result<()> {
+        if !block.is_empty() {
+            insert.execute(params![run.id, &block[..16 + IV_LEN], &block[..]])?;
+            block.clear();
+        }
+        Ok(())
+    };
     for k in keys {
-        insert.execute(params![&k[..16], &k[16..]])?;
+        block.extend_from_slice(k);
+        if block.len() == FULL {
+            write(&mut block)?;
+        }
     }
-    Ok(())
+    write(&mut block)
 }
 
 fn insert_seqs<'a>(

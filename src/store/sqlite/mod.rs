@@ -28,7 +28,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     AppendOutcome, CreateOutcome, MaintenanceReport, Millis, NewMessage, Page, Retention,
-    RoomRecord, Store, StoreError, StoredMessage, finish_page,
+    RoomRecord, Store, StoreError, StoredMessage, finish_page, replay_window_start,
 };
 use crate::crypto::RoomId;
 use crate::protocol::HistoryQuery;
@@ -44,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0002_server_identity.sql"),
     include_str!("../../../migrations/sqlite/0003_replay_keys.sql"),
     include_str!("../../../migrations/sqlite/0004_seq_index.sql"),
+    include_str!("../../../migrations/sqlite/0005_replay_runs.sql"),
 ];
 /// Idle read connections kept open.
 const READ_POOL: usize = 8;
@@ -57,6 +58,8 @@ const WRITER_CHECKPOINT_PAGES: i64 = 4096;
 const WRITER_CACHE_KIB: i64 = -32 * 1024;
 /// Rows deleted per expiry step.
 const DELETE_BATCH: i64 = 5_000;
+/// Blocks of aged replay keys deleted per transaction (each a page of 128 keys).
+const DROP_BLOCKS: usize = 256;
 /// A room row's `last_seq` / `last_active` are rewritten once they are this far behind.
 const ROOM_ROW_LAG_MS: Millis = 60_000;
 /// Rooms the writer remembers (about 64 bytes each, so 6–7 MB at most) before it writes them
@@ -92,7 +95,7 @@ struct WriteSide {
     rooms: HashMap<RoomId, LiveRoom>,
     index: PendingIndex,
     recent: Arc<Mutex<RecentSeqs>>,
-    /// Rules most new keys out without a lookup in `message_ivs`.
+    /// Rules most new keys out without a lookup in `replay_blocks`.
     filter: ReplayFilter,
 }
 
@@ -219,7 +222,7 @@ impl SqliteStore {
         let lock = lock_data_dir(data_dir).await?;
         let path = data_dir.join("nanochat.db");
         let p = path.clone();
-        let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<Connection> {
+        let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<(Connection, PendingIndex)> {
             let mut conn = open_connection(&p)
                 .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", p.display()))?;
             migrate(&mut conn)?;
@@ -236,9 +239,12 @@ impl SqliteStore {
             // Index entries land at random places in their tables; a cache of a few MiB saves
             // most of those page reads once the tables have grown.
             conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
-            Ok(conn)
+            let mut index = PendingIndex::new();
+            index.load_runs(&conn)?;
+            Ok((conn, index))
         })
         .await??;
+        let (writer, index) = writer;
         let (checkpointer, stop) = std::sync::mpsc::channel();
         spawn_checkpointer(path.clone(), stop)?;
         let recent = Arc::new(Mutex::new(RecentSeqs::default()));
@@ -249,7 +255,7 @@ impl SqliteStore {
                 writer: Mutex::new(WriteSide {
                     conn: writer,
                     rooms: HashMap::new(),
-                    index: PendingIndex::new(),
+                    index,
                     recent: recent.clone(),
                     filter: ReplayFilter::new(),
                 }),
@@ -433,7 +439,10 @@ fn append_tx(
                 continue;
             };
             let k = index::key(&m.room, &m.iv);
-            if stored.contains(&k) || (filter.may_contain(&k) && index.contains(&mut probe, &k)?) {
+            if stored.contains(&k)
+                || (filter.may_contain(&k)
+                    && index.contains(&mut probe, &k, replay_window_start(m.epoch, now))?)
+            {
                 outcomes.push(AppendOutcome::Replay);
                 continue;
             }
@@ -459,7 +468,7 @@ fn append_tx(
         }
     }
     tx.commit()?;
-    index.committed(conn, &mut lock_recent(recent), stored, &seqs, step);
+    index.committed(conn, &mut lock_recent(recent), stored, &seqs, step, now);
     rooms.extend(
         touched
             .into_iter()
@@ -497,7 +506,8 @@ fn expire_batch(side: &mut WriteSide, cutoff: Millis) -> rusqlite::Result<usize>
         .iter()
         .map(|(k, room, seq)| (*k, (*room, *seq)))
         .unzip();
-    PendingIndex::forget(&tx, &mut keys, &mut seqs)?;
+    keys.sort_unstable();
+    PendingIndex::forget(&tx, &mut seqs)?;
     let highest = PendingIndex::lower_mark(&tx)?;
     tx.commit()?;
     side.index.rows_deleted(
@@ -799,7 +809,6 @@ impl Store for SqliteStore {
             for sql in [
                 "DELETE FROM messages WHERE id IN (SELECT id FROM message_seqs WHERE room_id = ?1)",
                 "DELETE FROM message_seqs WHERE room_id = ?1",
-                "DELETE FROM message_ivs WHERE room_id = ?1",
             ] {
                 tx.execute(sql, params![&room[..]]).map_err(db_err)?;
             }
@@ -868,6 +877,28 @@ impl Store for SqliteStore {
                 .await?;
             report.messages_deleted += deleted as u64;
             if (deleted as i64) < DELETE_BATCH {
+                break;
+            }
+        }
+        // Then the replay keys no message's window reaches any more, a run at a time.
+        loop {
+            let deleted = self
+                .write(move |side, _| {
+                    let tx = side
+                        .conn
+                        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                        .map_err(db_err)?;
+                    let (blocks, keys, emptied) = side
+                        .index
+                        .drop_aged(&tx, index::keep_runs_since(now), DROP_BLOCKS)
+                        .map_err(db_err)?;
+                    tx.commit().map_err(db_err)?;
+                    side.index.runs_dropped(emptied);
+                    Ok((blocks, keys))
+                })
+                .await?;
+            report.replay_keys_dropped += deleted.1 as u64;
+            if deleted.0 < DROP_BLOCKS {
                 break;
             }
         }
@@ -996,13 +1027,42 @@ mod index_tests {
             .await
             .unwrap();
         // Small generations and chunks, so a few dozen messages go through every stage.
-        store.inner.writer.lock().unwrap().index = PendingIndex::with_sizes(8, 3);
+        small_index(&store, 8, 3);
         store
+    }
+
+    fn small_index(store: &SqliteStore, move_at: usize, chunk: usize) {
+        let mut side = store.inner.writer.lock().unwrap();
+        let mut index = PendingIndex::with_sizes(move_at, chunk);
+        index.load_runs(&side.conn).unwrap();
+        side.index = index;
     }
 
     async fn create(store: &SqliteStore, room: RoomId, now: Millis) {
         let out = store.create_room(&room, &[0], now).await.unwrap();
         assert_eq!(out, CreateOutcome::Created);
+    }
+
+    /// Every key in the runs' blocks (a key in two runs, twice).
+    fn keys_in_blocks(conn: &Connection) -> Vec<index::Key> {
+        let blocks: Vec<Vec<u8>> = conn
+            .prepare("SELECT keys FROM replay_blocks")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        blocks.iter().flat_map(|b| index::block_keys(b)).collect()
+    }
+
+    /// The `(room_id, iv)` pairs a query with one parameter returns, as keys.
+    fn keys_in_rows(conn: &Connection, sql: &str, p: Millis) -> HashSet<index::Key> {
+        conn.prepare(sql)
+            .unwrap()
+            .query_map([p], index::row_key)
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
     }
 
     /// The `(room_id, iv)` pairs a query returns, as keys.
@@ -1015,38 +1075,94 @@ mod index_tests {
             .unwrap()
     }
 
-    /// The keys in memory and in the table are exactly the stored messages' keys, and every
-    /// message at or below the mark has its key in the table.
+    /// Every stored message's key is in memory or in a run of the table, unless the message is
+    /// older than every run left (its own was dropped); keys of deleted messages may stay in
+    /// their runs; a key in memory is a stored message's. Every message at or below the mark
+    /// has its key in the table (the same exception), and the runs in memory are the table's.
+    /// Returns the distinct keys in the table and the keys in memory.
     fn assert_consistent(store: &SqliteStore) -> (usize, usize) {
         let side = store.inner.writer.lock().unwrap();
         let conn = &side.conn;
-        let mut messages = keys_in(conn, "SELECT room_id, iv FROM messages");
-        let table = keys_in(conn, "SELECT room_id, iv FROM message_ivs");
-        let mut known: Vec<index::Key> = table.iter().chain(side.index.memory()).copied().collect();
-        messages.sort_unstable();
-        known.sort_unstable();
-        assert_eq!(
-            known, messages,
-            "replay keys = stored messages' keys, each once"
+        let floor = side
+            .index
+            .runs()
+            .first()
+            .map_or(Millis::MAX, |r| r.newest_ms);
+        let all: HashSet<index::Key> = keys_in(conn, "SELECT room_id, iv FROM messages")
+            .into_iter()
+            .collect();
+        let messages = keys_in_rows(
+            conn,
+            "SELECT room_id, iv FROM messages WHERE created_at >= ?1",
+            floor,
+        );
+        let table: HashSet<index::Key> = keys_in_blocks(conn).into_iter().collect();
+        let memory: Vec<index::Key> = side.index.memory().copied().collect();
+        let distinct: HashSet<index::Key> = memory.iter().copied().collect();
+        assert_eq!(distinct.len(), memory.len(), "a key twice in memory");
+        assert!(
+            memory.iter().all(|k| all.contains(k)),
+            "a key in memory that no stored message has"
         );
         assert!(
-            messages.iter().all(|k| side.filter.holds(k)),
-            "the replay key filter rules out a stored key"
+            messages
+                .iter()
+                .all(|k| table.contains(k) || distinct.contains(k)),
+            "a stored message's key is neither in memory nor in the table"
         );
-        let unindexed: i64 = conn
+        assert!(
+            table.iter().chain(&memory).all(|k| side.filter.holds(k)),
+            "the replay key filter rules out a key it holds"
+        );
+        let indexed = keys_in_rows(
+            conn,
+            "SELECT room_id, iv FROM messages
+             WHERE id <= (SELECT indexed_through FROM replay_index) AND created_at >= ?1",
+            floor,
+        );
+        assert!(
+            indexed.iter().all(|k| table.contains(k)),
+            "a message at or below the mark has no key in the table"
+        );
+        let mut firsts = conn
+            .prepare("SELECT first, keys FROM replay_blocks")
+            .unwrap();
+        let mut rows = firsts.query([]).unwrap();
+        while let Some(r) = rows.next().unwrap() {
+            let (first, keys): (Vec<u8>, Vec<u8>) = (r.get(0).unwrap(), r.get(1).unwrap());
+            let keys: Vec<index::Key> = index::block_keys(&keys).collect();
+            assert!(keys.is_sorted() && !keys.is_empty() && keys.len() <= 128);
+            assert_eq!(
+                first, keys[0],
+                "a block filed under another key than its first"
+            );
+        }
+        let runs: Vec<(i64, Millis)> = conn
+            .prepare("SELECT run, newest_ms FROM replay_runs ORDER BY run")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let known: Vec<(i64, Millis)> = side
+            .index
+            .runs()
+            .iter()
+            .map(|r| (r.id, r.newest_ms))
+            .collect();
+        // The moving generation's run is known before its first chunk is written.
+        assert!(
+            known.starts_with(&runs) && known.len() <= runs.len() + 1,
+            "runs in memory {known:?}, in the table {runs:?}"
+        );
+        let orphans: i64 = conn
             .query_row(
-                "SELECT COUNT(*) FROM messages m
-                 WHERE m.rowid <= (SELECT indexed_through FROM replay_index)
-                   AND NOT EXISTS (SELECT 1 FROM message_ivs k
-                                   WHERE k.room_id = m.room_id AND k.iv = m.iv)",
+                "SELECT COUNT(*) FROM replay_blocks WHERE run NOT IN (SELECT run FROM replay_runs)",
                 [],
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(
-            unindexed, 0,
-            "a message at or below the mark has no key in the table"
-        );
+        assert_eq!(orphans, 0, "keys of a run that is not recorded");
         assert_seqs_consistent(&side);
         (table.len(), side.index.in_memory())
     }
@@ -1260,6 +1376,56 @@ mod index_tests {
         assert_eq!(moved[..3], [(3, 5), (6, 2), (8, 0)]);
     }
 
+    /// Runs of several blocks, among several runs: every key is found in the one block that
+    /// can hold it, whichever run it is in, and keys between and around them are not.
+    #[tokio::test]
+    async fn keys_are_found_in_runs_of_many_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        small_index(&store, 300, 300);
+        let now = super::super::now_ms();
+        let a = [11u8; 16];
+        create(&store, a, now).await;
+        // Even IVs only, in batches of 10: two generations of 300 (three blocks each, the
+        // last one short) move into the table while the rest waits in memory.
+        for batch in 0..90u32 {
+            let msgs: Vec<NewMessage> = (0..10).map(|i| message(a, 2 * (batch * 10 + i))).collect();
+            append(&store, &msgs, now).await;
+        }
+        let (in_table, in_memory) = assert_consistent(&store);
+        assert_eq!((in_table, in_memory), (600, 300));
+        let blocks: i64 = store
+            .inner
+            .writer
+            .lock()
+            .unwrap()
+            .conn
+            .query_row("SELECT COUNT(*) FROM replay_blocks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(blocks, 6);
+        // Straight to the lookup, past the filter: every even IV is held, no odd one (whose
+        // probe lands in the block below it, or before the first block).
+        {
+            let side = store.inner.writer.lock().unwrap();
+            let mut probe = PendingIndex::probe(&side.conn).unwrap();
+            for n in 0..1801u32 {
+                let k = index::key(&a, &message(a, n).iv);
+                let held = side.index.contains(&mut probe, &k, 0).unwrap();
+                assert_eq!(held, n % 2 == 0 && n < 1800, "IV {n}");
+            }
+            let other = index::key(&[12u8; 16], &message(a, 0).iv);
+            assert!(!side.index.contains(&mut probe, &other, 0).unwrap());
+        }
+        for n in (0..1800u32).step_by(7) {
+            let out = append(&store, &[message(a, n)], now).await;
+            assert_eq!(
+                out[0] == AppendOutcome::Replay,
+                n % 2 == 0,
+                "IV {n}: {out:?}"
+            );
+        }
+    }
+
     /// A crash leaves the keys of the messages stored above the mark only in memory, which is
     /// gone: the next open puts them into the table.
     #[tokio::test]
@@ -1278,15 +1444,36 @@ mod index_tests {
             let conn = Connection::open(dir.path().join("nanochat.db")).unwrap();
             conn.execute_batch(
                 "UPDATE replay_index SET indexed_through = 10;
-                 DELETE FROM message_ivs WHERE (room_id, iv) IN
-                     (SELECT room_id, iv FROM messages WHERE id > 10);
                  DELETE FROM message_seqs WHERE id > 10;",
             )
             .unwrap();
-            let left: i64 = conn
-                .query_row("SELECT COUNT(*) FROM message_ivs", [], |r| r.get(0))
+            let lost = keys_in_rows(&conn, "SELECT room_id, iv FROM messages WHERE id > ?1", 10);
+            let blocks: Vec<(i64, Vec<u8>, Vec<u8>)> = conn
+                .prepare("SELECT run, first, keys FROM replay_blocks")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
                 .unwrap();
-            assert_eq!(left, 10);
+            for (run, first, keys) in blocks {
+                let kept: Vec<u8> = index::block_keys(&keys)
+                    .filter(|k| !lost.contains(k))
+                    .flatten()
+                    .collect();
+                conn.execute(
+                    "DELETE FROM replay_blocks WHERE run = ?1 AND first = ?2",
+                    params![run, first],
+                )
+                .unwrap();
+                if !kept.is_empty() {
+                    conn.execute(
+                        "INSERT INTO replay_blocks (run, first, keys) VALUES (?1, ?2, ?3)",
+                        params![run, &kept[..28], kept],
+                    )
+                    .unwrap();
+                }
+            }
+            assert_eq!(keys_in_blocks(&conn).len(), 10);
         }
         let store = open(dir.path()).await;
         assert_eq!(assert_consistent(&store), (30, 0));
@@ -1306,10 +1493,11 @@ mod index_tests {
         }
     }
 
-    /// Expiry and wipes take the keys with the messages, wherever the keys are, and never
-    /// leave a message above the mark: SQLite reuses the rowids of deleted top rows.
+    /// Expiry and wipes never leave a message above the mark (SQLite reuses the rowids of
+    /// deleted top rows); replay keys stay while any message's window can reach them, wherever
+    /// they are, and leave a run at a time once none can.
     #[tokio::test]
-    async fn expiry_and_wipes_take_the_keys_with_the_messages() {
+    async fn keys_leave_with_their_runs_once_no_window_reaches_them() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path()).await;
         let t0 = super::super::now_ms();
@@ -1333,30 +1521,81 @@ mod index_tests {
         for n in 31..=35 {
             append(&store, &[message(a, n)], later).await;
         }
+        let runs = |store: &SqliteStore| store.inner.writer.lock().unwrap().index.runs().to_vec();
+        assert!(runs(&store).len() >= 3, "{:?}", runs(&store));
 
-        let report = store.maintain(t0 + 31 * EPOCH_MS).await.unwrap();
-        assert_eq!(report.messages_deleted, 20);
+        // Two days on, the runs of day `later` are within reach: nothing of them goes, and
+        // their keys (wiped room b's too) are still refused; the runs of day t0 are not.
+        let day_after_next = later + 2 * EPOCH_MS;
+        let report = store.maintain(day_after_next).await.unwrap();
+        assert_eq!(report.messages_deleted, 0);
+        let left = runs(&store);
+        assert!(left.iter().all(|r| r.newest_ms >= later), "{left:?}");
+        assert!(report.replay_keys_dropped >= 1);
         let (in_table, in_memory) = assert_consistent(&store);
-        assert_eq!(in_table + in_memory, 15);
+        assert!(in_table > 0, "{in_table} keys in the table");
+        let out = append(
+            &store,
+            &[message(a, 21), message(a, 35), message(b, 1)],
+            day_after_next,
+        )
+        .await;
+        assert_eq!(
+            out,
+            [
+                AppendOutcome::Replay,
+                AppendOutcome::Replay,
+                AppendOutcome::RoomGone
+            ]
+        );
+
+        // Eleven days after t0's messages expire, every run of day `later` is out of reach.
+        let rows = |store: &SqliteStore| {
+            keys_in_blocks(&store.inner.writer.lock().unwrap().conn).len() as i64
+        };
+        let before = rows(&store);
         let now = t0 + 31 * EPOCH_MS;
-        // An expired message's IV is free again; a stored one's is not.
+        let report = store.maintain(now).await.unwrap();
+        assert_eq!(report.messages_deleted, 20);
+        assert_eq!(report.replay_keys_dropped as i64, before);
+        assert_eq!(assert_consistent(&store), (0, in_memory));
+        assert!(runs(&store).is_empty());
+        // Stored messages 21..35 are out of every window now (a client could not send their
+        // epoch any more): their keys are refused only while they still wait in memory.
+        let waiting = |n: u32| {
+            let k = index::key(&a, &message(a, n).iv);
+            store
+                .inner
+                .writer
+                .lock()
+                .unwrap()
+                .index
+                .memory()
+                .any(|m| *m == k)
+        };
+        let expected: Vec<AppendOutcome> = [21, 35]
+            .iter()
+            .scan(36, |seq, &n| {
+                Some(if waiting(n) {
+                    AppendOutcome::Replay
+                } else {
+                    *seq += 1;
+                    AppendOutcome::Stored { seq: *seq }
+                })
+            })
+            .collect();
         let out = append(
             &store,
             &[message(a, 1), message(a, 21), message(a, 35)],
             now,
         )
         .await;
-        assert_eq!(
-            out,
-            vec![
-                AppendOutcome::Stored { seq: 36 },
-                AppendOutcome::Replay,
-                AppendOutcome::Replay
-            ]
-        );
+        assert_eq!(out[0], AppendOutcome::Stored { seq: 36 });
+        assert_eq!(out[1..], expected[..]);
+        assert!(waiting(35), "the newest key waits in memory");
         drop(store);
         let store = open(dir.path()).await;
-        assert_eq!(assert_consistent(&store), (16, 0));
+        assert_eq!(assert_consistent(&store).1, 0);
     }
 
     /// Every history query a client can make, against a scan of the messages table: the same
@@ -1459,7 +1698,7 @@ mod index_tests {
     async fn history_reads_step_over_rows_gone_from_under_them() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path()).await;
-        store.inner.writer.lock().unwrap().index = PendingIndex::with_sizes(1000, 3);
+        small_index(&store, 1000, 3);
         let now = super::super::now_ms();
         let a = [10u8; 16];
         create(&store, a, now).await;
@@ -1497,6 +1736,75 @@ mod index_tests {
             .unwrap();
         assert!(!page.more);
         assert_eq!(seqs(page), [7]);
+    }
+
+    /// A version 4 database (one table of every key) keeps refusing the replays a window can
+    /// still reach: the keys of its last three days' messages become runs at the first start;
+    /// older keys are left behind.
+    #[tokio::test]
+    async fn a_version_4_database_keeps_the_keys_of_its_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = super::super::now_ms();
+        let old = now - 10 * EPOCH_MS;
+        let a = [13u8; 16];
+        {
+            let conn = Connection::open(dir.path().join("nanochat.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);
+                 INSERT INTO schema_migrations VALUES (1, 0), (2, 0), (3, 0), (4, 0);",
+            )
+            .unwrap();
+            for sql in &MIGRATIONS[..4] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.execute(
+                "INSERT INTO rooms (id, auth_wrapped, created_at, last_active, last_seq)
+                 VALUES (?1, x'00', ?2, ?3, 20)",
+                params![&a[..], old, now],
+            )
+            .unwrap();
+            for n in 1..=20u32 {
+                let m = message(a, n);
+                let at = if n <= 10 { old } else { now };
+                conn.execute(
+                    "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+                     VALUES (?1, ?2, ?3, 0, ?4, x'00')",
+                    params![&a[..], n, at, &m.iv[..]],
+                )
+                .unwrap();
+                let id = conn.last_insert_rowid();
+                conn.execute(
+                    "INSERT INTO message_seqs (room_id, seq, id) VALUES (?1, ?2, ?3)",
+                    params![&a[..], n, id],
+                )
+                .unwrap();
+                conn.execute(
+                    "INSERT INTO message_ivs (room_id, iv) VALUES (?1, ?2)",
+                    params![&a[..], &m.iv[..]],
+                )
+                .unwrap();
+            }
+            conn.execute("UPDATE replay_index SET indexed_through = 20", [])
+                .unwrap();
+        }
+        let store = open(dir.path()).await;
+        assert_eq!(assert_consistent(&store), (10, 0));
+        {
+            let side = store.inner.writer.lock().unwrap();
+            let table: HashSet<index::Key> = keys_in_blocks(&side.conn).into_iter().collect();
+            let want: HashSet<index::Key> = (11..=20)
+                .map(|n| index::key(&a, &message(a, n).iv))
+                .collect();
+            assert_eq!(table, want);
+            assert_eq!(side.index.runs().len(), 1);
+            assert_eq!(side.index.runs()[0].newest_ms, now);
+        }
+        assert_history(&store, a, now).await;
+        let out = append(&store, &[message(a, 15), message(a, 21)], now).await;
+        assert_eq!(
+            out,
+            vec![AppendOutcome::Replay, AppendOutcome::Stored { seq: 21 }]
+        );
     }
 
     /// A database from before the keys and seqs had tables of their own keeps refusing its
