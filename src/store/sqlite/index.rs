@@ -251,6 +251,9 @@ pub(super) struct PendingIndex {
     next_run: i64,
     /// The latest time an append was committed at.
     latest: Millis,
+    /// Whether this process has dropped a run.
+    #[cfg(test)]
+    pub(super) dropped_any: bool,
     move_at: usize,
     chunk: usize,
 }
@@ -277,6 +280,8 @@ impl PendingIndex {
             runs: Vec::new(),
             next_run: 1,
             latest: 0,
+            #[cfg(test)]
+            dropped_any: false,
             move_at: move_at.max(1),
             chunk: chunk.max(1),
         }
@@ -467,7 +472,8 @@ impl PendingIndex {
     /// Drop up to `limit` blocks of runs whose newest message is older than `before` (the
     /// oldest first), inside the caller's transaction. Returns the blocks and keys deleted and
     /// the runs emptied; call [`PendingIndex::runs_dropped`] with the last after the commit.
-    /// Never the moving generation's run.
+    /// The moving generation's run too, if it is that old (after days of a trickle of
+    /// messages): its keys are past every window as well.
     pub(super) fn drop_aged(
         &self,
         conn: &Connection,
@@ -480,13 +486,7 @@ impl PendingIndex {
              (SELECT rowid FROM replay_blocks WHERE run = ?1 LIMIT ?2)
              RETURNING length(keys)",
         )?;
-        // The moving generation's run stays while it moves (it would take days of a trickle
-        // of messages to be that old).
-        let settled = self.runs.len() - usize::from(!self.moving.is_empty());
-        for run in self.runs[..settled]
-            .iter()
-            .take_while(|r| r.newest_ms < before)
-        {
+        for run in self.runs.iter().take_while(|r| r.newest_ms < before) {
             let mut rows = delete.query(params![run.id, (limit - blocks) as i64])?;
             while let Some(r) = rows.next()? {
                 blocks += 1;
@@ -501,8 +501,17 @@ impl PendingIndex {
         Ok((blocks, keys, emptied))
     }
 
-    /// After [`PendingIndex::drop_aged`] committed: forget the runs it emptied.
+    /// After [`PendingIndex::drop_aged`] committed: forget the runs it emptied. If that was
+    /// the moving generation's, its keys still in memory go too (its seqs keep moving, and
+    /// the mark then covers messages that no window reaches without their keys).
     pub(super) fn runs_dropped(&mut self, emptied: usize) {
+        if emptied > 0 && emptied == self.runs.len() {
+            self.moving.clear();
+        }
+        #[cfg(test)]
+        {
+            self.dropped_any |= emptied > 0;
+        }
         self.runs.drain(..emptied);
     }
 
