@@ -1,8 +1,9 @@
 //! A filter in memory over every replay key the store holds (the `replay_blocks` table and the
 //! keys still waiting in memory), so that the writer looks a new message's key up in the table
-//! only when the filter cannot rule it out. Without it every stored message costs a B-tree
-//! lookup in a table of random keys (about a sixth of the server's CPU in a publish run, and a
-//! disk read once the table outgrows the cache).
+//! only when the filter cannot rule it out. Without it every stored message costs a lookup in
+//! each run of keys its replay window reaches (one B-tree lookup in a table of random keys, as
+//! keys were kept until schema version 5, was about a sixth of the server's CPU in a publish
+//! run).
 //!
 //! It never rules a stored key out; a key that is not stored is ruled out except for a small
 //! share of them (about 0.13% at the filter's capacity, more past it), which are looked up.
