@@ -220,7 +220,7 @@ impl RecentSeqs {
 }
 
 /// A run of replay keys in the table: its number, and a time no message it holds is newer than.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub(super) struct Run {
     pub(super) id: i64,
     pub(super) newest_ms: Millis,
