@@ -25,8 +25,9 @@ cargo build --release --bins -q
 load=target/release/nanochat-load
 benches/machine.py   # what the numbers were measured on, first in the output
 # rooms, members, then the starting rate (messages/s) for bare, bare-nodelay, node and
-# nanochat: a little under what each reached before, so a sweep spends its runs near its maximum.
-shapes=("1 1000 500 300 50 1500" "100 10 40000 16000 4000 60000" "1000 2 80000 50000 11000 70000")
+# nanochat: a little under what each reached after a warm-up before (sessions 18-20), so a
+# sweep spends its runs near its maximum.
+shapes=("1 1000 500 300 100 1500" "100 10 40000 16000 7000 60000" "1000 2 80000 50000 35000 40000")
 for ((round = 1; round <= repeats; round++)); do
     for shape in "${shapes[@]}"; do
         set -- $shape
