@@ -431,6 +431,7 @@ pub async fn run_maintenance(state: &AppState) {
                 partitions_dropped = report.partitions_dropped,
                 messages_deleted = report.messages_deleted,
                 replay_keys_dropped = report.replay_keys_dropped,
+                replay_runs_merged = report.replay_runs_merged,
                 rooms_deleted = report.rooms_deleted,
                 tombstones_deleted = report.tombstones_deleted,
                 "maintenance done"

@@ -148,8 +148,11 @@ pub struct MaintenanceReport {
     pub partitions_dropped: u64,
     /// Messages deleted row by row (SQLite).
     pub messages_deleted: u64,
-    /// Replay keys dropped with runs older than any replay window (SQLite).
+    /// Replay keys dropped with runs older than any replay window, or written by a merge that
+    /// was cut short (SQLite).
     pub replay_keys_dropped: u64,
+    /// Runs of replay keys merged into larger ones (SQLite).
+    pub replay_runs_merged: u64,
     /// Idle rooms deleted.
     pub rooms_deleted: u64,
     /// Expired tombstones deleted.

@@ -27,6 +27,15 @@
 //! window reaches it ([`PendingIndex::drop_aged`]); the keys of messages deleted before that
 //! stay in their run (a repeat of such an IV is refused, as it was while stored).
 //!
+//! A busy instance starts a run every few minutes, and a repeat (or a key the filter lets
+//! through) is looked up in each run of its window: hundreds of look-ups after a few days.
+//! So maintenance merges the runs whose newest messages fall in the same ended hour, and those
+//! of the same ended six hours again ([`merge_span`]), a few hundred blocks per transaction
+//! ([`merge_step`]); a look-up then visits the current hour's runs and about twenty more,
+//! whatever the rate. A merge keeps its inputs until its last transaction, which swaps them
+//! for its run, and no merge takes a day's runs into another day, so merged keys leave on the
+//! same day as they would have.
+//!
 //! Durability: an entry in memory belongs to a committed message. `replay_index.indexed_through`
 //! is a message id at or below which every stored message has both entries in the tables (its
 //! key until its run is dropped); it moves up when a generation's last chunk commits. On open,
@@ -245,7 +254,9 @@ pub(super) struct PendingIndex {
     moving_seqs: Vec<SeqEntry>,
     /// Every message at or below this id has its entries in the tables once `moving` is in.
     moving_through: i64,
-    /// The runs in the table, oldest first; the last one is `moving`'s while it moves.
+    /// The runs in the table, oldest first; the last one is `moving`'s while it moves. Runs
+    /// left for maintenance to drop (inputs of a finished merge, the output of an unfinished
+    /// one) go first, with time 0.
     runs: Vec<Run>,
     /// The number the next run gets.
     next_run: i64,
@@ -289,8 +300,9 @@ impl PendingIndex {
 
     /// Learn the runs already in the table (at open, and for tests that swap the index).
     pub(super) fn load_runs(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        // By age: a merged run is numbered after the runs that followed its inputs.
         self.runs = conn
-            .prepare("SELECT run, newest_ms FROM replay_runs ORDER BY run")?
+            .prepare("SELECT run, newest_ms FROM replay_runs ORDER BY newest_ms, run")?
             .query_map([], |r| {
                 Ok(Run {
                     id: r.get(0)?,
@@ -298,7 +310,7 @@ impl PendingIndex {
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
-        self.next_run = self.runs.last().map_or(1, |r| r.id + 1);
+        self.next_run = self.runs.iter().map(|r| r.id + 1).max().unwrap_or(1);
         Ok(())
     }
 
@@ -515,6 +527,100 @@ impl PendingIndex {
         self.runs.drain(..emptied);
     }
 
+    /// The runs to merge next at `now`, if any: two or more side by side, complete, within
+    /// reach of a replay window, whose newest messages fall in the same ended span of time
+    /// (see [`merge_span`]). A merge takes the runs' place, so the order by age holds.
+    pub(super) fn merge_group(&self, now: Millis) -> Option<std::ops::Range<usize>> {
+        let complete = self
+            .runs
+            .len()
+            .saturating_sub(usize::from(!self.moving.is_empty()));
+        let keep = keep_runs_since(now);
+        let span = |r: &Run| {
+            if r.newest_ms < keep {
+                None
+            } else {
+                merge_span(r.newest_ms, now)
+            }
+        };
+        let mut start = 0;
+        while start < complete {
+            let first = span(&self.runs[start]);
+            let mut end = start + 1;
+            while first.is_some() && end < complete && span(&self.runs[end]) == first {
+                end += 1;
+            }
+            if first.is_some() && end - start >= 2 {
+                return Some(start..end);
+            }
+            start = end;
+        }
+        None
+    }
+
+    /// Start merging the runs of `group` (from [`PendingIndex::merge_group`]) into a new run.
+    /// Until it is finished the new run is one for maintenance to drop, here and in the table
+    /// (time 0), so a merge cut short (an error, a crash) leaves only work to undo.
+    pub(super) fn start_merge(&mut self, group: std::ops::Range<usize>) -> Merge {
+        let inputs = &self.runs[group];
+        let merge = Merge {
+            out: Run {
+                id: self.next_run,
+                newest_ms: inputs.iter().map(|r| r.newest_ms).max().unwrap_or(0),
+            },
+            inputs: inputs
+                .iter()
+                .map(|r| Cursor {
+                    run: r.id,
+                    after: Vec::new(),
+                    keys: Vec::new(),
+                    at: 0,
+                    done: false,
+                })
+                .collect(),
+            last: None,
+            keys: 0,
+        };
+        self.next_run += 1;
+        self.runs.insert(
+            0,
+            Run {
+                id: merge.out.id,
+                newest_ms: 0,
+            },
+        );
+        merge
+    }
+
+    /// After the transaction in which [`merge_step`] finished `merge` committed: the new run
+    /// takes its inputs' place, and the inputs wait at the front to be dropped.
+    pub(super) fn merged(&mut self, merge: &Merge) {
+        let inputs: HashSet<i64> = merge.inputs.iter().map(|c| c.run).collect();
+        let mut runs: Vec<Run> = merge
+            .inputs
+            .iter()
+            .map(|c| Run {
+                id: c.run,
+                newest_ms: 0,
+            })
+            .collect();
+        let mut placed = false;
+        for run in self.runs.drain(..) {
+            if run.id == merge.out.id {
+                continue;
+            }
+            if inputs.contains(&run.id) {
+                if !placed && merge.keys > 0 {
+                    runs.push(merge.out);
+                }
+                placed = true;
+                continue;
+            }
+            runs.push(run);
+        }
+        self.runs = runs;
+    }
+
     /// Move every entry in memory into the tables in one transaction (at close).
     pub(super) fn flush(
         &mut self,
@@ -594,6 +700,129 @@ pub(super) fn recover(conn: &mut Connection) -> rusqlite::Result<usize> {
     set_mark(&tx, highest_id(&tx)?)?;
     tx.commit()?;
     Ok(above)
+}
+
+/// Runs are merged once the hour of their newest message has ended, and merged again by six
+/// hours once those have: at most the current hour's runs, five hours and four six-hour spans a
+/// day are looked in, whatever the rate, and each key is rewritten at most twice.
+const MERGE_HOUR: Millis = 3_600_000;
+const MERGE_SIX_HOURS: Millis = 6 * MERGE_HOUR;
+
+/// The span of time a complete run whose newest message is at `newest` is merged within at
+/// `now` (its length and number), or `None` while that hour has not ended.
+fn merge_span(newest: Millis, now: Millis) -> Option<(Millis, Millis)> {
+    let hour = newest.div_euclid(MERGE_HOUR);
+    if hour >= now.div_euclid(MERGE_HOUR) {
+        None
+    } else if newest.div_euclid(MERGE_SIX_HOURS) < now.div_euclid(MERGE_SIX_HOURS) {
+        Some((MERGE_SIX_HOURS, newest.div_euclid(MERGE_SIX_HOURS)))
+    } else {
+        Some((MERGE_HOUR, hour))
+    }
+}
+
+/// A merge of runs under way (see [`PendingIndex::start_merge`]): the run it writes (with the
+/// time it will have), where it has got to in each input, and the last key it wrote.
+pub(super) struct Merge {
+    out: Run,
+    inputs: Vec<Cursor>,
+    last: Option<Key>,
+    keys: usize,
+}
+
+impl Merge {
+    /// Runs being merged.
+    pub(super) fn runs(&self) -> usize {
+        self.inputs.len()
+    }
+
+    /// Keys written so far.
+    #[cfg(test)]
+    pub(super) fn keys(&self) -> usize {
+        self.keys
+    }
+}
+
+/// One input of a merge: its run, the first key of the block read last, that block's keys and
+/// how many of them are taken.
+struct Cursor {
+    run: i64,
+    after: Vec<u8>,
+    keys: Vec<Key>,
+    at: usize,
+    done: bool,
+}
+
+/// Inside the caller's transaction: write up to `blocks` blocks of the merge's run, its inputs'
+/// keys in ascending order, each once. When the inputs are exhausted, also give the run its
+/// time and the inputs time 0 (for maintenance to drop) and return true; call
+/// [`PendingIndex::merged`] after that commit.
+pub(super) fn merge_step(
+    conn: &Connection,
+    merge: &mut Merge,
+    blocks: usize,
+) -> rusqlite::Result<bool> {
+    let mut next = conn.prepare_cached(
+        "SELECT first, keys FROM replay_blocks WHERE run = ?1 AND first > ?2
+         ORDER BY first LIMIT 1",
+    )?;
+    let want = blocks.max(1) * BLOCK;
+    let mut out: Vec<Key> = Vec::with_capacity(want);
+    let mut exhausted = false;
+    while out.len() < want {
+        for c in merge.inputs.iter_mut() {
+            while c.at == c.keys.len() && !c.done {
+                match next
+                    .query_row(params![c.run, &c.after], |r| {
+                        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+                    })
+                    .optional()?
+                {
+                    Some((first, keys)) => {
+                        c.after = first;
+                        c.keys = block_keys(&keys).collect();
+                        c.at = 0;
+                    }
+                    None => c.done = true,
+                }
+            }
+        }
+        let Some(c) = merge
+            .inputs
+            .iter_mut()
+            .filter(|c| c.at < c.keys.len())
+            .min_by_key(|c| c.keys[c.at])
+        else {
+            exhausted = true;
+            break;
+        };
+        let k = c.keys[c.at];
+        c.at += 1;
+        if merge.last != Some(k) {
+            out.push(k);
+            merge.last = Some(k);
+        }
+    }
+    if !out.is_empty() {
+        let unfinished = Run {
+            id: merge.out.id,
+            newest_ms: 0,
+        };
+        insert_keys(conn, unfinished, out.iter())?;
+        merge.keys += out.len();
+    }
+    if exhausted {
+        conn.execute(
+            "UPDATE replay_runs SET newest_ms = ?2 WHERE run = ?1",
+            params![merge.out.id, merge.out.newest_ms],
+        )?;
+        let mut spent =
+            conn.prepare_cached("UPDATE replay_runs SET newest_ms = 0 WHERE run = ?1")?;
+        for c in &merge.inputs {
+            spent.execute(params![c.run])?;
+        }
+    }
+    Ok(exhausted)
 }
 
 /// Write keys, in ascending order and above every key already in `run`, into `run` as blocks
