@@ -766,43 +766,51 @@ pub(super) fn merge_step(
         "SELECT first, keys FROM replay_blocks WHERE run = ?1 AND first > ?2
          ORDER BY first LIMIT 1",
     )?;
-    let want = blocks.max(1) * BLOCK;
-    let mut out: Vec<Key> = Vec::with_capacity(want);
-    let mut exhausted = false;
-    while out.len() < want {
-        for c in merge.inputs.iter_mut() {
-            while c.at == c.keys.len() && !c.done {
-                match next
-                    .query_row(params![c.run, &c.after], |r| {
-                        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
-                    })
-                    .optional()?
-                {
-                    Some((first, keys)) => {
-                        c.after = first;
-                        c.keys = block_keys(&keys).collect();
-                        c.at = 0;
-                    }
-                    None => c.done = true,
+    // Until the input's next key is in memory or the input is exhausted.
+    let mut fill = |c: &mut Cursor| -> rusqlite::Result<()> {
+        while c.at == c.keys.len() && !c.done {
+            match next
+                .query_row(params![c.run, &c.after], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .optional()?
+            {
+                Some((first, keys)) => {
+                    c.after = first;
+                    c.keys = block_keys(&keys).collect();
+                    c.at = 0;
                 }
+                None => c.done = true,
             }
         }
-        let Some(c) = merge
-            .inputs
-            .iter_mut()
-            .filter(|c| c.at < c.keys.len())
-            .min_by_key(|c| c.keys[c.at])
-        else {
-            exhausted = true;
+        Ok(())
+    };
+    // Each input's next key, smallest first: a merge of an hour's runs can have dozens.
+    let mut heads = std::collections::BinaryHeap::with_capacity(merge.inputs.len());
+    for (i, c) in merge.inputs.iter_mut().enumerate() {
+        fill(c)?;
+        if let Some(k) = c.keys.get(c.at) {
+            heads.push(std::cmp::Reverse((*k, i)));
+        }
+    }
+    let want = blocks.max(1) * BLOCK;
+    let mut out: Vec<Key> = Vec::with_capacity(want);
+    while out.len() < want {
+        let Some(std::cmp::Reverse((k, i))) = heads.pop() else {
             break;
         };
-        let k = c.keys[c.at];
+        let c = &mut merge.inputs[i];
         c.at += 1;
+        fill(c)?;
+        if let Some(next) = c.keys.get(c.at) {
+            heads.push(std::cmp::Reverse((*next, i)));
+        }
         if merge.last != Some(k) {
             out.push(k);
             merge.last = Some(k);
         }
     }
+    let exhausted = heads.is_empty();
     if !out.is_empty() {
         let unfinished = Run {
             id: merge.out.id,
