@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
-use super::index::Key;
+use super::index::{BLOCK, Key};
 
 /// Bits of filter per key of capacity.
 const BITS_PER_KEY: usize = 16;
@@ -182,6 +182,12 @@ impl ReplayFilter {
         self.current.is_some()
     }
 
+    /// Memory of the filter in use.
+    #[cfg(test)]
+    pub(super) fn bytes(&self) -> usize {
+        self.current.as_ref().map_or(0, KeyFilter::bytes)
+    }
+
     /// [`ReplayFilter::may_contain`] without counting a lookup.
     #[cfg(test)]
     pub(super) fn holds(&self, k: &Key) -> bool {
@@ -240,17 +246,18 @@ impl ReplayFilter {
         let Some(path) = conn.path().filter(|p| !p.is_empty()).map(PathBuf::from) else {
             return Ok(());
         };
-        // Rows are numbered in storing order, so this bounds the keys in the table (each
-        // stored message has one) without counting them. Twice that, so it need not be
-        // rebuilt soon.
-        let span: i64 = conn.query_row(
-            "SELECT COALESCE(MAX(id) - MIN(id) + 1, 0) FROM messages",
-            [],
-            |r| r.get(0),
-        )?;
-        let span = usize::try_from(span).unwrap_or(0);
+        // A block holds at most `BLOCK` keys, so the blocks bound the keys in the table (the
+        // runs a replay window reaches, a few days of them, not the 30 days of messages),
+        // counted in the blocks' index without reading a key. Twice that and the keys in
+        // memory, so it need not be rebuilt soon.
+        let blocks: i64 = conn.query_row("SELECT COUNT(*) FROM replay_blocks", [], |r| r.get(0))?;
+        let memory: Vec<&Key> = memory.collect();
+        let keys = usize::try_from(blocks)
+            .unwrap_or(0)
+            .saturating_mul(BLOCK)
+            .saturating_add(memory.len());
         let mut built = KeyFilter::with_hashers(
-            span.saturating_mul(2),
+            keys.saturating_mul(2),
             (RandomState::new(), RandomState::new()),
             self.min_keys,
         );

@@ -61,7 +61,7 @@ pub(super) type SeqEntry = (RoomId, i64, i64);
 /// Messages whose entries wait in memory before a generation starts moving them.
 const MOVE_AT: usize = 65_536;
 /// Keys per row of `replay_blocks`: 3.5 KiB of keys, so a row fits one 4 KiB page.
-const BLOCK: usize = 128;
+pub(super) const BLOCK: usize = 128;
 /// Entries of each kind each append's transaction carries into the tables at least; twice its
 /// own batch when that is more, so a generation has moved before the next one is due and memory
 /// stays under `MOVE_AT` messages and a batch. Kept small because on a large table each entry

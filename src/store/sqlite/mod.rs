@@ -1388,6 +1388,43 @@ mod index_tests {
         );
     }
 
+    /// The filter is sized for the keys in the runs (and in memory), not for the span of
+    /// message ids: messages older than every replay window keep their rows for 30 days but
+    /// not their keys.
+    #[tokio::test]
+    async fn the_filter_is_sized_for_the_keys_held_not_the_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let now = super::super::now_ms();
+        let a = [23u8; 16];
+        create(&store, a, now).await;
+        for chunk in (1..=100u32).collect::<Vec<_>>().chunks(10) {
+            let batch: Vec<_> = chunk.iter().map(|n| message(a, *n)).collect();
+            append(&store, &batch, now).await;
+        }
+        drop(store);
+        // One more message, numbered as if ten million had been stored and expired between
+        // (written beside the server, above the mark: the next open keys it).
+        Connection::open(dir.path().join("nanochat.db"))
+            .unwrap()
+            .execute(
+                "INSERT INTO messages (id, room_id, seq, created_at, epoch, iv, ct)
+                 VALUES (10000000, ?1, 101, ?2, 0, ?3, x'01')",
+                params![&a[..], now, &message(a, 101).iv[..]],
+            )
+            .unwrap();
+        let store = open(dir.path()).await;
+        store.inner.writer.lock().unwrap().filter = ReplayFilter::with_min_keys(64);
+        let next = until_filter_built(&store, a, now, 1_000).await;
+        let bytes = store.inner.writer.lock().unwrap().filter.bytes();
+        // Sized for the ten million ids it would take 40 MB.
+        assert!(bytes <= 64 << 10, "{bytes} bytes for about a hundred keys");
+        for n in (1..=101).chain(1_000..next) {
+            let out = append(&store, &[message(a, n)], now).await;
+            assert_eq!(out, vec![AppendOutcome::Replay], "IV {n}");
+        }
+    }
+
     /// A filter that fills up is replaced by a new one built while messages keep coming, and
     /// no replay gets through at any point of it.
     #[tokio::test]
