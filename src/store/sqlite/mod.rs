@@ -1288,6 +1288,22 @@ mod index_tests {
         out
     }
 
+    /// Store messages with these IV numbers in `room`, ten per append; every outcome in order.
+    async fn append_in_tens(
+        store: &SqliteStore,
+        room: RoomId,
+        numbers: impl IntoIterator<Item = u32>,
+        now: Millis,
+    ) -> Vec<AppendOutcome> {
+        let numbers: Vec<u32> = numbers.into_iter().collect();
+        let mut out = Vec::with_capacity(numbers.len());
+        for chunk in numbers.chunks(10) {
+            let batch: Vec<NewMessage> = chunk.iter().map(|n| message(room, *n)).collect();
+            out.extend(append(store, &batch, now).await);
+        }
+        out
+    }
+
     #[tokio::test]
     async fn replays_are_refused_from_memory_from_the_table_and_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -1359,22 +1375,16 @@ mod index_tests {
         let now = super::super::now_ms();
         let a = [9u8; 16];
         create(&store, a, now).await;
-        for chunk in (1..=200u32).collect::<Vec<_>>().chunks(10) {
-            let batch: Vec<_> = chunk.iter().map(|n| message(a, *n)).collect();
-            append(&store, &batch, now).await;
-        }
+        append_in_tens(&store, a, 1..=200, now).await;
         drop(store);
         let store = open(dir.path()).await;
         let next = until_filter_built(&store, a, now, 1_000).await;
         store.inner.writer.lock().unwrap().filter.lookups = 0;
-        for chunk in (2_000..2_300u32).collect::<Vec<_>>().chunks(10) {
-            let batch: Vec<_> = chunk.iter().map(|n| message(a, *n)).collect();
-            let out = append(&store, &batch, now).await;
-            assert!(
-                out.iter()
-                    .all(|o| matches!(o, AppendOutcome::Stored { .. }))
-            );
-        }
+        let out = append_in_tens(&store, a, 2_000..2_300, now).await;
+        assert!(
+            out.iter()
+                .all(|o| matches!(o, AppendOutcome::Stored { .. }))
+        );
         let lookups = store.inner.writer.lock().unwrap().filter.lookups;
         assert!(lookups < 10, "{lookups} of 300 new keys looked up");
         for n in (1..=200).chain(1_000..next).chain(2_000..2_300) {
@@ -1398,10 +1408,7 @@ mod index_tests {
         let now = super::super::now_ms();
         let a = [23u8; 16];
         create(&store, a, now).await;
-        for chunk in (1..=100u32).collect::<Vec<_>>().chunks(10) {
-            let batch: Vec<_> = chunk.iter().map(|n| message(a, *n)).collect();
-            append(&store, &batch, now).await;
-        }
+        append_in_tens(&store, a, 1..=100, now).await;
         drop(store);
         // One more message, numbered as if ten million had been stored and expired between
         // (written beside the server, above the mark: the next open keys it).
@@ -1497,10 +1504,7 @@ mod index_tests {
         create(&store, a, now).await;
         // Even IVs only, in batches of 10: two generations of 300 (three blocks each, the
         // last one short) move into the table while the rest waits in memory.
-        for batch in 0..90u32 {
-            let msgs: Vec<NewMessage> = (0..10).map(|i| message(a, 2 * (batch * 10 + i))).collect();
-            append(&store, &msgs, now).await;
-        }
+        append_in_tens(&store, a, (0..900).map(|n| 2 * n), now).await;
         let (in_table, in_memory) = assert_consistent(&store);
         assert_eq!((in_table, in_memory), (600, 300));
         let blocks: i64 = store
@@ -1552,11 +1556,9 @@ mod index_tests {
         let hours: [(Millis, u32); 5] = [(-6, 2), (-5, 2), (1, 2), (2, 3), (3, 2)];
         let mut n = 0u32;
         for (hour, generations) in hours {
-            for _ in 0..generations * 20 {
-                let msgs: Vec<NewMessage> = (0..10).map(|i| message(a, n + i)).collect();
-                n += 10;
-                append(&store, &msgs, six + hour * HOUR + 600_000).await;
-            }
+            let to = n + generations * 200;
+            append_in_tens(&store, a, n..to, six + hour * HOUR + 600_000).await;
+            n = to;
         }
         let runs = |store: &SqliteStore| store.inner.writer.lock().unwrap().index.runs().to_vec();
         let keys = |store: &SqliteStore| {
@@ -1641,10 +1643,7 @@ mod index_tests {
         let hour = super::super::now_ms().div_euclid(HOUR) * HOUR - 2 * HOUR;
         let a = [22u8; 16];
         create(&store, a, hour).await;
-        for batch in 0..70u32 {
-            let msgs: Vec<NewMessage> = (0..10).map(|i| message(a, batch * 10 + i)).collect();
-            append(&store, &msgs, hour + 60_000).await;
-        }
+        append_in_tens(&store, a, 0..700, hour + 60_000).await;
         let now = hour + HOUR + 60_000;
         {
             let mut guard = store.inner.writer.lock().unwrap();
