@@ -33,6 +33,8 @@ pub struct Metrics {
     pub slow_consumers_total: IntCounter,
     /// Message frames dropped with the queue of a disconnected slow consumer.
     pub messages_dropped_total: IntCounter,
+    /// Storage reads made because a live frame arrived ahead of messages its socket lacked.
+    pub gap_reads_total: IntCounter,
     /// Error frames sent, by code.
     pub frames_rejected_total: IntCounterVec,
     /// Duration of one group-commit write.
@@ -155,6 +157,10 @@ impl Metrics {
             messages_dropped_total: counter(
                 "nanochat_messages_dropped_total",
                 "Message frames dropped with a slow consumer's queue when it was disconnected (it catches up on reconnect).",
+            ),
+            gap_reads_total: counter(
+                "nanochat_gap_reads_total",
+                "Storage reads a socket made because a live message arrived before earlier ones of its room (committed through another server process).",
             ),
             frames_rejected_total: counter_vec(
                 "nanochat_frames_rejected_total",

@@ -477,6 +477,7 @@ impl Conn {
             && next > j.delivered.through + 1
         {
             let through = j.delivered.through;
+            self.state.metrics.gap_reads_total.inc();
             let limit = (next - 1 - through).clamp(1, 200) as u32;
             let page = self
                 .state

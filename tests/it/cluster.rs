@@ -8,6 +8,7 @@ use nanochat::client::{Client, ClientError, RoomSession};
 use nanochat::config::PowMode;
 use nanochat::crypto::RoomKeys;
 use nanochat::protocol::ServerFrame;
+use nanochat::store::{AppendOutcome, NewMessage, now_ms};
 use serde_json::json;
 
 use crate::api::expect_close;
@@ -140,6 +141,59 @@ async fn messages_cross_nodes_once_and_in_order() {
         all.sort_unstable();
         assert_eq!(all, (1..=60).collect::<Vec<_>>(), "{label}");
     }
+}
+
+/// A message committed where this process's hub never saw it (as one committed through another
+/// process whose notification is late) comes from storage as soon as a later live message
+/// shows the gap: the member gets both, once and in order, and the read is counted. One
+/// process on SQLite, so that nothing else can deliver the first message meanwhile.
+#[actix_web::test]
+async fn a_live_message_after_a_gap_brings_the_gap_from_storage() {
+    let a = spawn_app_with(Backend::Sqlite, |_| {}).await;
+    let (mut alice, keys) = a.room_creator().await;
+    let mut bob = joined(&a, &keys).await;
+    let mut session = RoomSession::new(keys.clone());
+    let elsewhere = session.seal("eve", "committed elsewhere");
+    let stored = a
+        .state
+        .store
+        .append(
+            &[NewMessage {
+                room: keys.room_id,
+                epoch: elsewhere.epoch,
+                iv: elsewhere.iv,
+                ct: elsewhere.ct.clone(),
+            }],
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored, vec![AppendOutcome::Stored { seq: 1 }]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), bob.recv())
+            .await
+            .is_err(),
+        "nothing told this process about seq 1"
+    );
+    assert_eq!(a.state.metrics.gap_reads_total.get(), 0);
+
+    alice
+        .send_sealed("live", &session.seal("alice", "live"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        alice.recv().await.unwrap(),
+        ServerFrame::Ack { seq: 2, .. }
+    ));
+    let got = receive_until(&mut bob, &keys, Vec::new(), 2).await;
+    assert_eq!(
+        got,
+        vec![
+            (1, "committed elsewhere".to_owned()),
+            (2, "live".to_owned())
+        ]
+    );
+    assert_eq!(a.state.metrics.gap_reads_total.get(), 1);
 }
 
 #[actix_web::test]
