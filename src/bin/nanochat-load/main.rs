@@ -28,6 +28,7 @@ mod abuse;
 mod expiry;
 mod publish;
 mod soak;
+mod timeline;
 
 #[derive(Clone)]
 struct Args {
@@ -47,13 +48,15 @@ struct Args {
     nodes: usize,
     steps: usize,
     refine: usize,
+    /// Fan-out only: report deliveries and the worst latency of each second (by send time).
+    timeline: bool,
 }
 
 /// What `--help` and a mistaken command line print.
 const USAGE: &str = "\
 usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in time)
   fanout  --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 2000]
-          [--secs 10] [--warmup 0] [--postgres URL] [--nodes 1]
+          [--secs 10] [--warmup 0] [--postgres URL] [--nodes 1] [--timeline 0|1]
   sweep   --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 1000]
           [--secs 6] [--warmup 0] [--steps 12] [--refine 2]
   idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
@@ -88,6 +91,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         nodes: 1,
         steps: 12,
         refine: 2,
+        timeline: false,
     };
     fn num<T: std::str::FromStr>(k: &str, v: &str) -> Result<T, String> {
         v.parse()
@@ -111,6 +115,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--window" => a.window = num(&k, &v)?,
             "--rows" => a.rows = num(&k, &v)?,
             "--sample-secs" => a.sample_secs = num(&k, &v)?,
+            "--timeline" => a.timeline = num::<u8>(&k, &v)? != 0,
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -249,12 +254,23 @@ fn spawn_nanochat(
         .expect("start nanochat (build it: cargo build --release)");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
+    // The whole log, to set beside a run's timeline: NANOCHAT_LOAD_SERVER_LOG names a file.
+    let mut log_copy = std::env::var_os("NANOCHAT_LOAD_SERVER_LOG").and_then(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    });
     std::thread::spawn(move || {
-        use std::io::BufRead as _;
+        use std::io::{BufRead as _, Write as _};
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
         {
+            if let Some(file) = &mut log_copy {
+                let _ = writeln!(file, "{line}");
+            }
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
@@ -691,6 +707,8 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
     ));
     let delivered = Arc::new(AtomicU64::new(0));
+    let timeline = Arc::new(Mutex::new(timeline::Timeline::default()));
+    let keep_timeline = args.timeline;
     let mut senders = Vec::new();
     let mut readers = Vec::new();
     // Sockets open in a random order, each room created by whichever of its members comes
@@ -720,20 +738,27 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
             let hist = hist.clone();
             let delivered = delivered.clone();
             let measure_from = measure_from.clone();
+            let timeline = timeline.clone();
             readers.push(tokio::spawn(async move {
                 let mut local =
                     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+                let mut local_timeline = timeline::Timeline::default();
                 while let Some(Ok(msg)) = ws.next().await {
                     let Message::Text(t) = msg else { continue };
                     let t = t.as_str();
                     if !t.starts_with(r#"{"type":"msg""#) {
                         continue;
                     }
+                    let from_us = measure_from.load(Ordering::Relaxed);
                     if let Some(sent_us) = sent_at(t)
-                        && sent_us >= measure_from.load(Ordering::Relaxed)
+                        && sent_us >= from_us
                     {
                         let now_us = start.elapsed().as_micros() as u64;
-                        let _ = local.record(now_us.saturating_sub(sent_us).max(1));
+                        let latency_us = now_us.saturating_sub(sent_us).max(1);
+                        let _ = local.record(latency_us);
+                        if keep_timeline {
+                            local_timeline.record(sent_us - from_us, latency_us);
+                        }
                         delivered.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -741,6 +766,7 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
                     .expect("histogram")
                     .add(&local)
                     .expect("same bounds");
+                timeline.lock().expect("timeline").add(&local_timeline);
             }));
         }
     }
@@ -750,6 +776,8 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
     let warmup = Duration::from_secs(args.warmup);
     let from_us = (run_start + warmup - start).as_micros() as u64;
     measure_from.store(from_us, Ordering::Relaxed);
+    // The wall clock at the timeline's second 0, to set it beside the server's log.
+    let measured_from_unix_ms = nanochat::store::now_ms() + args.warmup as i64 * 1000;
     let mut tasks = Vec::new();
     for ws in senders {
         let sent = sent.clone();
@@ -801,7 +829,7 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
     let delivered = delivered.load(Ordering::Relaxed);
     let expected = sent * (args.members as u64 - 1);
     let h = hist.lock().expect("histogram");
-    serde_json::json!({
+    let mut report = serde_json::json!({
         "scenario": "fanout",
         "target": args.target,
         "nodes": args.nodes,
@@ -821,7 +849,12 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         "server_cpu_s": (cpu * 100.0).round() / 100.0,
         "deliveries_per_cpu_s": if cpu > 0.0 { (delivered as f64 / cpu).round() } else { 0.0 },
         "steal_pct": steal_pct,
-    })
+    });
+    if keep_timeline {
+        report["measured_from_unix_ms"] = measured_from_unix_ms.into();
+        report["timeline"] = timeline.lock().expect("timeline").to_json();
+    }
+    report
 }
 
 /// Idle memory: open rooms x members joined sockets, let them sit, and compare the server's
