@@ -81,6 +81,53 @@ fn a_warm_up_is_sent_but_not_measured() {
     assert_eq!(report["expected"], 2 * sent, "{report}");
 }
 
+/// `--timeline 1` accounts for every measured delivery second by second, and
+/// `NANOCHAT_LOAD_SERVER_LOG` keeps the server's own log lines beside it.
+#[test]
+fn a_timeline_counts_every_delivery_by_second_and_the_server_log_is_kept() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let log = dir.path().join("server.log");
+    let out = Command::new(env!("CARGO_BIN_EXE_nanochat-load"))
+        .args(
+            [
+                &["fanout", "--target", "nanochat", "--timeline", "1"][..],
+                &TINY,
+            ]
+            .concat(),
+        )
+        .env("NANOCHAT_LOAD_SERVER_LOG", &log)
+        .output()
+        .expect("run the load generator");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
+    assert_complete(&report);
+    let seconds = report["timeline"].as_array().expect("a timeline");
+    // One measured second of sends (a tick past its end at most).
+    assert!((1..=2).contains(&seconds.len()), "{report}");
+    let counted: u64 = seconds.iter().map(|s| s[1].as_u64().unwrap()).sum();
+    assert_eq!(counted, report["delivered"].as_u64().unwrap(), "{report}");
+    let worst = seconds
+        .iter()
+        .map(|s| s[2].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    // The histogram keeps three significant digits; the timeline the exact worst.
+    let max = report["max_ms"].as_f64().unwrap();
+    assert!(worst <= max && worst >= max * 0.99, "{report}");
+    let started = report["measured_from_unix_ms"]
+        .as_i64()
+        .expect("a wall clock");
+    assert!(
+        (started - nanochat::store::now_ms()).abs() < 60_000,
+        "{report}"
+    );
+    let lines = std::fs::read_to_string(&log).expect("the server's log was kept");
+    assert!(lines.contains("nanochat listening"), "{lines}");
+}
+
 #[test]
 fn the_rate_sweep_steps_up_while_runs_pass() {
     let lines = run_lines(

@@ -78,11 +78,7 @@ mod tests {
         a.add(&b);
         assert_eq!(
             a.to_json(),
-            serde_json::json!([
-                [0, 3, 80.0, 2, 0],
-                [1, 1, 5.0, 0, 0],
-                [2, 1, 300.0, 1, 1]
-            ])
+            serde_json::json!([[0, 3, 80.0, 2, 0], [1, 1, 5.0, 0, 0], [2, 1, 300.0, 1, 1]])
         );
         // Adding a longer timeline to a shorter one keeps every second of both.
         let mut short = Timeline::default();
