@@ -63,6 +63,8 @@ const DROP_BLOCKS: usize = 256;
 /// Blocks of replay keys a merge writes per transaction (each about a page, read once from
 /// its inputs): under a megabyte of WAL, a few milliseconds of the writer between appends.
 const MERGE_BLOCKS: usize = 256;
+/// The longest rest between two steps of a merge (each rests as long as it worked).
+const MERGE_REST_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 /// A room row's `last_seq` / `last_active` are rewritten once they are this far behind.
 const ROOM_ROW_LAG_MS: Millis = 60_000;
 /// Rooms the writer remembers (about 64 bytes each, so 6–7 MB at most) before it writes them
@@ -924,8 +926,9 @@ impl Store for SqliteStore {
         {
             report.replay_runs_merged += merge.runs() as u64;
             loop {
-                let (back, done) = self
+                let (back, done, worked) = self
                     .write(move |side, _| {
+                        let began = std::time::Instant::now();
                         let tx = side
                             .conn
                             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -936,13 +939,16 @@ impl Store for SqliteStore {
                         if done {
                             side.index.merged(&merge);
                         }
-                        Ok((merge, done))
+                        Ok((merge, done, began.elapsed()))
                     })
                     .await?;
                 merge = back;
                 if done {
                     break;
                 }
+                // Rest as long as the step worked: a merge takes at most half of the writer
+                // and of a core, and the appends waiting behind it go first.
+                tokio::time::sleep(worked.min(MERGE_REST_MAX)).await;
             }
         }
         if report.replay_runs_merged > 0 {
