@@ -128,6 +128,28 @@ fn a_timeline_counts_every_delivery_by_second_and_the_server_log_is_kept() {
     assert!(lines.contains("nanochat listening"), "{lines}");
 }
 
+/// The merge scenario stores an hour of replay keys in several runs, merges them while
+/// senders commit through the server's writer, and loses none of those commits.
+#[test]
+fn the_merge_scenario_merges_an_hours_runs_under_load() {
+    let report = run(&[
+        "merge",
+        "--rows",
+        "300000",
+        "--senders",
+        "2",
+        "--rate",
+        "200",
+        "--secs",
+        "1",
+    ]);
+    assert_eq!(report["scenario"], "merge", "{report}");
+    assert!(report["runs_merged"].as_u64().unwrap() >= 2, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert!(report["steady_p99_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["merge_ms"].as_f64().unwrap() > 0.0, "{report}");
+}
+
 #[test]
 fn the_rate_sweep_steps_up_while_runs_pass() {
     let lines = run_lines(

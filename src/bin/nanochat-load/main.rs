@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 mod abuse;
 mod expiry;
+mod merge;
 mod publish;
 mod soak;
 mod timeline;
@@ -62,6 +63,7 @@ usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in 
   idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
   soak    [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
   expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
+  merge   [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]   (SQLite, in-process)
   abuse   [--rooms 10] [--members 10] [--rate 10000] [--secs 10]
   publish --target nanochat|bare|naive|batch [--senders 16] [--window 8] [--secs 10] [--warmup 0]
           [--postgres URL]
@@ -70,7 +72,7 @@ With --postgres, each run works in a database it creates on that server and drop
 scenarios.";
 
 const SCENARIOS: &[&str] = &[
-    "fanout", "sweep", "idle", "soak", "publish", "abuse", "expiry",
+    "fanout", "sweep", "idle", "soak", "publish", "abuse", "expiry", "merge",
 ];
 
 /// Read the options that follow the scenario name.
@@ -455,6 +457,11 @@ async fn run_scenario(cmd: &str, args: &Args) {
     };
     if cmd == "publish" && !["nanochat", "bare"].contains(&args.target.as_str()) {
         publish::baseline(args, &args.target, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if cmd == "merge" {
+        merge::run(args, &dir).await;
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }

@@ -61,8 +61,10 @@ const DELETE_BATCH: i64 = 5_000;
 /// Blocks of aged replay keys deleted per transaction (each a page of 128 keys).
 const DROP_BLOCKS: usize = 256;
 /// Blocks of replay keys a merge writes per transaction (each about a page, read once from
-/// its inputs): under a megabyte of WAL, a few milliseconds of the writer between appends.
-const MERGE_BLOCKS: usize = 256;
+/// its inputs): a quarter of a megabyte of WAL, a few milliseconds of the writer, which is
+/// about what an append waiting behind a step waits (256 gave twice the p99 commit latency
+/// during a merge; `nanochat-load merge`, benches/README.md).
+const MERGE_BLOCKS: usize = 64;
 /// The longest rest between two steps of a merge (each rests as long as it worked).
 const MERGE_REST_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 /// A room row's `last_seq` / `last_active` are rewritten once they are this far behind.
