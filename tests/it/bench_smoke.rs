@@ -147,7 +147,30 @@ fn the_merge_scenario_merges_an_hours_runs_under_load() {
     assert!(report["runs_merged"].as_u64().unwrap() >= 2, "{report}");
     assert_eq!(report["failed"], 0, "{report}");
     assert!(report["steady_p99_ms"].as_f64().unwrap() > 0.0, "{report}");
-    assert!(report["merge_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert_eq!(report["messages_deleted"], 0, "{report}");
+    assert!(report["maintenance_ms"].as_f64().unwrap() > 0.0, "{report}");
+}
+
+/// With `--expired 1` the stored hour is past the retention: maintenance deletes every one of
+/// its messages while the senders commit, and none of their commits fails.
+#[test]
+fn the_merge_scenario_can_expire_the_hour_instead() {
+    let report = run(&[
+        "merge",
+        "--rows",
+        "20000",
+        "--senders",
+        "2",
+        "--rate",
+        "200",
+        "--secs",
+        "1",
+        "--expired",
+        "1",
+    ]);
+    assert_eq!(report["messages_deleted"], 20000, "{report}");
+    assert_eq!(report["runs_merged"], 0, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
 }
 
 #[test]

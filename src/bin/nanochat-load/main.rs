@@ -51,6 +51,8 @@ struct Args {
     refine: usize,
     /// Fan-out only: report deliveries and the worst latency of each second (by send time).
     timeline: bool,
+    /// Merge only: the stored hour is past the retention, so maintenance deletes it.
+    expired: bool,
 }
 
 /// What `--help` and a mistaken command line print.
@@ -63,7 +65,8 @@ usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in 
   idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
   soak    [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
   expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
-  merge   [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]   (SQLite, in-process)
+  merge   [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5] [--expired 0|1]
+          (SQLite maintenance under write load, in-process)
   abuse   [--rooms 10] [--members 10] [--rate 10000] [--secs 10]
   publish --target nanochat|bare|naive|batch [--senders 16] [--window 8] [--secs 10] [--warmup 0]
           [--postgres URL]
@@ -94,6 +97,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         steps: 12,
         refine: 2,
         timeline: false,
+        expired: false,
     };
     fn num<T: std::str::FromStr>(k: &str, v: &str) -> Result<T, String> {
         v.parse()
@@ -118,6 +122,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--rows" => a.rows = num(&k, &v)?,
             "--sample-secs" => a.sample_secs = num(&k, &v)?,
             "--timeline" => a.timeline = num::<u8>(&k, &v)? != 0,
+            "--expired" => a.expired = num::<u8>(&k, &v)? != 0,
             other => return Err(format!("unknown option {other}")),
         }
     }

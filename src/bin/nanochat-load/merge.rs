@@ -1,8 +1,10 @@
-//! A merge of SQLite replay-key runs under write load, in-process: `--rows` keys stored over
-//! the previous hour (in the runs the writer makes of them), then senders submit messages to
-//! the server's own group-commit writer at a fixed open-loop `--rate` while maintenance merges
-//! that hour's runs. Reports how long the merge took and the p99 commit latency (from each
-//! send's scheduled time) in the `--secs` before it and while it ran.
+//! SQLite maintenance under write load, in-process: `--rows` messages stored over the
+//! previous hour (their replay keys in the runs the writer makes of them), then senders submit
+//! messages to the server's own group-commit writer at a fixed open-loop `--rate` while
+//! maintenance merges that hour's runs. With `--expired 1` the hour is 31 days back instead,
+//! so maintenance deletes those messages (and drops their runs) as it does when a day expires.
+//! Reports how long maintenance took and the p99 commit latency (from each send's scheduled
+//! time) in the `--secs` before it and while it ran.
 //!
 //! In-process because a real server merges only when a UTC hour ends; the store and writer
 //! are the server's, so this is the same code path without the sockets (the fan-out
@@ -42,16 +44,20 @@ pub async fn run(args: &Args, dir: &std::path::Path) {
             .await
             .expect("open a SQLite store"),
     );
-    let rooms: Vec<[u8; 16]> = (0..ROOMS)
-        .map(|_| {
-            let mut r = [0u8; 16];
-            rand::fill(&mut r);
-            r
-        })
-        .collect();
+    let new_rooms = || -> Vec<[u8; 16]> {
+        (0..ROOMS)
+            .map(|_| {
+                let mut r = [0u8; 16];
+                rand::fill(&mut r);
+                r
+            })
+            .collect()
+    };
+    let rooms = new_rooms();
     // The previous hour, as the clock of the stored keys: it has ended, so maintenance
-    // merges its runs.
-    let hour = now_ms().div_euclid(HOUR_MS) * HOUR_MS - HOUR_MS;
+    // merges its runs; or that hour 31 days ago, past the retention.
+    let back = if args.expired { 31 * 24 * HOUR_MS } else { 0 };
+    let hour = now_ms().div_euclid(HOUR_MS) * HOUR_MS - HOUR_MS - back;
     for r in &rooms {
         store.create_room(r, &[0u8; 60], hour).await.expect("room");
     }
@@ -68,6 +74,14 @@ pub async fn run(args: &Args, dir: &std::path::Path) {
         written += n;
     }
     let fill_s = filled.elapsed().as_secs_f64();
+    // The senders' rooms are today's: the stored hour's rooms may be expired with it.
+    let live = new_rooms();
+    for r in &live {
+        store
+            .create_room(r, &[0u8; 60], now_ms())
+            .await
+            .expect("room");
+    }
 
     let settings = nanochat::config::Settings::default();
     let metrics = Arc::new(Metrics::new());
@@ -89,7 +103,7 @@ pub async fn run(args: &Args, dir: &std::path::Path) {
     let per_sender = args.rate as f64 / args.senders.max(1) as f64;
     let mut senders = Vec::new();
     for k in 0..args.senders.max(1) {
-        let (writer, stop, rooms) = (writer.clone(), stop.clone(), rooms.clone());
+        let (writer, stop, rooms) = (writer.clone(), stop.clone(), live.clone());
         senders.push(tokio::spawn(async move {
             let origin = next_session_id();
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sender));
@@ -151,8 +165,10 @@ pub async fn run(args: &Args, dir: &std::path::Path) {
             "fill_s": (fill_s * 10.0).round() / 10.0,
             "senders": args.senders,
             "rate": args.rate,
+            "expired": args.expired,
             "runs_merged": report.replay_runs_merged,
-            "merge_ms": (merge_ms * 10.0).round() / 10.0,
+            "messages_deleted": report.messages_deleted,
+            "maintenance_ms": (merge_ms * 10.0).round() / 10.0,
             "steady_p99_ms": p99(&steady),
             "during_p99_ms": p99(&during),
             "during_max_ms": ms(during.max()),

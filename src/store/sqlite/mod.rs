@@ -65,8 +65,8 @@ const DROP_BLOCKS: usize = 256;
 /// about what an append waiting behind a step waits (256 gave twice the p99 commit latency
 /// during a merge; `nanochat-load merge`, benches/README.md).
 const MERGE_BLOCKS: usize = 64;
-/// The longest rest between two steps of a merge (each rests as long as it worked).
-const MERGE_REST_MAX: std::time::Duration = std::time::Duration::from_millis(100);
+/// The longest rest after a step of maintenance (each rests as long as it worked).
+const MAINTENANCE_REST_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 /// A room row's `last_seq` / `last_active` are rewritten once they are this far behind.
 const ROOM_ROW_LAG_MS: Millis = 60_000;
 /// Rooms the writer remembers (about 64 bytes each, so 6–7 MB at most) before it writes them
@@ -227,7 +227,7 @@ impl SqliteStore {
         let mut dropped = 0;
         loop {
             let (blocks, keys) = self
-                .write(move |side, _| {
+                .maintenance_step(move |side, _| {
                     let tx = side
                         .conn
                         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -321,6 +321,25 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("storage task failed: {e}")))?
+    }
+
+    /// One step of maintenance on the writer, then a rest as long as the step worked (at most
+    /// [`MAINTENANCE_REST_MAX`]): maintenance takes at most half of the writer, and the
+    /// appends that queued behind a step go next. Back to back, steps kept the writer and
+    /// commits waited for whole series of them (benches/README.md, session 23).
+    async fn maintenance_step<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut WriteSide, &Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (out, worked) = self
+            .write(move |side, inner| {
+                let began = std::time::Instant::now();
+                let out = f(side, inner)?;
+                Ok((out, began.elapsed()))
+            })
+            .await?;
+        tokio::time::sleep(worked.min(MAINTENANCE_REST_MAX)).await;
+        Ok(out)
     }
 
     /// Run `f` with a read connection on the blocking pool.
@@ -904,7 +923,7 @@ impl Store for SqliteStore {
         // Messages first, in batches, releasing the writer between them.
         loop {
             let deleted = self
-                .write(move |side, inner| {
+                .maintenance_step(move |side, inner| {
                     expire_batch(side, inner.retention.message_cutoff(now)).map_err(db_err)
                 })
                 .await?;
@@ -928,9 +947,8 @@ impl Store for SqliteStore {
         {
             report.replay_runs_merged += merge.runs() as u64;
             loop {
-                let (back, done, worked) = self
-                    .write(move |side, _| {
-                        let began = std::time::Instant::now();
+                let (back, done) = self
+                    .maintenance_step(move |side, _| {
                         let tx = side
                             .conn
                             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -941,16 +959,13 @@ impl Store for SqliteStore {
                         if done {
                             side.index.merged(&merge);
                         }
-                        Ok((merge, done, began.elapsed()))
+                        Ok((merge, done))
                     })
                     .await?;
                 merge = back;
                 if done {
                     break;
                 }
-                // Rest as long as the step worked: a merge takes at most half of the writer
-                // and of a core, and the appends waiting behind it go first.
-                tokio::time::sleep(worked.min(MERGE_REST_MAX)).await;
             }
         }
         if report.replay_runs_merged > 0 {
