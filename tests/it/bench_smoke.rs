@@ -5,8 +5,14 @@ use std::process::Command;
 
 /// Every JSON line the load generator printed.
 fn run_lines(args: &[&str]) -> Vec<serde_json::Value> {
+    run_lines_with(args, &[])
+}
+
+/// Every JSON line the load generator printed, run with `env` added to its environment.
+fn run_lines_with(args: &[&str], env: &[(&str, &std::path::Path)]) -> Vec<serde_json::Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_nanochat-load"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run the load generator");
     assert!(
@@ -87,23 +93,16 @@ fn a_warm_up_is_sent_but_not_measured() {
 fn a_timeline_counts_every_delivery_by_second_and_the_server_log_is_kept() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let log = dir.path().join("server.log");
-    let out = Command::new(env!("CARGO_BIN_EXE_nanochat-load"))
-        .args(
-            [
-                &["fanout", "--target", "nanochat", "--timeline", "1"][..],
-                &TINY,
-            ]
-            .concat(),
-        )
-        .env("NANOCHAT_LOAD_SERVER_LOG", &log)
-        .output()
-        .expect("run the load generator");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
+    let report = run_lines_with(
+        &[
+            &["fanout", "--target", "nanochat", "--timeline", "1"][..],
+            &TINY,
+        ]
+        .concat(),
+        &[("NANOCHAT_LOAD_SERVER_LOG", &log)],
+    )
+    .pop()
+    .expect("a report line");
     assert_complete(&report);
     let seconds = report["timeline"].as_array().expect("a timeline");
     // One measured second of sends (a tick past its end at most).
