@@ -262,12 +262,12 @@ fn spawn_nanochat(
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
     // The whole log, to set beside a run's timeline: NANOCHAT_LOAD_SERVER_LOG names a file.
-    let mut log_copy = std::env::var_os("NANOCHAT_LOAD_SERVER_LOG").and_then(|path| {
+    let mut log_copy = std::env::var_os("NANOCHAT_LOAD_SERVER_LOG").map(|path| {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(path)
-            .ok()
+            .open(&path)
+            .unwrap_or_else(|e| panic!("NANOCHAT_LOAD_SERVER_LOG={}: {e}", path.display()))
     });
     std::thread::spawn(move || {
         use std::io::{BufRead as _, Write as _};
