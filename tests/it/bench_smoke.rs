@@ -127,21 +127,27 @@ fn a_timeline_counts_every_delivery_by_second_and_the_server_log_is_kept() {
     assert!(lines.contains("nanochat listening"), "{lines}");
 }
 
-/// The merge scenario stores an hour of replay keys in several runs, merges them while
-/// senders commit through the server's writer, and loses none of those commits.
-#[test]
-fn the_merge_scenario_merges_an_hours_runs_under_load() {
-    let report = run(&[
+/// The merge scenario at a tiny load: 2 senders at 200 commits/s, 1 s before maintenance.
+fn merge_run(rows: &str, extra: &[&str]) -> serde_json::Value {
+    let load = [
         "merge",
         "--rows",
-        "300000",
+        rows,
         "--senders",
         "2",
         "--rate",
         "200",
         "--secs",
         "1",
-    ]);
+    ];
+    run(&[&load[..], extra].concat())
+}
+
+/// The merge scenario stores an hour of replay keys in several runs, merges them while
+/// senders commit through the server's writer, and loses none of those commits.
+#[test]
+fn the_merge_scenario_merges_an_hours_runs_under_load() {
+    let report = merge_run("300000", &[]);
     assert_eq!(report["scenario"], "merge", "{report}");
     assert!(report["runs_merged"].as_u64().unwrap() >= 2, "{report}");
     assert_eq!(report["failed"], 0, "{report}");
@@ -154,19 +160,7 @@ fn the_merge_scenario_merges_an_hours_runs_under_load() {
 /// its messages while the senders commit, and none of their commits fails.
 #[test]
 fn the_merge_scenario_can_expire_the_hour_instead() {
-    let report = run(&[
-        "merge",
-        "--rows",
-        "20000",
-        "--senders",
-        "2",
-        "--rate",
-        "200",
-        "--secs",
-        "1",
-        "--expired",
-        "1",
-    ]);
+    let report = merge_run("20000", &["--expired", "1"]);
     assert_eq!(report["messages_deleted"], 20000, "{report}");
     assert_eq!(report["runs_merged"], 0, "{report}");
     assert_eq!(report["failed"], 0, "{report}");
