@@ -73,6 +73,8 @@ pub struct Metrics {
     pub history_query_seconds: Histogram,
     /// Database connections by state (`max`, `open`, `idle`, `waiting`); Postgres only.
     pub store_pool_connections: IntGaugeVec,
+    /// Memory of the replay key filters (SQLite).
+    pub replay_filter_bytes: IntGauge,
     /// Message partitions present after the last maintenance run (Postgres).
     pub partitions: IntGauge,
     /// Duration of maintenance runs.
@@ -300,6 +302,14 @@ impl Metrics {
                         "Postgres pool connections by state: max, open, idle, waiting (requests queued for one).",
                     ),
                     &["state"],
+                )
+                .expect("valid metric"),
+            ),
+            replay_filter_bytes: reg(
+                r,
+                IntGauge::new(
+                    "nanochat_replay_filter_bytes",
+                    "Memory of the SQLite writer's replay key filters: the one in use, and the next one twice while it is built.",
                 )
                 .expect("valid metric"),
             ),

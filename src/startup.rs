@@ -351,6 +351,12 @@ async fn metrics_endpoint(state: web::Data<AppState>) -> HttpResponse {
         g.with_label_values(&["idle"]).set(p.idle as i64);
         g.with_label_values(&["waiting"]).set(p.waiting as i64);
     }
+    if let Some(bytes) = state.store.replay_filter_bytes() {
+        state
+            .metrics
+            .replay_filter_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())

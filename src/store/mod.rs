@@ -208,6 +208,11 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Memory the replay key filters take, for backends that keep them (SQLite).
+    fn replay_filter_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Whether the database answers and is migrated (for `/readyz`).
     async fn ready(&self) -> Result<(), StoreError>;
 

@@ -512,6 +512,15 @@ fn the_soak_scenario_runs_and_expires_aged_rows() {
     assert_eq!(report["client_errors"], 0, "{report}");
     assert!(report["histories"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(report["bad_histories"], 0, "{report}");
+    // The replay key filter's memory came from the server's /metrics: at least the smallest
+    // filter (2 MiB) once messages were stored.
+    assert!(
+        report["trend"]["replay_filter_kib"]["max"]
+            .as_f64()
+            .unwrap()
+            >= 2048.0,
+        "{report}"
+    );
 }
 
 #[actix_web::test]

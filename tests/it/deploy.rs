@@ -120,6 +120,46 @@ async fn metrics_pass_promtool_and_the_key_series_move() {
     }
 }
 
+/// On SQLite the replay key filter's memory is exported once a message has been stored: at
+/// least the smallest filter (two bytes for each of 2^20 keys), at most three of the largest.
+#[actix_web::test]
+async fn the_replay_filter_memory_is_exported_on_sqlite() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let (mut alice, keys) = app.room_creator().await;
+    let mut s = RoomSession::new(keys.clone());
+    let filter_bytes = |body: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix("nanochat_replay_filter_bytes "))
+            .unwrap_or_else(|| panic!("nanochat_replay_filter_bytes missing:\n{body}"))
+            .parse()
+            .unwrap()
+    };
+    let before = http_get(app.admin_port, "/metrics").await.body;
+    assert_eq!(
+        filter_bytes(&before),
+        0,
+        "no filter before the first message"
+    );
+    // The first append starts the filter's build; a later one takes the finished build in.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut i = 0;
+    let held = loop {
+        alice
+            .send_sealed(&i.to_string(), &s.seal("a", "hi"))
+            .await
+            .unwrap();
+        let answer = alice.recv().await.unwrap();
+        assert!(matches!(answer, ServerFrame::Ack { .. }), "{answer:?}");
+        i += 1;
+        let held = filter_bytes(&http_get(app.admin_port, "/metrics").await.body);
+        if held == 2 << 20 || std::time::Instant::now() > deadline {
+            break held;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(held, 2 << 20, "the built filter: 2 bytes x 2^20 keys");
+}
+
 #[actix_web::test]
 async fn dashboards_and_alerts_name_only_exported_metrics() {
     let body = scrape_after_traffic().await;

@@ -133,6 +133,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 struct Server {
     child: Child,
     addr: String,
+    /// NanoChat's admin listener (`/metrics`); none for the baselines.
+    admin: Option<String>,
 }
 
 impl Server {
@@ -282,7 +284,8 @@ fn spawn_nanochat(
                 continue;
             };
             if v["message"] == "nanochat listening" {
-                let _ = tx.send(v["port"].as_u64().unwrap_or(0));
+                let port = |key: &str| v[key].as_u64().unwrap_or(0);
+                let _ = tx.send((port("port"), port("admin_port")));
             }
             // The server's warnings and errors explain a run that went wrong.
             if v["level"] == "WARN" || v["level"] == "ERROR" {
@@ -290,12 +293,13 @@ fn spawn_nanochat(
             }
         }
     });
-    let port = rx
+    let (port, admin_port) = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("nanochat started");
     Server {
         child,
         addr: format!("127.0.0.1:{port}"),
+        admin: Some(format!("127.0.0.1:{admin_port}")),
     }
 }
 
@@ -335,7 +339,11 @@ fn spawn_baseline(mut cmd: Command, what: &str) -> Server {
         .read_line(&mut line)
         .expect("address");
     let addr = line.trim().trim_start_matches("listening on ").to_owned();
-    Server { child, addr }
+    Server {
+        child,
+        addr,
+        admin: None,
+    }
 }
 
 type Ws =

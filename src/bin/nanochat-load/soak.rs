@@ -1,6 +1,7 @@
 //! The soak: many clients churn through the whole protocol for a bounded time while the
 //! server's resident memory, open descriptors, threads and database connections are sampled.
-//! After warm-up they must stay flat.
+//! After warm-up they must stay flat. On SQLite the replay key filter's memory (which grows
+//! with the keys a replay window holds) is sampled too, from the server's `/metrics`.
 //!
 //! Each client loops: connect (from one of many 127.0.0.x addresses), create a room or join a
 //! known one, send a few messages and wait for each answer, sometimes page history, sometimes
@@ -63,6 +64,22 @@ fn proc_count(pid: u32, what: &str) -> u64 {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0),
     }
+}
+
+/// A gauge or counter of the server's `/metrics` (on its admin listener), by its whole name.
+async fn scrape(admin: Option<&str>, name: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(admin?).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 /// Where aged data goes and how to count what is left of it.
@@ -410,6 +427,9 @@ pub async fn run(args: &Args, server: &Server, data_dir: &Path) {
                 "threads": proc_count(pid, "threads"),
                 "db_connections": db_conns,
                 "aged_rows_waiting": aged_left,
+                "replay_filter_kib": scrape(server.admin.as_deref(), "nanochat_replay_filter_bytes")
+                    .await
+                    .map(|b| b / 1024),
                 "acks": counters.acks.load(Ordering::Relaxed),
             });
             eprintln!("{sample}");
@@ -441,7 +461,13 @@ pub async fn run(args: &Args, server: &Server, data_dir: &Path) {
     };
     let n = samples.len();
     let mut trend = serde_json::Map::new();
-    for key in ["rss_kib", "fds", "threads", "db_connections"] {
+    for key in [
+        "rss_kib",
+        "replay_filter_kib",
+        "fds",
+        "threads",
+        "db_connections",
+    ] {
         let v = series(key);
         let early = window(&v, n / 5, 2 * n / 5);
         let late = window(&v, 4 * n / 5, n);

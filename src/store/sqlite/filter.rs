@@ -21,6 +21,8 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -138,6 +140,8 @@ pub(super) struct ReplayFilter {
     /// built (both only counted, for tests and logs).
     pub(super) lookups: u64,
     pub(super) builds: u64,
+    /// The memory the filters take (see [`ReplayFilter::held_bytes`]), for the metrics.
+    held: Arc<AtomicUsize>,
 }
 
 impl ReplayFilter {
@@ -155,7 +159,14 @@ impl ReplayFilter {
             min_keys,
             lookups: 0,
             builds: 0,
+            held: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// The memory the filters take, kept up to date by [`ReplayFilter::tend`]: the one in use
+    /// and, while the next one is built, that one twice (its scan fills a copy of its own).
+    pub(super) fn held_bytes(&self) -> Arc<AtomicUsize> {
+        self.held.clone()
     }
 
     /// False only if the key is not stored, in the table or in memory; true while no filter is
@@ -236,6 +247,9 @@ impl ReplayFilter {
             tracing::warn!(error = %e, "could not start the replay key filter");
             self.not_before = Instant::now() + RETRY_AFTER;
         }
+        let held = self.current.as_ref().map_or(0, KeyFilter::bytes)
+            + self.next.as_ref().map_or(0, |(f, _)| 2 * f.bytes());
+        self.held.store(held, Ordering::Relaxed);
     }
 
     fn start<'a>(

@@ -93,6 +93,8 @@ struct Inner {
     spent: Mutex<HashMap<[u8; 16], Millis>>,
     /// Dropping it stops the checkpointer thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
+    /// The writer's replay key filters' memory.
+    filter_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The writer connection, what it remembers of the rooms it has written to, and the index
@@ -281,6 +283,8 @@ impl SqliteStore {
         let (checkpointer, stop) = std::sync::mpsc::channel();
         spawn_checkpointer(path.clone(), stop)?;
         let recent = Arc::new(Mutex::new(RecentSeqs::default()));
+        let filter = ReplayFilter::new();
+        let filter_bytes = filter.held_bytes();
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
@@ -290,8 +294,9 @@ impl SqliteStore {
                     rooms: HashMap::new(),
                     index,
                     recent: recent.clone(),
-                    filter: ReplayFilter::new(),
+                    filter,
                 }),
+                filter_bytes,
                 recent,
                 readers: Mutex::new(Vec::new()),
                 retention,
@@ -691,6 +696,14 @@ fn assemble(
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn replay_filter_bytes(&self) -> Option<u64> {
+        Some(
+            self.inner
+                .filter_bytes
+                .load(std::sync::atomic::Ordering::Relaxed) as u64,
+        )
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
