@@ -198,11 +198,11 @@ impl Hub {
             }
             // Frames still queued for a kicked socket are never sent (the client catches up
             // when it reconnects); count them with this one.
-            let queued_frames = s.tx.max_capacity() - s.tx.capacity();
+            let queued_frames = || s.tx.max_capacity() - s.tx.capacity();
             if s.queued.load(Ordering::Relaxed) + frame.len() > self.max_bytes {
                 s.kick.fire(KickReason::SlowConsumer);
                 slow += 1;
-                dropped += queued_frames + 1;
+                dropped += queued_frames() + 1;
                 return false;
             }
             let out = Outbound {
@@ -218,7 +218,7 @@ impl Hub {
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     s.kick.fire(KickReason::SlowConsumer);
                     slow += 1;
-                    dropped += queued_frames + 1;
+                    dropped += queued_frames() + 1;
                     false
                 }
                 // The session ended without unsubscribing yet; drop it here.
@@ -319,7 +319,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_socket_over_its_byte_budget_is_kicked() {
-        let hub = Hub::new(100, 10, Arc::new(Metrics::new()));
+        let metrics = Arc::new(Metrics::new());
+        let hub = Hub::new(100, 10, metrics.clone());
         let room = [3u8; 16];
         let sub = hub.subscribe(&room, 1);
         let frame = ByteString::from_static("12345");
@@ -329,5 +330,23 @@ mod tests {
         assert_eq!(hub.publish(&room, 3, &frame, None), 0);
         assert!(sub.rx.is_closed());
         assert_eq!(sub.kick.reason(), Some(KickReason::SlowConsumer));
+        // The two frames still queued are never sent, nor is the third.
+        assert_eq!(metrics.messages_dropped_total.get(), 3);
+        assert_eq!(metrics.slow_consumers_total.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_socket_whose_queue_is_full_is_kicked() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Hub::new(2, 1 << 20, metrics.clone());
+        let room = [4u8; 16];
+        let sub = hub.subscribe(&room, 1);
+        let frame = ByteString::from_static("m");
+        assert_eq!(hub.publish(&room, 1, &frame, None), 1);
+        assert_eq!(hub.publish(&room, 2, &frame, None), 1);
+        assert_eq!(hub.publish(&room, 3, &frame, None), 0);
+        assert_eq!(sub.kick.reason(), Some(KickReason::SlowConsumer));
+        assert_eq!(metrics.messages_dropped_total.get(), 3);
+        assert_eq!(metrics.messages_fanned_out_total.get(), 2);
     }
 }
