@@ -51,6 +51,47 @@ fn parse_args() -> Result<(Option<PathBuf>, Command), String> {
     Ok((config, command))
 }
 
+/// The glibc allocator setting the server runs with (see [`steady_allocator`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const GLIBC_TUNABLES: &str = "glibc.malloc.mmap_threshold=131072";
+/// Set in the environment of the restarted process, so it never restarts twice (glibc drops
+/// `GLIBC_TUNABLES` itself from a binary given file capabilities, such as the right to bind
+/// port 443).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const RESTARTED: &str = "NANOCHAT_ALLOCATOR_SET";
+
+/// Keep glibc's allocator from holding freed memory: by default, each time a block of 128 KiB
+/// or more is freed, glibc raises the size at which it maps blocks of their own (up to 32 MiB)
+/// and lets each of its per-thread arenas (up to 16 on two cores) keep twice that much free
+/// memory before returning any. The server frees such blocks all the time (the replay key
+/// filter, a generation of index entries, grown buffers), so its resident memory rose over an
+/// hour to about four times what it used (docs/reliability.md, *Soak*). A fixed threshold
+/// turns that off. It can only be set before the allocator starts, from the environment, so
+/// the server starts itself again once, in place (same process id), with `GLIBC_TUNABLES`
+/// set. An operator who sets `GLIBC_TUNABLES` (even empty) keeps their own.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn steady_allocator() {
+    use std::os::unix::process::CommandExt as _;
+    if std::env::var_os("GLIBC_TUNABLES").is_some() || std::env::var_os(RESTARTED).is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut args = std::env::args_os();
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(arg0) = args.next() {
+        cmd.arg0(arg0);
+    }
+    let e = cmd
+        .args(args)
+        .env("GLIBC_TUNABLES", GLIBC_TUNABLES)
+        .env(RESTARTED, "1")
+        .exec();
+    // Only reached when the exec failed: serve with glibc's defaults.
+    eprintln!("nanochat: could not restart with GLIBC_TUNABLES={GLIBC_TUNABLES}: {e}");
+}
+
 fn main() -> ExitCode {
     let (config, command) = match parse_args() {
         Ok(parsed) => parsed,
@@ -77,7 +118,15 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if let Command::Serve = command {
+        steady_allocator();
+    }
     nanochat::telemetry::init(&settings.log);
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if let Some(tunables) = std::env::var_os("GLIBC_TUNABLES") {
+        tracing::info!(glibc_tunables = %tunables.to_string_lossy(), "allocator settings");
+    }
     let result = actix_web::rt::System::new().block_on(async move {
         match command {
             Command::Migrate => {

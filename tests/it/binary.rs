@@ -512,3 +512,55 @@ async fn a_hard_open_file_limit_too_small_lowers_max_connections_to_what_fits() 
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+fn environment(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+/// `serve` starts itself again once, in place, with glibc's allocator told to keep a fixed
+/// mmap threshold (without it, freed memory stays with the process: docs/reliability.md).
+#[test]
+fn serve_restarts_itself_in_place_with_a_fixed_mmap_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _port, log, _rx) = spawn_server(dir.path(), &[]);
+    // The process the test started is the one serving, now with the setting.
+    let env = environment(child.0.id());
+    assert!(
+        env.iter()
+            .any(|v| v == "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072"),
+        "{env:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("allocator settings") && l.contains("mmap_threshold=131072")),
+        "{log:?}"
+    );
+}
+
+/// An operator's own `GLIBC_TUNABLES` is left as it is, and the server does not restart.
+#[test]
+fn an_operators_glibc_tunables_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _port, log, _rx) = spawn_server(
+        dir.path(),
+        &[("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")],
+    );
+    let env = environment(child.0.id());
+    assert!(
+        env.iter()
+            .any(|v| v == "GLIBC_TUNABLES=glibc.malloc.arena_max=2"),
+        "{env:?}"
+    );
+    assert!(
+        !env.iter().any(|v| v.starts_with("NANOCHAT_ALLOCATOR_SET")),
+        "{env:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains("glibc.malloc.arena_max=2")),
+        "{log:?}"
+    );
+}
