@@ -65,10 +65,10 @@ const RESTARTED: &str = "NANOCHAT_ALLOCATOR_SET";
 /// and lets each of its per-thread arenas (up to 16 on two cores) keep twice that much free
 /// memory before returning any. The server frees such blocks all the time (the replay key
 /// filter, a generation of index entries, grown buffers), so in a 30-minute soak glibc held
-/// three and a half times what the server had allocated (docs/reliability.md, *Soak*). A fixed threshold
-/// turns that off. It can only be set before the allocator starts, from the environment, so
-/// the server starts itself again once, in place (same process id), with `GLIBC_TUNABLES`
-/// set. An operator who sets `GLIBC_TUNABLES` (even empty) keeps their own.
+/// three and a half times what the server had allocated (docs/reliability.md, *Soak*). A
+/// fixed threshold turns that off. It can only be set before the allocator starts, from the
+/// environment, so the server starts itself again once, in place (same process id), with
+/// `GLIBC_TUNABLES` set. An operator who sets `GLIBC_TUNABLES` (even empty) keeps their own.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn steady_allocator() {
     use std::os::unix::process::CommandExt as _;
