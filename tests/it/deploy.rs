@@ -42,17 +42,22 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
+/// Send message `i` and expect its acknowledgement.
+async fn send_acked(client: &mut nanochat::client::Client, s: &mut RoomSession, i: u32) {
+    client
+        .send_sealed(&i.to_string(), &s.seal("a", "hi"))
+        .await
+        .unwrap();
+    let answer = client.recv().await.unwrap();
+    assert!(matches!(answer, ServerFrame::Ack { .. }), "{answer:?}");
+}
+
 async fn scrape_after_traffic() -> String {
     let app = spawn_app(Backend::Postgres).await;
     let (mut alice, keys) = app.room_creator().await;
     let mut s = RoomSession::new(keys.clone());
     for i in 0..5 {
-        alice
-            .send_sealed(&i.to_string(), &s.seal("a", "hi"))
-            .await
-            .unwrap();
-        let answer = alice.recv().await.unwrap();
-        assert!(matches!(answer, ServerFrame::Ack { .. }), "{answer:?}");
+        send_acked(&mut alice, &mut s, i).await;
     }
     let mut bob = app.client().await;
     assert!(matches!(
@@ -144,12 +149,7 @@ async fn the_replay_filter_memory_is_exported_on_sqlite() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut i = 0;
     let held = loop {
-        alice
-            .send_sealed(&i.to_string(), &s.seal("a", "hi"))
-            .await
-            .unwrap();
-        let answer = alice.recv().await.unwrap();
-        assert!(matches!(answer, ServerFrame::Ack { .. }), "{answer:?}");
+        send_acked(&mut alice, &mut s, i).await;
         i += 1;
         let held = filter_bytes(&http_get(app.admin_port, "/metrics").await.body);
         if held == 2 << 20 || std::time::Instant::now() > deadline {
