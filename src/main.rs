@@ -107,6 +107,11 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Before anything else is read, so the restarted process is the only one that does.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if let Command::Serve = command {
+        steady_allocator();
+    }
     let settings = match Settings::load(config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -117,10 +122,6 @@ fn main() -> ExitCode {
     if let Command::ConfigCheck = command {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
-    }
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if let Command::Serve = command {
-        steady_allocator();
     }
     nanochat::telemetry::init(&settings.log);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
