@@ -35,7 +35,7 @@ use crate::protocol::{
 };
 use crate::startup::{AppState, Peer};
 use crate::store::writer::WriteResult;
-use crate::store::{CreateOutcome, NewMessage, Page, StoreError, now_ms};
+use crate::store::{CreateOutcome, NewMessage, Page, StoreError, StoredMessage, now_ms};
 use crate::websocket::{Incoming, ReadError, Reader, Writer};
 
 /// Close code for a socket that could not keep up with its room.
@@ -182,6 +182,38 @@ impl Delivered {
             }
         }
     }
+}
+
+/// Take in one page read (oldest first) to fill the gap before `next`: marks as had every
+/// message in it below `next` and returns, in seq order, those this socket must be sent. A
+/// message it already has is left out, and so is one of its own sends that is committed but not
+/// yet acknowledged here (its ack is on the way; a few pending sends at most, so a scan will do).
+/// Seqs have no holes, so what is missing from storage has expired: the seqs before the page's
+/// first count as had, and so does the whole gap when the page holds nothing below `next`
+/// (then `None`). Each page therefore moves what the socket has forward.
+fn gap_page(
+    delivered: &mut Delivered,
+    pending: &VecDeque<PendingSend>,
+    page: Vec<StoredMessage>,
+    next: i64,
+) -> Option<Vec<StoredMessage>> {
+    let mut missing = page.into_iter().filter(|m| m.seq < next).peekable();
+    let Some(first) = missing.peek() else {
+        delivered.skip_to(next);
+        return None;
+    };
+    delivered.skip_to(first.seq);
+    let mut to_send = Vec::new();
+    for m in missing {
+        if delivered.has(m.seq) {
+            continue;
+        }
+        delivered.mark(m.seq);
+        if !pending.iter().any(|p| p.iv[..] == m.iv[..]) {
+            to_send.push(m);
+        }
+    }
+    Some(to_send)
 }
 
 struct Conn {
@@ -488,30 +520,15 @@ impl Conn {
                 // Storage is down: deliver what we have; the client can page later.
                 break;
             };
-            let missing: Vec<_> = page.messages.into_iter().filter(|m| m.seq < next).collect();
-            if missing.is_empty() {
-                self.joined
-                    .as_mut()
-                    .expect("joined")
-                    .delivered
-                    .skip_to(next);
+            let delivered = &mut self.joined.as_mut().expect("joined").delivered;
+            let Some(to_send) = gap_page(delivered, &self.pending, page.messages, next) else {
                 break;
+            };
+            for m in &to_send {
+                self.ws
+                    .queue_text(&ServerFrame::Msg(WireMsg::from(m)).to_text());
             }
-            for m in missing {
-                let seq = m.seq;
-                if self.joined.as_ref().is_some_and(|j| j.delivered.has(seq)) {
-                    continue;
-                }
-                // One of this socket's own sends, committed but not yet acknowledged here:
-                // its ack is on the way (a few pending sends at most, so a scan will do).
-                if self.pending.iter().any(|p| p.iv[..] == m.iv[..]) {
-                    self.joined.as_mut().expect("joined").delivered.mark(seq);
-                    continue;
-                }
-                self.send(ServerFrame::Msg(WireMsg::from(&m)).to_text())
-                    .await?;
-                self.joined.as_mut().expect("joined").delivered.mark(seq);
-            }
+            self.flush().await?;
         }
         Ok(())
     }
@@ -1033,7 +1050,68 @@ impl From<FrameError> for Refusal {
 
 #[cfg(test)]
 mod tests {
-    use super::Delivered;
+    use super::{Delivered, PendingSend, gap_page};
+    use crate::store::StoredMessage;
+    use std::collections::VecDeque;
+
+    fn stored(seq: i64) -> StoredMessage {
+        StoredMessage {
+            seq,
+            ts: 0,
+            epoch: 0,
+            iv: vec![seq as u8; 12],
+            ct: vec![1; 16],
+        }
+    }
+
+    fn pending(seqs: &[i64]) -> VecDeque<PendingSend> {
+        seqs.iter()
+            .map(|&seq| PendingSend {
+                reference: seq.to_string(),
+                iv: [seq as u8; 12],
+                reply: tokio::sync::oneshot::channel().1,
+            })
+            .collect()
+    }
+
+    fn seqs(page: Option<Vec<StoredMessage>>) -> Option<Vec<i64>> {
+        page.map(|p| p.iter().map(|m| m.seq).collect())
+    }
+
+    #[test]
+    fn a_gap_page_sends_what_is_missing_but_not_the_sockets_own_pending_sends() {
+        // Has 1..=3 and its own acknowledged 6; 7 arrived live. Its send with seq 5 is
+        // committed, but the ack has not reached the socket yet.
+        let mut d = Delivered::new(3);
+        d.mark(6);
+        let page = (4..=8).map(stored).collect();
+        assert_eq!(
+            seqs(gap_page(&mut d, &pending(&[5]), page, 7)),
+            Some(vec![4])
+        );
+        assert_eq!(d.through, 6, "4 sent, 5 its own, 6 had: 7 comes next");
+        assert!(d.ahead.is_empty());
+    }
+
+    #[test]
+    fn a_gap_whose_start_expired_still_moves_forward() {
+        // 4 and 5 expired while the socket waited; the page starts at 6.
+        let mut d = Delivered::new(3);
+        d.mark(7);
+        let page = vec![stored(6), stored(7), stored(8)];
+        assert_eq!(
+            seqs(gap_page(&mut d, &pending(&[]), page, 9)),
+            Some(vec![6, 8])
+        );
+        assert_eq!(d.through, 8);
+        // Nothing below `next` stored at all: the whole gap counts as had.
+        let mut d = Delivered::new(3);
+        assert_eq!(
+            seqs(gap_page(&mut d, &pending(&[]), vec![stored(12)], 10)),
+            None
+        );
+        assert_eq!(d.through, 9);
+    }
 
     #[test]
     fn own_messages_ahead_are_absorbed_and_gaps_are_visible() {

@@ -196,6 +196,49 @@ async fn a_live_message_after_a_gap_brings_the_gap_from_storage() {
     assert_eq!(a.state.metrics.gap_reads_total.get(), 1);
 }
 
+/// A gap whose oldest messages expired before it was read (a member that waited past the
+/// retention for a message whose notification never came): the read starts at the first message
+/// still stored, and the member gets what is left and the live message, once, in order.
+#[actix_web::test]
+async fn a_gap_whose_oldest_messages_expired_is_filled_from_the_first_one_left() {
+    let a = spawn_app_with(Backend::Sqlite, |_| {}).await;
+    let (mut alice, keys) = a.room_creator().await;
+    let mut bob = joined(&a, &keys).await;
+    let mut session = RoomSession::new(keys.clone());
+    let days_31 = 31 * 86_400_000;
+    for (text, stored_at, seq) in [("expired", now_ms() - days_31, 1), ("kept", now_ms(), 2)] {
+        let m = session.seal("eve", text);
+        let new = NewMessage {
+            room: keys.room_id,
+            epoch: m.epoch,
+            iv: m.iv,
+            ct: m.ct.clone(),
+        };
+        let stored = a.state.store.append(&[new], stored_at).await.unwrap();
+        assert_eq!(stored, vec![AppendOutcome::Stored { seq }]);
+    }
+    alice
+        .send_sealed("live", &session.seal("alice", "live"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        alice.recv().await.unwrap(),
+        ServerFrame::Ack { seq: 3, .. }
+    ));
+    let got = tokio::time::timeout(
+        Duration::from_secs(10),
+        receive_until(&mut bob, &keys, vec![1], 3),
+    )
+    .await
+    .expect("the gap read ends and the live message follows");
+    assert_eq!(got, vec![(2, "kept".to_owned()), (3, "live".to_owned())]);
+    assert_eq!(
+        a.state.metrics.gap_reads_total.get(),
+        1,
+        "one read, not one per retry"
+    );
+}
+
 #[actix_web::test]
 async fn panic_on_one_node_closes_the_room_on_the_other() {
     let a = spawn_app_with(Backend::Postgres, |_| {}).await;
