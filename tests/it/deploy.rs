@@ -161,7 +161,7 @@ async fn the_replay_filter_memory_is_exported_on_sqlite() {
 }
 
 #[actix_web::test]
-async fn dashboards_and_alerts_name_only_exported_metrics() {
+async fn dashboards_and_alerts_cover_exactly_the_exported_metrics() {
     let body = scrape_after_traffic().await;
     let exported = metric_names(&body);
     let strip = |n: &str| {
@@ -175,6 +175,7 @@ async fn dashboards_and_alerts_name_only_exported_metrics() {
         .map(|n| strip(n))
         .chain(exported.iter().cloned())
         .collect();
+    let mut watched = BTreeSet::new();
     for file in [
         "deploy/grafana/nanochat.json",
         "deploy/prometheus/alerts.yml",
@@ -187,7 +188,19 @@ async fn dashboards_and_alerts_name_only_exported_metrics() {
                 exported.contains(&name),
                 "{file} uses {name}, which the server does not export"
             );
+            watched.insert(strip(&name));
         }
+    }
+    // And the other way round: every metric the server exports is on the dashboard or in an
+    // alert, except the two that describe the process rather than its behaviour.
+    for name in exported.iter().map(|n| strip(n)) {
+        if name == "nanochat_build_info" || name == "nanochat_start_time_seconds" {
+            continue;
+        }
+        assert!(
+            watched.contains(&name),
+            "{name} is exported but neither the dashboard nor an alert shows it"
+        );
     }
     let dash: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("deploy/grafana/nanochat.json")).unwrap(),
