@@ -11,7 +11,8 @@
 #   benches/publish-table.py < publish.jsonl                           (the results table)
 # WARMUP (seconds, default 20): every run writes that long before it measures, so NanoChat is
 # measured with a database that has been filling (benches/README.md, session 19); WARMUP=0
-# measures as runs up to session 18 did.
+# measures as runs up to session 18 did. BACKENDS="postgres" (or "sqlite", or both) runs only
+# those.
 # The first line says what it ran on (benches/machine.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,13 @@ benches/machine.py   # what the numbers were measured on, first in the output
 loads=("32 16" "32 32" "16 64" "24 64" "32 64")
 backends=(sqlite)
 [ -n "${NANOCHAT_BENCH_PG:-}" ] && backends+=(postgres)
+if [ -n "${BACKENDS:-}" ]; then
+    read -ra backends <<< "$BACKENDS"
+    if [[ " ${backends[*]} " == *" postgres "* ]] && [ -z "${NANOCHAT_BENCH_PG:-}" ]; then
+        echo "BACKENDS names postgres: set NANOCHAT_BENCH_PG too" >&2
+        exit 1
+    fi
+fi
 for ((round = 1; round <= repeats; round++)); do
     for backend in "${backends[@]}"; do
         db=()
