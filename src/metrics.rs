@@ -47,6 +47,8 @@ pub struct Metrics {
     pub maintenance_runs_total: IntCounterVec,
     /// Message-history partitions dropped by maintenance (Postgres).
     pub partitions_dropped_total: IntCounter,
+    /// Expired partitions whose drop was left for a later run: something else held them.
+    pub partitions_deferred_total: IntCounter,
     /// Rooms deleted by maintenance (idle or tombstone expired).
     pub rooms_expired_total: IntCounter,
     /// Time from receiving a `send` to its `ack`.
@@ -204,6 +206,10 @@ impl Metrics {
             partitions_dropped_total: counter(
                 "nanochat_partitions_dropped_total",
                 "Daily message partitions dropped by maintenance.",
+            ),
+            partitions_deferred_total: counter(
+                "nanochat_partitions_deferred_total",
+                "Expired partitions whose drop maintenance left for a later run because a vacuum or a long query held them.",
             ),
             rooms_expired_total: counter(
                 "nanochat_rooms_expired_total",

@@ -430,11 +430,14 @@ pub async fn run_maintenance(state: &AppState) {
                 m.partitions.set(n as i64);
             }
             m.partitions_dropped_total.inc_by(report.partitions_dropped);
+            m.partitions_deferred_total
+                .inc_by(report.partitions_deferred);
             m.rooms_expired_total
                 .inc_by(report.rooms_deleted + report.tombstones_deleted);
             tracing::info!(
                 partitions_created = report.partitions_created,
                 partitions_dropped = report.partitions_dropped,
+                partitions_deferred = report.partitions_deferred,
                 messages_deleted = report.messages_deleted,
                 replay_keys_dropped = report.replay_keys_dropped,
                 replay_runs_merged = report.replay_runs_merged,

@@ -146,6 +146,8 @@ pub struct MaintenanceReport {
     pub partitions_created: u64,
     /// Partitions dropped (Postgres).
     pub partitions_dropped: u64,
+    /// Expired partitions left for the next run because something else held them (Postgres).
+    pub partitions_deferred: u64,
     /// Messages deleted row by row (SQLite).
     pub messages_deleted: u64,
     /// Replay keys dropped with runs older than any replay window, or written by a merge that

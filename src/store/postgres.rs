@@ -76,6 +76,48 @@ pub const WRITE_BATCH: &str = "WITH stored AS (
         FROM unnest($7::bytea[], $8::int8[]) AS t(r, s) WHERE rooms.id = t.r
      )
      SELECT pg_notify($9, p) FROM unnest($10::text[]) AS p";
+/// Longest a partition's `DROP` waits for its locks. While it waits it holds or queues for an
+/// exclusive lock on `messages` (and on the old partition, which every writer's replay lookup
+/// locks too), so every write waits with it: anything else using the old day (an autovacuum,
+/// an anti-wraparound one that nothing cancels, a long read) would otherwise stop all writes
+/// until it ends. Past this the attempt gives up; a drop that works takes its locks in
+/// milliseconds.
+const DROP_LOCK_TIMEOUT: &str = "200ms";
+/// Attempts at one partition's `DROP` per maintenance run, this far apart; then it waits for
+/// the next run (its rows are past the retention and never read meanwhile).
+const DROP_ATTEMPTS: u32 = 3;
+const DROP_RETRY_REST: Duration = Duration::from_secs(1);
+
+/// Drop an expired partition without letting writes wait long behind it: false when it was
+/// still in use after [`DROP_ATTEMPTS`] attempts.
+async fn drop_partition(
+    client: &mut deadpool_postgres::Object,
+    name: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    for attempt in 1..=DROP_ATTEMPTS {
+        let tx = client.transaction().await?;
+        let dropped = tx
+            .batch_execute(&format!(
+                "SET LOCAL lock_timeout = '{DROP_LOCK_TIMEOUT}'; DROP TABLE IF EXISTS {name}"
+            ))
+            .await;
+        match dropped {
+            Ok(()) => {
+                tx.commit().await?;
+                return Ok(true);
+            }
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                tx.rollback().await?;
+                if attempt < DROP_ATTEMPTS {
+                    tokio::time::sleep(DROP_RETRY_REST).await;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
 /// Days of partitions created ahead of today.
 const PARTITIONS_AHEAD: i64 = 3;
 
@@ -929,7 +971,7 @@ impl Store for PgStore {
     }
 
     async fn maintain(&self, now: Millis) -> Result<MaintenanceReport, StoreError> {
-        let client = self.pool.get().await.map_err(pool_err)?;
+        let mut client = self.pool.get().await.map_err(pool_err)?;
         let locked: bool = client
             .query_one("SELECT pg_try_advisory_lock($1)", &[&MAINTAIN_LOCK])
             .await
@@ -951,14 +993,17 @@ impl Store for PgStore {
                 };
                 // Every row of day D is older than the retention once D + 1 is.
                 if (day + 1) * EPOCH_MS <= cutoff {
-                    // The DROP locks the parent briefly; detaching concurrently first was
-                    // measured and did not lower the acks' p99 during it (benches/README.md).
-                    client
-                        .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
-                        .await
-                        .map_err(pg_err)?;
-                    report.partitions_dropped += 1;
-                    tracing::info!(partition = %name, "dropped expired message partition");
+                    if drop_partition(&mut client, &name).await.map_err(pg_err)? {
+                        report.partitions_dropped += 1;
+                        tracing::info!(partition = %name, "dropped expired message partition");
+                    } else {
+                        report.partitions_deferred += 1;
+                        tracing::warn!(
+                            partition = %name,
+                            "expired message partition is in use (a vacuum or a long query); \
+                             its drop is left for the next maintenance run"
+                        );
+                    }
                 }
             }
             report.rooms_deleted = client

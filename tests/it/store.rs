@@ -1084,6 +1084,49 @@ async fn a_version_3_postgres_database_gets_a_replay_key_per_day() {
     assert!(matches!(out[1], AppendOutcome::Stored { .. }), "{out:?}");
 }
 
+/// An expired partition that something else is using (here a transaction holding the lock a
+/// vacuum takes; an anti-wraparound vacuum is never cancelled) is not waited for: maintenance
+/// ends, leaves it for the next run and writes go on meanwhile. Once it is free, it goes.
+#[tokio::test]
+async fn an_expired_partition_in_use_is_left_for_the_next_run() {
+    let (db, store) = pg_store().await;
+    let today = now_ms().div_euclid(EPOCH_MS);
+    let (old_room, new_room) = (room(14), room(15));
+    let then = (today - 40) * EPOCH_MS + 1000;
+    create(&store, &old_room, then).await;
+    store.append(&[msg(old_room, 1)], then).await.unwrap();
+    let old = partition_name(today - 40);
+    let holder = cluster().connect(&db).await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {old} IN SHARE UPDATE EXCLUSIVE MODE"
+        ))
+        .await
+        .unwrap();
+
+    let report = tokio::time::timeout(std::time::Duration::from_secs(60), store.maintain(now_ms()))
+        .await
+        .expect("maintenance does not wait for the partition to be free")
+        .unwrap();
+    assert!(report.ran, "{report:?}");
+    assert_eq!(report.partitions_deferred, 1, "{report:?}");
+    assert!(store.partitions().await.unwrap().contains(&old));
+    // Writes were never stopped behind the drop.
+    let now = now_ms();
+    create(&store, &new_room, now).await;
+    let stored = store.append(&[msg(new_room, 2)], now).await.unwrap();
+    assert!(
+        matches!(stored[0], AppendOutcome::Stored { seq: 1 }),
+        "{stored:?}"
+    );
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    let report = store.maintain(now_ms()).await.unwrap();
+    assert_eq!(report.partitions_deferred, 0, "{report:?}");
+    assert!(report.partitions_dropped >= 1, "{report:?}");
+    assert!(!store.partitions().await.unwrap().contains(&old));
+}
+
 #[tokio::test]
 async fn expired_postgres_partitions_are_dropped_not_emptied() {
     let (db, store) = pg_store().await;
