@@ -76,40 +76,42 @@ pub const WRITE_BATCH: &str = "WITH stored AS (
         FROM unnest($7::bytea[], $8::int8[]) AS t(r, s) WHERE rooms.id = t.r
      )
      SELECT pg_notify($9, p) FROM unnest($10::text[]) AS p";
-/// Longest a partition's `DROP` waits for its locks. While it waits it holds or queues for an
-/// exclusive lock on `messages` (and on the old partition, which every writer's replay lookup
-/// locks too), so every write waits with it: anything else using the old day (an autovacuum,
-/// an anti-wraparound one that nothing cancels, a long read) would otherwise stop all writes
-/// until it ends. Past this the attempt gives up; a drop that works takes its locks in
+/// Longest a partition's `CREATE` or `DROP` waits for its locks. Both take an exclusive lock
+/// on `messages` (a drop also on the old partition, which every writer's replay lookup locks
+/// too), and while one waits for it every write waits behind it: anything else using the table
+/// (a `pg_dump`, which holds its locks for the whole dump; an autovacuum of the old day, or an
+/// anti-wraparound one, which nothing cancels; a long read) would otherwise stop all writes
+/// until it ends. Past this the attempt gives up; one that works takes its locks in
 /// milliseconds.
-const DROP_LOCK_TIMEOUT: &str = "200ms";
-/// Attempts at one partition's `DROP` per maintenance run, this far apart; then it waits for
-/// the next run (its rows are past the retention and never read meanwhile).
-const DROP_ATTEMPTS: u32 = 3;
-const DROP_RETRY_REST: Duration = Duration::from_secs(1);
+const DDL_LOCK_TIMEOUT: &str = "200ms";
+/// Attempts at one partition's `CREATE` or `DROP` per maintenance run, this far apart; then it
+/// waits for the next run. Partitions are made days ahead, and the rows of one waiting to be
+/// dropped are past the retention and never read meanwhile.
+const DDL_ATTEMPTS: u32 = 3;
+const DDL_RETRY_REST: Duration = Duration::from_secs(1);
 
-/// Drop an expired partition without letting writes wait long behind it: false when it was
-/// still in use after [`DROP_ATTEMPTS`] attempts.
-async fn drop_partition(
+/// Run `sql` (a partition's `CREATE` or `DROP`, one transaction) without letting writes wait
+/// long behind it: false when its locks were still taken after [`DDL_ATTEMPTS`] attempts.
+async fn partition_ddl(
     client: &mut deadpool_postgres::Object,
-    name: &str,
+    sql: &str,
 ) -> Result<bool, tokio_postgres::Error> {
-    for attempt in 1..=DROP_ATTEMPTS {
+    for attempt in 1..=DDL_ATTEMPTS {
         let tx = client.transaction().await?;
-        let dropped = tx
+        let done = tx
             .batch_execute(&format!(
-                "SET LOCAL lock_timeout = '{DROP_LOCK_TIMEOUT}'; DROP TABLE IF EXISTS {name}"
+                "SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'; {sql}"
             ))
             .await;
-        match dropped {
+        match done {
             Ok(()) => {
                 tx.commit().await?;
                 return Ok(true);
             }
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 tx.rollback().await?;
-                if attempt < DROP_ATTEMPTS {
-                    tokio::time::sleep(DROP_RETRY_REST).await;
+                if attempt < DDL_ATTEMPTS {
+                    tokio::time::sleep(DDL_RETRY_REST).await;
                 }
             }
             Err(e) => return Err(e),
@@ -370,7 +372,7 @@ impl PgStore {
 
     /// Create the partitions from yesterday to a few days ahead; returns how many were new.
     pub async fn ensure_partitions(&self, now: Millis) -> Result<u64, StoreError> {
-        let client = self.pool.get().await.map_err(pool_err)?;
+        let mut client = self.pool.get().await.map_err(pool_err)?;
         let today = now.div_euclid(EPOCH_MS);
         let mut created = 0;
         for day in today - 1..=today + PARTITIONS_AHEAD {
@@ -395,8 +397,18 @@ impl PgStore {
                  FOR VALUES FROM ('{from}') TO ('{to}'); {}",
                 replay_key(&name, true)
             );
-            match client.batch_execute(&sql).await {
-                Ok(()) => created += 1,
+            match partition_ddl(&mut client, &sql).await {
+                Ok(true) => created += 1,
+                Ok(false) if day > today => tracing::warn!(
+                    partition = %name,
+                    "messages is in use (a dump or a long query); \
+                     this partition ahead is left for the next maintenance run"
+                ),
+                Ok(false) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot create partition {name}: messages is in use (a dump or a long query)"
+                    )));
+                }
                 // Another process created it between our check and now.
                 Err(e) if e.code() == Some(&SqlState::DUPLICATE_TABLE) => {}
                 Err(e) => return Err(pg_err(e)),
@@ -993,7 +1005,8 @@ impl Store for PgStore {
                 };
                 // Every row of day D is older than the retention once D + 1 is.
                 if (day + 1) * EPOCH_MS <= cutoff {
-                    if drop_partition(&mut client, &name).await.map_err(pg_err)? {
+                    let drop = format!("DROP TABLE IF EXISTS {name}");
+                    if partition_ddl(&mut client, &drop).await.map_err(pg_err)? {
                         report.partitions_dropped += 1;
                         tracing::info!(partition = %name, "dropped expired message partition");
                     } else {

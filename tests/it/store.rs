@@ -1127,6 +1127,58 @@ async fn an_expired_partition_in_use_is_left_for_the_next_run() {
     assert!(!store.partitions().await.unwrap().contains(&old));
 }
 
+/// A `pg_dump` holds a shared lock on `messages` and every partition while it runs. Maintenance
+/// during one neither waits for it nor makes writes wait behind its own exclusive locks: the
+/// partition it would make ahead and the one it would drop are left for the next run.
+#[tokio::test]
+async fn maintenance_during_a_dump_leaves_its_partition_changes_for_later() {
+    let (db, store) = pg_store().await;
+    let sql = cluster().connect(&db).await;
+    let today = now_ms().div_euclid(EPOCH_MS);
+    store.maintain(now_ms()).await.unwrap();
+    let ahead = partition_name(today + 3);
+    sql.batch_execute(&format!("DROP TABLE {ahead}"))
+        .await
+        .unwrap();
+    let (old_room, new_room) = (room(16), room(17));
+    let then = (today - 40) * EPOCH_MS + 1000;
+    create(&store, &old_room, then).await;
+    store.append(&[msg(old_room, 1)], then).await.unwrap();
+    let old = partition_name(today - 40);
+
+    let dump = cluster().connect(&db).await;
+    dump.batch_execute(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; LOCK TABLE messages IN ACCESS SHARE MODE",
+    )
+    .await
+    .unwrap();
+    let report = tokio::time::timeout(std::time::Duration::from_secs(60), store.maintain(now_ms()))
+        .await
+        .expect("maintenance does not wait for the dump")
+        .unwrap();
+    // Writing the old day made the days around it too: all of them wait.
+    assert_eq!(report.partitions_created, 0, "{report:?}");
+    assert_eq!(report.partitions_dropped, 0, "{report:?}");
+    assert!(report.partitions_deferred >= 1, "{report:?}");
+    let partitions = store.partitions().await.unwrap();
+    assert!(partitions.contains(&old) && !partitions.contains(&ahead));
+    let now = now_ms();
+    create(&store, &new_room, now).await;
+    let stored = store.append(&[msg(new_room, 2)], now).await.unwrap();
+    assert!(
+        matches!(stored[0], AppendOutcome::Stored { seq: 1 }),
+        "{stored:?}"
+    );
+
+    dump.batch_execute("COMMIT").await.unwrap();
+    let report = store.maintain(now_ms()).await.unwrap();
+    assert_eq!(report.partitions_created, 1, "{report:?}");
+    assert_eq!(report.partitions_deferred, 0, "{report:?}");
+    assert!(report.partitions_dropped >= 1, "{report:?}");
+    let partitions = store.partitions().await.unwrap();
+    assert!(!partitions.contains(&old) && partitions.contains(&ahead));
+}
+
 #[tokio::test]
 async fn expired_postgres_partitions_are_dropped_not_emptied() {
     let (db, store) = pg_store().await;
