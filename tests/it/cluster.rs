@@ -143,6 +143,40 @@ async fn messages_cross_nodes_once_and_in_order() {
     }
 }
 
+/// Store `text` in the room directly, at `at`, where the process's hub never sees it (as a
+/// message committed through another process whose notification is late); its seq.
+async fn store_unannounced(
+    app: &TestApp,
+    session: &mut RoomSession,
+    room: nanochat::crypto::RoomId,
+    text: &str,
+    at: i64,
+) -> i64 {
+    let m = session.seal("eve", text);
+    let new = NewMessage {
+        room,
+        epoch: m.epoch,
+        iv: m.iv,
+        ct: m.ct.clone(),
+    };
+    match app.state.store.append(&[new], at).await.unwrap()[..] {
+        [AppendOutcome::Stored { seq }] => seq,
+        ref other => panic!("{other:?}"),
+    }
+}
+
+/// Send `text` and expect its ack with `seq`.
+async fn send_live(c: &mut Client, session: &mut RoomSession, text: &str, seq: i64) {
+    c.send_sealed(text, &session.seal("alice", text))
+        .await
+        .unwrap();
+    let answer = c.recv().await.unwrap();
+    assert!(
+        matches!(answer, ServerFrame::Ack { seq: s, .. } if s == seq),
+        "{answer:?}"
+    );
+}
+
 /// A message committed where this process's hub never saw it (as one committed through another
 /// process whose notification is late) comes from storage as soon as a later live message
 /// shows the gap: the member gets both, once and in order, and the read is counted. One
@@ -153,22 +187,15 @@ async fn a_live_message_after_a_gap_brings_the_gap_from_storage() {
     let (mut alice, keys) = a.room_creator().await;
     let mut bob = joined(&a, &keys).await;
     let mut session = RoomSession::new(keys.clone());
-    let elsewhere = session.seal("eve", "committed elsewhere");
-    let stored = a
-        .state
-        .store
-        .append(
-            &[NewMessage {
-                room: keys.room_id,
-                epoch: elsewhere.epoch,
-                iv: elsewhere.iv,
-                ct: elsewhere.ct.clone(),
-            }],
-            now_ms(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(stored, vec![AppendOutcome::Stored { seq: 1 }]);
+    let seq = store_unannounced(
+        &a,
+        &mut session,
+        keys.room_id,
+        "committed elsewhere",
+        now_ms(),
+    )
+    .await;
+    assert_eq!(seq, 1);
     assert!(
         tokio::time::timeout(Duration::from_millis(300), bob.recv())
             .await
@@ -177,14 +204,7 @@ async fn a_live_message_after_a_gap_brings_the_gap_from_storage() {
     );
     assert_eq!(a.state.metrics.gap_reads_total.get(), 0);
 
-    alice
-        .send_sealed("live", &session.seal("alice", "live"))
-        .await
-        .unwrap();
-    assert!(matches!(
-        alice.recv().await.unwrap(),
-        ServerFrame::Ack { seq: 2, .. }
-    ));
+    send_live(&mut alice, &mut session, "live", 2).await;
     let got = receive_until(&mut bob, &keys, Vec::new(), 2).await;
     assert_eq!(
         got,
@@ -207,24 +227,10 @@ async fn a_gap_whose_oldest_messages_expired_is_filled_from_the_first_one_left()
     let mut session = RoomSession::new(keys.clone());
     let days_31 = 31 * 86_400_000;
     for (text, stored_at, seq) in [("expired", now_ms() - days_31, 1), ("kept", now_ms(), 2)] {
-        let m = session.seal("eve", text);
-        let new = NewMessage {
-            room: keys.room_id,
-            epoch: m.epoch,
-            iv: m.iv,
-            ct: m.ct.clone(),
-        };
-        let stored = a.state.store.append(&[new], stored_at).await.unwrap();
-        assert_eq!(stored, vec![AppendOutcome::Stored { seq }]);
+        let stored = store_unannounced(&a, &mut session, keys.room_id, text, stored_at).await;
+        assert_eq!(stored, seq);
     }
-    alice
-        .send_sealed("live", &session.seal("alice", "live"))
-        .await
-        .unwrap();
-    assert!(matches!(
-        alice.recv().await.unwrap(),
-        ServerFrame::Ack { seq: 3, .. }
-    ));
+    send_live(&mut alice, &mut session, "live", 3).await;
     let got = tokio::time::timeout(
         Duration::from_secs(10),
         receive_until(&mut bob, &keys, vec![1], 3),

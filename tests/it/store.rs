@@ -12,7 +12,9 @@ use nanochat::protocol::HistoryQuery;
 use nanochat::store::postgres::{PgStore, partition_name};
 use nanochat::store::sqlite::SqliteStore;
 use nanochat::store::writer::Writer;
-use nanochat::store::{AppendOutcome, CreateOutcome, NewMessage, Retention, Store, now_ms};
+use nanochat::store::{
+    AppendOutcome, CreateOutcome, MaintenanceReport, NewMessage, Retention, Store, now_ms,
+};
 
 use crate::pg::cluster;
 
@@ -1084,18 +1086,42 @@ async fn a_version_3_postgres_database_gets_a_replay_key_per_day() {
     assert!(matches!(out[1], AppendOutcome::Stored { .. }), "{out:?}");
 }
 
+/// A message stored 40 days back, in a room of its own; the name of that expired day's
+/// partition.
+async fn expired_day(store: &PgStore, n: u8) -> String {
+    let day = now_ms().div_euclid(EPOCH_MS) - 40;
+    let (r, then) = (room(n), day * EPOCH_MS + 1000);
+    create(store, &r, then).await;
+    store.append(&[msg(r, 1)], then).await.unwrap();
+    partition_name(day)
+}
+
+/// Maintenance that must end although something holds a lock it wants.
+async fn maintain_beside(store: &PgStore, holder: &str) -> MaintenanceReport {
+    tokio::time::timeout(std::time::Duration::from_secs(60), store.maintain(now_ms()))
+        .await
+        .unwrap_or_else(|_| panic!("maintenance waited for {holder}"))
+        .unwrap()
+}
+
+/// A message to a new room is stored now: nothing stops writes.
+async fn assert_writes_go_on(store: &PgStore, n: u8) {
+    let (r, now) = (room(n), now_ms());
+    create(store, &r, now).await;
+    let stored = store.append(&[msg(r, 2)], now).await.unwrap();
+    assert!(
+        matches!(stored[0], AppendOutcome::Stored { seq: 1 }),
+        "{stored:?}"
+    );
+}
+
 /// An expired partition that something else is using (here a transaction holding the lock a
 /// vacuum takes; an anti-wraparound vacuum is never cancelled) is not waited for: maintenance
 /// ends, leaves it for the next run and writes go on meanwhile. Once it is free, it goes.
 #[tokio::test]
 async fn an_expired_partition_in_use_is_left_for_the_next_run() {
     let (db, store) = pg_store().await;
-    let today = now_ms().div_euclid(EPOCH_MS);
-    let (old_room, new_room) = (room(14), room(15));
-    let then = (today - 40) * EPOCH_MS + 1000;
-    create(&store, &old_room, then).await;
-    store.append(&[msg(old_room, 1)], then).await.unwrap();
-    let old = partition_name(today - 40);
+    let old = expired_day(&store, 14).await;
     let holder = cluster().connect(&db).await;
     holder
         .batch_execute(&format!(
@@ -1104,21 +1130,11 @@ async fn an_expired_partition_in_use_is_left_for_the_next_run() {
         .await
         .unwrap();
 
-    let report = tokio::time::timeout(std::time::Duration::from_secs(60), store.maintain(now_ms()))
-        .await
-        .expect("maintenance does not wait for the partition to be free")
-        .unwrap();
+    let report = maintain_beside(&store, "a vacuum").await;
     assert!(report.ran, "{report:?}");
     assert_eq!(report.partitions_deferred, 1, "{report:?}");
     assert!(store.partitions().await.unwrap().contains(&old));
-    // Writes were never stopped behind the drop.
-    let now = now_ms();
-    create(&store, &new_room, now).await;
-    let stored = store.append(&[msg(new_room, 2)], now).await.unwrap();
-    assert!(
-        matches!(stored[0], AppendOutcome::Stored { seq: 1 }),
-        "{stored:?}"
-    );
+    assert_writes_go_on(&store, 15).await;
 
     holder.batch_execute("COMMIT").await.unwrap();
     let report = store.maintain(now_ms()).await.unwrap();
@@ -1140,11 +1156,7 @@ async fn maintenance_during_a_dump_leaves_its_partition_changes_for_later() {
     sql.batch_execute(&format!("DROP TABLE {ahead}"))
         .await
         .unwrap();
-    let (old_room, new_room) = (room(16), room(17));
-    let then = (today - 40) * EPOCH_MS + 1000;
-    create(&store, &old_room, then).await;
-    store.append(&[msg(old_room, 1)], then).await.unwrap();
-    let old = partition_name(today - 40);
+    let old = expired_day(&store, 16).await;
 
     let dump = cluster().connect(&db).await;
     dump.batch_execute(
@@ -1152,23 +1164,14 @@ async fn maintenance_during_a_dump_leaves_its_partition_changes_for_later() {
     )
     .await
     .unwrap();
-    let report = tokio::time::timeout(std::time::Duration::from_secs(60), store.maintain(now_ms()))
-        .await
-        .expect("maintenance does not wait for the dump")
-        .unwrap();
+    let report = maintain_beside(&store, "the dump").await;
     // Writing the old day made the days around it too: all of them wait.
     assert_eq!(report.partitions_created, 0, "{report:?}");
     assert_eq!(report.partitions_dropped, 0, "{report:?}");
     assert!(report.partitions_deferred >= 1, "{report:?}");
     let partitions = store.partitions().await.unwrap();
     assert!(partitions.contains(&old) && !partitions.contains(&ahead));
-    let now = now_ms();
-    create(&store, &new_room, now).await;
-    let stored = store.append(&[msg(new_room, 2)], now).await.unwrap();
-    assert!(
-        matches!(stored[0], AppendOutcome::Stored { seq: 1 }),
-        "{stored:?}"
-    );
+    assert_writes_go_on(&store, 17).await;
 
     dump.batch_execute("COMMIT").await.unwrap();
     let report = store.maintain(now_ms()).await.unwrap();
