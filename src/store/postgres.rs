@@ -76,13 +76,13 @@ pub const WRITE_BATCH: &str = "WITH stored AS (
         FROM unnest($7::bytea[], $8::int8[]) AS t(r, s) WHERE rooms.id = t.r
      )
      SELECT pg_notify($9, p) FROM unnest($10::text[]) AS p";
-/// Longest a partition's `CREATE` or `DROP` waits for its locks. Both take an exclusive lock
-/// on `messages` (a drop also on the old partition, which every writer's replay lookup locks
-/// too), and while one waits for it every write waits behind it: anything else using the table
-/// (a `pg_dump`, which holds its locks for the whole dump; an autovacuum of the old day, or an
-/// anti-wraparound one, which nothing cancels; a long read) would otherwise stop all writes
-/// until it ends. Past this the attempt gives up; one that works takes its locks in
-/// milliseconds.
+/// Longest a partition's `CREATE` or `DROP`, or a schema migration, waits for its locks. They
+/// take exclusive locks on `messages` (a drop also on the old partition, which every writer's
+/// replay lookup locks too), and while one waits for them every write waits behind it:
+/// anything else using the table (a `pg_dump`, which holds its locks for the whole dump; an
+/// autovacuum of the old day, or an anti-wraparound one, which nothing cancels; a long read)
+/// would otherwise stop all writes until it ends. Past this the attempt gives up; one that
+/// works takes its locks in milliseconds.
 const DDL_LOCK_TIMEOUT: &str = "200ms";
 /// Attempts at one partition's `CREATE` or `DROP` per maintenance run, this far apart; then it
 /// waits for the next run. Partitions are made days ahead, and the rows of one waiting to be
@@ -90,9 +90,13 @@ const DDL_LOCK_TIMEOUT: &str = "200ms";
 const DDL_ATTEMPTS: u32 = 3;
 const DDL_RETRY_REST: Duration = Duration::from_secs(1);
 
-/// Run `sql` (a partition's `CREATE` or `DROP`, one transaction) without letting writes wait
-/// long behind it: false when its locks were still taken after [`DDL_ATTEMPTS`] attempts.
-async fn partition_ddl(
+/// Rest between rounds of [`DDL_ATTEMPTS`] at a schema migration whose tables are in use.
+const MIGRATION_RETRY_REST: Duration = Duration::from_secs(5);
+
+/// Run `sql` (a partition's `CREATE` or `DROP`, or a schema migration; one transaction)
+/// without letting writes wait long behind it: false when its locks were still taken after
+/// [`DDL_ATTEMPTS`] attempts.
+async fn try_ddl(
     client: &mut deadpool_postgres::Object,
     sql: &str,
 ) -> Result<bool, tokio_postgres::Error> {
@@ -351,15 +355,25 @@ impl PgStore {
                 );
             }
             for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-                let tx = client.transaction().await?;
-                tx.batch_execute(sql).await?;
-                tx.execute(
-                    "INSERT INTO schema_migrations (version) VALUES ($1)",
-                    &[&(i as i32 + 1)],
-                )
-                .await?;
-                tx.commit().await?;
-                tracing::info!(version = i + 1, "applied Postgres migration");
+                let version = i + 1;
+                // A migration locks tables every write uses, and while it waited for a lock
+                // held elsewhere (a dump, a long query) every node's writes would wait behind
+                // it: it gives way instead, and this start waits. (The statement is the
+                // binary's own SQL and an integer.)
+                let sql = format!(
+                    "{sql}\n;INSERT INTO schema_migrations (version) VALUES ({version})"
+                );
+                let started = std::time::Instant::now();
+                while !try_ddl(&mut client, &sql).await? {
+                    tracing::warn!(
+                        version,
+                        waited_secs = started.elapsed().as_secs(),
+                        "the Postgres migration waits for tables in use elsewhere \
+                         (a dump or a long query); the other servers' writes go on"
+                    );
+                    tokio::time::sleep(MIGRATION_RETRY_REST).await;
+                }
+                tracing::info!(version, "applied Postgres migration");
             }
             Ok(())
         }
@@ -397,7 +411,7 @@ impl PgStore {
                  FOR VALUES FROM ('{from}') TO ('{to}'); {}",
                 replay_key(&name, true)
             );
-            match partition_ddl(&mut client, &sql).await {
+            match try_ddl(&mut client, &sql).await {
                 Ok(true) => created += 1,
                 Ok(false) if day > today => tracing::warn!(
                     partition = %name,
@@ -1006,7 +1020,7 @@ impl Store for PgStore {
                 // Every row of day D is older than the retention once D + 1 is.
                 if (day + 1) * EPOCH_MS <= cutoff {
                     let drop = format!("DROP TABLE IF EXISTS {name}");
-                    if partition_ddl(&mut client, &drop).await.map_err(pg_err)? {
+                    if try_ddl(&mut client, &drop).await.map_err(pg_err)? {
                         report.partitions_dropped += 1;
                         tracing::info!(partition = %name, "dropped expired message partition");
                     } else {

@@ -1007,10 +1007,9 @@ async fn postgres_days_keep_their_replay_keys_unique() {
     assert_eq!(out, vec![AppendOutcome::Replay]);
 }
 
-/// Schema version 4 replaces the partitioned `(room_id, iv)` index with one per partition:
-/// unique, or plain where a partition already holds a repeated pair.
-#[tokio::test]
-async fn a_version_3_postgres_database_gets_a_replay_key_per_day() {
+/// A database as schema version 3 left it, with partitions for yesterday and today (which had
+/// no replay key of their own then); a connection to it; today's day number.
+async fn version_3_database() -> (crate::pg::TestDb, tokio_postgres::Client, i64) {
     let db = cluster().database().await;
     let client = cluster().connect(&db).await;
     for sql in [
@@ -1042,6 +1041,14 @@ async fn a_version_3_postgres_database_gets_a_replay_key_per_day() {
             .await
             .unwrap();
     }
+    (db, client, today)
+}
+
+/// Schema version 4 replaces the partitioned `(room_id, iv)` index with one per partition:
+/// unique, or plain where a partition already holds a repeated pair.
+#[tokio::test]
+async fn a_version_3_postgres_database_gets_a_replay_key_per_day() {
+    let (db, client, today) = version_3_database().await;
     // Yesterday holds one IV twice in a room.
     let r = room(52);
     let held = msg(r, 1);
@@ -1063,12 +1070,7 @@ async fn a_version_3_postgres_database_gets_a_replay_key_per_day() {
     let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
         .await
         .unwrap();
-    let version: i32 = client
-        .query_one("SELECT max(version) FROM schema_migrations", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(version, 4);
+    assert_eq!(schema_version(&client).await, 4);
     let gone: bool = client
         .query_one("SELECT to_regclass('messages_room_iv') IS NULL", &[])
         .await
@@ -1080,10 +1082,87 @@ async fn a_version_3_postgres_database_gets_a_replay_key_per_day() {
     // Partitions made ahead by the store have theirs, unique.
     assert_eq!(replay_key(&client, today + 1).await, Some(true));
     // The repeated IV is still refused in that room; a new one stored.
+    let now = now_ms();
     store.create_room(&r, &[1u8; 60], now).await.unwrap();
     let out = store.append(&[held.clone(), msg(r, 2)], now).await.unwrap();
     assert_eq!(out[0], AppendOutcome::Replay);
     assert!(matches!(out[1], AppendOutcome::Stored { .. }), "{out:?}");
+}
+
+async fn schema_version(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("SELECT max(version) FROM schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A server started with a schema upgrade while a `pg_dump` holds `messages` (a rolling
+/// upgrade during the nightly backup) waits for the dump. It does not make the other servers'
+/// writes wait behind the locks it queues for; it migrates once the dump ends.
+#[tokio::test]
+async fn a_migration_during_a_dump_waits_for_it_without_stopping_writes() {
+    let (db, client, _) = version_3_database().await;
+    let dump = cluster().connect(&db).await;
+    dump.batch_execute(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; LOCK TABLE messages IN ACCESS SHARE MODE",
+    )
+    .await
+    .unwrap();
+    let url = db.url.clone();
+    let start = tokio::spawn(async move {
+        PgStore::connect(&url, &DatabaseSettings::default(), RETENTION)
+            .await
+            .map(drop)
+    });
+    let waits_for_a_lock = || async {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        waiting > 0
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !waits_for_a_lock().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the migration never queued for a lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    // Another server writes meanwhile, as version 3 did.
+    let write = client.execute(
+        "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+         VALUES ('\\x01', 1, now(), 1, '\\x02', '\\x00')",
+        &[],
+    );
+    let written = tokio::time::timeout(std::time::Duration::from_secs(10), write).await;
+    assert_eq!(
+        written
+            .expect("a write waited behind the migration")
+            .unwrap(),
+        1
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(
+        !start.is_finished(),
+        "the migration did not wait for the dump"
+    );
+    assert_eq!(schema_version(&client).await, 3);
+
+    dump.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), start)
+        .await
+        .expect("the migration went on waiting after the dump")
+        .unwrap()
+        .unwrap();
+    assert_eq!(schema_version(&client).await, 4);
 }
 
 /// A message stored 40 days back, in a room of its own; the name of that expired day's
