@@ -12,7 +12,8 @@
 # WARMUP (seconds, default 20): every run writes that long before it measures, so NanoChat is
 # measured with a database that has been filling (benches/README.md, session 19); WARMUP=0
 # measures as runs up to session 18 did. BACKENDS="postgres" (or "sqlite", or both) runs only
-# those.
+# those. YESTERDAY=N (Postgres) stores N messages dated yesterday before every NanoChat run,
+# so the replay lookup searches a full day's index, as on a server that has been running.
 # The first line says what it ran on (benches/machine.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,8 +42,10 @@ for ((round = 1; round <= repeats; round++)); do
         "$load" publish --target batch --secs "$secs" --warmup "$warmup" "${db[@]}"
         for l in "${loads[@]}"; do
             set -- $l
+            history=()
+            [ "$backend" = postgres ] && history=(--yesterday "${YESTERDAY:-0}")
             "$load" publish --target nanochat --senders "$1" --window "$2" --secs "$secs" \
-                --warmup "$warmup" "${db[@]}"
+                --warmup "$warmup" "${db[@]}" "${history[@]}"
         done
     done
 done

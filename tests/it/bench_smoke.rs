@@ -424,15 +424,22 @@ fn the_publish_summary_takes_the_best_run_within_the_latency_limit() {
 async fn the_publish_scenario_runs_against_both_baselines_on_postgres() {
     let db = crate::pg::cluster().database().await;
     // NanoChat twice on one URL: every run works in a database of its own, so the second
-    // does not meet the first one's secret check.
-    for target in ["nanochat", "naive", "batch", "nanochat"] {
+    // does not meet the first one's secret check. The second starts with a day of history.
+    for (target, yesterday) in [
+        ("nanochat", "0"),
+        ("naive", "0"),
+        ("batch", "0"),
+        ("nanochat", "6000"),
+    ] {
         let report = run(&[
             &["publish", "--target", target, "--postgres", &db.url][..],
             &TINY_PUBLISH,
+            &["--yesterday", yesterday],
         ]
         .concat());
         assert!(report["acked"].as_u64().unwrap() > 0, "{report}");
         assert_eq!(report["backend"], "postgres");
+        assert_eq!(report["yesterday"], yesterday.parse::<u64>().unwrap());
     }
     // The runs' databases are gone, and the one named in the URL was left untouched.
     let client = crate::pg::cluster().connect(&db).await;

@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nanochat::store::postgres::PgStore;
-use nanochat::store::{Millis, NewMessage, Retention, Store as _, now_ms};
+use nanochat::store::{Millis, Retention, Store as _, now_ms};
 
-use crate::publish::{Pace, latencies, publishers};
+use crate::publish::{Pace, latencies, publishers, store_day};
 use crate::{Args, Server};
 
 /// The server's own maintenance stays out of the way; the scenario triggers expiry itself.
@@ -25,45 +25,6 @@ pub const SERVER_ENV: [(&str, &str); 1] =
     [("NANOCHAT__RETENTION__MAINTENANCE_INTERVAL_SECS", "86400")];
 
 const DAY_MS: Millis = 86_400_000;
-
-/// Write `rows` messages dated 31 days ago over 1000 rooms, in batches of 5000.
-async fn fill(store: &PgStore, rows: usize) {
-    let then = now_ms() - 31 * DAY_MS;
-    store.ensure_partitions(then).await.expect("old partitions");
-    let rooms: Vec<[u8; 16]> = (0..1000)
-        .map(|_| {
-            let mut r = [0u8; 16];
-            rand::fill(&mut r);
-            r
-        })
-        .collect();
-    for r in &rooms {
-        store.create_room(r, &[0u8; 60], then).await.expect("room");
-    }
-    let mut written = 0;
-    while written < rows {
-        let n = (rows - written).min(5000);
-        let batch: Vec<NewMessage> = (0..n)
-            .map(|i| {
-                let mut iv = [0u8; 12];
-                rand::fill(&mut iv);
-                let mut ct = vec![0u8; 64];
-                rand::fill(&mut ct[..]);
-                NewMessage {
-                    room: rooms[(written + i) % rooms.len()],
-                    epoch: nanochat::crypto::epoch_of(then),
-                    iv,
-                    ct,
-                }
-            })
-            .collect();
-        store.append(&batch, then).await.expect("append old rows");
-        written += n;
-        if written % 100_000 == 0 {
-            eprintln!("{written} old rows written");
-        }
-    }
-}
 
 async fn db_size(client: &tokio_postgres::Client) -> i64 {
     client
@@ -113,7 +74,7 @@ pub async fn run(args: &Args, server: &Server) {
     let mut windows = Vec::new();
     for method in ["drop_partition", "delete_and_vacuum"] {
         let filled = Instant::now();
-        fill(&store, args.rows).await;
+        store_day(&store, args.rows, now_ms() - 31 * DAY_MS).await;
         let fill_s = filled.elapsed().as_secs_f64();
         // A month-old day was vacuumed long ago; this one was just written, and an autovacuum
         // busy with it would hold the drop off (maintenance then leaves it for later). Vacuum

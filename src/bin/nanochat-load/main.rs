@@ -45,6 +45,9 @@ struct Args {
     senders: usize,
     window: usize,
     rows: usize,
+    /// Publish on Postgres only: messages stored yesterday before the run (a day of history
+    /// for the replay lookup to search, as a running server has).
+    yesterday: usize,
     postgres: Option<String>,
     nodes: usize,
     steps: usize,
@@ -69,7 +72,7 @@ usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in 
           (SQLite maintenance under write load, in-process)
   abuse   [--rooms 10] [--members 10] [--rate 10000] [--secs 10]
   publish --target nanochat|bare|naive|batch [--senders 16] [--window 8] [--secs 10] [--warmup 0]
-          [--postgres URL]
+          [--postgres URL [--yesterday 0]]
 With --postgres, each run works in a database it creates on that server and drops at the end
 (the URL's role needs CREATEDB). Each run prints one JSON line; benches/README.md explains the
 scenarios.";
@@ -92,6 +95,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         senders: 16,
         window: 8,
         rows: 1_000_000,
+        yesterday: 0,
         postgres: None,
         nodes: 1,
         steps: 12,
@@ -120,6 +124,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--senders" => a.senders = num(&k, &v)?,
             "--window" => a.window = num(&k, &v)?,
             "--rows" => a.rows = num(&k, &v)?,
+            "--yesterday" => a.yesterday = num(&k, &v)?,
             "--sample-secs" => a.sample_secs = num(&k, &v)?,
             "--timeline" => a.timeline = num::<u8>(&k, &v)? != 0,
             "--expired" => a.expired = num::<u8>(&k, &v)? != 0,
@@ -432,6 +437,12 @@ async fn main() {
         );
         std::process::exit(2);
     }
+    if args.yesterday > 0
+        && (cmd != "publish" || args.target != "nanochat" || args.postgres.is_none())
+    {
+        eprintln!("nanochat-load {cmd}: --yesterday is for publish --target nanochat --postgres");
+        std::process::exit(2);
+    }
     let bound = if cmd == "soak" { 7200 } else { 600 };
     if args.secs > bound || args.warmup > bound {
         eprintln!("nanochat-load {cmd}: runs are bounded: --secs and --warmup at most {bound}");
@@ -482,6 +493,9 @@ async fn run_scenario(cmd: &str, args: &Args) {
         sweep(args, &dir).await;
         let _ = std::fs::remove_dir_all(&dir);
         return;
+    }
+    if cmd == "publish" && args.yesterday > 0 {
+        publish::store_yesterday(args).await;
     }
     let servers = spawn_targets(args, &dir, extra, cmd == "abuse");
     let single = &servers[0];

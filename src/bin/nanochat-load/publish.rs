@@ -23,10 +23,14 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
 use nanochat::crypto::{self, RoomKeys};
 use nanochat::protocol::b64u;
+use nanochat::store::postgres::{PgStore, partition_name};
+use nanochat::store::{Millis, NewMessage, Retention, Store as _, now_ms};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::{Args, MachineCpu, Server, cpu_seconds, open};
+
+const DAY_MS: Millis = 86_400_000;
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")
@@ -57,6 +61,7 @@ fn report(
             "senders": args.senders,
             "window": args.window,
             "warmup_s": args.warmup,
+            "yesterday": args.yesterday,
             "acked": acked,
             "acked_per_s": (acked as f64 / secs).round(),
             "p50_ms": h.value_at_quantile(0.5) as f64 / 1000.0,
@@ -65,6 +70,94 @@ fn report(
             "server_cpu_s": (cpu * 100.0).round() / 100.0,
             "steal_pct": MachineCpu::now().steal_pct_since(machine_before),
         })
+    );
+}
+
+/// Store `rows` messages dated `then` over 1000 rooms of their own (batches of 5000, through
+/// the store, as a server would have): the history a run starts with.
+pub async fn store_day(store: &PgStore, rows: usize, then: Millis) {
+    store.ensure_partitions(then).await.expect("partitions");
+    let rooms: Vec<[u8; 16]> = (0..1000)
+        .map(|_| {
+            let mut r = [0u8; 16];
+            rand::fill(&mut r);
+            r
+        })
+        .collect();
+    for r in &rooms {
+        store.create_room(r, &[0u8; 60], then).await.expect("room");
+    }
+    let mut written = 0;
+    while written < rows {
+        let n = (rows - written).min(5000);
+        let batch: Vec<NewMessage> = (0..n)
+            .map(|i| {
+                let mut iv = [0u8; 12];
+                rand::fill(&mut iv);
+                let mut ct = vec![0u8; 64];
+                rand::fill(&mut ct[..]);
+                NewMessage {
+                    room: rooms[(written + i) % rooms.len()],
+                    epoch: nanochat::crypto::epoch_of(then),
+                    iv,
+                    ct,
+                }
+            })
+            .collect();
+        store
+            .append(&batch, then)
+            .await
+            .expect("append stored rows");
+        written += n;
+        if written % 100_000 == 0 {
+            eprintln!("{written} stored rows written");
+        }
+    }
+}
+
+/// Give the run's database `--yesterday` messages stored yesterday at noon (UTC), vacuumed and
+/// analyzed as autovacuum would have done by now. The senders' messages carry today's epoch,
+/// so every one of them is looked up in that day's replay index, as on a server that has been
+/// running.
+pub async fn store_yesterday(args: &Args) {
+    let url = args
+        .postgres
+        .as_deref()
+        .expect("--yesterday needs --postgres");
+    let store = PgStore::connect(
+        url,
+        &nanochat::config::DatabaseSettings::default(),
+        Retention::from_days(30, 365),
+    )
+    .await
+    .expect("connect to Postgres");
+    let noon = (now_ms().div_euclid(DAY_MS) - 1) * DAY_MS + DAY_MS / 2;
+    let started = Instant::now();
+    store_day(&store, args.yesterday, noon).await;
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to Postgres");
+    tokio::spawn(conn);
+    client
+        .batch_execute("VACUUM ANALYZE messages")
+        .await
+        .expect("vacuum");
+    let stored: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}",
+                partition_name(noon.div_euclid(DAY_MS))
+            ),
+            &[],
+        )
+        .await
+        .expect("count yesterday's messages")
+        .get(0);
+    assert_eq!(stored as usize, args.yesterday, "yesterday's partition");
+    eprintln!(
+        "stored {} messages yesterday in {:.1} s",
+        args.yesterday,
+        started.elapsed().as_secs_f64()
     );
 }
 
