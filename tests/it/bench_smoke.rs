@@ -10,20 +10,30 @@ fn run_lines(args: &[&str]) -> Vec<serde_json::Value> {
 
 /// Every JSON line the load generator printed, run with `env` added to its environment.
 fn run_lines_with(args: &[&str], env: &[(&str, &std::path::Path)]) -> Vec<serde_json::Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_nanochat-load"))
+    run_process(args, env).1
+}
+
+/// The load generator's process id and every JSON line it printed.
+fn run_process(args: &[&str], env: &[(&str, &std::path::Path)]) -> (u32, Vec<serde_json::Value>) {
+    let child = Command::new(env!("CARGO_BIN_EXE_nanochat-load"))
         .args(args)
         .envs(env.iter().copied())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run the load generator");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("run the load generator");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
+    let lines = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON report line"))
-        .collect()
+        .collect();
+    (pid, lines)
 }
 
 /// The load generator's last (or only) report.
@@ -425,28 +435,35 @@ async fn the_publish_scenario_runs_against_both_baselines_on_postgres() {
     let db = crate::pg::cluster().database().await;
     // NanoChat twice on one URL: every run works in a database of its own, so the second
     // does not meet the first one's secret check. The second starts with a day of history.
+    let mut runs = Vec::new();
     for (target, yesterday) in [
         ("nanochat", "0"),
         ("naive", "0"),
         ("batch", "0"),
         ("nanochat", "6000"),
     ] {
-        let report = run(&[
-            &["publish", "--target", target, "--postgres", &db.url][..],
-            &TINY_PUBLISH,
-            &["--yesterday", yesterday],
-        ]
-        .concat());
+        let (pid, mut lines) = run_process(
+            &[
+                &["publish", "--target", target, "--postgres", &db.url][..],
+                &TINY_PUBLISH,
+                &["--yesterday", yesterday],
+            ]
+            .concat(),
+            &[],
+        );
+        runs.push(format!("nanochat_load_{pid}"));
+        let report = lines.pop().expect("a report line");
         assert!(report["acked"].as_u64().unwrap() > 0, "{report}");
         assert_eq!(report["backend"], "postgres");
         assert_eq!(report["yesterday"], yesterday.parse::<u64>().unwrap());
     }
-    // The runs' databases are gone, and the one named in the URL was left untouched.
+    // The runs' databases are gone (other tests' runs may be working in theirs now), and
+    // the one named in the URL was left untouched.
     let client = crate::pg::cluster().connect(&db).await;
     let left: i64 = client
         .query_one(
-            "SELECT count(*) FROM pg_database WHERE datname LIKE 'nanochat_load_%'",
-            &[],
+            "SELECT count(*) FROM pg_database WHERE datname = ANY($1)",
+            &[&runs],
         )
         .await
         .unwrap()

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nanochat::store::postgres::PgStore;
 use nanochat::store::{Millis, Retention, Store as _, now_ms};
 
-use crate::publish::{Pace, latencies, publishers, store_day};
+use crate::publish::{Pace, SenderRooms, latencies, publishers, store_day};
 use crate::{Args, Server};
 
 /// The server's own maintenance stays out of the way; the scenario triggers expiry itself.
@@ -66,15 +66,23 @@ pub async fn run(args: &Args, server: &Server) {
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn({
         let (addr, stop) = (server.addr.clone(), stop.clone());
-        let senders = args.senders;
-        let pace = Pace::Rate(args.rate as f64 / senders.max(1) as f64);
-        async move { publishers(&addr, senders, pace, start, stop).await }
+        let rooms = SenderRooms::new(args.senders);
+        let pace = Pace::Rate(args.rate as f64 / args.senders.max(1) as f64);
+        async move { publishers(&addr, rooms, pace, start, stop).await }
     });
     let settle = Duration::from_secs(args.secs);
     let mut windows = Vec::new();
     for method in ["drop_partition", "delete_and_vacuum"] {
         let filled = Instant::now();
-        store_day(&store, args.rows, now_ms() - 31 * DAY_MS).await;
+        // 1000 rooms of their own, never joined (so the wrapped key is a placeholder).
+        let old_rooms: Vec<_> = (0..1000)
+            .map(|_| {
+                let mut r = [0u8; 16];
+                rand::fill(&mut r);
+                (r, vec![0u8; 60])
+            })
+            .collect();
+        store_day(&store, args.rows, now_ms() - 31 * DAY_MS, &old_rooms).await;
         let fill_s = filled.elapsed().as_secs_f64();
         // A month-old day was vacuumed long ago; this one was just written, and an autovacuum
         // busy with it would hold the drop off (maintenance then leaves it for later). Vacuum

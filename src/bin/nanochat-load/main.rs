@@ -494,15 +494,16 @@ async fn run_scenario(cmd: &str, args: &Args) {
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
+    let mut rooms = publish::SenderRooms::new(args.senders);
     if cmd == "publish" && args.yesterday > 0 {
-        publish::store_yesterday(args).await;
+        publish::store_yesterday(args, &mut rooms, &dir.join("secret")).await;
     }
     let servers = spawn_targets(args, &dir, extra, cmd == "abuse");
     let single = &servers[0];
     match cmd {
         "expiry" => expiry::run(args, single).await,
         "abuse" => abuse::run(args, single).await,
-        "publish" => publish::over_sockets(args, single).await,
+        "publish" => publish::over_sockets(args, single, rooms).await,
         "soak" => soak::run(args, single, &dir.join("node0")).await,
         "idle" => idle(args, single).await,
         _ => println!("{}", fanout(args, servers).await),

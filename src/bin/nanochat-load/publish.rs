@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
-use nanochat::crypto::{self, RoomKeys};
+use nanochat::crypto::{self, RoomId, RoomKeys, ServerKeys};
 use nanochat::protocol::b64u;
 use nanochat::store::postgres::{PgStore, partition_name};
 use nanochat::store::{Millis, NewMessage, Retention, Store as _, now_ms};
@@ -73,20 +73,14 @@ fn report(
     );
 }
 
-/// Store `rows` messages dated `then` over 1000 rooms of their own (batches of 5000, through
-/// the store, as a server would have): the history a run starts with.
-pub async fn store_day(store: &PgStore, rows: usize, then: Millis) {
+/// Create `rooms` (ids and wrapped auth keys) at `then` and store `rows` messages dated then
+/// over them (batches of 5000, through the store, as a server would have).
+pub async fn store_day(store: &PgStore, rows: usize, then: Millis, rooms: &[(RoomId, Vec<u8>)]) {
     store.ensure_partitions(then).await.expect("partitions");
-    let rooms: Vec<[u8; 16]> = (0..1000)
-        .map(|_| {
-            let mut r = [0u8; 16];
-            rand::fill(&mut r);
-            r
-        })
-        .collect();
-    for r in &rooms {
-        store.create_room(r, &[0u8; 60], then).await.expect("room");
+    for (r, wrapped) in rooms {
+        store.create_room(r, wrapped, then).await.expect("room");
     }
+    let rooms: Vec<RoomId> = rooms.iter().map(|r| r.0).collect();
     let mut written = 0;
     while written < rows {
         let n = (rows - written).min(5000);
@@ -115,11 +109,19 @@ pub async fn store_day(store: &PgStore, rows: usize, then: Millis) {
     }
 }
 
-/// Give the run's database `--yesterday` messages stored yesterday at noon (UTC), vacuumed and
-/// analyzed as autovacuum would have done by now. The senders' messages carry today's epoch,
-/// so every one of them is looked up in that day's replay index, as on a server that has been
-/// running.
-pub async fn store_yesterday(args: &Args) {
+/// Give the run's database the senders' rooms, made yesterday at noon (UTC) and holding
+/// `--yesterday` messages of that time between them, vacuumed and analyzed as autovacuum would
+/// have done by now; the rooms' keys wrapped with the server secret at `secret` (created here).
+/// The senders' messages carry today's epoch, so each is looked up in yesterday's replay index
+/// among its room's messages there, as on a server that has been running.
+pub async fn store_yesterday(args: &Args, rooms: &mut SenderRooms, secret: &std::path::Path) {
+    let secret = nanochat::startup::load_or_create_secret(secret).expect("server secret");
+    let server = ServerKeys::derive(&secret);
+    let wrapped: Vec<(RoomId, Vec<u8>)> = rooms
+        .keys
+        .iter()
+        .map(|k| (k.room_id, server.wrap_auth_key(&k.room_id, &k.auth_key)))
+        .collect();
     let url = args
         .postgres
         .as_deref()
@@ -133,7 +135,8 @@ pub async fn store_yesterday(args: &Args) {
     .expect("connect to Postgres");
     let noon = (now_ms().div_euclid(DAY_MS) - 1) * DAY_MS + DAY_MS / 2;
     let started = Instant::now();
-    store_day(&store, args.yesterday, noon).await;
+    store_day(&store, args.yesterday, noon, &wrapped).await;
+    rooms.stored = true;
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .expect("connect to Postgres");
@@ -171,21 +174,42 @@ pub enum Pace {
     Rate(f64),
 }
 
+/// The senders' rooms, one each: new ones they create, or ones stored before the run
+/// (`--yesterday`) that they join.
+pub struct SenderRooms {
+    pub keys: Vec<RoomKeys>,
+    pub stored: bool,
+}
+
+impl SenderRooms {
+    /// `n` rooms of random secrets, for the senders to create.
+    pub fn new(n: usize) -> Self {
+        let keys = (0..n)
+            .map(|_| {
+                let mut secret = [0u8; 32];
+                rand::fill(&mut secret);
+                RoomKeys::derive(&secret)
+            })
+            .collect();
+        Self {
+            keys,
+            stored: false,
+        }
+    }
+}
+
 /// Senders against `addr`: `senders` sockets, each in its own new room, publishing at `pace`
 /// until `stop`. Returns every ack as (when it arrived, µs since `start`; its latency, µs).
 pub async fn publishers(
     addr: &str,
-    senders: usize,
+    rooms: SenderRooms,
     pace: Pace,
     start: Instant,
     stop: Arc<AtomicBool>,
 ) -> Vec<(u64, u64)> {
     let mut sockets = Vec::new();
-    for n in 0..senders {
-        let mut secret = [0u8; 32];
-        rand::fill(&mut secret);
-        let keys = RoomKeys::derive(&secret);
-        let ws = open(addr, n, &keys, true).await;
+    for (n, keys) in rooms.keys.iter().enumerate() {
+        let ws = open(addr, n, keys, !rooms.stored).await;
         sockets.push(ws);
     }
     // A window's permits come back with acks; an open-loop sender takes none.
@@ -337,13 +361,13 @@ pub fn latencies(samples: &[(u64, u64)], from: u64, to: u64) -> Histogram<u64> {
 
 /// NanoChat, or the bare server, through its sockets: closed-loop senders, one room each.
 /// With `--warmup`, only acks after the warm-up count (and the server's CPU from then).
-pub async fn over_sockets(args: &Args, server: &Server) {
+pub async fn over_sockets(args: &Args, server: &Server, rooms: SenderRooms) {
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let run = tokio::spawn({
         let (addr, stop) = (server.addr.clone(), stop.clone());
-        let (senders, pace) = (args.senders, Pace::Window(args.window));
-        async move { publishers(&addr, senders, pace, start, stop).await }
+        let pace = Pace::Window(args.window);
+        async move { publishers(&addr, rooms, pace, start, stop).await }
     });
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
     let measure_from = start.elapsed().as_micros() as u64;
