@@ -32,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0002_cluster.sql"),
     include_str!("../../migrations/postgres/0003_rooms_hot_updates.sql"),
     include_str!("../../migrations/postgres/0004_replay_keys_per_day.sql"),
+    include_str!("../../migrations/postgres/0005_early_days.sql"),
 ];
 /// Advisory lock key serializing migrations across processes ("nanochat" + 1).
 const MIGRATE_LOCK: i64 = 0x6e61_6e6f_6368_6101;
@@ -45,9 +46,10 @@ const MAINTAIN_LOCK: i64 = 0x6e61_6e6f_6368_6102;
 pub const WRITER_BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
      SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; \
      SET LOCAL enable_mergejoin = off; SET LOCAL enable_bitmapscan = off";
-/// Lock the batch's live rooms, in id order (so writers cannot deadlock), and read their seqs.
+/// Lock the batch's live rooms, in id order (so writers cannot deadlock), and read their seqs
+/// and the last day each stored a message sent early (`early_day`, schema version 5).
 pub const LOCK_ROOMS: &str =
-    "SELECT id, last_seq FROM rooms WHERE id = ANY($1) AND wiped_at IS NULL
+    "SELECT id, last_seq, early_day FROM rooms WHERE id = ANY($1) AND wiped_at IS NULL
      ORDER BY id FOR UPDATE";
 /// The batch's (room, IV) pairs already stored in its replay window (see
 /// `replay_window_start`), minus the day the batch is written to when that day's partition
@@ -62,7 +64,8 @@ pub const FIND_REPLAYS: &str = "SELECT t.room_id, t.iv
           AND ((m.created_at >= $3 AND m.created_at < $4)
             OR (m.created_at >= $5 AND m.created_at <= $6))
         LIMIT 1) AS found";
-/// Insert the batch, advance its rooms and announce it, in one statement. `last_active` moves
+/// Insert the batch, advance its rooms (and mark those that stored a message sent early with
+/// today, `$11`, NULL for the others) and announce it, in one statement. `last_active` moves
 /// only when a minute or more behind, so most room updates change no indexed column and stay
 /// in place (HOT).
 pub const WRITE_BATCH: &str = "WITH stored AS (
@@ -72,8 +75,9 @@ pub const WRITE_BATCH: &str = "WITH stored AS (
           AS t(r, s, e, i, c)
      ), advanced AS (
         UPDATE rooms SET last_seq = t.s, last_active = CASE
-            WHEN last_active <= $3 - interval '1 minute' THEN $3 ELSE last_active END
-        FROM unnest($7::bytea[], $8::int8[]) AS t(r, s) WHERE rooms.id = t.r
+            WHEN last_active <= $3 - interval '1 minute' THEN $3 ELSE last_active END,
+            early_day = GREATEST(early_day, t.e)
+        FROM unnest($7::bytea[], $8::int8[], $11::int4[]) AS t(r, s, e) WHERE rooms.id = t.r
      )
      SELECT pg_notify($9, p) FROM unnest($10::text[]) AS p";
 /// Longest a partition's `CREATE` or `DROP`, or a schema migration, waits for its locks. They
@@ -135,6 +139,10 @@ pub struct PgStore {
     url: String,
     node: u64,
     unique_days: Arc<UniqueDays>,
+    /// The first day whose messages sent early are marked on their rooms' rows (`early_day`):
+    /// the second day after schema version 5 was applied. Before it, the replay lookup looks
+    /// into every day of a message's window.
+    marks_from: i64,
 }
 
 /// Which days' partitions keep their `(room_id, iv)` pairs unique (an `_iv` index that is
@@ -302,12 +310,13 @@ impl PgStore {
             .create_timeout(Some(timeout))
             .recycle_timeout(Some(timeout))
             .build()?;
-        let store = Self {
+        let mut store = Self {
             pool,
             retention,
             url: url.to_owned(),
             node,
             unique_days: Arc::default(),
+            marks_from: i64::MAX,
         };
         // Bounded retry: a database that comes up a few seconds after us is fine; one that
         // does not answer at all stops the start with a clear message.
@@ -325,6 +334,7 @@ impl PgStore {
                 Err(e) => return Err(e.context("cannot prepare the Postgres database")),
             }
         }
+        store.marks_from = store.read_marks_from().await?;
         store.ensure_partitions(super::now_ms()).await?;
         Ok(store)
     }
@@ -382,6 +392,32 @@ impl PgStore {
             .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
             .await;
         result
+    }
+
+    /// The first day whose early messages are marked: two days after version 5 was applied
+    /// (binaries of version 4 still running beside the first start mark nothing).
+    async fn read_marks_from(&self) -> Result<i64, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let applied: i32 = client
+            .query_one(
+                "SELECT (applied_at AT TIME ZONE 'UTC')::date - DATE '1970-01-01'
+                 FROM schema_migrations WHERE version = 5",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        Ok(i64::from(applied) + 2)
+    }
+
+    /// The day before `epoch`'s, when a message of that epoch sent at `now` must look there
+    /// for an earlier copy only if its room's row marks that day or a later one: the day is in
+    /// the window, before today, and its early messages are marked.
+    fn marked_early_day(&self, epoch: u32, now: Millis) -> Option<i64> {
+        let day = i64::from(epoch) - 1;
+        let today = now.div_euclid(EPOCH_MS);
+        (replay_window_start(epoch, now) == day * EPOCH_MS && day < today && day >= self.marks_from)
+            .then_some(day)
     }
 
     /// Create the partitions from yesterday to a few days ahead; returns how many were new.
@@ -577,10 +613,20 @@ impl PgStore {
         // the batch allows (usually yesterday: two partitions, not four) and ends a minute
         // from now: another node's clock may run a little ahead of ours, and the partitions
         // made ahead are left out. With `skip_own_day`, the day the batch is written to is
-        // left out too: its partition's unique key refuses a repeat at the insert.
+        // left out too: its partition's unique key refuses a repeat at the insert. A window's
+        // first day, the day before the message's epoch, holds a copy only if it was sent early
+        // there; when such days are marked on the room rows, it is left out here and looked
+        // into below for the rooms whose rows say so (none, nearly always): most batches then
+        // read no other day's index at all.
         let since = batch
             .iter()
-            .map(|m| replay_window_start(m.epoch, now))
+            .map(|m| {
+                let start = replay_window_start(m.epoch, now);
+                match self.marked_early_day(m.epoch, now) {
+                    Some(_) => start + EPOCH_MS,
+                    None => start,
+                }
+            })
             .min()
             .unwrap_or(now);
         let day_start = now.div_euclid(EPOCH_MS) * EPOCH_MS;
@@ -600,28 +646,50 @@ impl PgStore {
             &after_from,
             &after_to,
         ];
+        let lookup = before_from < before_to || after_from <= after_to;
         let (begun, locked, dups) = futures_util::join!(
             client.batch_execute(WRITER_BEGIN),
             client.query(&lock_rooms, &lock_params),
-            client.query(&find_replays, &replay_params),
+            async {
+                match lookup {
+                    true => client.query(&find_replays, &replay_params).await,
+                    false => Ok(Vec::new()),
+                }
+            },
         );
         begun?;
         let (locked, dups) = (locked?, dups?);
-        let mut last_seq: HashMap<RoomId, i64> = locked
-            .iter()
-            .filter_map(|r| {
-                let id: &[u8] = r.get(0);
-                Some((id.try_into().ok()?, r.get::<_, i64>(1)))
-            })
-            .collect();
-        let stored_ivs: HashSet<(RoomId, [u8; 12])> = dups
-            .iter()
-            .filter_map(|r| {
-                let room: &[u8] = r.get(0);
-                let iv: &[u8] = r.get(1);
-                Some((room.try_into().ok()?, iv.try_into().ok()?))
-            })
-            .collect();
+        let mut last_seq = HashMap::new();
+        let mut early_day = HashMap::new();
+        for row in &locked {
+            let Ok(id) = RoomId::try_from(row.get::<_, &[u8]>(0)) else {
+                continue;
+            };
+            last_seq.insert(id, row.get::<_, i64>(1));
+            if let Some(day) = row.get::<_, Option<i32>>(2) {
+                early_day.insert(id, i64::from(day));
+            }
+        }
+        let mut stored_ivs = replay_pairs(&dups);
+        // The rooms locked now: their marks are final. Those that stored a message sent early
+        // on a day left out above look into it.
+        let (mut early_rooms, mut early_ivs, mut early_from) = (Vec::new(), Vec::new(), since);
+        for m in batch {
+            if let Some(day) = self.marked_early_day(m.epoch, now)
+                && day * EPOCH_MS < since
+                && early_day.get(&m.room).is_some_and(|&marked| marked >= day)
+            {
+                early_rooms.push(&m.room[..]);
+                early_ivs.push(&m.iv[..]);
+                early_from = early_from.min(day * EPOCH_MS);
+            }
+        }
+        if !early_rooms.is_empty() {
+            let (from, to, none) = (ts(early_from), ts(since), ts(now + 60_000));
+            let early: [&(dyn ToSql + Sync); 6] =
+                [&early_rooms, &early_ivs, &from, &to, &none, &ts(now)];
+            stored_ivs.extend(replay_pairs(&client.query(&find_replays, &early).await?));
+        }
         let outcomes = assign_seqs(batch, &mut last_seq, &stored_ivs);
         let mut rooms_w = Vec::new();
         let mut seqs = Vec::new();
@@ -642,8 +710,22 @@ impl PgStore {
             return Ok(outcomes);
         }
         let at = ts(now);
-        let (ids, lasts): (Vec<&[u8]>, Vec<i64>) =
-            last_seq.iter().map(|(k, v)| (&k[..], *v)).unzip();
+        // Rooms that stored a message sent early (its epoch ahead of today) are marked today.
+        let today = now.div_euclid(EPOCH_MS);
+        let sent_early: HashSet<RoomId> = batch
+            .iter()
+            .zip(&outcomes)
+            .filter(|(m, o)| {
+                matches!(o, AppendOutcome::Stored { .. }) && i64::from(m.epoch) > today
+            })
+            .map(|(m, _)| m.room)
+            .collect();
+        let (mut ids, mut lasts, mut marks) = (Vec::new(), Vec::new(), Vec::new());
+        for (id, last) in &last_seq {
+            ids.push(&id[..]);
+            lasts.push(*last);
+            marks.push(sent_early.contains(id).then_some(today as i32));
+        }
         // Announce the stored ranges to the other processes; delivered only on commit.
         let stored = batch.iter().zip(&outcomes).filter_map(|(m, o)| match o {
             AppendOutcome::Stored { seq } => Some((m.room, *seq)),
@@ -652,7 +734,7 @@ impl PgStore {
         let payloads = crate::cluster::message_payloads(self.node, &crate::cluster::ranges(stored));
         // Second round trip: insert, room update and notification in one statement, then
         // COMMIT. If the write fails, the transaction is aborted and COMMIT only rolls back.
-        let write_params: [&(dyn ToSql + Sync); 10] = [
+        let write_params: [&(dyn ToSql + Sync); 11] = [
             &rooms_w,
             &seqs,
             &at,
@@ -663,6 +745,7 @@ impl PgStore {
             &lasts,
             &crate::cluster::CHANNEL,
             &payloads,
+            &marks,
         ];
         let (written, committed) = futures_util::join!(
             client.execute(&write, &write_params),
@@ -672,6 +755,17 @@ impl PgStore {
         committed?;
         Ok(outcomes)
     }
+}
+
+/// The `(room_id, iv)` pairs a replay lookup found.
+fn replay_pairs(rows: &[tokio_postgres::Row]) -> HashSet<(RoomId, [u8; 12])> {
+    rows.iter()
+        .filter_map(|r| {
+            let room: &[u8] = r.get(0);
+            let iv: &[u8] = r.get(1);
+            Some((room.try_into().ok()?, iv.try_into().ok()?))
+        })
+        .collect()
 }
 
 fn ms_literal(ms: Millis) -> String {

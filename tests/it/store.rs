@@ -854,7 +854,8 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
             "write",
             WRITE_BATCH,
             format!(
-                "'{{}}', '{{}}', {at}, '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', 'nanochat', '{{}}'"
+                "'{{}}', '{{}}', {at}, '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', 'nanochat', '{{}}', \
+                 '{{}}'"
             ),
         ),
     ] {
@@ -916,6 +917,121 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
     for back in [0, 2, 3, 4] {
         assert!(!skipping.contains(&day(back)), "{}\n{skipping}", day(back));
     }
+}
+
+/// A Postgres store on a database whose schema version 5 was applied ten days ago: every day
+/// of the replay window has its early messages marked on the room rows.
+async fn pg_store_marking_early_days() -> (crate::pg::TestDb, PgStore) {
+    let (db, _) = pg_store().await;
+    cluster()
+        .connect(&db)
+        .await
+        .batch_execute(
+            "UPDATE schema_migrations SET applied_at = now() - interval '10 days'
+             WHERE version = 5",
+        )
+        .await
+        .unwrap();
+    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
+        .await
+        .unwrap();
+    (db, store)
+}
+
+/// With early messages marked, the replay lookup still finds every copy its epoch allows
+/// (the conformance case: two messages sent a day early, on two days, repeated today).
+#[tokio::test]
+async fn postgres_replays_sent_early_are_found_through_their_rooms_marks() {
+    let (_db, store) = pg_store_marking_early_days().await;
+    replays_are_found_as_far_back_as_their_epoch_allows(&store).await;
+}
+
+/// A message of today's epoch is looked for in yesterday's partition only in a room that
+/// stored a message sent early yesterday: with yesterday's partition locked (as by a long
+/// `ALTER`), a room without that mark stores at once; one with it waits for the lock, then
+/// finds its repeat.
+#[tokio::test]
+async fn postgres_replay_lookups_read_yesterday_only_for_rooms_marked_early() {
+    let (db, store) = pg_store_marking_early_days().await;
+    let now = now_ms();
+    let today = now.div_euclid(EPOCH_MS);
+    let yesterday = (today - 1) * EPOCH_MS + 1000;
+    let (plain, marked) = (room(40), room(41));
+    let mut ahead = msg(marked, 1);
+    ahead.epoch = today as u32;
+    for (r, m) in [(plain, msg(plain, 1)), (marked, ahead.clone())] {
+        let mut m = m;
+        create(&store, &r, yesterday).await;
+        if r == plain {
+            m.epoch = (today - 1) as u32;
+        }
+        store.append(&[m], yesterday).await.unwrap();
+    }
+
+    let holder = cluster().connect(&db).await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+            partition_name(today - 1)
+        ))
+        .await
+        .unwrap();
+    let stored = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        store.append(&[msg(plain, 2)], now),
+    )
+    .await
+    .expect("an unmarked room looked into yesterday")
+    .unwrap();
+    assert_eq!(stored, vec![AppendOutcome::Stored { seq: 2 }]);
+
+    let repeat = tokio::spawn({
+        let (store, ahead) = (store.clone(), ahead.clone());
+        async move { store.append(&[ahead, msg(marked, 2)], now).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(
+        !repeat.is_finished(),
+        "the marked room did not look into yesterday"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    let outcomes = repeat.await.unwrap().unwrap();
+    assert_eq!(
+        outcomes,
+        vec![AppendOutcome::Replay, AppendOutcome::Stored { seq: 2 }]
+    );
+}
+
+/// Messages stored before schema version 5 (or by a version 4 binary still running beside a
+/// newer one) carry no mark: until the second day after the migration, the lookup reads every
+/// day of the window, and finds a copy sent early yesterday that no room row mentions.
+#[tokio::test]
+async fn postgres_replays_stored_before_the_marks_are_still_found() {
+    let (db, store) = pg_store().await;
+    let now = now_ms();
+    let today = now.div_euclid(EPOCH_MS);
+    let r = room(42);
+    create(&store, &r, now - EPOCH_MS).await;
+    let mut ahead = msg(r, 1);
+    ahead.epoch = today as u32;
+    let client = cluster().connect(&db).await;
+    client
+        .execute(
+            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+             VALUES ($1, 1, now() - interval '1 day', $2, $3, '\\x00')",
+            &[&&r[..], &(today as i32), &&ahead.iv[..]],
+        )
+        .await
+        .unwrap();
+    client
+        .execute("UPDATE rooms SET last_seq = 1 WHERE id = $1", &[&&r[..]])
+        .await
+        .unwrap();
+    let outcomes = store.append(&[ahead, msg(r, 2)], now).await.unwrap();
+    assert_eq!(
+        outcomes,
+        vec![AppendOutcome::Replay, AppendOutcome::Stored { seq: 2 }]
+    );
 }
 
 /// Whether a partition's replay key (`<partition>_iv`) is unique; `None` if it has none.
@@ -1070,7 +1186,7 @@ async fn a_version_3_postgres_database_gets_a_replay_key_per_day() {
     let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
         .await
         .unwrap();
-    assert_eq!(schema_version(&client).await, 4);
+    assert_eq!(schema_version(&client).await, LATEST_PG_SCHEMA);
     let gone: bool = client
         .query_one("SELECT to_regclass('messages_room_iv') IS NULL", &[])
         .await
@@ -1088,6 +1204,9 @@ async fn a_version_3_postgres_database_gets_a_replay_key_per_day() {
     assert_eq!(out[0], AppendOutcome::Replay);
     assert!(matches!(out[1], AppendOutcome::Stored { .. }), "{out:?}");
 }
+
+/// The schema version this binary's Postgres migrations end at.
+const LATEST_PG_SCHEMA: i32 = 5;
 
 async fn schema_version(client: &tokio_postgres::Client) -> i32 {
     client
@@ -1162,7 +1281,7 @@ async fn a_migration_during_a_dump_waits_for_it_without_stopping_writes() {
         .expect("the migration went on waiting after the dump")
         .unwrap()
         .unwrap();
-    assert_eq!(schema_version(&client).await, 4);
+    assert_eq!(schema_version(&client).await, LATEST_PG_SCHEMA);
 }
 
 /// A message stored 40 days back, in a room of its own; the name of that expired day's
