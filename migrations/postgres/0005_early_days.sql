@@ -4,7 +4,13 @@
 -- (days since 1970-01-01) on which it stored such a message; the writers look into day E - 1
 -- for a room only when that day is this one or later. Most messages then need no index
 -- lookup in another day's partition at all: their own day's unique key refuses a repeat.
--- Messages stored before this version carry no mark: the writers look into every day up to
--- the second day after this migration was applied (schema_migrations.applied_at), so binaries
--- of version 4 still running beside it during the upgrade are covered.
 ALTER TABLE rooms ADD COLUMN early_day integer;
+-- The first day whose early messages are marked. Messages stored before this version carry no
+-- mark: on a database that holds messages, the writers look into every day of the window up
+-- to the second day after this migration, so binaries of version 4 still running beside a
+-- newer one during the upgrade are covered. A database without any has nothing unmarked.
+CREATE TABLE early_marks (from_day integer NOT NULL);
+INSERT INTO early_marks (from_day)
+SELECT CASE WHEN EXISTS (SELECT 1 FROM messages)
+            THEN (now() AT TIME ZONE 'UTC')::date - DATE '1970-01-01' + 2
+            ELSE -2147483648 END;

@@ -140,8 +140,8 @@ pub struct PgStore {
     node: u64,
     unique_days: Arc<UniqueDays>,
     /// The first day whose messages sent early are marked on their rooms' rows (`early_day`):
-    /// the second day after schema version 5 was applied. Before it, the replay lookup looks
-    /// into every day of a message's window.
+    /// the second day after schema version 5 was applied to a database with messages, or from
+    /// the start. Before it, the replay lookup looks into every day of a message's window.
     marks_from: i64,
 }
 
@@ -394,20 +394,15 @@ impl PgStore {
         result
     }
 
-    /// The first day whose early messages are marked: two days after version 5 was applied
-    /// (binaries of version 4 still running beside the first start mark nothing).
+    /// The first day whose early messages are marked (`early_marks`, written by migration 5).
     async fn read_marks_from(&self) -> Result<i64, StoreError> {
         let client = self.pool.get().await.map_err(pool_err)?;
-        let applied: i32 = client
-            .query_one(
-                "SELECT (applied_at AT TIME ZONE 'UTC')::date - DATE '1970-01-01'
-                 FROM schema_migrations WHERE version = 5",
-                &[],
-            )
+        let from: i32 = client
+            .query_one("SELECT from_day FROM early_marks", &[])
             .await
             .map_err(pg_err)?
             .get(0);
-        Ok(i64::from(applied) + 2)
+        Ok(i64::from(from))
     }
 
     /// The day before `epoch`'s, when a message of that epoch sent at `now` must look there

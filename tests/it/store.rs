@@ -919,40 +919,13 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
     }
 }
 
-/// A Postgres store on a database whose schema version 5 was applied ten days ago: every day
-/// of the replay window has its early messages marked on the room rows.
-async fn pg_store_marking_early_days() -> (crate::pg::TestDb, PgStore) {
-    let (db, _) = pg_store().await;
-    cluster()
-        .connect(&db)
-        .await
-        .batch_execute(
-            "UPDATE schema_migrations SET applied_at = now() - interval '10 days'
-             WHERE version = 5",
-        )
-        .await
-        .unwrap();
-    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
-        .await
-        .unwrap();
-    (db, store)
-}
-
-/// With early messages marked, the replay lookup still finds every copy its epoch allows
-/// (the conformance case: two messages sent a day early, on two days, repeated today).
-#[tokio::test]
-async fn postgres_replays_sent_early_are_found_through_their_rooms_marks() {
-    let (_db, store) = pg_store_marking_early_days().await;
-    replays_are_found_as_far_back_as_their_epoch_allows(&store).await;
-}
-
 /// A message of today's epoch is looked for in yesterday's partition only in a room that
 /// stored a message sent early yesterday: with yesterday's partition locked (as by a long
 /// `ALTER`), a room without that mark stores at once; one with it waits for the lock, then
 /// finds its repeat.
 #[tokio::test]
 async fn postgres_replay_lookups_read_yesterday_only_for_rooms_marked_early() {
-    let (db, store) = pg_store_marking_early_days().await;
+    let (db, store) = pg_store().await;
     let now = now_ms();
     let today = now.div_euclid(EPOCH_MS);
     let yesterday = (today - 1) * EPOCH_MS + 1000;
@@ -1003,18 +976,23 @@ async fn postgres_replay_lookups_read_yesterday_only_for_rooms_marked_early() {
 }
 
 /// Messages stored before schema version 5 (or by a version 4 binary still running beside a
-/// newer one) carry no mark: until the second day after the migration, the lookup reads every
-/// day of the window, and finds a copy sent early yesterday that no room row mentions.
+/// newer one) carry no mark: on a database that had messages when it migrated, the lookup reads
+/// every day of the window until the second day after, and finds a copy sent early yesterday
+/// that no room row mentions.
 #[tokio::test]
 async fn postgres_replays_stored_before_the_marks_are_still_found() {
-    let (db, store) = pg_store().await;
-    let now = now_ms();
-    let today = now.div_euclid(EPOCH_MS);
+    let (db, client, today) = version_3_database().await;
     let r = room(42);
-    create(&store, &r, now - EPOCH_MS).await;
     let mut ahead = msg(r, 1);
     ahead.epoch = today as u32;
-    let client = cluster().connect(&db).await;
+    client
+        .execute(
+            "INSERT INTO rooms (id, auth_wrapped, created_at, last_active, last_seq)
+             VALUES ($1, '\\x00', now() - interval '1 day', now() - interval '1 day', 1)",
+            &[&&r[..]],
+        )
+        .await
+        .unwrap();
     client
         .execute(
             "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
@@ -1023,11 +1001,10 @@ async fn postgres_replays_stored_before_the_marks_are_still_found() {
         )
         .await
         .unwrap();
-    client
-        .execute("UPDATE rooms SET last_seq = 1 WHERE id = $1", &[&&r[..]])
+    let store = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
         .await
         .unwrap();
-    let outcomes = store.append(&[ahead, msg(r, 2)], now).await.unwrap();
+    let outcomes = store.append(&[ahead, msg(r, 2)], now_ms()).await.unwrap();
     assert_eq!(
         outcomes,
         vec![AppendOutcome::Replay, AppendOutcome::Stored { seq: 2 }]
