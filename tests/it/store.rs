@@ -975,6 +975,30 @@ async fn postgres_replay_lookups_read_yesterday_only_for_rooms_marked_early() {
     );
 }
 
+/// The marks live in the database, not in a process: a message sent early and stored by one
+/// server process is found by another when it is repeated the next day.
+#[tokio::test]
+async fn a_repeat_of_a_message_another_process_stored_early_is_found() {
+    let (db, first) = pg_store().await;
+    let second = PgStore::connect(&db.url, &DatabaseSettings::default(), RETENTION)
+        .await
+        .unwrap();
+    let now = now_ms();
+    let today = now.div_euclid(EPOCH_MS);
+    let yesterday = (today - 1) * EPOCH_MS + 1000;
+    let r = room(43);
+    create(&first, &r, yesterday).await;
+    let mut ahead = msg(r, 1);
+    ahead.epoch = today as u32;
+    let stored = first.append(&[ahead.clone()], yesterday).await.unwrap();
+    assert_eq!(stored, vec![AppendOutcome::Stored { seq: 1 }]);
+    let again = second.append(&[ahead, msg(r, 2)], now).await.unwrap();
+    assert_eq!(
+        again,
+        vec![AppendOutcome::Replay, AppendOutcome::Stored { seq: 2 }]
+    );
+}
+
 /// Messages stored before schema version 5 (or by a version 4 binary still running beside a
 /// newer one) carry no mark: on a database that had messages when it migrated, the lookup reads
 /// every day of the window until the second day after, and finds a copy sent early yesterday
