@@ -680,9 +680,12 @@ impl PgStore {
             }
         }
         if !early_rooms.is_empty() {
-            let (from, to, none) = (ts(early_from), ts(since), ts(now + 60_000));
+            // From the earliest such day up to where the first lookup began; its second range
+            // (from a minute ahead back to now) is empty.
+            let (from, to) = (ts(early_from), ts(since));
+            let (none_from, none_to) = (ts(now + 60_000), ts(now));
             let early: [&(dyn ToSql + Sync); 6] =
-                [&early_rooms, &early_ivs, &from, &to, &none, &ts(now)];
+                [&early_rooms, &early_ivs, &from, &to, &none_from, &none_to];
             stored_ivs.extend(replay_pairs(&client.query(&find_replays, &early).await?));
         }
         let outcomes = assign_seqs(batch, &mut last_seq, &stored_ivs);
