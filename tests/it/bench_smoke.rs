@@ -575,3 +575,25 @@ async fn the_expiry_scenario_drops_a_day_and_deletes_one_under_load() {
     assert_eq!(report["rate"], 200, "{report}");
     assert!(report["acked"].as_u64().unwrap() > 200, "{report}");
 }
+
+/// A run the generator cannot do is refused before anything starts: exit code 2 and the reason.
+#[test]
+fn the_load_generator_refuses_runs_it_cannot_do() {
+    for (args, reason) in [
+        (&["expiry"][..], "needs --postgres URL"),
+        (
+            &["publish", "--yesterday", "5"][..],
+            "--yesterday is for publish --target nanochat --postgres",
+        ),
+        (&["publish", "--secs", "100000"][..], "runs are bounded"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nanochat-load"))
+            .args(args)
+            .output()
+            .expect("run the load generator");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?} reported a run");
+    }
+}

@@ -14,10 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use nanochat::store::postgres::PgStore;
-use nanochat::store::{Millis, Retention, Store as _, now_ms};
+use nanochat::store::{Millis, Store as _, now_ms};
 
-use crate::publish::{Pace, SenderRooms, latencies, publishers, store_day};
+use crate::publish::{Pace, SenderRooms, latencies, open_postgres, publishers, store_day};
 use crate::{Args, Server};
 
 /// The server's own maintenance stays out of the way; the scenario triggers expiry itself.
@@ -46,21 +45,7 @@ async fn old_rows(client: &tokio_postgres::Client) -> i64 {
 }
 
 pub async fn run(args: &Args, server: &Server) {
-    let url = args
-        .postgres
-        .as_deref()
-        .expect("expiry needs --postgres URL");
-    let store = PgStore::connect(
-        url,
-        &nanochat::config::DatabaseSettings::default(),
-        Retention::from_days(30, 365),
-    )
-    .await
-    .expect("connect to Postgres");
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to Postgres");
-    tokio::spawn(conn);
+    let (store, client) = open_postgres(args).await;
 
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));

@@ -443,6 +443,10 @@ async fn main() {
         eprintln!("nanochat-load {cmd}: --yesterday is for publish --target nanochat --postgres");
         std::process::exit(2);
     }
+    if cmd == "expiry" && args.postgres.is_none() {
+        eprintln!("nanochat-load expiry: needs --postgres URL");
+        std::process::exit(2);
+    }
     let bound = if cmd == "soak" { 7200 } else { 600 };
     if args.secs > bound || args.warmup > bound {
         eprintln!("nanochat-load {cmd}: runs are bounded: --secs and --warmup at most {bound}");

@@ -109,6 +109,24 @@ pub async fn store_day(store: &PgStore, rows: usize, then: Millis, rooms: &[(Roo
     }
 }
 
+/// The run's Postgres database (`--postgres`, checked by `main`) through the store, as a
+/// server writes it, and through a plain connection.
+pub async fn open_postgres(args: &Args) -> (PgStore, tokio_postgres::Client) {
+    let url = args.postgres.as_deref().expect("--postgres, checked");
+    let store = PgStore::connect(
+        url,
+        &nanochat::config::DatabaseSettings::default(),
+        Retention::from_days(30, 365),
+    )
+    .await
+    .expect("connect to Postgres");
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to Postgres");
+    tokio::spawn(conn);
+    (store, client)
+}
+
 /// Give the run's database the senders' rooms, made yesterday at noon (UTC) and holding
 /// `--yesterday` messages of that time between them, vacuumed and analyzed as autovacuum would
 /// have done by now; the rooms' keys wrapped with the server secret at `secret` (created here).
@@ -122,25 +140,11 @@ pub async fn store_yesterday(args: &Args, rooms: &mut SenderRooms, secret: &std:
         .iter()
         .map(|k| (k.room_id, server.wrap_auth_key(&k.room_id, &k.auth_key)))
         .collect();
-    let url = args
-        .postgres
-        .as_deref()
-        .expect("--yesterday needs --postgres");
-    let store = PgStore::connect(
-        url,
-        &nanochat::config::DatabaseSettings::default(),
-        Retention::from_days(30, 365),
-    )
-    .await
-    .expect("connect to Postgres");
+    let (store, client) = open_postgres(args).await;
     let noon = (now_ms().div_euclid(DAY_MS) - 1) * DAY_MS + DAY_MS / 2;
     let started = Instant::now();
     store_day(&store, args.yesterday, noon, &wrapped).await;
     rooms.stored = true;
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to Postgres");
-    tokio::spawn(conn);
     client
         .batch_execute("VACUUM ANALYZE messages")
         .await
