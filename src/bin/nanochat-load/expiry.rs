@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use nanochat::store::{Millis, Store as _, now_ms};
 
-use crate::publish::{Pace, SenderRooms, latencies, open_postgres, publishers, store_day};
-use crate::{Args, Server};
+use crate::publish::{Pace, SenderRooms, latencies, publishers, store_day};
+use crate::{Args, Server, open_postgres};
 
 /// The server's own maintenance stays out of the way; the scenario triggers expiry itself.
 pub const SERVER_ENV: [(&str, &str); 1] =

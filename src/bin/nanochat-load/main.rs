@@ -515,6 +515,27 @@ async fn run_scenario(cmd: &str, args: &Args) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The run's Postgres database (`--postgres`) through the store, as a server with the default
+/// settings writes it, and through a plain connection.
+async fn open_postgres(
+    args: &Args,
+) -> (nanochat::store::postgres::PgStore, tokio_postgres::Client) {
+    let url = args.postgres.as_deref().expect("--postgres, checked");
+    let settings = nanochat::config::Settings::default();
+    let retention = nanochat::store::Retention::from_days(
+        settings.retention.days,
+        settings.retention.tombstone_days,
+    );
+    let store = nanochat::store::postgres::PgStore::connect(url, &settings.database, retention)
+        .await
+        .expect("connect to Postgres");
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to Postgres");
+    tokio::spawn(conn);
+    (store, client)
+}
+
 /// The database a Postgres run works in: created on the server `--postgres` names, under a
 /// name of its own (`nanochat_load_<pid>`), and dropped when the run ends. Runs therefore
 /// start from the same empty state, whatever ran before, and leave nothing behind; a NanoChat

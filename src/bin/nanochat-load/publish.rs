@@ -24,7 +24,7 @@ use hdrhistogram::Histogram;
 use nanochat::crypto::{self, RoomId, RoomKeys, ServerKeys};
 use nanochat::protocol::b64u;
 use nanochat::store::postgres::{PgStore, partition_name};
-use nanochat::store::{Millis, NewMessage, Retention, Store as _, now_ms};
+use nanochat::store::{Millis, NewMessage, Store as _, now_ms};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -109,24 +109,6 @@ pub async fn store_day(store: &PgStore, rows: usize, then: Millis, rooms: &[(Roo
     }
 }
 
-/// The run's Postgres database (`--postgres`, checked by `main`) through the store, as a
-/// server writes it, and through a plain connection.
-pub async fn open_postgres(args: &Args) -> (PgStore, tokio_postgres::Client) {
-    let url = args.postgres.as_deref().expect("--postgres, checked");
-    let store = PgStore::connect(
-        url,
-        &nanochat::config::DatabaseSettings::default(),
-        Retention::from_days(30, 365),
-    )
-    .await
-    .expect("connect to Postgres");
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to Postgres");
-    tokio::spawn(conn);
-    (store, client)
-}
-
 /// Give the run's database the senders' rooms, made yesterday at noon (UTC) and holding
 /// `--yesterday` messages of that time between them, vacuumed and analyzed as autovacuum would
 /// have done by now; the rooms' keys wrapped with the server secret at `secret` (created here).
@@ -140,7 +122,7 @@ pub async fn store_yesterday(args: &Args, rooms: &mut SenderRooms, secret: &std:
         .iter()
         .map(|k| (k.room_id, server.wrap_auth_key(&k.room_id, &k.auth_key)))
         .collect();
-    let (store, client) = open_postgres(args).await;
+    let (store, client) = crate::open_postgres(args).await;
     let noon = (now_ms().div_euclid(DAY_MS) - 1) * DAY_MS + DAY_MS / 2;
     let started = Instant::now();
     store_day(&store, args.yesterday, noon, &wrapped).await;

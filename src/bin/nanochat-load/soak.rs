@@ -101,20 +101,8 @@ impl Ager {
                     .expect("busy timeout");
                 Ager::Sqlite(conn)
             }
-            Some(url) => {
-                let settings = nanochat::config::Settings::default();
-                let retention = nanochat::store::Retention::from_days(
-                    settings.retention.days,
-                    settings.retention.tombstone_days,
-                );
-                let store =
-                    nanochat::store::postgres::PgStore::connect(url, &settings.database, retention)
-                        .await
-                        .expect("connect the ager to Postgres");
-                let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                    .await
-                    .expect("connect the sampler to Postgres");
-                tokio::spawn(conn);
+            Some(_) => {
+                let (store, client) = crate::open_postgres(args).await;
                 Ager::Postgres { store, client }
             }
         }
