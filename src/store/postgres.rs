@@ -14,6 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::future::BoxFuture;
+use hmac::{Hmac, KeyInit as _, Mac as _};
+use sha2::Sha256;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -33,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0003_rooms_hot_updates.sql"),
     include_str!("../../migrations/postgres/0004_replay_keys_per_day.sql"),
     include_str!("../../migrations/postgres/0005_early_days.sql"),
+    include_str!("../../migrations/postgres/0006_replay_digests.sql"),
 ];
 /// Advisory lock key serializing migrations across processes ("nanochat" + 1).
 const MIGRATE_LOCK: i64 = 0x6e61_6e6f_6368_6101;
@@ -51,28 +55,39 @@ pub const WRITER_BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic
 pub const LOCK_ROOMS: &str =
     "SELECT id, last_seq, early_day FROM rooms WHERE id = ANY($1) AND wiped_at IS NULL
      ORDER BY id FOR UPDATE";
-/// The batch's (room, IV) pairs already stored in its replay window (see
-/// `replay_window_start`), minus the day the batch is written to when that day's partition
-/// keeps its pairs unique (its `_iv` index refuses a repeat at the insert): the ranges `$3` to
-/// `$4` (excluded) and `$5` to `$6`. One index probe per message and partition left, stopping
-/// at the first match; the other partitions are pruned when the statement starts.
+/// The batch's (room, IV) pairs already stored in the parts of its replay window (see
+/// `replay_window_start`) whose partitions keep `(room_id, iv)` indexes (made before schema
+/// version 6): the ranges `$3` to `$4` and `$5` to `$6` (ends excluded). One index probe per
+/// message and partition left, stopping at the first match; the other partitions are pruned
+/// when the statement starts.
 pub const FIND_REPLAYS: &str = "SELECT t.room_id, t.iv
      FROM unnest($1::bytea[], $2::bytea[]) AS t(room_id, iv)
      CROSS JOIN LATERAL (
         SELECT 1 FROM messages m
         WHERE m.room_id = t.room_id AND m.iv = t.iv
           AND ((m.created_at >= $3 AND m.created_at < $4)
-            OR (m.created_at >= $5 AND m.created_at <= $6))
+            OR (m.created_at >= $5 AND m.created_at < $6))
         LIMIT 1) AS found";
-/// Insert the batch, advance its rooms (and mark those that stored a message sent early with
-/// today, `$11`, NULL for the others) and announce it, in one statement. `last_active` moves
+/// The same for the parts whose partitions keep the pairs' digests unique (`_rk`, made since
+/// schema version 6), probing by digest (`$7`) and comparing the pair.
+pub const FIND_DIGESTS: &str = "SELECT t.room_id, t.iv
+     FROM unnest($1::bytea[], $2::bytea[], $7::int8[]) AS t(room_id, iv, d)
+     CROSS JOIN LATERAL (
+        SELECT 1 FROM messages m
+        WHERE m.replay_key = t.d AND m.room_id = t.room_id AND m.iv = t.iv
+          AND ((m.created_at >= $3 AND m.created_at < $4)
+            OR (m.created_at >= $5 AND m.created_at < $6))
+        LIMIT 1) AS found";
+/// Insert the batch with its replay digests (`$12`), advance its rooms (and mark those that
+/// stored a message sent early with today, `$11`, NULL for the others) and announce it, in one
+/// statement. `last_active` moves
 /// only when a minute or more behind, so most room updates change no indexed column and stay
 /// in place (HOT).
 pub const WRITE_BATCH: &str = "WITH stored AS (
-        INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
-        SELECT r, s, $3, e, i, c
-        FROM unnest($1::bytea[], $2::int8[], $4::int4[], $5::bytea[], $6::bytea[])
-          AS t(r, s, e, i, c)
+        INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct, replay_key)
+        SELECT r, s, $3, e, i, c, d
+        FROM unnest($1::bytea[], $2::int8[], $4::int4[], $5::bytea[], $6::bytea[], $12::int8[])
+          AS t(r, s, e, i, c, d)
      ), advanced AS (
         UPDATE rooms SET last_seq = t.s, last_active = CASE
             WHEN last_active <= $3 - interval '1 minute' THEN $3 ELSE last_active END,
@@ -138,50 +153,73 @@ pub struct PgStore {
     retention: Retention,
     url: String,
     node: u64,
-    unique_days: Arc<UniqueDays>,
+    day_keys: Arc<DayKeys>,
+    /// Keyed with the database's `replay_digest` (schema version 6): the replay digests.
+    digest_mac: Arc<Hmac<Sha256>>,
     /// The first day whose messages sent early are marked on their rooms' rows (`early_day`):
     /// the second day after schema version 5 was applied to a database with messages, or from
     /// the start. Before it, the replay lookup looks into every day of a message's window.
     marks_from: i64,
 }
 
-/// Which days' partitions keep their `(room_id, iv)` pairs unique (an `_iv` index that is
-/// unique), so that a batch written into one of them need not look for replays there: the
-/// insert refuses a repeat. Shared by the store's clones (its writers).
+/// How the partitions around today keep their replay keys, read from the catalog. A day whose
+/// partition keeps its pairs unique (an `_iv` index on `(room_id, iv)` that is unique, or an
+/// `_rk` index on their digests, always unique) need not be looked into by a batch written
+/// into it: the insert refuses a repeat. A day whose partition has an `_rk` index and no `_iv`
+/// one (made since schema version 6) is looked into by digest, any other by pair. Shared by
+/// the store's clones (its writers).
 #[derive(Default)]
-struct UniqueDays {
-    /// Days known to have the unique index, and when the catalog was last read for them.
-    known: Mutex<(HashSet<i64>, Option<Millis>)>,
+struct DayKeys {
+    known: Mutex<KnownDays>,
     /// Until when every batch looks into every day of its window: set for a minute after a
     /// day's unique index refused a repeat (and the batch was redone), so that a client
     /// repeating messages costs at most one redone batch a minute, never one per repeat.
     look_everywhere_until: AtomicI64,
 }
 
+#[derive(Default)]
+struct KnownDays {
+    /// Days whose partitions refuse a repeat at the insert.
+    unique: HashSet<i64>,
+    /// Days whose partitions are looked into by digest.
+    digests: HashSet<i64>,
+    /// When the catalog was last read.
+    read_at: Option<Millis>,
+}
+
 /// How long after a refused repeat every batch looks into every day, and how long a day not
 /// known to be unique waits before the catalog is read again.
 const RECHECK_MS: Millis = 60_000;
 
-/// The partitions from yesterday to the last one made ahead of `now`'s day.
-fn nearby_partitions(now: Millis) -> Vec<String> {
+/// The partitions from `back` days before `now`'s day to the last one made ahead.
+fn nearby_partitions(now: Millis, back: i64) -> Vec<String> {
     let today = now.div_euclid(EPOCH_MS);
-    (today - 1..=today + PARTITIONS_AHEAD)
+    (today - back..=today + PARTITIONS_AHEAD)
         .map(partition_name)
         .collect()
 }
 
-/// The statement giving a partition its replay key, `<partition>_iv` on `(room_id, iv)`.
+/// The statement giving a partition the replay key of partitions made before schema version
+/// 6, `<partition>_iv` on `(room_id, iv)`: still how one made without any key (by a binary
+/// older than version 4) gets one, since its rows carry no digests.
 fn replay_key(partition: &str, unique: bool) -> String {
     let unique = if unique { "UNIQUE " } else { "" };
     format!("CREATE {unique}INDEX IF NOT EXISTS {partition}_iv ON {partition} (room_id, iv)")
 }
 
-/// Whether the error is a day's unique `_iv` index refusing a repeated `(room_id, iv)`.
-fn is_repeat(e: &tokio_postgres::Error) -> bool {
-    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
-        && e.as_db_error()
-            .and_then(|d| d.constraint())
-            .is_some_and(|c| c.ends_with("_iv"))
+/// The statement giving a new partition its replay key: its pairs' digests, unique.
+fn digest_key(partition: &str) -> String {
+    format!("CREATE UNIQUE INDEX IF NOT EXISTS {partition}_rk ON {partition} (replay_key)")
+}
+
+/// Which unique replay key refused an insert: `_iv` (a repeated pair) or `_rk` (a repeated
+/// digest: a repeated pair, or two pairs with one digest).
+fn refused_by(e: &tokio_postgres::Error) -> Option<&'static str> {
+    if e.code() != Some(&SqlState::UNIQUE_VIOLATION) {
+        return None;
+    }
+    let constraint = e.as_db_error()?.constraint()?;
+    ["_iv", "_rk"].into_iter().find(|k| constraint.ends_with(k))
 }
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
@@ -315,7 +353,9 @@ impl PgStore {
             retention,
             url: url.to_owned(),
             node,
-            unique_days: Arc::default(),
+            day_keys: Arc::default(),
+            // Replaced by the database's key once migrated.
+            digest_mac: Arc::new(Hmac::new_from_slice(&[]).expect("any key length")),
             marks_from: i64::MAX,
         };
         // Bounded retry: a database that comes up a few seconds after us is fine; one that
@@ -335,6 +375,7 @@ impl PgStore {
             }
         }
         store.marks_from = store.read_marks_from().await?;
+        store.digest_mac = Arc::new(store.read_digest_key().await?);
         store.ensure_partitions(super::now_ms()).await?;
         Ok(store)
     }
@@ -405,6 +446,34 @@ impl PgStore {
         Ok(i64::from(from))
     }
 
+    /// The database's replay digest key (written by migration 6), keyed into a MAC.
+    async fn read_digest_key(&self) -> Result<Hmac<Sha256>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let key: Vec<u8> = client
+            .query_one(
+                "SELECT value FROM server_identity WHERE key = 'replay_digest'",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        if key.len() < 16 {
+            return Err(StoreError::Unavailable(
+                "server_identity.replay_digest is shorter than 16 bytes".to_owned(),
+            ));
+        }
+        Ok(Hmac::new_from_slice(&key).expect("any key length"))
+    }
+
+    /// A pair's replay digest: the first 8 bytes of HMAC-SHA256(key, room_id || iv).
+    pub fn replay_digest(&self, room: &RoomId, iv: &[u8]) -> i64 {
+        let mut mac = Hmac::clone(&self.digest_mac);
+        mac.update(&room[..]);
+        mac.update(iv);
+        let tag = mac.finalize().into_bytes();
+        i64::from_be_bytes(tag[..8].try_into().expect("a 32-byte tag"))
+    }
+
     /// The day before `epoch`'s, when a message of that epoch sent at `now` must look there
     /// for an earlier copy only if its room's row marks that day or a later one: the day is in
     /// the window, before today, and its early messages are marked.
@@ -440,7 +509,7 @@ impl PgStore {
             let sql = format!(
                 "CREATE TABLE IF NOT EXISTS {name} PARTITION OF messages
                  FOR VALUES FROM ('{from}') TO ('{to}'); {}",
-                replay_key(&name, true)
+                digest_key(&name)
             );
             match try_ddl(&mut client, &sql).await {
                 Ok(true) => created += 1,
@@ -465,8 +534,9 @@ impl PgStore {
             .query(
                 "SELECT c.relname::text FROM pg_class c
                  WHERE c.relname = ANY($1) AND c.relkind = 'r' AND NOT EXISTS (
-                     SELECT 1 FROM pg_class i WHERE i.relname = c.relname || '_iv')",
-                &[&nearby_partitions(now)],
+                     SELECT 1 FROM pg_class i
+                     WHERE i.relname IN (c.relname || '_iv', c.relname || '_rk'))",
+                &[&nearby_partitions(now, 1)],
             )
             .await
             .map_err(pg_err)?;
@@ -493,36 +563,62 @@ impl PgStore {
                 }
             }
         }
-        self.read_unique_days(&client, now).await.map_err(pg_err)?;
+        self.read_day_keys(&client, now).await.map_err(pg_err)?;
         Ok(created)
     }
 
-    /// Read from the catalog which partitions from yesterday on have a unique replay key.
-    async fn read_unique_days(
+    /// Read from the catalog how the partitions of the replay window (three days back) and
+    /// ahead keep their replay keys.
+    async fn read_day_keys(
         &self,
         client: &tokio_postgres::Client,
         now: Millis,
     ) -> Result<(), tokio_postgres::Error> {
         let rows = client
             .query(
-                "SELECT c.relname::text FROM pg_index x
+                "SELECT c.relname::text, bool_or(i.relname = c.relname || '_iv'),
+                        bool_or(i.relname = c.relname || '_rk'), bool_or(x.indisunique)
+                 FROM pg_index x
                  JOIN pg_class i ON i.oid = x.indexrelid
                  JOIN pg_class c ON c.oid = x.indrelid
-                 WHERE c.relname = ANY($1) AND i.relname = c.relname || '_iv'
-                   AND x.indisunique AND x.indisvalid",
-                &[&nearby_partitions(now)],
+                 WHERE c.relname = ANY($1) AND x.indisvalid
+                   AND i.relname IN (c.relname || '_iv', c.relname || '_rk')
+                 GROUP BY c.relname",
+                &[&nearby_partitions(now, 3)],
             )
             .await?;
-        let days = rows
-            .iter()
-            .filter_map(|r| partition_day(r.get::<_, &str>(0)))
-            .collect();
+        let mut known = KnownDays {
+            read_at: Some(now),
+            ..KnownDays::default()
+        };
+        for row in &rows {
+            let Some(day) = partition_day(row.get::<_, &str>(0)) else {
+                continue;
+            };
+            let (pairs, digests, unique): (bool, bool, bool) = (row.get(1), row.get(2), row.get(3));
+            if unique {
+                known.unique.insert(day);
+            }
+            if digests && !pairs {
+                known.digests.insert(day);
+            }
+        }
         *self
-            .unique_days
+            .day_keys
             .known
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = (days, Some(now));
+            .unwrap_or_else(|e| e.into_inner()) = known;
         Ok(())
+    }
+
+    /// The days around `now` whose partitions are looked into by digest.
+    fn digest_days(&self) -> HashSet<i64> {
+        self.day_keys
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .digests
+            .clone()
     }
 
     /// Whether a batch written at `now` may leave the day it is written to out of its replay
@@ -530,35 +626,33 @@ impl PgStore {
     /// refused in the last minute. Reads the catalog (on the batch's own connection, before
     /// its transaction) when the day is not known and the last read is a minute old.
     async fn skips_own_day(&self, client: &tokio_postgres::Client, now: Millis) -> bool {
-        if now
-            < self
-                .unique_days
-                .look_everywhere_until
-                .load(Ordering::Relaxed)
-        {
+        if now < self.day_keys.look_everywhere_until.load(Ordering::Relaxed) {
             return false;
         }
         let day = now.div_euclid(EPOCH_MS);
         {
             let known = self
-                .unique_days
+                .day_keys
                 .known
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if known.0.contains(&day) {
+            if known.unique.contains(&day) {
                 return true;
             }
-            if known.1.is_some_and(|at| (now - at).abs() < RECHECK_MS) {
+            if known
+                .read_at
+                .is_some_and(|at| (now - at).abs() < RECHECK_MS)
+            {
                 return false;
             }
         }
-        match self.read_unique_days(client, now).await {
+        match self.read_day_keys(client, now).await {
             Ok(()) => self
-                .unique_days
+                .day_keys
                 .known
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .0
+                .unique
                 .contains(&day),
             Err(e) => {
                 tracing::warn!(error = %e, "could not read which partitions have replay keys");
@@ -590,17 +684,26 @@ impl PgStore {
         batch: &[NewMessage],
         now: Millis,
         skip_own_day: bool,
+        write_digests: bool,
     ) -> Result<Vec<AppendOutcome>, tokio_postgres::Error> {
         // Every statement is prepared once per connection (deadpool's statement cache) and,
         // under `WRITER_BEGIN`, planned once too.
         let lock_rooms = client.prepare_cached(LOCK_ROOMS).await?;
-        let find_replays = client.prepare_cached(FIND_REPLAYS).await?;
+        let find = Lookups {
+            pairs: client.prepare_cached(FIND_REPLAYS).await?,
+            digests: client.prepare_cached(FIND_DIGESTS).await?,
+            digest_days: self.digest_days(),
+        };
         let write = client.prepare_cached(WRITE_BATCH).await?;
         let room_col: Vec<&[u8]> = batch.iter().map(|m| &m.room[..]).collect();
         let mut rooms = room_col.clone();
         rooms.sort_unstable();
         rooms.dedup();
         let iv_col: Vec<&[u8]> = batch.iter().map(|m| &m.iv[..]).collect();
+        let digests: Vec<i64> = batch
+            .iter()
+            .map(|m| self.replay_digest(&m.room, &m.iv))
+            .collect();
         // First round trip: BEGIN, lock the rooms, look for replays. Postgres runs pipelined
         // statements one after the other and the lookup takes its snapshot when it starts, so
         // it runs with the locks held and sees every message another process committed to
@@ -608,7 +711,8 @@ impl PgStore {
         // the batch allows (usually yesterday: two partitions, not four) and ends a minute
         // from now: another node's clock may run a little ahead of ours, and the partitions
         // made ahead are left out. With `skip_own_day`, the day the batch is written to is
-        // left out too: its partition's unique key refuses a repeat at the insert. A window's
+        // left out too: its partition's unique key refuses a repeat at the insert. Each day is
+        // looked into by the key its partition keeps (by digest since schema version 6). A window's
         // first day, the day before the message's epoch, holds a copy only if it was sent early
         // there; when such days are marked on the room rows, it is left out here and looked
         // into below for the rooms whose rows say so (none, nearly always): most batches then
@@ -630,30 +734,18 @@ impl PgStore {
         } else {
             day_start
         };
-        let (before_from, before_to) = (ts(since), ts(day_start.max(since)));
-        let (after_from, after_to) = (ts(skip_end.max(since)), ts(now + 60_000));
-        let lock_params: [&(dyn ToSql + Sync); 1] = [&rooms];
-        let replay_params: [&(dyn ToSql + Sync); 6] = [
-            &room_col,
-            &iv_col,
-            &before_from,
-            &before_to,
-            &after_from,
-            &after_to,
+        let window = [
+            (since, day_start.max(since)),
+            (skip_end.max(since), now + 60_001),
         ];
-        let lookup = before_from < before_to || after_from <= after_to;
-        let (begun, locked, dups) = futures_util::join!(
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&rooms];
+        let (begun, locked, found) = futures_util::join!(
             client.batch_execute(WRITER_BEGIN),
             client.query(&lock_rooms, &lock_params),
-            async {
-                match lookup {
-                    true => client.query(&find_replays, &replay_params).await,
-                    false => Ok(Vec::new()),
-                }
-            },
+            find.stored(client, &room_col, &iv_col, &digests, &window),
         );
         begun?;
-        let (locked, dups) = (locked?, dups?);
+        let (locked, mut stored_ivs) = (locked?, found?);
         let mut last_seq = HashMap::new();
         let mut early_day = HashMap::new();
         for row in &locked {
@@ -665,28 +757,29 @@ impl PgStore {
                 early_day.insert(id, i64::from(day));
             }
         }
-        let mut stored_ivs = replay_pairs(&dups);
         // The rooms locked now: their marks are final. Those that stored a message sent early
         // on a day left out above look into it.
-        let (mut early_rooms, mut early_ivs, mut early_from) = (Vec::new(), Vec::new(), since);
-        for m in batch {
+        let (mut early_rooms, mut early_ivs, mut early_digests) =
+            (Vec::new(), Vec::new(), Vec::new());
+        let mut early_from = since;
+        for (m, digest) in batch.iter().zip(&digests) {
             if let Some(day) = self.marked_early_day(m.epoch, now)
                 && day * EPOCH_MS < since
                 && early_day.get(&m.room).is_some_and(|&marked| marked >= day)
             {
                 early_rooms.push(&m.room[..]);
                 early_ivs.push(&m.iv[..]);
+                early_digests.push(*digest);
                 early_from = early_from.min(day * EPOCH_MS);
             }
         }
         if !early_rooms.is_empty() {
-            // From the earliest such day up to where the first lookup began; its second range
-            // (from a minute ahead back to now) is empty.
-            let (from, to) = (ts(early_from), ts(since));
-            let (none_from, none_to) = (ts(now + 60_000), ts(now));
-            let early: [&(dyn ToSql + Sync); 6] =
-                [&early_rooms, &early_ivs, &from, &to, &none_from, &none_to];
-            stored_ivs.extend(replay_pairs(&client.query(&find_replays, &early).await?));
+            // From the earliest such day up to where the first lookup began.
+            let early = [(early_from, since)];
+            let found = find
+                .stored(client, &early_rooms, &early_ivs, &early_digests, &early)
+                .await?;
+            stored_ivs.extend(found);
         }
         let outcomes = assign_seqs(batch, &mut last_seq, &stored_ivs);
         let mut rooms_w = Vec::new();
@@ -694,13 +787,15 @@ impl PgStore {
         let mut epochs = Vec::new();
         let mut ivs = Vec::new();
         let mut cts = Vec::new();
-        for (m, o) in batch.iter().zip(&outcomes) {
+        let mut digests_w = Vec::new();
+        for ((m, o), digest) in batch.iter().zip(&outcomes).zip(&digests) {
             if let AppendOutcome::Stored { seq } = o {
                 rooms_w.push(&m.room[..]);
                 seqs.push(*seq);
                 epochs.push(m.epoch as i32);
                 ivs.push(&m.iv[..]);
                 cts.push(&m.ct[..]);
+                digests_w.push(write_digests.then_some(*digest));
             }
         }
         if rooms_w.is_empty() {
@@ -732,7 +827,7 @@ impl PgStore {
         let payloads = crate::cluster::message_payloads(self.node, &crate::cluster::ranges(stored));
         // Second round trip: insert, room update and notification in one statement, then
         // COMMIT. If the write fails, the transaction is aborted and COMMIT only rolls back.
-        let write_params: [&(dyn ToSql + Sync); 11] = [
+        let write_params: [&(dyn ToSql + Sync); 12] = [
             &rooms_w,
             &seqs,
             &at,
@@ -744,6 +839,7 @@ impl PgStore {
             &crate::cluster::CHANNEL,
             &payloads,
             &marks,
+            &digests_w,
         ];
         let (written, committed) = futures_util::join!(
             client.execute(&write, &write_params),
@@ -755,15 +851,79 @@ impl PgStore {
     }
 }
 
-/// The `(room_id, iv)` pairs a replay lookup found.
-fn replay_pairs(rows: &[tokio_postgres::Row]) -> HashSet<(RoomId, [u8; 12])> {
-    rows.iter()
-        .filter_map(|r| {
-            let room: &[u8] = r.get(0);
-            let iv: &[u8] = r.get(1);
-            Some((room.try_into().ok()?, iv.try_into().ok()?))
-        })
-        .collect()
+/// A batch's replay lookups on one connection: the two statements, and which days are looked
+/// into by digest.
+struct Lookups {
+    pairs: tokio_postgres::Statement,
+    digests: tokio_postgres::Statement,
+    digest_days: HashSet<i64>,
+}
+
+impl Lookups {
+    /// The batch's pairs (`rooms[i]`, `ivs[i]`, digest `digests[i]`) already stored within
+    /// `window` (ranges in ms, ends excluded): one statement per two runs of days looked into
+    /// the same way, all sent at once (none for an empty window).
+    async fn stored(
+        &self,
+        client: &tokio_postgres::Client,
+        rooms: &[&[u8]],
+        ivs: &[&[u8]],
+        digests: &[i64],
+        window: &[(Millis, Millis)],
+    ) -> Result<HashSet<(RoomId, [u8; 12])>, tokio_postgres::Error> {
+        let [by_pair, by_digest] = split_by_key(window, &self.digest_days);
+        // The pair statement takes the first six parameters, the digest one all seven.
+        let statements = [(&self.pairs, 6, by_pair), (&self.digests, 7, by_digest)];
+        let bounds: Vec<(&tokio_postgres::Statement, usize, [SystemTime; 4])> = statements
+            .iter()
+            .flat_map(|&(statement, n, ref runs)| {
+                runs.chunks(2).map(move |two| {
+                    let (a, b) = (two[0], two.get(1).copied().unwrap_or((0, 0)));
+                    (statement, n, [ts(a.0), ts(a.1), ts(b.0), ts(b.1)])
+                })
+            })
+            .collect();
+        let queries = bounds.iter().map(|(statement, n, t)| {
+            let params: [&(dyn ToSql + Sync); 7] =
+                [&rooms, &ivs, &t[0], &t[1], &t[2], &t[3], &digests];
+            let query: BoxFuture<'_, _> =
+                Box::pin(async move { client.query(*statement, &params[..*n]).await });
+            query
+        });
+        let found = futures_util::future::try_join_all(queries).await?;
+        Ok(found
+            .iter()
+            .flatten()
+            .filter_map(|r| {
+                let room: &[u8] = r.get(0);
+                let iv: &[u8] = r.get(1);
+                Some((room.try_into().ok()?, iv.try_into().ok()?))
+            })
+            .collect())
+    }
+}
+
+/// `window`'s ranges (ms, ends excluded) cut at UTC days and sorted by how each day is looked
+/// into: `[by pair, by digest]`, adjacent days of one kind joined, empty ranges left out.
+fn split_by_key(
+    window: &[(Millis, Millis)],
+    digest_days: &HashSet<i64>,
+) -> [Vec<(Millis, Millis)>; 2] {
+    let mut runs: [Vec<(Millis, Millis)>; 2] = [Vec::new(), Vec::new()];
+    for &(from, to) in window {
+        let mut at = from;
+        while at < to {
+            let day = at.div_euclid(EPOCH_MS);
+            let end = to.min((day + 1) * EPOCH_MS);
+            let kind = &mut runs[usize::from(digest_days.contains(&day))];
+            match kind.last_mut() {
+                Some(last) if last.1 == at => last.1 = end,
+                _ => kind.push((at, end)),
+            }
+            at = end;
+        }
+    }
+    runs
 }
 
 fn ms_literal(ms: Millis) -> String {
@@ -891,8 +1051,10 @@ impl Store for PgStore {
     ) -> Result<Vec<AppendOutcome>, StoreError> {
         let guard = InTransaction(Some(self.pool.get().await.map_err(pool_err)?));
         let client = guard.0.as_ref().expect("held until the end");
-        let attempt = |skip_own_day: bool| async move {
-            let result = self.append_once(client, batch, now, skip_own_day).await;
+        let attempt = |skip_own_day: bool, write_digests: bool| async move {
+            let result = self
+                .append_once(client, batch, now, skip_own_day, write_digests)
+                .await;
             if result.is_err() {
                 // Leave the connection outside any transaction (a harmless warning if the
                 // failed COMMIT already ended it).
@@ -901,10 +1063,11 @@ impl Store for PgStore {
             result
         };
         let mut skip_own_day = self.skips_own_day(client, now).await;
+        let mut write_digests = true;
         let mut partitions_made = false;
-        // At most three attempts: a failed one stored nothing.
+        // At most four attempts: a failed one stored nothing.
         let result = loop {
-            let result = attempt(skip_own_day).await;
+            let result = attempt(skip_own_day, write_digests).await;
             match &result {
                 Err(e) if !partitions_made && e.code() == Some(&SqlState::CHECK_VIOLATION) => {
                     // No partition for today (maintenance has not run for days): create it
@@ -914,14 +1077,24 @@ impl Store for PgStore {
                     partitions_made = true;
                     skip_own_day = self.skips_own_day(client, now).await;
                 }
-                Err(e) if skip_own_day && is_repeat(e) => {
+                Err(e) if skip_own_day && refused_by(e).is_some() => {
                     // A repeat of a message stored today: look into every day for a while, and
                     // redo the batch that way so the repeat is answered `replay` and the rest
                     // is stored.
-                    self.unique_days
+                    self.day_keys
                         .look_everywhere_until
                         .store(now + RECHECK_MS, Ordering::Relaxed);
                     skip_own_day = false;
+                }
+                Err(e) if write_digests && refused_by(e) == Some("_rk") => {
+                    // Refused by digest although no stored pair matched: two different pairs
+                    // with one digest (about once in 2^64 pairs). Store the batch without
+                    // digests; its messages are still looked into by pair on days kept that
+                    // way, and a repeat of one of them on a day kept by digest is not seen.
+                    tracing::warn!(
+                        "two messages share a replay digest; storing a batch without digests"
+                    );
+                    write_digests = false;
                 }
                 _ => break result,
             }
@@ -1168,5 +1341,31 @@ mod tests {
         }
         assert_eq!(partition_day("messages_default"), None);
         assert_eq!(crate::crypto::epoch_of(20_417 * EPOCH_MS), 20_417);
+    }
+
+    #[test]
+    fn a_replay_window_splits_at_days_by_how_each_is_looked_into() {
+        let day = |d: i64, ms: i64| d * EPOCH_MS + ms;
+        // Days 10 and 11 by pair, 12 and 13 by digest; the window skips from day 11 noon to
+        // day 12 noon (the day written to), and runs on a minute into day 13.
+        let digests: HashSet<i64> = [12, 13].into();
+        let window = [
+            (day(10, 0), day(11, 43_200_000)),
+            (day(12, 43_200_000), day(13, 60_000)),
+        ];
+        let [pairs, by_digest] = split_by_key(&window, &digests);
+        assert_eq!(pairs, vec![(day(10, 0), day(11, 43_200_000))]);
+        assert_eq!(by_digest, vec![(day(12, 43_200_000), day(13, 60_000))]);
+        // Kinds alternating day by day give a run per day; empty ranges none.
+        let odd: HashSet<i64> = [11].into();
+        let [pairs, by_digest] =
+            split_by_key(&[(day(10, 5), day(12, 5)), (day(9, 0), day(9, 0))], &odd);
+        assert_eq!(
+            pairs,
+            vec![(day(10, 5), day(11, 0)), (day(12, 0), day(12, 5))]
+        );
+        assert_eq!(by_digest, vec![(day(11, 0), day(12, 0))]);
+        let [pairs, by_digest] = split_by_key(&[], &odd);
+        assert!(pairs.is_empty() && by_digest.is_empty());
     }
 }

@@ -833,7 +833,9 @@ async fn explain(client: &tokio_postgres::Client, statement: &str) -> String {
 /// lookups, which stay cheap as the tables grow: no sequential scan, no hash or merge join.
 #[tokio::test]
 async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
-    use nanochat::store::postgres::{FIND_REPLAYS, LOCK_ROOMS, WRITE_BATCH, WRITER_BEGIN};
+    use nanochat::store::postgres::{
+        FIND_DIGESTS, FIND_REPLAYS, LOCK_ROOMS, WRITE_BATCH, WRITER_BEGIN,
+    };
     let (db, store) = pg_store().await;
     // Partitions back to four days ago, for the replay lookup's pruning below.
     store
@@ -851,11 +853,19 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
             format!("'{{}}'::bytea[], '{{}}'::bytea[], {at} - interval '1 day', {at}, {at}, {at}"),
         ),
         (
+            "digests",
+            FIND_DIGESTS,
+            format!(
+                "'{{}}'::bytea[], '{{}}'::bytea[], {at} - interval '1 day', {at}, {at}, {at}, \
+                 '{{}}'::int8[]"
+            ),
+        ),
+        (
             "write",
             WRITE_BATCH,
             format!(
                 "'{{}}', '{{}}', {at}, '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', 'nanochat', '{{}}', \
-                 '{{}}'"
+                 '{{}}', '{{}}'"
             ),
         ),
     ] {
@@ -871,17 +881,19 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
     }
     // The replay lookup reaches only the partitions of its window, chosen as it starts: for
     // a batch of today's epoch, yesterday's and today's, not the older ones nor those made
-    // ahead; and only yesterday's when today's is left to its unique key.
+    // ahead; and only yesterday's when today's is left to its unique key. The partitions the
+    // store made probe their digests' unique index.
     let probed = |after_from: &str| {
         let client = &client;
         let sql = format!(
-            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) EXECUTE replays(
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) EXECUTE digests(
                 ARRAY['\\x00112233445566778899aabbccddeeff'::bytea],
                 ARRAY['\\x00112233445566778899aabb'::bytea],
                 date_trunc('day', now(), 'UTC') - interval '1 day',
                 date_trunc('day', now(), 'UTC'),
                 {after_from},
-                now() + interval '1 minute')"
+                now() + interval '1 minute',
+                ARRAY[1::int8])"
         );
         async move {
             let run = client
@@ -908,6 +920,7 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
             .find(|l| l.contains(&day(back)))
             .unwrap_or_else(|| panic!("no {} in\n{whole}", day(back)));
         assert!(line.contains("loops=1"), "{}\n{whole}", day(back));
+        assert!(line.contains("_rk "), "{}\n{whole}", day(back));
     }
     for back in [2, 3, 4] {
         assert!(!whole.contains(&day(back)), "{}\n{whole}", day(back));
@@ -1035,31 +1048,44 @@ async fn postgres_replays_stored_before_the_marks_are_still_found() {
     );
 }
 
-/// Whether a partition's replay key (`<partition>_iv`) is unique; `None` if it has none.
-async fn replay_key(client: &tokio_postgres::Client, day: i64) -> Option<bool> {
+/// Whether a day's partition index `<partition><suffix>` is unique; `None` if there is none.
+async fn day_index(client: &tokio_postgres::Client, day: i64, suffix: &str) -> Option<bool> {
     client
         .query_opt(
             "SELECT x.indisunique FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
              WHERE i.relname = $1",
-            &[&format!("{}_iv", partition_name(day))],
+            &[&format!("{}{suffix}", partition_name(day))],
         )
         .await
         .unwrap()
         .map(|r| r.get(0))
 }
 
-/// Every day's partition keeps its (room, IV) pairs unique with an index of its own, so the
-/// writers leave the day they write to out of their replay lookup and the insert refuses a
-/// repeat: the batch is redone with the lookup, and only the repeat is refused. A partition
-/// made without that index (by an older binary) gets it at the next maintenance, a plain one
-/// if it already holds a repeat, and the writers look into that day again.
+/// Whether a partition's replay key of before schema version 6 (`<partition>_iv`, on
+/// `(room_id, iv)`) is unique; `None` if it has none.
+async fn replay_key(client: &tokio_postgres::Client, day: i64) -> Option<bool> {
+    day_index(client, day, "_iv").await
+}
+
+/// Whether a partition's digest key (`<partition>_rk`, schema version 6) is unique.
+async fn digest_key(client: &tokio_postgres::Client, day: i64) -> Option<bool> {
+    day_index(client, day, "_rk").await
+}
+
+/// Every day's partition keeps its (room, IV) pairs' digests unique with an index of its own,
+/// so the writers leave the day they write to out of their replay lookup and the insert
+/// refuses a repeat: the batch is redone with the lookup, and only the repeat is refused. A
+/// partition made without a replay key (by a binary older than version 4) gets one on
+/// `(room_id, iv)` at the next maintenance, a plain one if it already holds a repeat, and the
+/// writers look into that day again.
 #[tokio::test]
 async fn postgres_days_keep_their_replay_keys_unique() {
     let (db, store) = pg_store().await;
     let client = cluster().connect(&db).await;
     let today = now_ms().div_euclid(EPOCH_MS);
     for day in today - 1..=today + 3 {
-        assert_eq!(replay_key(&client, day).await, Some(true), "day {day}");
+        assert_eq!(digest_key(&client, day).await, Some(true), "day {day}");
+        assert_eq!(replay_key(&client, day).await, None, "day {day}");
     }
     // A minute into today (whatever the hour), then two minutes later.
     let (t1, t2) = (today * EPOCH_MS + 60_000, today * EPOCH_MS + 180_000);
@@ -1085,12 +1111,21 @@ async fn postgres_days_keep_their_replay_keys_unique() {
         .unwrap()
         .get(0);
     assert_eq!(copies, 1);
+    let digest: Option<i64> = client
+        .query_one(
+            "SELECT replay_key FROM messages WHERE room_id = $1 AND iv = $2",
+            &[&&r[..], &&first.iv[..]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(digest, Some(store.replay_digest(&r, &first.iv)));
 
     // Today's partition without its key, holding a repeated pair (as a clock stepping back
     // could leave it); tomorrow's without its key.
     let (name, ahead) = (partition_name(today), partition_name(today + 1));
     client
-        .batch_execute(&format!("DROP INDEX {name}_iv; DROP INDEX {ahead}_iv"))
+        .batch_execute(&format!("DROP INDEX {name}_rk; DROP INDEX {ahead}_rk"))
         .await
         .unwrap();
     let other = room(51);
@@ -1122,6 +1157,98 @@ async fn postgres_days_keep_their_replay_keys_unique() {
         .await
         .unwrap();
     assert_eq!(out, vec![AppendOutcome::Replay]);
+}
+
+/// Two different pairs with one digest (about once in 2^64 pairs, here written on purpose):
+/// the second is stored all the same, without a digest, and the batch's other messages with
+/// it.
+#[tokio::test]
+async fn a_message_whose_digest_another_pair_has_is_stored() {
+    let (db, store) = pg_store().await;
+    let client = cluster().connect(&db).await;
+    let now = now_ms();
+    let (r, other) = (room(53), room(54));
+    create(&store, &r, now).await;
+    create(&store, &other, now).await;
+    let (m, next) = (msg(r, 1), msg(r, 2));
+    // Another room's message carrying the digest of `m`'s pair.
+    client
+        .execute(
+            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct, replay_key)
+             VALUES ($1, 1, now(), $2, $3, '\\x00', $4)",
+            &[
+                &&other[..],
+                &(m.epoch as i32),
+                &&[7u8; 12][..],
+                &store.replay_digest(&r, &m.iv),
+            ],
+        )
+        .await
+        .unwrap();
+    let out = store.append(&[m.clone(), next], now).await.unwrap();
+    assert_eq!(seqs(&out), vec![1, 2]);
+    let digests: Vec<Option<i64>> = client
+        .query(
+            "SELECT replay_key FROM messages WHERE room_id = $1 ORDER BY seq",
+            &[&&r[..]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(digests, vec![None, None]);
+    // The store goes on as before.
+    let out = store.append(&[msg(r, 3)], now_ms()).await.unwrap();
+    assert_eq!(seqs(&out), vec![3]);
+}
+
+/// After the upgrade to schema version 6, the days of the replay window whose partitions were
+/// made before it keep their `(room_id, iv)` key and their rows no digest: a repeat of a
+/// message stored there is still found, while the new days are looked into by digest.
+#[tokio::test]
+async fn a_repeat_of_a_message_stored_before_the_digests_is_found() {
+    let (db, store) = pg_store().await;
+    let client = cluster().connect(&db).await;
+    let now = now_ms();
+    let today = now.div_euclid(EPOCH_MS);
+    // Yesterday's partition as version 5 made it.
+    let yesterday = partition_name(today - 1);
+    client
+        .batch_execute(&format!(
+            "DROP INDEX {yesterday}_rk;
+             CREATE UNIQUE INDEX {yesterday}_iv ON {yesterday} (room_id, iv)"
+        ))
+        .await
+        .unwrap();
+    store.ensure_partitions(now).await.unwrap();
+    let r = room(55);
+    create(&store, &r, now - EPOCH_MS).await;
+    // Stored yesterday by a version 5 server: no digest.
+    let mut old = msg(r, 1);
+    old.epoch = (today - 1) as u32;
+    client
+        .execute(
+            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+             VALUES ($1, 1, to_timestamp($2::float8 / 1000), $3, $4, '\\x00')",
+            &[
+                &&r[..],
+                &((today - 1) as f64 * EPOCH_MS as f64 + 60_000.0),
+                &(old.epoch as i32),
+                &&old.iv[..],
+            ],
+        )
+        .await
+        .unwrap();
+    client
+        .execute("UPDATE rooms SET last_seq = 1 WHERE id = $1", &[&&r[..]])
+        .await
+        .unwrap();
+    let out = store.append(&[old.clone(), msg(r, 2)], now).await.unwrap();
+    assert_eq!(
+        out,
+        vec![AppendOutcome::Replay, AppendOutcome::Stored { seq: 2 }]
+    );
 }
 
 /// A database as schema version 3 left it, with partitions for yesterday and today (which had
@@ -1196,8 +1323,9 @@ async fn a_version_3_postgres_database_gets_a_replay_key_per_day() {
     assert!(gone);
     assert_eq!(replay_key(&client, today - 1).await, Some(false));
     assert_eq!(replay_key(&client, today).await, Some(true));
-    // Partitions made ahead by the store have theirs, unique.
-    assert_eq!(replay_key(&client, today + 1).await, Some(true));
+    // Partitions made ahead by the store keep their pairs' digests unique instead.
+    assert_eq!(replay_key(&client, today + 1).await, None);
+    assert_eq!(digest_key(&client, today + 1).await, Some(true));
     // The repeated IV is still refused in that room; a new one stored.
     let now = now_ms();
     store.create_room(&r, &[1u8; 60], now).await.unwrap();
@@ -1207,7 +1335,7 @@ async fn a_version_3_postgres_database_gets_a_replay_key_per_day() {
 }
 
 /// The schema version this binary's Postgres migrations end at.
-const LATEST_PG_SCHEMA: i32 = 5;
+const LATEST_PG_SCHEMA: i32 = 6;
 
 async fn schema_version(client: &tokio_postgres::Client) -> i32 {
     client
