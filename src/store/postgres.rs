@@ -163,11 +163,11 @@ pub struct PgStore {
 }
 
 /// How the partitions around today keep their replay keys, read from the catalog. A day whose
-/// partition keeps its pairs unique (an `_iv` index on `(room_id, iv)` that is unique, or an
-/// `_rk` index on their digests, always unique) need not be looked into by a batch written
-/// into it: the insert refuses a repeat. A day whose partition has an `_rk` index and no `_iv`
-/// one (made since schema version 6) is looked into by digest, any other by pair. Shared by
-/// the store's clones (its writers).
+/// partition keeps its pairs unique (a unique `_iv` index on `(room_id, iv)`, or only an `_rk`
+/// index on their digests, always unique) need not be looked into by a batch written into it:
+/// the insert refuses a repeat. A day whose partition has an `_rk` index and no `_iv` one
+/// (made since schema version 6) is looked into by digest, any other by pair. Shared by the
+/// store's clones (its writers).
 #[derive(Default)]
 struct DayKeys {
     known: Mutex<KnownDays>,
@@ -577,7 +577,8 @@ impl PgStore {
         let rows = client
             .query(
                 "SELECT c.relname::text, bool_or(i.relname = c.relname || '_iv'),
-                        bool_or(i.relname = c.relname || '_rk'), bool_or(x.indisunique)
+                        bool_or(i.relname = c.relname || '_rk'),
+                        bool_or(i.relname = c.relname || '_iv' AND x.indisunique)
                  FROM pg_index x
                  JOIN pg_class i ON i.oid = x.indexrelid
                  JOIN pg_class c ON c.oid = x.indrelid
@@ -595,8 +596,11 @@ impl PgStore {
             let Some(day) = partition_day(row.get::<_, &str>(0)) else {
                 continue;
             };
-            let (pairs, digests, unique): (bool, bool, bool) = (row.get(1), row.get(2), row.get(3));
-            if unique {
+            let (pairs, digests, pairs_unique): (bool, bool, bool) =
+                (row.get(1), row.get(2), row.get(3));
+            // A partition with both keys (given its `_iv` by a version 5 node) may hold rows
+            // without digests: only a unique `_iv` refuses every repeat there.
+            if pairs_unique || (digests && !pairs) {
                 known.unique.insert(day);
             }
             if digests && !pairs {

@@ -1251,6 +1251,46 @@ async fn a_repeat_of_a_message_stored_before_the_digests_is_found() {
     );
 }
 
+/// A version 5 node beside version 6 ones gives the new partitions its `(room_id, iv)` key too,
+/// a plain one where a partition already holds a repeated pair, and stores rows without
+/// digests there. Such a day is looked into by pair even when it is the day written to: a
+/// repeat of that node's message is found.
+#[tokio::test]
+async fn a_day_kept_by_both_keys_is_looked_into_by_pair() {
+    let (db, store) = pg_store().await;
+    let client = cluster().connect(&db).await;
+    let now = now_ms();
+    let today = partition_name(now.div_euclid(EPOCH_MS));
+    client
+        .batch_execute(&format!("CREATE INDEX {today}_iv ON {today} (room_id, iv)"))
+        .await
+        .unwrap();
+    store.ensure_partitions(now + 2 * 60_000).await.unwrap();
+    let r = room(56);
+    create(&store, &r, now).await;
+    let old = msg(r, 1);
+    client
+        .execute(
+            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+             VALUES ($1, 1, to_timestamp($2::float8 / 1000), $3, $4, '\\x00')",
+            &[&&r[..], &(now as f64), &(old.epoch as i32), &&old.iv[..]],
+        )
+        .await
+        .unwrap();
+    client
+        .execute("UPDATE rooms SET last_seq = 1 WHERE id = $1", &[&&r[..]])
+        .await
+        .unwrap();
+    let out = store
+        .append(&[old.clone(), msg(r, 2)], now + 2 * 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![AppendOutcome::Replay, AppendOutcome::Stored { seq: 2 }]
+    );
+}
+
 /// A database as schema version 3 left it, with partitions for yesterday and today (which had
 /// no replay key of their own then); a connection to it; today's day number.
 async fn version_3_database() -> (crate::pg::TestDb, tokio_postgres::Client, i64) {
