@@ -1092,9 +1092,10 @@ impl Store for PgStore {
                 }
                 Err(e) if write_digests && refused_by(e) == Some("_rk") => {
                     // Refused by digest although no stored pair matched: two different pairs
-                    // with one digest (about once in 2^64 pairs). Store the batch without
-                    // digests; its messages are still looked into by pair on days kept that
-                    // way, and a repeat of one of them on a day kept by digest is not seen.
+                    // with one digest (at 100 million messages a day, about once in ten
+                    // years). Store the batch without digests; its messages are still looked
+                    // into by pair on days kept that way, and a repeat of one of them on a day
+                    // kept by digest is not seen.
                     tracing::warn!(
                         "two messages share a replay digest; storing a batch without digests"
                     );

@@ -1159,7 +1159,8 @@ async fn postgres_days_keep_their_replay_keys_unique() {
     assert_eq!(out, vec![AppendOutcome::Replay]);
 }
 
-/// Two different pairs with one digest (about once in 2^64 pairs, here written on purpose):
+/// Two different pairs with one digest (at 100 million messages a day about once in ten
+/// years; here written on purpose):
 /// the second is stored all the same, without a digest, and the batch's other messages with
 /// it.
 #[tokio::test]
