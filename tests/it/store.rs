@@ -1204,6 +1204,26 @@ async fn a_message_whose_digest_another_pair_has_is_stored() {
     assert_eq!(seqs(&out), vec![3]);
 }
 
+/// Store `m` as the first message of its (new) room at `at` (ms) as a version 5 server would:
+/// without a digest.
+async fn store_as_version_5(client: &tokio_postgres::Client, m: &NewMessage, at: i64) {
+    client
+        .execute(
+            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+             VALUES ($1, 1, to_timestamp($2::float8 / 1000), $3, $4, '\\x00')",
+            &[&&m.room[..], &(at as f64), &(m.epoch as i32), &&m.iv[..]],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE rooms SET last_seq = 1 WHERE id = $1",
+            &[&&m.room[..]],
+        )
+        .await
+        .unwrap();
+}
+
 /// After the upgrade to schema version 6, the days of the replay window whose partitions were
 /// made before it keep their `(room_id, iv)` key and their rows no digest: a repeat of a
 /// message stored there is still found, while the new days are looked into by digest.
@@ -1228,23 +1248,7 @@ async fn a_repeat_of_a_message_stored_before_the_digests_is_found() {
     // Stored yesterday by a version 5 server: no digest.
     let mut old = msg(r, 1);
     old.epoch = (today - 1) as u32;
-    client
-        .execute(
-            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
-             VALUES ($1, 1, to_timestamp($2::float8 / 1000), $3, $4, '\\x00')",
-            &[
-                &&r[..],
-                &((today - 1) as f64 * EPOCH_MS as f64 + 60_000.0),
-                &(old.epoch as i32),
-                &&old.iv[..],
-            ],
-        )
-        .await
-        .unwrap();
-    client
-        .execute("UPDATE rooms SET last_seq = 1 WHERE id = $1", &[&&r[..]])
-        .await
-        .unwrap();
+    store_as_version_5(&client, &old, (today - 1) * EPOCH_MS + 60_000).await;
     let out = store.append(&[old.clone(), msg(r, 2)], now).await.unwrap();
     assert_eq!(
         out,
@@ -1270,18 +1274,7 @@ async fn a_day_kept_by_both_keys_is_looked_into_by_pair() {
     let r = room(56);
     create(&store, &r, now).await;
     let old = msg(r, 1);
-    client
-        .execute(
-            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
-             VALUES ($1, 1, to_timestamp($2::float8 / 1000), $3, $4, '\\x00')",
-            &[&&r[..], &(now as f64), &(old.epoch as i32), &&old.iv[..]],
-        )
-        .await
-        .unwrap();
-    client
-        .execute("UPDATE rooms SET last_seq = 1 WHERE id = $1", &[&&r[..]])
-        .await
-        .unwrap();
+    store_as_version_5(&client, &old, now).await;
     let out = store
         .append(&[old.clone(), msg(r, 2)], now + 2 * 60_000)
         .await
