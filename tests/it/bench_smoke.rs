@@ -562,6 +562,8 @@ async fn the_expiry_scenario_drops_a_day_and_deletes_one_under_load() {
         "200",
         "--secs",
         "1",
+        "--timeline",
+        "1",
     ]);
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 2, "{report}");
@@ -569,7 +571,27 @@ async fn the_expiry_scenario_drops_a_day_and_deletes_one_under_load() {
         assert_eq!(r["rows"], 2000, "all old rows were there before: {report}");
         assert_eq!(r["old_rows_left"], 0, "and none after: {report}");
         assert!(r["expiry_ms"].as_f64().unwrap() > 0.0, "{report}");
+        // The picture in 50 ms steps: from a second before the expiry to a second after it,
+        // with the sends of the steady state before it in it.
+        let around = r["around"].as_array().unwrap();
+        assert!(around.len() >= 40, "{report}");
+        assert_eq!(around[0]["from_ms"], -1000, "{report}");
+        assert!(around.iter().any(|s| s["from_ms"] == 0), "{report}");
+        let before: u64 = around
+            .iter()
+            .filter(|s| s["from_ms"].as_i64().unwrap() < 0)
+            .map(|s| s["sends"].as_u64().unwrap())
+            .sum();
+        assert!(before >= 100, "200/s for the second before: {report}");
     }
+    // The test's Postgres runs on this machine: its volume's mount is found.
+    let volume = &report["data_volume"];
+    assert!(volume["discard"].is_boolean(), "{report}");
+    let dir = std::fs::canonicalize(volume["data_directory"].as_str().unwrap()).unwrap();
+    assert!(
+        dir.starts_with(volume["mount_point"].as_str().unwrap()),
+        "{report}"
+    );
     assert_eq!(results[0]["method"], "drop_partition");
     // Open loop at 200/s through two fills, two expiries and their waits: well over 200 acks.
     assert_eq!(report["rate"], 200, "{report}");

@@ -52,7 +52,8 @@ struct Args {
     nodes: usize,
     steps: usize,
     refine: usize,
-    /// Fan-out only: report deliveries and the worst latency of each second (by send time).
+    /// Fan-out: report deliveries and the worst latency of each second (by send time).
+    /// Expiry: each expiry's acks in 50 ms steps around it.
     timeline: bool,
     /// Merge only: the stored hour is past the retention, so maintenance deletes it.
     expired: bool,
@@ -68,6 +69,7 @@ usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in 
   idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
   soak    [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
   expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
+          [--timeline 0|1]
   merge   [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5] [--expired 0|1]
           (SQLite maintenance under write load, in-process)
   abuse   [--rooms 10] [--members 10] [--rate 10000] [--secs 10]

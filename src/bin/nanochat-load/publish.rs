@@ -32,7 +32,7 @@ use crate::{Args, MachineCpu, Server, cpu_seconds, open};
 
 const DAY_MS: Millis = 86_400_000;
 
-fn histogram() -> Histogram<u64> {
+pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")
 }
 
