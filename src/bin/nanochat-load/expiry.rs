@@ -110,16 +110,16 @@ fn around(samples: &[(u64, u64)], op_start: u64, op_end: u64) -> serde_json::Val
     const STEP: u64 = 50_000;
     let first = op_start.saturating_sub(1_000_000);
     let steps = (op_end + 1_000_000).saturating_sub(first).div_ceil(STEP);
-    let mut counts = vec![histogram(); steps as usize];
+    let mut by_step = vec![histogram(); steps as usize];
     for &(at, lat) in samples {
         if let Some(h) = at
             .checked_sub(first)
-            .and_then(|d| counts.get_mut((d / STEP) as usize))
+            .and_then(|d| by_step.get_mut((d / STEP) as usize))
         {
             let _ = h.record(lat);
         }
     }
-    counts
+    by_step
         .iter()
         .enumerate()
         .map(|(i, h)| {
