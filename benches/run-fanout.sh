@@ -12,8 +12,8 @@
 #   benches/fanout-chart.py --table < fanout.jsonl                     (the results table)
 #   benches/run-fanout.sh [secs]        (Postgres one vs two processes: NANOCHAT_BENCH_PG=<url>)
 # WARMUP (seconds, default 20) is how long each run sends before it measures: NanoChat's
-# latency climbs as its database fills, so an empty one flatters it (benches/README.md,
-# session 19). WARMUP=0 measures as the sweeps up to session 18 did.
+# latency climbs as its database fills, so an empty one flatters it (benches/HISTORY.md,
+# fan-out session 19). WARMUP=0 measures as the sweeps up to session 18 did.
 # The first line says what it ran on (benches/machine.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."

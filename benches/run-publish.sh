@@ -10,7 +10,7 @@
 #   benches/run-publish.sh [secs] | tee publish.jsonl
 #   benches/publish-table.py < publish.jsonl                           (the results table)
 # WARMUP (seconds, default 20): every run writes that long before it measures, so NanoChat is
-# measured with a database that has been filling (benches/README.md, session 19); WARMUP=0
+# measured with a database that has been filling (benches/HISTORY.md, session 19); WARMUP=0
 # measures as runs up to session 18 did. BACKENDS="postgres" (or "sqlite", or both) runs only
 # those. YESTERDAY=N (Postgres) stores N messages dated yesterday before every NanoChat run,
 # so the replay lookup searches a full day's index, as on a server that has been running.

@@ -73,7 +73,7 @@ impl Writer {
         // SQLite's one writer is the only serial step of a message's path: there a task of
         // its own answers each batch (a `msg` frame per message, fan-out, acks) while the next
         // one commits, which lowered p99 delivery at 1000 rooms x 2 under full load in every
-        // run (benches/README, session 16). Postgres's writers already overlap one another,
+        // run (benches/HISTORY.md, fan-out session 16). Postgres's writers already overlap one another,
         // and there answering before the next batch forms measured faster (durable publish
         // 2-26% ahead in five pairs).
         let overlap = store.backend() == "sqlite";

@@ -14,7 +14,7 @@
 //! second before it to a second after it. The report says whether the database's volume is
 //! mounted with online `discard` (`data_volume`), when the database is on this machine: on
 //! such a volume, freeing a day's files stalls the writers' WAL flushes (see
-//! `benches/README.md`, *Expiry under write load*, session 29).
+//! `benches/HISTORY.md`, *Expiry under write load*, Session 29).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -8,7 +8,7 @@
 //!
 //! In-process because a real server merges only when a UTC hour ends; the store and writer
 //! are the server's, so this is the same code path without the sockets (the fan-out
-//! timeline shows the merge through the sockets, once an hour: benches/README.md).
+//! timeline shows the merge through the sockets, once an hour: benches/HISTORY.md, fan-out session 23).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -402,7 +402,7 @@ const PG_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_publish (
 /// keeps a room's IVs unique, and `created_at` for expiry. The server (version 4) keeps the
 /// seq index and the replay keys in tables of their own, written in sorted steps; the
 /// baselines insert into all three indexes row by row. (Until session 15 this table had no
-/// replay key, and the ceiling was that of a writer that keeps none: see benches/README.md.)
+/// replay key, and the ceiling was that of a writer that keeps none: see benches/HISTORY.md, durable publish session 15.)
 const SQLITE_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_publish (
     room_id BLOB NOT NULL, seq INTEGER NOT NULL, created_at INTEGER NOT NULL,
     epoch INTEGER NOT NULL, iv BLOB NOT NULL, ct BLOB NOT NULL, PRIMARY KEY (room_id, seq));

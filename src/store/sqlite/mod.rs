@@ -63,7 +63,7 @@ const DROP_BLOCKS: usize = 256;
 /// Blocks of replay keys a merge writes per transaction (each about a page, read once from
 /// its inputs): a quarter of a megabyte of WAL, a few milliseconds of the writer, which is
 /// about what an append waiting behind a step waits (256 gave twice the p99 commit latency
-/// during a merge; `nanochat-load merge`, benches/README.md).
+/// during a merge; `nanochat-load merge`, benches/HISTORY.md, fan-out session 23).
 const MERGE_BLOCKS: usize = 64;
 /// The longest rest after a step of maintenance (each rests as long as it worked).
 const MAINTENANCE_REST_MAX: std::time::Duration = std::time::Duration::from_millis(100);
@@ -331,7 +331,7 @@ impl SqliteStore {
     /// One step of maintenance on the writer, then a rest as long as the step worked (at most
     /// [`MAINTENANCE_REST_MAX`]): maintenance takes at most half of the writer, and the
     /// appends that queued behind a step go next. Back to back, steps kept the writer and
-    /// commits waited for whole series of them (benches/README.md, session 23).
+    /// commits waited for whole series of them (benches/HISTORY.md, fan-out session 23).
     async fn maintenance_step<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut WriteSide, &Inner) -> Result<T, StoreError> + Send + 'static,
