@@ -9,8 +9,10 @@
 //!   sends `{"n":"<node>","w":"<room>"}`.
 //! - Each process keeps one dedicated listener connection (not from the pool). For a range of a
 //!   room that has sockets here, it reads those messages (one query per notification, whatever
-//!   its number of rooms) and publishes them to the local hub; rooms without local sockets cost
-//!   nothing. Its own notifications are ignored (the writer already published locally).
+//!   its number of rooms, and one for all the notifications that queued up while it was
+//!   reading; an index range scan per range) and publishes them to the local hub; rooms without
+//!   local sockets cost nothing. Its own notifications are ignored (the writer already
+//!   published locally).
 //! - When the listener connection drops, it reconnects with backoff and then catches up: for
 //!   every room with local sockets it reads what was committed after the highest seq this
 //!   process knows, so nothing committed while it was away is skipped, and it closes the rooms
@@ -41,6 +43,9 @@ use crate::store::{Store, StoredMessage, now_ms};
 pub const CHANNEL: &str = "nanochat";
 /// Stay below Postgres' 8000-byte payload limit.
 const MAX_PAYLOAD: usize = 7800;
+/// At most this many notifications waiting for the listener are handled together (their
+/// ranges read in one query).
+const COALESCE: usize = 64;
 
 /// Where a node's listener connects, and who the node is.
 #[derive(Debug, Clone)]
@@ -142,38 +147,13 @@ async fn publish_from_store(
     }
 }
 
-async fn handle(
-    payload: &str,
-    info: &ClusterInfo,
-    store: &dyn Store,
-    hub: &Hub,
-    metrics: &Metrics,
-) {
-    let Ok(notice) = serde_json::from_str::<Notice>(payload) else {
-        tracing::warn!("ignoring an unreadable cluster notification");
-        return;
-    };
-    if notice.n == node_hex(info.node) {
-        return;
-    }
-    metrics
-        .cluster_notifications_total
-        .with_label_values(&["received"])
-        .inc();
-    if let Some(room) = notice.w.as_deref().and_then(room_from_wire) {
-        hub.nuke(&room);
-    }
-    // Only the rooms with sockets here, all read in one query.
-    let wanted: Vec<(RoomId, i64, i64)> = notice
-        .m
-        .iter()
-        .filter_map(|(room, first, last)| Some((room_from_wire(room)?, *first, *last)))
-        .filter(|(room, _, _)| hub.members(room) > 0)
-        .collect();
+/// Read the announced ranges of the rooms with sockets here, all in one query, and publish
+/// what was found, in announcement order.
+async fn publish_announced(store: &dyn Store, hub: &Hub, wanted: &mut Vec<(RoomId, i64, i64)>) {
     if wanted.is_empty() {
         return;
     }
-    match store.messages_in_ranges(&wanted, now_ms()).await {
+    match store.messages_in_ranges(wanted, now_ms()).await {
         Ok(found) => {
             for (room, m) in &found {
                 publish_stored(hub, room, m);
@@ -182,6 +162,48 @@ async fn handle(
         // Members fill the gap themselves when the next message arrives, or on reconnect.
         Err(e) => tracing::warn!(error = %e, "cannot read messages announced by another node"),
     }
+    wanted.clear();
+}
+
+/// Handle the notifications that arrived together, in their order. Their message ranges are
+/// read in one query (up to a wipe, which closes its room after what came before is
+/// published), so a listener that falls behind catches up with fewer, larger reads instead of
+/// one read per notification.
+async fn handle(
+    payloads: &[String],
+    info: &ClusterInfo,
+    store: &dyn Store,
+    hub: &Hub,
+    metrics: &Metrics,
+) {
+    let own = node_hex(info.node);
+    let mut wanted: Vec<(RoomId, i64, i64)> = Vec::new();
+    for payload in payloads {
+        let Ok(notice) = serde_json::from_str::<Notice>(payload) else {
+            tracing::warn!("ignoring an unreadable cluster notification");
+            continue;
+        };
+        if notice.n == own {
+            continue;
+        }
+        metrics
+            .cluster_notifications_total
+            .with_label_values(&["received"])
+            .inc();
+        if let Some(room) = notice.w.as_deref().and_then(room_from_wire) {
+            publish_announced(store, hub, &mut wanted).await;
+            hub.nuke(&room);
+        }
+        // Only the rooms with sockets here.
+        wanted.extend(
+            notice
+                .m
+                .iter()
+                .filter_map(|(room, first, last)| Some((room_from_wire(room)?, *first, *last)))
+                .filter(|(room, _, _)| hub.members(room) > 0),
+        );
+    }
+    publish_announced(store, hub, &mut wanted).await;
 }
 
 /// Catch up every room with local sockets after the listener (re)connected: close the rooms
@@ -251,8 +273,10 @@ pub async fn listen(
                         // Notifications queue up from here on; the catch-up covers before.
                         catch_up(&*store, &hub).await;
                         metrics.cluster_listening.set(1);
-                        while let Some(payload) = rx.recv().await {
-                            handle(&payload, &info, &*store, &hub, &metrics).await;
+                        let mut payloads = Vec::new();
+                        while rx.recv_many(&mut payloads, COALESCE).await > 0 {
+                            handle(&payloads, &info, &*store, &hub, &metrics).await;
+                            payloads.clear();
                         }
                         metrics.cluster_listening.set(0);
                     }

@@ -95,6 +95,20 @@ pub const WRITE_BATCH: &str = "WITH stored AS (
         FROM unnest($7::bytea[], $8::int8[], $11::int4[]) AS t(r, s, e) WHERE rooms.id = t.r
      )
      SELECT pg_notify($9, p) FROM unnest($10::text[]) AS p";
+/// The messages of other nodes' announced ranges (`$1` rooms, `$2` first and `$3` last seqs), in
+/// the order announced, stored between `$4` and `$5`. One index range scan per range: the
+/// `LIMIT` (a range holds at most that many) keeps the subquery from being merged into a join,
+/// which Postgres would plan for many ranges as a hash join over a scan of the whole day's
+/// partition, a cost that grows with every message stored that day.
+pub const READ_RANGES: &str = "SELECT r.room_id, m.seq, m.created_at, m.epoch, m.iv, m.ct
+     FROM unnest($1::bytea[], $2::int8[], $3::int8[]) WITH ORDINALITY AS r(room_id, first, last, n)
+     CROSS JOIN LATERAL (
+        SELECT seq, created_at, epoch, iv, ct FROM messages
+        WHERE room_id = r.room_id AND seq BETWEEN r.first AND r.last
+          AND created_at >= $4 AND created_at <= $5
+        ORDER BY seq
+        LIMIT GREATEST(r.last - r.first + 1, 0)) AS m
+     ORDER BY r.n, m.seq";
 /// Longest a partition's `CREATE` or `DROP`, or a schema migration, waits for its locks. They
 /// take exclusive locks on `messages` (a drop also on the old partition, which every writer's
 /// replay lookup locks too), and while one waits for them every write waits behind it:
@@ -1159,17 +1173,7 @@ impl Store for PgStore {
         now: Millis,
     ) -> Result<Vec<(RoomId, StoredMessage)>, StoreError> {
         let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT m.room_id, m.seq, m.created_at, m.epoch, m.iv, m.ct
-                 FROM unnest($1::bytea[], $2::int8[], $3::int8[]) WITH ORDINALITY
-                   AS r(room_id, first, last, n)
-                 JOIN messages m ON m.room_id = r.room_id AND m.seq BETWEEN r.first AND r.last
-                 WHERE m.created_at >= $4 AND m.created_at <= $5
-                 ORDER BY r.n, m.seq",
-            )
-            .await
-            .map_err(pg_err)?;
+        let stmt = client.prepare_cached(READ_RANGES).await.map_err(pg_err)?;
         let rooms: Vec<&[u8]> = ranges.iter().map(|r| &r.0[..]).collect();
         let firsts: Vec<i64> = ranges.iter().map(|r| r.1).collect();
         let lasts: Vec<i64> = ranges.iter().map(|r| r.2).collect();

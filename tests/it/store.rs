@@ -932,6 +932,63 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
     }
 }
 
+/// Another node's announced ranges are read with one index range scan each, however many
+/// ranges one read holds and however full the day's partition: a join planned over the whole
+/// partition would make every cross-node delivery dearer with each message stored that day.
+#[tokio::test]
+async fn cross_node_reads_stay_index_lookups_on_a_full_day() {
+    use nanochat::store::postgres::READ_RANGES;
+    let (db, store) = pg_store().await;
+    let client = cluster().connect(&db).await;
+    // 200 000 of today's messages: 2 000 in each of 100 rooms.
+    client
+        .batch_execute(
+            "INSERT INTO messages (room_id, seq, created_at, epoch, iv, ct)
+             SELECT decode(lpad(to_hex(r), 32, '0'), 'hex'), s, now(), 0, int8send(s), '\\x00'
+             FROM generate_series(1, 100) AS r, generate_series(1, 2000) AS s;
+             ANALYZE messages",
+        )
+        .await
+        .unwrap();
+    let rooms: Vec<[u8; 16]> = (1..=100u128).map(|r| r.to_be_bytes()).collect();
+    // Ten messages of every room, as one busy node's notifications announce them.
+    let ranges: Vec<([u8; 16], i64, i64)> = rooms.iter().map(|r| (*r, 1001, 1010)).collect();
+    let found = store.messages_in_ranges(&ranges, now_ms()).await.unwrap();
+    assert_eq!(found.len(), 1000);
+    let expected: Vec<([u8; 16], i64)> = rooms
+        .iter()
+        .flat_map(|r| (1001..=1010).map(move |s| (*r, s)))
+        .collect();
+    let got: Vec<([u8; 16], i64)> = found.iter().map(|(r, m)| (*r, m.seq)).collect();
+    assert_eq!(got, expected, "announcement order, then seq order");
+
+    client
+        .batch_execute(&format!("PREPARE ranges AS {READ_RANGES}"))
+        .await
+        .unwrap();
+    for count in [3, 30, 100] {
+        let args = |f: &dyn Fn(usize) -> String| (0..count).map(f).collect::<Vec<_>>().join(",");
+        let plan = explain(
+            &client,
+            &format!(
+                "EXECUTE ranges(ARRAY[{}]::bytea[], ARRAY[{}]::int8[], ARRAY[{}]::int8[], \
+                 now() - interval '1 day', now() + interval '1 day')",
+                args(&|i| format!("'\\x{:032x}'", i + 1)),
+                args(&|_| "1001".to_owned()),
+                args(&|_| "1010".to_owned()),
+            ),
+        )
+        .await;
+        for bad in ["Seq Scan on", "Hash Join", "Merge Join"] {
+            assert!(!plan.contains(bad), "{count} ranges: {bad} in\n{plan}");
+        }
+        assert!(
+            plan.contains("Index"),
+            "{count} ranges: no index in\n{plan}"
+        );
+    }
+}
+
 /// A message of today's epoch is looked for in yesterday's partition only in a room that
 /// stored a message sent early yesterday: with yesterday's partition locked (as by a long
 /// `ALTER`), a room without that mark stores at once; one with it waits for the lock, then

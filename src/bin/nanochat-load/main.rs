@@ -883,6 +883,14 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         .sum::<f64>()
         - cpu_before;
     let steal_pct = MachineCpu::now().steal_pct_since(&machine_before);
+    // Reads that filled a socket's gap from storage (a message committed through another
+    // process arriving after a later local one), over the whole run, warm-up included.
+    let mut gap_reads = None;
+    for s in &servers {
+        if let Some(n) = soak::scrape(s.admin.as_deref(), "nanochat_gap_reads_total").await {
+            *gap_reads.get_or_insert(0) += n;
+        }
+    }
     drop(servers);
     for r in readers {
         let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
@@ -912,6 +920,9 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         "deliveries_per_cpu_s": if cpu > 0.0 { (delivered as f64 / cpu).round() } else { 0.0 },
         "steal_pct": steal_pct,
     });
+    if let Some(n) = gap_reads {
+        report["gap_reads"] = n.into();
+    }
     if keep_timeline {
         report["measured_from_unix_ms"] = measured_from_unix_ms.into();
         report["timeline"] = timeline.lock().expect("timeline").to_json();

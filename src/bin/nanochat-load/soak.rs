@@ -67,7 +67,7 @@ fn proc_count(pid: u32, what: &str) -> u64 {
 }
 
 /// A gauge or counter of the server's `/metrics` (on its admin listener), by its whole name.
-async fn scrape(admin: Option<&str>, name: &str) -> Option<u64> {
+pub(crate) async fn scrape(admin: Option<&str>, name: &str) -> Option<u64> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(admin?).await.ok()?;
     stream
