@@ -65,7 +65,7 @@ usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in 
   fanout  --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 2000]
           [--secs 10] [--warmup 0] [--postgres URL] [--nodes 1] [--timeline 0|1]
   sweep   --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 1000]
-          [--secs 6] [--warmup 0] [--steps 12] [--refine 2]
+          [--secs 6] [--warmup 0] [--steps 12] [--refine 2] [--postgres URL] [--nodes 1]
   idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
   soak    [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
   expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
