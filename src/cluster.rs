@@ -17,9 +17,11 @@
 //!   every room with local sockets it reads what was committed after the highest seq this
 //!   process knows, so nothing committed while it was away is skipped, and it closes the rooms
 //!   wiped meanwhile. The first connection at start-up catches up the same way.
-//! - Sessions deliver in seq order and fill any gap from storage ([`crate::session`]), so a
-//!   message that arrives through the listener after a later local one is still shown once and
-//!   in order.
+//! - Each room delivers in seq order: a local message that arrives before an earlier one
+//!   still on its way through the listener is held until it comes ([`crate::hub`], *Order*);
+//!   after [`HOLD`] the room reads what is missing from storage once, for all its sockets
+//!   ([`fill_held_gaps`]). A session that still finds a gap (the last resort) reads it itself
+//!   ([`crate::session`]). So every message is shown once and in order.
 //!
 //! Guarantee: a client that stays connected receives every message of its room exactly once,
 //! in seq order; a client that reconnects and joins with `after` = the last seq it saw misses no
@@ -34,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::crypto::RoomId;
-use crate::hub::Hub;
+use crate::hub::{HOLD, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{HistoryQuery, ServerFrame, WireMsg, b64u, room_from_wire};
 use crate::store::{Store, StoredMessage, now_ms};
@@ -159,7 +161,7 @@ async fn publish_announced(store: &dyn Store, hub: &Hub, wanted: &mut Vec<(RoomI
                 publish_stored(hub, room, m);
             }
         }
-        // Members fill the gap themselves when the next message arrives, or on reconnect.
+        // The rooms read what is missing once a later message has waited for it.
         Err(e) => tracing::warn!(error = %e, "cannot read messages announced by another node"),
     }
     wanted.clear();
@@ -204,6 +206,43 @@ async fn handle(
         );
     }
     publish_announced(store, hub, &mut wanted).await;
+}
+
+/// Read from storage, once per room, the messages a room has waited for longer than
+/// [`HOLD`] (see *Order* in [`crate::hub`]), and publish them, so the room delivers what it
+/// held; what cannot be read (expired) is skipped. Runs until the server stops.
+pub async fn fill_held_gaps(store: Arc<dyn Store>, hub: Arc<Hub>, metrics: Arc<Metrics>) {
+    loop {
+        if !hub.holding() {
+            hub.gap_opened().await;
+        }
+        tokio::time::sleep(HOLD / 5).await;
+        for (room, through, first_held) in hub.overdue(HOLD) {
+            let mut after = through;
+            while after < first_held - 1 {
+                metrics.held_gap_reads_total.inc();
+                let limit = (first_held - 1 - after).clamp(1, 200) as u32;
+                let page = match store
+                    .messages(&room, HistoryQuery::After(after), limit, now_ms())
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read a room's missing messages; its members read them themselves");
+                        break;
+                    }
+                };
+                for m in page.messages.iter().filter(|m| m.seq < first_held) {
+                    publish_stored(&hub, &room, m);
+                }
+                match page.messages.last() {
+                    Some(last) if page.more => after = last.seq,
+                    _ => break,
+                }
+            }
+            hub.skip_to(&room, first_held);
+        }
+    }
 }
 
 /// Catch up every room with local sockets after the listener (re)connected: close the rooms

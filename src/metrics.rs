@@ -35,6 +35,10 @@ pub struct Metrics {
     pub messages_dropped_total: IntCounter,
     /// Storage reads made because a live frame arrived ahead of messages its socket lacked.
     pub gap_reads_total: IntCounter,
+    /// Storage reads a room made for the messages before one it held back too long.
+    pub held_gap_reads_total: IntCounter,
+    /// Messages a room held back until earlier ones arrived.
+    pub messages_held_total: IntCounter,
     /// Error frames sent, by code.
     pub frames_rejected_total: IntCounterVec,
     /// Duration of one group-commit write.
@@ -165,6 +169,14 @@ impl Metrics {
             gap_reads_total: counter(
                 "nanochat_gap_reads_total",
                 "Storage reads a socket made because a live message arrived before earlier ones of its room (committed through another server process).",
+            ),
+            held_gap_reads_total: counter(
+                "nanochat_held_gap_reads_total",
+                "Storage reads a room made, once for all its sockets, for the messages before one it held back longer than 50 ms.",
+            ),
+            messages_held_total: counter(
+                "nanochat_messages_held_total",
+                "Messages a room held back because they arrived before earlier ones (committed through another server process or writer).",
             ),
             frames_rejected_total: counter_vec(
                 "nanochat_frames_rejected_total",

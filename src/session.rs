@@ -489,6 +489,17 @@ impl Conn {
             return Ok(());
         }
         if out.seq > joined.delivered.through + 1 {
+            // Its own sends answered meanwhile are not missing: take their acks first.
+            std::future::poll_fn(|cx| {
+                while let Poll::Ready((reference, result)) = next_answer(&mut self.pending, cx) {
+                    self.answer_send(reference, result);
+                }
+                Poll::Ready(())
+            })
+            .await;
+        }
+        let through = self.joined.as_ref().map_or(0, |j| j.delivered.through);
+        if out.seq > through + 1 {
             // Rare, and its future is large: boxed, so it does not grow every session's task.
             Box::pin(self.fill_gap(out.seq)).await?;
         }

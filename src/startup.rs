@@ -647,6 +647,14 @@ impl Application {
         .run();
 
         background(&state, maintenance_loop(state.clone()));
+        background(
+            &state,
+            crate::cluster::fill_held_gaps(
+                state.store.clone(),
+                state.hub.clone(),
+                state.metrics.clone(),
+            ),
+        );
         if let Some(info) = state.store.cluster() {
             background(
                 &state,

@@ -211,7 +211,7 @@ fn answer(done: Finished, hub: &Hub, metrics: &Metrics) {
             for ((msg, (origin, received, reply)), outcome) in
                 msgs.into_iter().zip(metas).zip(outcomes)
             {
-                let answer = match outcome {
+                let (answer, stored) = match outcome {
                     AppendOutcome::Stored { seq } => {
                         metrics.messages_stored_total.inc();
                         let frame: ByteString = ServerFrame::Msg(WireMsg {
@@ -223,15 +223,19 @@ fn answer(done: Finished, hub: &Hub, metrics: &Metrics) {
                         })
                         .to_text()
                         .into();
-                        hub.publish(&msg.room, seq, &frame, Some(origin));
-                        Ok(Committed { seq, ts: now })
+                        (Ok(Committed { seq, ts: now }), Some((seq, frame)))
                     }
-                    AppendOutcome::Replay => Err(ErrorCode::Replay),
-                    AppendOutcome::RoomGone => Err(ErrorCode::RoomGone),
+                    AppendOutcome::Replay => (Err(ErrorCode::Replay), None),
+                    AppendOutcome::RoomGone => (Err(ErrorCode::RoomGone), None),
                 };
                 let latency = if answer.is_ok() { &acked } else { &refused };
                 latency.observe(answered.saturating_duration_since(received).as_secs_f64());
                 let _ = reply.send(answer);
+                // After the answer: the sender then has its ack before any later message of
+                // its room can reach it, so it never takes its own message for a gap.
+                if let Some((seq, frame)) = stored {
+                    hub.publish(&msg.room, seq, &frame, Some(origin));
+                }
             }
             metrics
                 .fanout_seconds

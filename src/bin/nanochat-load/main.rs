@@ -43,6 +43,8 @@ struct Args {
     clients: usize,
     sample_secs: u64,
     senders: usize,
+    /// Fan-out: members of each room that send (the first to arrive), sharing its rate.
+    room_senders: usize,
     window: usize,
     rows: usize,
     /// Publish on Postgres only: messages stored yesterday before the run (a day of history
@@ -64,6 +66,7 @@ const USAGE: &str = "\
 usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in time)
   fanout  --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 2000]
           [--secs 10] [--warmup 0] [--postgres URL] [--nodes 1] [--timeline 0|1]
+          [--room-senders 1]
   sweep   --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 1000]
           [--secs 6] [--warmup 0] [--steps 12] [--refine 2] [--postgres URL] [--nodes 1]
   idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
@@ -95,6 +98,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         clients: 40,
         sample_secs: 10,
         senders: 16,
+        room_senders: 1,
         window: 8,
         rows: 1_000_000,
         yesterday: 0,
@@ -124,6 +128,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--refine" => a.refine = num(&k, &v)?,
             "--clients" => a.clients = num(&k, &v)?,
             "--senders" => a.senders = num(&k, &v)?,
+            "--room-senders" => a.room_senders = num(&k, &v)?,
             "--window" => a.window = num(&k, &v)?,
             "--rows" => a.rows = num(&k, &v)?,
             "--yesterday" => a.yesterday = num(&k, &v)?,
@@ -761,6 +766,56 @@ fn between(pass: u64, fail: u64) -> Option<u64> {
 /// delivery timed. With `--warmup`, the senders run that long first and only what is sent
 /// after it is counted and timed (and the server's CPU measured from then): a server that
 /// stores messages is measured with a database that has been filling for a while, not empty.
+/// What every member's socket in a fan-out run adds its deliveries to.
+#[derive(Clone)]
+struct Receiver {
+    start: Instant,
+    /// Sends stamped before this (µs after `start`) are warm-up.
+    measure_from: Arc<AtomicU64>,
+    hist: Arc<Mutex<Histogram<u64>>>,
+    delivered: Arc<AtomicU64>,
+    timeline: Arc<Mutex<timeline::Timeline>>,
+    keep_timeline: bool,
+}
+
+impl Receiver {
+    /// Count and time every measured `msg` a socket receives until its connection ends, then
+    /// add its histogram and timeline to the run's.
+    async fn count<S>(self, mut stream: S)
+    where
+        S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+            + Unpin,
+    {
+        let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+        let mut local_timeline = timeline::Timeline::default();
+        while let Some(Ok(msg)) = stream.next().await {
+            let Message::Text(t) = msg else { continue };
+            let t = t.as_str();
+            if !t.starts_with(r#"{"type":"msg""#) {
+                continue;
+            }
+            let from_us = self.measure_from.load(Ordering::Relaxed);
+            if let Some(sent_us) = sent_at(t)
+                && sent_us >= from_us
+            {
+                let now_us = self.start.elapsed().as_micros() as u64;
+                let latency_us = now_us.saturating_sub(sent_us).max(1);
+                let _ = local.record(latency_us);
+                if self.keep_timeline {
+                    local_timeline.record(sent_us - from_us, latency_us);
+                }
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.hist
+            .lock()
+            .expect("histogram")
+            .add(&local)
+            .expect("same bounds");
+        self.timeline.lock().expect("timeline").add(&local_timeline);
+    }
+}
+
 async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
     let start = Instant::now();
     // Sends stamped before this (µs after `start`) are warm-up: set once the sockets are open.
@@ -773,11 +828,21 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
     let keep_timeline = args.timeline;
     let mut senders = Vec::new();
     let mut readers = Vec::new();
+    let receiver = Receiver {
+        start,
+        measure_from: measure_from.clone(),
+        hist: hist.clone(),
+        delivered: delivered.clone(),
+        timeline: timeline.clone(),
+        keep_timeline,
+    };
     // Sockets open in a random order, each room created by whichever of its members comes
-    // first, and that member is the room's sender. Opening them room by room, sender first,
-    // would line the roles up with a server's connection order: a server that hands
-    // connections to its threads in turn would get every sender on one thread and every
-    // reader on another, which no real instance sees (its members arrive at random).
+    // first; the first `--room-senders` of a room to arrive are its senders. Opening them room
+    // by room, senders first, would line the roles up with a server's connection order: a
+    // server that hands connections to its threads in turn would get every sender on one
+    // thread and every reader on another, which no real instance sees (its members arrive at
+    // random).
+    let room_senders = args.room_senders.clamp(1, args.members.max(1));
     let keys: Vec<RoomKeys> = (0..args.rooms)
         .map(|_| {
             let mut secret_bytes = [0u8; 32];
@@ -789,50 +854,19 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         .flat_map(|r| std::iter::repeat_n(r, args.members))
         .collect();
     order.shuffle(&mut rand::rng());
-    let mut created = vec![false; args.rooms];
+    let mut arrived = vec![0usize; args.rooms];
     for (n, r) in order.into_iter().enumerate() {
         let server = &servers[n % servers.len()];
-        let create = !std::mem::replace(&mut created[r], true);
-        let mut ws = open(&server.addr, n, &keys[r], create).await;
-        if create {
+        let create = arrived[r] == 0;
+        arrived[r] += 1;
+        let ws = open(&server.addr, n, &keys[r], create).await;
+        if arrived[r] <= room_senders {
             senders.push(ws);
         } else {
-            let hist = hist.clone();
-            let delivered = delivered.clone();
-            let measure_from = measure_from.clone();
-            let timeline = timeline.clone();
-            readers.push(tokio::spawn(async move {
-                let mut local =
-                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-                let mut local_timeline = timeline::Timeline::default();
-                while let Some(Ok(msg)) = ws.next().await {
-                    let Message::Text(t) = msg else { continue };
-                    let t = t.as_str();
-                    if !t.starts_with(r#"{"type":"msg""#) {
-                        continue;
-                    }
-                    let from_us = measure_from.load(Ordering::Relaxed);
-                    if let Some(sent_us) = sent_at(t)
-                        && sent_us >= from_us
-                    {
-                        let now_us = start.elapsed().as_micros() as u64;
-                        let latency_us = now_us.saturating_sub(sent_us).max(1);
-                        let _ = local.record(latency_us);
-                        if keep_timeline {
-                            local_timeline.record(sent_us - from_us, latency_us);
-                        }
-                        delivered.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                hist.lock()
-                    .expect("histogram")
-                    .add(&local)
-                    .expect("same bounds");
-                timeline.lock().expect("timeline").add(&local_timeline);
-            }));
+            readers.push(tokio::spawn(receiver.clone().count(ws)));
         }
     }
-    let per_room = args.rate as f64 / args.rooms as f64;
+    let per_sender = args.rate as f64 / args.rooms as f64 / room_senders as f64;
     let sent = Arc::new(AtomicU64::new(0));
     let run_start = Instant::now();
     let warmup = Duration::from_secs(args.warmup);
@@ -844,14 +878,15 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
     for ws in senders {
         let sent = sent.clone();
         let secs = args.warmup + args.secs;
+        let (mut sink, stream) = ws.split();
+        // Read acks (so the socket never backs up) and, with several senders in a room, count
+        // the others' messages like any member; it ends with the connection.
+        readers.push(tokio::spawn(receiver.clone().count(stream)));
         tasks.push(tokio::spawn(async move {
-            let period = Duration::from_secs_f64(1.0 / per_room.max(0.001));
+            let period = Duration::from_secs_f64(1.0 / per_sender.max(0.001));
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let epoch = crypto::epoch_of(nanochat::store::now_ms());
-            let (mut sink, mut stream) = ws.split();
-            // Drain acks so the socket never backs up.
-            let drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
             let mut i = 0u64;
             while run_start.elapsed() < Duration::from_secs(secs) {
                 tick.tick().await;
@@ -867,7 +902,6 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
                 i += 1;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
-            drain.abort();
         }));
     }
     tokio::time::sleep_until((run_start + warmup).into()).await;
@@ -883,12 +917,23 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         .sum::<f64>()
         - cpu_before;
     let steal_pct = MachineCpu::now().steal_pct_since(&machine_before);
-    // Reads that filled a socket's gap from storage (a message committed through another
-    // process arriving after a later local one), over the whole run, warm-up included.
-    let mut gap_reads = None;
-    for s in &servers {
-        if let Some(n) = soak::scrape(s.admin.as_deref(), "nanochat_gap_reads_total").await {
-            *gap_reads.get_or_insert(0) += n;
+    // Messages a room held back because an earlier one (committed through another process)
+    // was still on its way, the reads a room made for such a gap, and those a socket made
+    // itself; over the whole run, warm-up included.
+    let mut order_counts = serde_json::Map::new();
+    for (key, metric) in [
+        ("held", "nanochat_messages_held_total"),
+        ("held_gap_reads", "nanochat_held_gap_reads_total"),
+        ("gap_reads", "nanochat_gap_reads_total"),
+    ] {
+        let mut total = None;
+        for s in &servers {
+            if let Some(n) = soak::scrape(s.admin.as_deref(), metric).await {
+                *total.get_or_insert(0) += n;
+            }
+        }
+        if let Some(n) = total {
+            order_counts.insert(key.to_owned(), n.into());
         }
     }
     drop(servers);
@@ -906,6 +951,7 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         "backend": if args.postgres.is_some() { "postgres" } else { "sqlite" },
         "rooms": args.rooms,
         "members": args.members,
+        "room_senders": args.room_senders.clamp(1, args.members.max(1)),
         "rate": args.rate,
         "warmup_s": args.warmup,
         "sent": sent,
@@ -920,8 +966,8 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
         "deliveries_per_cpu_s": if cpu > 0.0 { (delivered as f64 / cpu).round() } else { 0.0 },
         "steal_pct": steal_pct,
     });
-    if let Some(n) = gap_reads {
-        report["gap_reads"] = n.into();
+    for (key, n) in order_counts {
+        report[key] = n;
     }
     if keep_timeline {
         report["measured_from_unix_ms"] = measured_from_unix_ms.into();
