@@ -304,7 +304,7 @@ fn the_fanout_summary_compares_medians_of_repeated_sweeps() {
 }
 
 #[actix_web::test]
-async fn the_fanout_scenario_runs_on_two_nodes_over_postgres() {
+async fn the_fanout_scenario_runs_on_two_nodes_over_postgres_with_two_senders_per_room() {
     let db = crate::pg::cluster().database().await;
     let report = run(&[
         "fanout",
@@ -322,9 +322,17 @@ async fn the_fanout_scenario_runs_on_two_nodes_over_postgres() {
         "20",
         "--secs",
         "1",
+        "--room-senders",
+        "2",
     ]);
+    // Two members of each room send, through either node, and count each other's messages.
     assert_complete(&report);
     assert_eq!(report["nodes"], 2);
+    assert_eq!(report["room_senders"], 2);
+    assert_eq!(report["expected"], report["sent"].as_u64().unwrap() * 3);
+    for key in ["held", "held_gap_reads", "gap_reads"] {
+        assert!(report[key].is_u64(), "{key}: {report}");
+    }
 }
 
 #[test]
