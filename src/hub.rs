@@ -42,9 +42,10 @@ const SHARDS: usize = 16;
 /// How long a message that arrived ahead of its room's next seq waits for the earlier ones
 /// before the room reads them from storage.
 pub const HOLD: Duration = Duration::from_millis(50);
-/// At most this many messages are held per room; beyond, the room delivers what it holds in
-/// order and each socket fills its own gap.
+/// At most this many messages, and this many bytes of them, are held per room; beyond, the
+/// room delivers what it holds in order and each socket fills its own gap.
 const MAX_HELD: usize = 1024;
+const MAX_HELD_BYTES: usize = 4 << 20;
 
 /// Identifies one socket for the life of the process.
 pub type SessionId = u64;
@@ -142,6 +143,8 @@ struct RoomSubs {
     next: Option<i64>,
     /// Messages that arrived ahead of `next`, by seq.
     held: BTreeMap<i64, Held>,
+    /// Their frames' bytes.
+    held_bytes: usize,
     /// When the oldest hold began.
     held_since: Option<Instant>,
 }
@@ -208,6 +211,7 @@ impl RoomSubs {
                 break;
             }
             let held = entry.remove();
+            self.held_bytes -= held.frame.len();
             self.fan_out(seq, &held.frame, held.except, max_bytes, f);
             self.next = Some(
                 self.next
@@ -301,7 +305,8 @@ impl Hub {
             && seq > next
             && !r.held.contains_key(&seq)
         {
-            if r.held.len() < MAX_HELD {
+            if r.held.len() < MAX_HELD && r.held_bytes + shared.len() <= MAX_HELD_BYTES {
+                r.held_bytes += shared.len();
                 r.held.insert(
                     seq,
                     Held {
@@ -323,12 +328,15 @@ impl Hub {
             // Too much held: deliver it all in order; the sockets fill the gaps themselves.
             let mut f = Fanned::default();
             r.release(true, self.max_bytes, &mut f);
+            let before = f.delivered;
             r.fan_out(seq, &shared, except, self.max_bytes, &mut f);
+            let delivered = f.delivered - before;
             r.next = Some(
                 r.next
                     .map_or(seq.saturating_add(1), |n| n.max(seq.saturating_add(1))),
             );
-            return self.fanned(shard, room, f);
+            self.fanned(shard, room, f);
+            return delivered;
         }
         let mut f = Fanned::default();
         r.fan_out(seq, &shared, except, self.max_bytes, &mut f);
@@ -625,5 +633,23 @@ mod tests {
             1,
             "no hold after"
         );
+    }
+
+    #[tokio::test]
+    async fn a_room_holding_too_many_bytes_delivers_them_in_order() {
+        let hub = Hub::new(4096, 1 << 30, Arc::new(Metrics::new()));
+        let room = [8u8; 16];
+        let mut a = hub.subscribe(&room, 1);
+        let big = ByteString::from("x".repeat(1 << 20));
+        hub.publish(&room, 1, &big, None);
+        // Four mebibytes fit; the fifth frame does not.
+        for seq in 3..=6 {
+            assert_eq!(hub.publish(&room, seq, &big, None), 0);
+        }
+        assert_eq!(seqs(&mut a), vec![1]);
+        assert_eq!(hub.publish(&room, 7, &big, None), 1);
+        assert_eq!(seqs(&mut a), vec![3, 4, 5, 6, 7]);
+        assert!(hub.overdue(Duration::ZERO).is_empty());
+        assert!(!hub.holding());
     }
 }
