@@ -203,6 +203,12 @@ impl RoomSubs {
         });
     }
 
+    /// `seq` went out: the next in order comes after it.
+    fn advance(&mut self, seq: i64) {
+        let after = seq.saturating_add(1);
+        self.next = Some(self.next.map_or(after, |n| n.max(after)));
+    }
+
     /// Deliver the held messages that are next in order (all of them when `all`).
     fn release(&mut self, all: bool, max_bytes: usize, f: &mut Fanned) {
         while let Some(entry) = self.held.first_entry() {
@@ -213,10 +219,7 @@ impl RoomSubs {
             let held = entry.remove();
             self.held_bytes -= held.frame.len();
             self.fan_out(seq, &held.frame, held.except, max_bytes, f);
-            self.next = Some(
-                self.next
-                    .map_or(seq.saturating_add(1), |n| n.max(seq.saturating_add(1))),
-            );
+            self.advance(seq);
         }
         if self.held.is_empty() {
             self.held_since = None;
@@ -331,20 +334,14 @@ impl Hub {
             let before = f.delivered;
             r.fan_out(seq, &shared, except, self.max_bytes, &mut f);
             let delivered = f.delivered - before;
-            r.next = Some(
-                r.next
-                    .map_or(seq.saturating_add(1), |n| n.max(seq.saturating_add(1))),
-            );
+            r.advance(seq);
             self.fanned(shard, room, f);
             return delivered;
         }
         let mut f = Fanned::default();
         r.fan_out(seq, &shared, except, self.max_bytes, &mut f);
         let delivered = f.delivered;
-        r.next = Some(
-            r.next
-                .map_or(seq.saturating_add(1), |n| n.max(seq.saturating_add(1))),
-        );
+        r.advance(seq);
         r.release(false, self.max_bytes, &mut f);
         self.fanned(shard, room, f);
         delivered
