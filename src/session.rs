@@ -343,9 +343,7 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
                     // Sends committed together are answered in one write. Polled with this
                     // task's own waker, so a wake-up asked for meanwhile is never lost.
                     std::future::poll_fn(|cx| {
-                        while let Poll::Ready((reference, result)) = next_answer(&mut conn.pending, cx) {
-                            conn.answer_send(reference, result);
-                        }
+                        conn.answer_ready(cx);
                         Poll::Ready(())
                     })
                     .await;
@@ -491,9 +489,7 @@ impl Conn {
         if out.seq > joined.delivered.through + 1 {
             // Its own sends answered meanwhile are not missing: take their acks first.
             std::future::poll_fn(|cx| {
-                while let Poll::Ready((reference, result)) = next_answer(&mut self.pending, cx) {
-                    self.answer_send(reference, result);
-                }
+                self.answer_ready(cx);
                 Poll::Ready(())
             })
             .await;
@@ -597,6 +593,14 @@ impl Conn {
 
     /// Queue the answer to a committed (or failed) send: `ack`, or the error that says why it
     /// was not stored.
+    /// Answer, in order, the pending sends whose answers are in; polled with `cx`, so the task
+    /// is woken when the next one comes.
+    fn answer_ready(&mut self, cx: &mut Context<'_>) {
+        while let Poll::Ready((reference, result)) = next_answer(&mut self.pending, cx) {
+            self.answer_send(reference, result);
+        }
+    }
+
     fn answer_send(
         &mut self,
         reference: String,
