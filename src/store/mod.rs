@@ -280,6 +280,38 @@ pub trait Store: Send + Sync + 'static {
         Ok(found)
     }
 
+    /// Up to `limit` messages of each room after its seq (`(room, after)`), newer than the
+    /// retention: what a process that lost its cluster listener missed. In room order as
+    /// given, then seq order. Backends answer it in one query where they can; this default
+    /// reads room by room.
+    async fn messages_after(
+        &self,
+        rooms: &[(RoomId, i64)],
+        limit: u32,
+        now: Millis,
+    ) -> Result<Vec<(RoomId, StoredMessage)>, StoreError> {
+        let mut found = Vec::new();
+        for (room, after) in rooms {
+            let page = self
+                .messages(room, HistoryQuery::After(*after), limit, now)
+                .await?;
+            found.extend(page.messages.into_iter().map(|m| (*room, m)));
+        }
+        Ok(found)
+    }
+
+    /// Those of `rooms` that were wiped (their tombstones still kept), in the order given.
+    /// Backends answer it in one query where they can; this default looks room by room.
+    async fn wiped_rooms(&self, rooms: &[RoomId], now: Millis) -> Result<Vec<RoomId>, StoreError> {
+        let mut wiped = Vec::new();
+        for room in rooms {
+            if self.room(room, now).await?.is_some_and(|r| r.wiped) {
+                wiped.push(*room);
+            }
+        }
+        Ok(wiped)
+    }
+
     /// Delete every message of a room in one transaction and leave a tombstone. Returns whether
     /// a live room was wiped.
     async fn wipe(&self, room: &RoomId, now: Millis) -> Result<bool, StoreError>;

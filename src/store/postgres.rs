@@ -109,6 +109,18 @@ pub const READ_RANGES: &str = "SELECT r.room_id, m.seq, m.created_at, m.epoch, m
         ORDER BY seq
         LIMIT GREATEST(r.last - r.first + 1, 0)) AS m
      ORDER BY r.n, m.seq";
+/// Up to `$4` messages of each room (`$1`) after its seq (`$2`), stored since `$3`, in room
+/// order as given: a listener's catch-up for every room with sockets here, in one statement.
+/// Per room, the same ordered index scan as one room's history read (the `LIMIT` keeps it a
+/// lookup per room, as in [`READ_RANGES`]).
+pub const READ_AFTER: &str = "SELECT r.room_id, m.seq, m.created_at, m.epoch, m.iv, m.ct
+     FROM unnest($1::bytea[], $2::int8[]) WITH ORDINALITY AS r(room_id, after, n)
+     CROSS JOIN LATERAL (
+        SELECT seq, created_at, epoch, iv, ct FROM messages
+        WHERE room_id = r.room_id AND created_at >= $3 AND seq > r.after
+        ORDER BY seq
+        LIMIT $4) AS m
+     ORDER BY r.n, m.seq";
 /// Longest a partition's `CREATE` or `DROP`, or a schema migration, waits for its locks. They
 /// take exclusive locks on `messages` (a drop also on the old partition, which every writer's
 /// replay lookup locks too), and while one waits for them every write waits behind it:
@@ -1190,6 +1202,48 @@ impl Store for PgStore {
                 let room: RoomId = r.get::<_, &[u8]>(0).try_into().ok()?;
                 Some((room, stored_message(r, 1)))
             })
+            .collect())
+    }
+
+    async fn messages_after(
+        &self,
+        rooms: &[(RoomId, i64)],
+        limit: u32,
+        now: Millis,
+    ) -> Result<Vec<(RoomId, StoredMessage)>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client.prepare_cached(READ_AFTER).await.map_err(pg_err)?;
+        let ids: Vec<&[u8]> = rooms.iter().map(|r| &r.0[..]).collect();
+        let afters: Vec<i64> = rooms.iter().map(|r| r.1).collect();
+        let from = ts(self.retention.message_cutoff(now));
+        let rows = client
+            .query(&stmt, &[&ids, &afters, &from, &i64::from(limit)])
+            .await
+            .map_err(pg_err)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let room: RoomId = r.get::<_, &[u8]>(0).try_into().ok()?;
+                Some((room, stored_message(r, 1)))
+            })
+            .collect())
+    }
+
+    async fn wiped_rooms(&self, rooms: &[RoomId], now: Millis) -> Result<Vec<RoomId>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT r.id FROM unnest($1::bytea[]) WITH ORDINALITY AS r(id, n)
+                 JOIN rooms USING (id) WHERE rooms.wiped_at >= $2 ORDER BY r.n",
+            )
+            .await
+            .map_err(pg_err)?;
+        let ids: Vec<&[u8]> = rooms.iter().map(|r| &r[..]).collect();
+        let since = ts(now - self.retention.tombstone_ms);
+        let rows = client.query(&stmt, &[&ids, &since]).await.map_err(pg_err)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.get::<_, &[u8]>(0).try_into().ok())
             .collect())
     }
 

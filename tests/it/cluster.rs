@@ -326,6 +326,72 @@ async fn a_wipe_missed_while_the_listener_was_away_closes_the_room_on_reconnect(
     until_listening(&a).await;
 }
 
+/// Messages committed while a node's listener was away (here: stored where its hub never saw
+/// them) reach its members when the listener is back, once and in order: a room with more
+/// than one catch-up page (200) of them, and a second room read in the same statements.
+#[actix_web::test]
+async fn messages_missed_while_the_listener_was_away_arrive_on_reconnect() {
+    let a = spawn_app_with(Backend::Postgres, |_| {}).await;
+    until_listening(&a).await;
+    let (_alice, busy) = a.room_creator().await;
+    let (_carol, quiet) = a.room_creator().await;
+    let mut bob = joined(&a, &busy).await;
+    let mut dave = joined(&a, &quiet).await;
+    let mut missed = Vec::new();
+    for (keys, count) in [(&busy, 450), (&quiet, 3)] {
+        let mut session = RoomSession::new(keys.clone());
+        let batch: Vec<NewMessage> = (0..count)
+            .map(|i| {
+                let m = session.seal("eve", &format!("missed {i}"));
+                NewMessage {
+                    room: keys.room_id,
+                    epoch: m.epoch,
+                    iv: m.iv,
+                    ct: m.ct.clone(),
+                }
+            })
+            .collect();
+        let stored = a.state.store.append(&batch, now_ms()).await.unwrap();
+        assert_eq!(stored.len(), count);
+        missed.push(
+            (0..count)
+                .map(|i| format!("missed {i}"))
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert!(
+        matches!(
+            tokio::time::timeout(Duration::from_millis(300), bob.recv()).await,
+            Err(_) | Ok(Err(ClientError::Timeout))
+        ),
+        "nothing told this node yet"
+    );
+    let db = a.db.as_ref().unwrap();
+    let node = format!("{:016x}", a.state.store.cluster().unwrap().node);
+    crate::pg::cluster()
+        .admin(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = '{}' AND application_name = 'nanochat-listener-{node}'",
+            db.name
+        ))
+        .await;
+    for ((client, keys), texts) in [(&mut bob, &busy), (&mut dave, &quiet)]
+        .into_iter()
+        .zip(missed)
+    {
+        let got = receive_until(client, keys, Vec::new(), texts.len()).await;
+        let seqs: Vec<i64> = got.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, (1..=texts.len() as i64).collect::<Vec<_>>());
+        assert_eq!(got.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), texts);
+    }
+    until_listening(&a).await;
+    assert_eq!(
+        a.state.metrics.gap_reads_total.get(),
+        0,
+        "the listener read them, not the sockets"
+    );
+}
+
 #[actix_web::test]
 async fn a_token_is_redeemed_once_across_nodes() {
     let pow = |s: &mut nanochat::config::Settings| {

@@ -556,6 +556,70 @@ async fn announced_ranges_are_read_exactly(store: &dyn Store) {
     assert!(store.messages_in_ranges(&[], now).await.unwrap().is_empty());
 }
 
+/// What the cluster listener reads to catch up after it reconnected, for many rooms at once:
+/// up to a page of each room's messages after a seq (none past the retention), in the room
+/// order given; and which rooms were wiped (not those whose tombstones expired).
+async fn rooms_are_caught_up_together(store: &dyn Store) {
+    let now = now_ms();
+    let (a, b, old, unknown) = (room(33), room(34), room(35), room(36));
+    let (wiped, wiped_long_ago) = (room(37), room(38));
+    let days_31 = 31 * EPOCH_MS;
+    let year_ago = now - 366 * EPOCH_MS;
+    for (r, at) in [
+        (a, now),
+        (b, now),
+        (wiped, now),
+        (old, now - days_31),
+        (wiped_long_ago, year_ago),
+    ] {
+        create(store, &r, at).await;
+    }
+    for r in [a, b] {
+        let batch: Vec<_> = (0..5).map(|i| msg(r, i)).collect();
+        store.append(&batch, now).await.unwrap();
+    }
+    store.append(&[msg(old, 0)], now - days_31).await.unwrap();
+    store.append(&[msg(old, 1)], now).await.unwrap();
+    assert!(store.wipe(&wiped, now).await.unwrap());
+    assert!(store.wipe(&wiped_long_ago, year_ago + 1).await.unwrap());
+
+    let got = |found: Vec<([u8; 16], nanochat::store::StoredMessage)>| -> Vec<(u8, i64, u8)> {
+        found.iter().map(|(r, m)| (r[15], m.seq, m.ct[0])).collect()
+    };
+    let found = store
+        .messages_after(
+            &[(b, 2), (unknown, 0), (a, 0), (wiped, 0), (old, 0)],
+            2,
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        got(found),
+        vec![(34, 3, 2), (34, 4, 3), (33, 1, 0), (33, 2, 1), (35, 2, 1)],
+        "a page of each room, in the order asked; nothing expired"
+    );
+    let found = store
+        .messages_after(&[(a, 4), (b, 5)], 200, now)
+        .await
+        .unwrap();
+    assert_eq!(got(found), vec![(33, 5, 4)]);
+    assert!(
+        store
+            .messages_after(&[], 200, now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let gone = store
+        .wiped_rooms(&[a, wiped_long_ago, unknown, wiped, old], now)
+        .await
+        .unwrap();
+    assert_eq!(gone, vec![wiped]);
+    assert!(store.wiped_rooms(&[], now).await.unwrap().is_empty());
+}
+
 /// A message can be replayed for as long as its epoch passes the server's check (within a
 /// day of the server's): the lookup must reach back to the earliest day a copy with that
 /// epoch could have been stored, and no further is needed.
@@ -603,6 +667,7 @@ conformance!(
     a_room_taken_over_after_idling_continues_its_seqs,
     spent_tokens_are_refused,
     announced_ranges_are_read_exactly,
+    rooms_are_caught_up_together,
 );
 
 /// A room's `last_seq` and `last_active` as its SQLite row holds them.
@@ -937,7 +1002,7 @@ async fn the_postgres_writer_plans_stay_index_lookups_from_an_empty_start() {
 /// partition would make every cross-node delivery dearer with each message stored that day.
 #[tokio::test]
 async fn cross_node_reads_stay_index_lookups_on_a_full_day() {
-    use nanochat::store::postgres::READ_RANGES;
+    use nanochat::store::postgres::{READ_AFTER, READ_RANGES};
     let (db, store) = pg_store().await;
     let client = cluster().connect(&db).await;
     // 200 000 of today's messages: 2 000 in each of 100 rooms.
@@ -985,6 +1050,39 @@ async fn cross_node_reads_stay_index_lookups_on_a_full_day() {
         assert!(
             plan.contains("Index"),
             "{count} ranges: no index in\n{plan}"
+        );
+    }
+
+    // A listener's catch-up: the last ten messages of every room, in one statement.
+    let after: Vec<([u8; 16], i64)> = rooms.iter().map(|r| (*r, 1990)).collect();
+    let found = store.messages_after(&after, 200, now_ms()).await.unwrap();
+    let got: Vec<([u8; 16], i64)> = found.iter().map(|(r, m)| (*r, m.seq)).collect();
+    let expected: Vec<([u8; 16], i64)> = rooms
+        .iter()
+        .flat_map(|r| (1991..=2000).map(move |s| (*r, s)))
+        .collect();
+    assert_eq!(got, expected, "room order, then seq order");
+    client
+        .batch_execute(&format!("PREPARE after AS {READ_AFTER}"))
+        .await
+        .unwrap();
+    for count in [3, 100] {
+        let args = |f: &dyn Fn(usize) -> String| (0..count).map(f).collect::<Vec<_>>().join(",");
+        let plan = explain(
+            &client,
+            &format!(
+                "EXECUTE after(ARRAY[{}]::bytea[], ARRAY[{}]::int8[], now() - interval '30 days', 200)",
+                args(&|i| format!("'\\x{:032x}'", i + 1)),
+                args(&|_| "1990".to_owned()),
+            ),
+        )
+        .await;
+        for bad in ["Seq Scan on", "Hash Join", "Merge Join"] {
+            assert!(!plan.contains(bad), "catch-up of {count}: {bad} in\n{plan}");
+        }
+        assert!(
+            plan.contains("Index"),
+            "catch-up of {count}: no index in\n{plan}"
         );
     }
 }
