@@ -49,6 +49,8 @@ const MAX_PAYLOAD: usize = 7800;
 /// At most this many notifications waiting for the listener are handled together (their
 /// ranges read in one query).
 const COALESCE: usize = 64;
+/// A listener connection that lasted this long is retried at once when it drops.
+const RECONNECT_AT_ONCE_AFTER: Duration = Duration::from_secs(1);
 /// Rooms read per statement when the listener catches up after (re)connecting.
 const CATCH_UP_ROOMS: usize = 500;
 /// Messages read per room and statement in a catch-up; a room with more is read again.
@@ -280,6 +282,10 @@ pub async fn listen(
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
+        // Listening until a moment ago (a connection that lasted): try again at once, as a
+        // dropped connection (a restarted proxy, a killed backend) usually connects again at
+        // once; the backoff is for a database that keeps refusing.
+        let mut listened_for = Duration::ZERO;
         let config = info.url.parse::<tokio_postgres::Config>().map(|mut c| {
             c.application_name(format!("nanochat-listener-{}", node_hex(info.node)));
             c
@@ -331,12 +337,14 @@ pub async fn listen(
                             ),
                         }
                         metrics.cluster_listening.set(1);
+                        let listening = std::time::Instant::now();
                         let mut payloads = Vec::new();
                         while rx.recv_many(&mut payloads, COALESCE).await > 0 {
                             handle(&payloads, &info, &*store, &hub, &metrics).await;
                             payloads.clear();
                         }
                         metrics.cluster_listening.set(0);
+                        listened_for = listening.elapsed();
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot LISTEN for cluster notifications"),
                 }
@@ -349,6 +357,9 @@ pub async fn listen(
             .cluster_notifications_total
             .with_label_values(&["reconnect"])
             .inc();
+        if listened_for >= RECONNECT_AT_ONCE_AFTER {
+            continue;
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
