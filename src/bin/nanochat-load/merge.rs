@@ -101,12 +101,14 @@ pub async fn run(args: &Args, dir: &std::path::Path) {
     let start = Instant::now();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let per_sender = args.rate as f64 / args.senders.max(1) as f64;
+    let period = Duration::from_secs_f64(1.0 / per_sender);
     let mut senders = Vec::new();
     for k in 0..args.senders.max(1) {
         let (writer, stop, rooms) = (writer.clone(), stop.clone(), live.clone());
+        let first = start + crate::stagger(k, args.senders.max(1), period);
         senders.push(tokio::spawn(async move {
             let origin = next_session_id();
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sender));
+            let mut tick = tokio::time::interval_at(first.into(), period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut waits = Vec::new();
             let mut i = k;

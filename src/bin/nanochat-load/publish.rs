@@ -204,7 +204,8 @@ pub async fn publishers(
         Pace::Rate(_) => 0,
     };
     let mut tasks = Vec::new();
-    for ws in sockets {
+    let count = sockets.len();
+    for (k, ws) in sockets.into_iter().enumerate() {
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let (mut sink, mut stream) = ws.split();
@@ -254,7 +255,13 @@ pub async fn publishers(
                 acks
             });
             let mut sent = 0usize;
-            let first = Instant::now();
+            let first = match pace {
+                Pace::Rate(per_sec) => {
+                    let period = Duration::from_secs_f64(1.0 / per_sec.max(0.001));
+                    Instant::now() + crate::stagger(k, count, period)
+                }
+                Pace::Window(_) => Instant::now(),
+            };
             while !stop.load(Ordering::Relaxed) {
                 let reference = match pace {
                     Pace::Window(_) => {
