@@ -304,7 +304,8 @@ fn the_fanout_summary_compares_medians_of_repeated_sweeps() {
 }
 
 #[actix_web::test]
-async fn the_fanout_scenario_runs_on_two_nodes_over_postgres_with_two_senders_per_room() {
+async fn the_fanout_scenario_runs_on_two_nodes_over_postgres_with_two_senders_per_room_and_a_listener_cut()
+ {
     let db = crate::pg::cluster().database().await;
     let report = run(&[
         "fanout",
@@ -321,9 +322,11 @@ async fn the_fanout_scenario_runs_on_two_nodes_over_postgres_with_two_senders_pe
         "--rate",
         "20",
         "--secs",
-        "1",
+        "2",
         "--room-senders",
         "2",
+        "--cut-listeners",
+        "1",
     ]);
     // Two members of each room send, through either node, and count each other's messages.
     assert_complete(&report);
@@ -333,6 +336,15 @@ async fn the_fanout_scenario_runs_on_two_nodes_over_postgres_with_two_senders_pe
     for key in ["held", "held_gap_reads", "gap_reads"] {
         assert!(report[key].is_u64(), "{key}: {report}");
     }
+    // Both nodes' listener connections were cut a second in; each caught its rooms up, and
+    // nothing was lost (above).
+    assert_eq!(report["listener_cuts"], 2, "{report}");
+    let catch_ups = report["catch_ups"].as_array().unwrap();
+    assert_eq!(catch_ups.len(), 2, "{report}");
+    assert!(
+        catch_ups.iter().all(|c| c[0].as_u64().unwrap() > 0),
+        "{report}"
+    );
 }
 
 #[test]

@@ -45,6 +45,9 @@ struct Args {
     senders: usize,
     /// Fan-out: members of each room that send (the first to arrive), sharing its rate.
     room_senders: usize,
+    /// Fan-out on Postgres: times the servers' cluster listener connections are cut during
+    /// the measured run, evenly spaced (they reconnect and catch up).
+    cut_listeners: usize,
     window: usize,
     rows: usize,
     /// Publish on Postgres only: messages stored yesterday before the run (a day of history
@@ -66,7 +69,7 @@ const USAGE: &str = "\
 usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in time)
   fanout  --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 2000]
           [--secs 10] [--warmup 0] [--postgres URL] [--nodes 1] [--timeline 0|1]
-          [--room-senders 1]
+          [--room-senders 1] [--cut-listeners 0]
   sweep   --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 1000]
           [--secs 6] [--warmup 0] [--steps 12] [--refine 2] [--postgres URL] [--nodes 1]
   idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
@@ -99,6 +102,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         sample_secs: 10,
         senders: 16,
         room_senders: 1,
+        cut_listeners: 0,
         window: 8,
         rows: 1_000_000,
         yesterday: 0,
@@ -129,6 +133,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--clients" => a.clients = num(&k, &v)?,
             "--senders" => a.senders = num(&k, &v)?,
             "--room-senders" => a.room_senders = num(&k, &v)?,
+            "--cut-listeners" => a.cut_listeners = num(&k, &v)?,
             "--window" => a.window = num(&k, &v)?,
             "--rows" => a.rows = num(&k, &v)?,
             "--yesterday" => a.yesterday = num(&k, &v)?,
@@ -147,6 +152,9 @@ struct Server {
     addr: String,
     /// NanoChat's admin listener (`/metrics`); none for the baselines.
     admin: Option<String>,
+    /// NanoChat's cluster catch-ups after its listener reconnected, from its log: rooms read
+    /// and milliseconds taken (those with no rooms, as at start-up, are left out).
+    catch_ups: Arc<Mutex<Vec<(u64, u64)>>>,
 }
 
 impl Server {
@@ -275,6 +283,8 @@ fn spawn_nanochat(
         .expect("start nanochat (build it: cargo build --release)");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
+    let catch_ups = Arc::new(Mutex::new(Vec::new()));
+    let caught_up = catch_ups.clone();
     // The whole log, to set beside a run's timeline: NANOCHAT_LOAD_SERVER_LOG names a file.
     let mut log_copy = std::env::var_os("NANOCHAT_LOAD_SERVER_LOG").map(|path| {
         std::fs::OpenOptions::new()
@@ -299,6 +309,13 @@ fn spawn_nanochat(
                 let port = |key: &str| v[key].as_u64().unwrap_or(0);
                 let _ = tx.send((port("port"), port("admin_port")));
             }
+            if v["message"] == "cluster listener caught up" {
+                let rooms = v["rooms"].as_u64().unwrap_or(0);
+                if rooms > 0 {
+                    let ms = v["ms"].as_u64().unwrap_or(0);
+                    caught_up.lock().expect("catch-ups").push((rooms, ms));
+                }
+            }
             // The server's warnings and errors explain a run that went wrong.
             if v["level"] == "WARN" || v["level"] == "ERROR" {
                 eprintln!("server: {line}");
@@ -312,6 +329,7 @@ fn spawn_nanochat(
         child,
         addr: format!("127.0.0.1:{port}"),
         admin: Some(format!("127.0.0.1:{admin_port}")),
+        catch_ups,
     }
 }
 
@@ -355,6 +373,7 @@ fn spawn_baseline(mut cmd: Command, what: &str) -> Server {
         child,
         addr,
         admin: None,
+        catch_ups: Arc::default(),
     }
 }
 
@@ -456,6 +475,14 @@ async fn main() {
         && (cmd != "publish" || args.target != "nanochat" || args.postgres.is_none())
     {
         eprintln!("nanochat-load {cmd}: --yesterday is for publish --target nanochat --postgres");
+        std::process::exit(2);
+    }
+    if args.cut_listeners > 0
+        && (cmd != "fanout" || args.target != "nanochat" || args.postgres.is_none())
+    {
+        eprintln!(
+            "nanochat-load {cmd}: --cut-listeners is for fanout --target nanochat --postgres"
+        );
         std::process::exit(2);
     }
     if cmd == "expiry" && args.postgres.is_none() {
@@ -691,6 +718,30 @@ fn spawn_targets(
     }
 }
 
+/// Cut every NanoChat cluster listener connection to the run's database (`url`), as a
+/// restarted proxy or a killed backend would; how many were cut.
+async fn cut_listeners(url: &str) -> u64 {
+    let cut = async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let row = client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name LIKE 'nanochat-listener-%'",
+                &[],
+            )
+            .await?;
+        Ok::<_, tokio_postgres::Error>(row.get::<_, i64>(0))
+    };
+    match cut.await {
+        Ok(n) => n as u64,
+        Err(e) => {
+            eprintln!("cannot cut the listener connections: {e}");
+            0
+        }
+    }
+}
+
 /// The highest fan-out rate a target sustains: fan-out runs from `--rate` up in steps of 25%,
 /// each against freshly started server(s), until a run loses a delivery or its p99 delivery
 /// latency exceeds 200 ms (or `--steps` runs were made; if the first run fails, the rate halves
@@ -914,6 +965,24 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }));
     }
+    // `--cut-listeners`: cut the servers' cluster listener connections while the run is
+    // measured, evenly spaced; the report counts the connections cut.
+    let cutter = args
+        .postgres
+        .clone()
+        .filter(|_| args.cut_listeners > 0)
+        .map(|url| {
+            let (n, measured) = (args.cut_listeners, Duration::from_secs(args.secs));
+            tokio::spawn(async move {
+                let mut cut = 0;
+                for i in 1..=n {
+                    let at = run_start + warmup + measured.mul_f64(i as f64 / (n + 1) as f64);
+                    tokio::time::sleep_until(at.into()).await;
+                    cut += cut_listeners(&url).await;
+                }
+                cut
+            })
+        });
     tokio::time::sleep_until((run_start + warmup).into()).await;
     let cpu_before: f64 = servers.iter().map(|s| cpu_seconds(s.child.id())).sum();
     let machine_before = MachineCpu::now();
@@ -946,6 +1015,14 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
             order_counts.insert(key.to_owned(), n.into());
         }
     }
+    let listener_cuts = match cutter {
+        Some(task) => Some(task.await.unwrap_or(0)),
+        None => None,
+    };
+    let catch_ups: Vec<(u64, u64)> = servers
+        .iter()
+        .flat_map(|s| s.catch_ups.lock().expect("catch-ups").clone())
+        .collect();
     drop(servers);
     for r in readers {
         let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
@@ -978,6 +1055,10 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
     });
     for (key, n) in order_counts {
         report[key] = n;
+    }
+    if let Some(cut) = listener_cuts {
+        report["listener_cuts"] = cut.into();
+        report["catch_ups"] = serde_json::json!(catch_ups);
     }
     if keep_timeline {
         report["measured_from_unix_ms"] = measured_from_unix_ms.into();
@@ -1068,7 +1149,10 @@ mod tests {
     /// Options are read by name; a mistake names the option instead of panicking.
     #[test]
     fn options_are_read_and_mistakes_named() {
-        let a = parse("--target bare --rooms 7 --rate 900 --postgres postgres://x").unwrap();
+        let a =
+            parse("--target bare --rooms 7 --rate 900 --postgres postgres://x --cut-listeners 2")
+                .unwrap();
+        assert_eq!(a.cut_listeners, 2);
         assert_eq!(
             (a.target.as_str(), a.rooms, a.rate, a.members),
             ("bare", 7, 900, 10)
