@@ -16,8 +16,8 @@
 //! - When the listener connection drops, it reconnects with backoff and then catches up: for
 //!   every room with local sockets it reads what was committed after the highest seq this
 //!   process knows, so nothing committed while it was away is skipped, and it closes the rooms
-//!   wiped meanwhile; 500 rooms per statement. The first connection at start-up catches up the
-//!   same way.
+//!   wiped meanwhile; up to 500 rooms per statement, within a bound on the bytes one statement
+//!   may bring. The first connection at start-up catches up the same way.
 //! - Each room delivers in seq order: a local message that arrives before an earlier one
 //!   still on its way through the listener is held until it comes ([`crate::hub`], *Order*);
 //!   after [`HOLD`] the room reads what is missing from storage once, for all its sockets
@@ -28,7 +28,7 @@
 //! in seq order; a client that reconnects and joins with `after` = the last seq it saw misses no
 //! acknowledged message.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,8 +53,21 @@ const COALESCE: usize = 64;
 const RECONNECT_AT_ONCE_AFTER: Duration = Duration::from_secs(1);
 /// Rooms read per statement when the listener catches up after (re)connecting.
 const CATCH_UP_ROOMS: usize = 500;
-/// Messages read per room and statement in a catch-up; a room with more is read again.
-const CATCH_UP_PAGE: u32 = 200;
+/// Most messages read per room and statement in a catch-up; a room with more is read again.
+const CATCH_UP_PAGE: usize = 200;
+/// Most ciphertext one catch-up statement may bring, counting each message at the largest
+/// ciphertext allowed (`limits.max_ct_bytes`): a catch-up after a long absence, with many busy
+/// rooms, then reads in more statements instead of holding gigabytes at once.
+const CATCH_UP_BYTES: usize = 16 << 20;
+
+/// How many of `pending` rooms the next catch-up statement reads, and how many messages of
+/// each: as many rooms as allowed, sharing the statement's [`CATCH_UP_BYTES`].
+fn catch_up_shape(pending: usize, max_ct_bytes: usize) -> (usize, u32) {
+    let rows = (CATCH_UP_BYTES / max_ct_bytes.max(1)).max(1);
+    let rooms = pending.min(CATCH_UP_ROOMS).min(rows).max(1);
+    let page = (rows / rooms).clamp(1, CATCH_UP_PAGE);
+    (rooms, page as u32)
+}
 
 /// Where a node's listener connects, and who the node is.
 #[derive(Debug, Clone)]
@@ -232,11 +245,17 @@ pub async fn fill_held_gaps(store: Arc<dyn Store>, hub: Arc<Hub>, metrics: Arc<M
 }
 
 /// Catch up every room with local sockets after the listener (re)connected: close the rooms
-/// another node wiped meanwhile, and publish what was committed to the others. Rooms are read
-/// [`CATCH_UP_ROOMS`] at a time, each statement for all of them, so thousands of rooms cost a
-/// few round trips rather than two each. Returns how many rooms it caught up.
-async fn catch_up(store: &dyn Store, hub: &Hub) -> Result<usize, crate::store::StoreError> {
+/// another node wiped meanwhile, and publish what was committed to the others. Each statement
+/// reads up to [`CATCH_UP_ROOMS`] rooms (a page of each, [`catch_up_shape`]); a room whose page
+/// was full goes to the back of the queue. So thousands of rooms cost a few round trips
+/// rather than two each. Returns how many rooms it caught up.
+async fn catch_up(
+    store: &dyn Store,
+    hub: &Hub,
+    max_ct_bytes: usize,
+) -> Result<usize, crate::store::StoreError> {
     let rooms = hub.rooms();
+    let mut pending: VecDeque<(RoomId, i64)> = VecDeque::with_capacity(rooms.len());
     for chunk in rooms.chunks(CATCH_UP_ROOMS) {
         let ids: Vec<RoomId> = chunk.iter().map(|(room, _)| *room).collect();
         let wiped: HashSet<RoomId> = store
@@ -247,28 +266,24 @@ async fn catch_up(store: &dyn Store, hub: &Hub) -> Result<usize, crate::store::S
         for room in &wiped {
             hub.nuke(room);
         }
-        let mut pending: Vec<(RoomId, i64)> = chunk
-            .iter()
-            .filter(|(room, _)| !wiped.contains(room))
-            .copied()
-            .collect();
-        while !pending.is_empty() {
-            let found = store
-                .messages_after(&pending, CATCH_UP_PAGE, now_ms())
-                .await?;
-            // Per room: how many came and the last seq, to go on after it when a page was full.
-            let mut read: HashMap<RoomId, (u32, i64)> = HashMap::new();
-            for (room, m) in &found {
-                publish_stored(hub, room, m);
-                let e = read.entry(*room).or_insert((0, m.seq));
-                *e = (e.0 + 1, m.seq);
-            }
-            pending = read
-                .into_iter()
-                .filter(|(_, (count, _))| *count >= CATCH_UP_PAGE)
-                .map(|(room, (_, last))| (room, last))
-                .collect();
+        pending.extend(chunk.iter().filter(|(room, _)| !wiped.contains(room)));
+    }
+    while !pending.is_empty() {
+        let (count, page) = catch_up_shape(pending.len(), max_ct_bytes);
+        let batch: Vec<(RoomId, i64)> = pending.drain(..count).collect();
+        let found = store.messages_after(&batch, page, now_ms()).await?;
+        // Per room: how many came and the last seq, to go on after it when its page was full.
+        let mut read: HashMap<RoomId, (u32, i64)> = HashMap::new();
+        for (room, m) in &found {
+            publish_stored(hub, room, m);
+            let e = read.entry(*room).or_insert((0, m.seq));
+            *e = (e.0 + 1, m.seq);
         }
+        pending.extend(
+            read.into_iter()
+                .filter(|(_, (n, _))| *n >= page)
+                .map(|(room, (_, last))| (room, last)),
+        );
     }
     Ok(rooms.len())
 }
@@ -279,6 +294,7 @@ pub async fn listen(
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    max_ct_bytes: usize,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -325,7 +341,7 @@ pub async fn listen(
                             .inc();
                         // Notifications queue up from here on; the catch-up covers before.
                         let started = std::time::Instant::now();
-                        match catch_up(&*store, &hub).await {
+                        match catch_up(&*store, &hub, max_ct_bytes).await {
                             Ok(rooms) => tracing::info!(
                                 rooms,
                                 ms = started.elapsed().as_millis() as u64,
@@ -389,6 +405,28 @@ mod tests {
         }
         assert_eq!(seen, 500);
         assert_eq!(message_payloads(7, &rooms[..3]).len(), 1);
+    }
+
+    /// A catch-up statement reads as many rooms as allowed, and no more ciphertext than
+    /// `CATCH_UP_BYTES` even if every message were as large as allowed.
+    #[test]
+    fn catch_up_statements_stay_within_their_bytes() {
+        assert_eq!(catch_up_shape(3_750, 8192), (500, 4));
+        assert_eq!(catch_up_shape(3, 8192), (3, 200));
+        assert_eq!(catch_up_shape(3_750, 16), (500, 200));
+        assert_eq!(catch_up_shape(3_750, 1 << 20), (16, 1));
+        assert_eq!(catch_up_shape(0, 8192), (1, 200));
+        for pending in [1, 7, 499, 500, 501, 10_000] {
+            for ct in [16, 1000, 8192, 65_536, 1 << 20] {
+                let (rooms, page) = catch_up_shape(pending, ct);
+                assert!(rooms >= 1 && rooms <= pending.max(1) && rooms <= CATCH_UP_ROOMS);
+                assert!(page >= 1 && page as usize <= CATCH_UP_PAGE);
+                assert!(
+                    rooms * page as usize * ct <= CATCH_UP_BYTES,
+                    "{pending} {ct}"
+                );
+            }
+        }
     }
 
     #[test]

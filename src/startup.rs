@@ -663,6 +663,7 @@ impl Application {
                     state.store.clone(),
                     state.hub.clone(),
                     state.metrics.clone(),
+                    state.settings.limits.max_ct_bytes,
                 ),
             );
         }
