@@ -306,6 +306,17 @@ pub fn partition_day(name: &str) -> Option<i64> {
     (estimate - 40..estimate + 40).find(|&day| civil_from_days(day) == (y, m, d))
 }
 
+/// Rows of `(room_id, seq, created_at, epoch, iv, ct)`, as [`READ_RANGES`] and [`READ_AFTER`]
+/// return them.
+fn room_messages(rows: &[tokio_postgres::Row]) -> Vec<(RoomId, StoredMessage)> {
+    rows.iter()
+        .filter_map(|r| {
+            let room: RoomId = r.get::<_, &[u8]>(0).try_into().ok()?;
+            Some((room, stored_message(r, 1)))
+        })
+        .collect()
+}
+
 /// A message read from its columns `seq, created_at, epoch, iv, ct`, starting at `first`.
 fn stored_message(r: &tokio_postgres::Row, first: usize) -> StoredMessage {
     StoredMessage {
@@ -1196,13 +1207,7 @@ impl Store for PgStore {
             .query(&stmt, &[&rooms, &firsts, &lasts, &from, &to])
             .await
             .map_err(pg_err)?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| {
-                let room: RoomId = r.get::<_, &[u8]>(0).try_into().ok()?;
-                Some((room, stored_message(r, 1)))
-            })
-            .collect())
+        Ok(room_messages(&rows))
     }
 
     async fn messages_after(
@@ -1220,13 +1225,7 @@ impl Store for PgStore {
             .query(&stmt, &[&ids, &afters, &from, &i64::from(limit)])
             .await
             .map_err(pg_err)?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| {
-                let room: RoomId = r.get::<_, &[u8]>(0).try_into().ok()?;
-                Some((room, stored_message(r, 1)))
-            })
-            .collect())
+        Ok(room_messages(&rows))
     }
 
     async fn wiped_rooms(&self, rooms: &[RoomId], now: Millis) -> Result<Vec<RoomId>, StoreError> {

@@ -277,6 +277,19 @@ async fn panic_on_one_node_closes_the_room_on_the_other() {
     );
 }
 
+/// Terminate a node's cluster listener connection (it reconnects and catches up).
+async fn cut_listener(app: &TestApp) {
+    let db = app.db.as_ref().unwrap();
+    let node = format!("{:016x}", app.state.store.cluster().unwrap().node);
+    crate::pg::cluster()
+        .admin(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = '{}' AND application_name = 'nanochat-listener-{node}'",
+            db.name
+        ))
+        .await;
+}
+
 /// Wait until a node's cluster listener receives notifications.
 async fn until_listening(app: &TestApp) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -313,14 +326,7 @@ async fn a_wipe_missed_while_the_listener_was_away_closes_the_room_on_reconnect(
         ),
         "no notice yet: nothing told this node"
     );
-    let node = format!("{:016x}", a.state.store.cluster().unwrap().node);
-    crate::pg::cluster()
-        .admin(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE datname = '{}' AND application_name = 'nanochat-listener-{node}'",
-            db.name
-        ))
-        .await;
+    cut_listener(&a).await;
     assert_eq!(alice.recv().await.unwrap(), ServerFrame::Nuked);
     expect_close(&mut alice, 1000).await;
     until_listening(&a).await;
@@ -366,15 +372,7 @@ async fn messages_missed_while_the_listener_was_away_arrive_on_reconnect() {
         ),
         "nothing told this node yet"
     );
-    let db = a.db.as_ref().unwrap();
-    let node = format!("{:016x}", a.state.store.cluster().unwrap().node);
-    crate::pg::cluster()
-        .admin(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE datname = '{}' AND application_name = 'nanochat-listener-{node}'",
-            db.name
-        ))
-        .await;
+    cut_listener(&a).await;
     for ((client, keys), texts) in [(&mut bob, &busy), (&mut dave, &quiet)]
         .into_iter()
         .zip(missed)
