@@ -277,6 +277,17 @@ async fn panic_on_one_node_closes_the_room_on_the_other() {
     );
 }
 
+/// Assert that nothing reaches `client` for `ms` milliseconds.
+async fn assert_silent(client: &mut Client, ms: u64, why: &str) {
+    assert!(
+        matches!(
+            tokio::time::timeout(Duration::from_millis(ms), client.recv()).await,
+            Err(_) | Ok(Err(ClientError::Timeout))
+        ),
+        "{why}"
+    );
+}
+
 /// Terminate a node's cluster listener connection (it reconnects and catches up).
 async fn cut_listener(app: &TestApp) {
     let db = app.db.as_ref().unwrap();
@@ -319,13 +330,7 @@ async fn a_wipe_missed_while_the_listener_was_away_closes_the_room_on_reconnect(
         .await
         .unwrap();
     assert_eq!(wiped, 1);
-    assert!(
-        matches!(
-            tokio::time::timeout(Duration::from_millis(500), alice.recv()).await,
-            Err(_) | Ok(Err(ClientError::Timeout))
-        ),
-        "no notice yet: nothing told this node"
-    );
+    assert_silent(&mut alice, 500, "no notice yet: nothing told this node").await;
     cut_listener(&a).await;
     assert_eq!(alice.recv().await.unwrap(), ServerFrame::Nuked);
     expect_close(&mut alice, 1000).await;
@@ -365,13 +370,7 @@ async fn messages_missed_while_the_listener_was_away_arrive_on_reconnect() {
                 .collect::<Vec<_>>(),
         );
     }
-    assert!(
-        matches!(
-            tokio::time::timeout(Duration::from_millis(300), bob.recv()).await,
-            Err(_) | Ok(Err(ClientError::Timeout))
-        ),
-        "nothing told this node yet"
-    );
+    assert_silent(&mut bob, 300, "nothing told this node yet").await;
     cut_listener(&a).await;
     for ((client, keys), texts) in [(&mut bob, &busy), (&mut dave, &quiet)]
         .into_iter()
