@@ -529,6 +529,17 @@ fn the_abuse_scenario_runs_and_the_flooder_is_thrown_out() {
     );
 }
 
+/// The soak's watchers stayed in rooms, got live messages, and every one continued their
+/// sequence by one; none was missing when they checked, and every wipe reached them.
+fn assert_watched_cleanly(report: &serde_json::Value) {
+    assert!(report["watches"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["live"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["live_out_of_order"], 0, "{report}");
+    assert_eq!(report["live_missing"], 0, "{report}");
+    assert_eq!(report["wipes_missed"], 0, "{report}");
+    assert_eq!(report["watcher_errors"], 0, "{report}");
+}
+
 #[test]
 fn the_soak_scenario_runs_and_expires_aged_rows() {
     let report = run(&[
@@ -537,9 +548,12 @@ fn the_soak_scenario_runs_and_expires_aged_rows() {
         "8",
         "--clients",
         "4",
+        "--watchers",
+        "8",
         "--sample-secs",
         "2",
     ]);
+    assert_watched_cleanly(&report);
     assert!(report["acks"].as_u64().unwrap() > 0, "{report}");
     assert!(report["creates"].as_u64().unwrap() > 0, "{report}");
     assert!(
@@ -563,6 +577,42 @@ fn the_soak_scenario_runs_and_expires_aged_rows() {
             .as_f64()
             .unwrap()
             >= 2048.0,
+        "{report}"
+    );
+}
+
+#[actix_web::test]
+async fn the_soak_scenario_runs_on_two_nodes_over_postgres_with_a_listener_cut() {
+    let db = crate::pg::cluster().database().await;
+    let report = run(&[
+        "soak",
+        "--postgres",
+        &db.url,
+        "--nodes",
+        "2",
+        "--cut-listeners",
+        "1",
+        "--secs",
+        "8",
+        "--clients",
+        "4",
+        "--watchers",
+        "8",
+        "--sample-secs",
+        "2",
+    ]);
+    assert_eq!(report["nodes"], 2, "{report}");
+    assert_eq!(report["backend"], "postgres", "{report}");
+    assert!(report["acks"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["client_errors"], 0, "{report}");
+    assert_eq!(report["bad_histories"], 0, "{report}");
+    // Clients and watchers picked either process, so live messages crossed between them,
+    // across a cut of both listener connections, and arrived whole and in order.
+    assert_eq!(report["listener_cuts"], 2, "{report}");
+    assert_watched_cleanly(&report);
+    // Both processes' memory, descriptors and threads were sampled.
+    assert!(
+        report["trend"]["threads"]["max"].as_f64().unwrap() > 0.0,
         "{report}"
     );
 }
@@ -628,6 +678,16 @@ fn the_load_generator_refuses_runs_it_cannot_do() {
             "--yesterday is for publish --target nanochat --postgres",
         ),
         (&["publish", "--secs", "100000"][..], "runs are bounded"),
+        // Two SQLite servers would each keep a database of their own: no cluster.
+        (
+            &["soak", "--nodes", "2"][..],
+            "more than 1 is for fanout, sweep and soak with --target nanochat --postgres",
+        ),
+        (&["fanout", "--nodes", "0"][..], "--nodes is at least 1"),
+        (
+            &["soak", "--cut-listeners", "1"][..],
+            "--cut-listeners is for fanout --target nanochat --postgres and soak --postgres",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_nanochat-load"))
             .args(args)

@@ -41,12 +41,14 @@ struct Args {
     /// Seconds of load before a fan-out or publish run starts measuring.
     warmup: u64,
     clients: usize,
+    /// Soak: sockets that stay in rooms and check the live messages they get.
+    watchers: usize,
     sample_secs: u64,
     senders: usize,
     /// Fan-out: members of each room that send (the first to arrive), sharing its rate.
     room_senders: usize,
-    /// Fan-out on Postgres: times the servers' cluster listener connections are cut during
-    /// the measured run, evenly spaced (they reconnect and catch up).
+    /// Fan-out and soak on Postgres: times the servers' cluster listener connections are cut
+    /// during the measured run, evenly spaced (they reconnect and catch up).
     cut_listeners: usize,
     window: usize,
     rows: usize,
@@ -73,7 +75,8 @@ usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in 
   sweep   --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 1000]
           [--secs 6] [--warmup 0] [--steps 12] [--refine 2] [--postgres URL] [--nodes 1]
   idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
-  soak    [--secs 1800] [--clients 40] [--sample-secs 10] [--postgres URL]
+  soak    [--secs 1800] [--clients 40] [--watchers 50] [--sample-secs 10]
+          [--postgres URL [--nodes 1] [--cut-listeners 0]]
   expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
           [--timeline 0|1]
   merge   [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5] [--expired 0|1]
@@ -99,6 +102,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         secs: 10,
         warmup: 0,
         clients: 40,
+        watchers: 50,
         sample_secs: 10,
         senders: 16,
         room_senders: 1,
@@ -131,6 +135,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--steps" => a.steps = num(&k, &v)?,
             "--refine" => a.refine = num(&k, &v)?,
             "--clients" => a.clients = num(&k, &v)?,
+            "--watchers" => a.watchers = num(&k, &v)?,
             "--senders" => a.senders = num(&k, &v)?,
             "--room-senders" => a.room_senders = num(&k, &v)?,
             "--cut-listeners" => a.cut_listeners = num(&k, &v)?,
@@ -478,10 +483,27 @@ async fn main() {
         std::process::exit(2);
     }
     if args.cut_listeners > 0
-        && (cmd != "fanout" || args.target != "nanochat" || args.postgres.is_none())
+        && (!["fanout", "soak"].contains(&cmd.as_str())
+            || args.target != "nanochat"
+            || args.postgres.is_none())
     {
         eprintln!(
-            "nanochat-load {cmd}: --cut-listeners is for fanout --target nanochat --postgres"
+            "nanochat-load {cmd}: --cut-listeners is for fanout --target nanochat --postgres \
+             and soak --postgres"
+        );
+        std::process::exit(2);
+    }
+    // Several processes act as one only through Postgres; with SQLite each would have a
+    // database of its own and the members of a room on different ones would never meet.
+    if args.nodes == 0
+        || args.nodes > 1
+            && (!["fanout", "sweep", "soak"].contains(&cmd.as_str())
+                || args.target != "nanochat"
+                || args.postgres.is_none())
+    {
+        eprintln!(
+            "nanochat-load {cmd}: --nodes is at least 1, and more than 1 is for fanout, sweep \
+             and soak with --target nanochat --postgres"
         );
         std::process::exit(2);
     }
@@ -550,7 +572,7 @@ async fn run_scenario(cmd: &str, args: &Args) {
         "expiry" => expiry::run(args, single).await,
         "abuse" => abuse::run(args, single).await,
         "publish" => publish::over_sockets(args, single, rooms).await,
-        "soak" => soak::run(args, single, &dir.join("node0")).await,
+        "soak" => soak::run(args, &servers, &dir.join("node0")).await,
         "idle" => idle(args, single).await,
         _ => println!("{}", fanout(args, servers).await),
     }

@@ -7,6 +7,15 @@
 //! known one, send a few messages and wait for each answer, sometimes page history, sometimes
 //! wipe the room with `panic`, then leave (politely or by dropping the socket).
 //!
+//! Watchers (`--watchers`) check live delivery meanwhile: each joins a room the churn uses, stays
+//! a few seconds and checks that the live messages it gets continue the page `joined` gave it
+//! one by one (every seq once, in order, none missing), that it got at least every message
+//! acknowledged to a sender five seconds before it left, and that it is told of the room's
+//! wipe when a churning client presses panic. With `--postgres` and `--nodes N`, clients and
+//! watchers pick a process at random, so most of what a watcher gets crossed from one process
+//! to another, and `--cut-listeners N` cuts the processes' cluster listener connections N times
+//! during the run.
+//!
 //! Expiry under a compressed clock: the server runs maintenance every 2 s, and every few
 //! seconds the soak ages the data instead of speeding the clock: it writes messages that are
 //! already past the 30-day retention (SQLite: straight into the database file, which WAL
@@ -14,6 +23,7 @@
 //! that day's partition). The server's own maintenance must expire them; the report shows how
 //! many aged rows were still waiting at each sample.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use nanochat::client::{Client, RoomSession};
 use nanochat::crypto::RoomKeys;
-use nanochat::protocol::{ClientFrame, HistoryQuery, ServerFrame};
+use nanochat::protocol::{ClientFrame, HistoryQuery, ServerFrame, WireMsg};
 use nanochat::store::{Millis, NewMessage, Store as _, now_ms};
 
 use crate::{Args, Server, rss_bytes};
@@ -52,6 +62,39 @@ struct Counters {
     errors: AtomicU64,
     aged_written: AtomicU64,
     refusal_codes: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Watchers' visits to a room, and the live messages they got.
+    watches: AtomicU64,
+    live: AtomicU64,
+    /// Live messages that did not continue a watcher's sequence by one: a repeat, an earlier
+    /// seq or a hole (and pages of `joined` that were not consecutive).
+    live_out_of_order: AtomicU64,
+    /// Acknowledged messages a watcher had not got when it checked.
+    live_missing: AtomicU64,
+    live_examples: Mutex<Vec<serde_json::Value>>,
+    /// Wipes a watcher was told of, and wipes a watcher in the room was not told of.
+    watched_wipes: AtomicU64,
+    wipes_missed: AtomicU64,
+    watcher_errors: AtomicU64,
+}
+
+impl Counters {
+    fn live_example(&self, example: serde_json::Value) {
+        let mut examples = self.live_examples.lock().expect("examples");
+        if examples.len() < 5 {
+            examples.push(example);
+        }
+    }
+}
+
+/// What the churn knows of its rooms, shared with the watchers.
+#[derive(Default)]
+struct Rooms {
+    /// Rooms to join (at most 200, the newest).
+    known: Vec<RoomKeys>,
+    /// Each room's highest seq acknowledged to a sender.
+    acked: HashMap<[u8; 16], i64>,
+    /// Rooms whose wipe the panicking client saw.
+    wiped: HashSet<[u8; 16]>,
 }
 
 fn proc_count(pid: u32, what: &str) -> u64 {
@@ -220,13 +263,18 @@ impl Ager {
     }
 }
 
-/// One churning client, until `stop`.
+/// One of the processes' WebSocket URLs, at random.
+fn any_of(urls: &[String]) -> &str {
+    &urls[rand::random::<u32>() as usize % urls.len()]
+}
+
+/// One churning client, until `stop`; each visit goes to one of `urls` at random.
 async fn churn(
     id: usize,
-    url: String,
-    rooms: Arc<Mutex<Vec<RoomKeys>>>,
+    urls: Arc<Vec<String>>,
+    rooms: Arc<Mutex<Rooms>>,
     counters: Arc<Counters>,
-    stop: Arc<AtomicBool>,
+    phase: Arc<Phase>,
 ) {
     let local = IpAddr::V4(Ipv4Addr::new(
         127,
@@ -235,9 +283,9 @@ async fn churn(
         2 + (id % 250) as u8,
     ));
     let mut round = 0u64;
-    while !stop.load(Ordering::Relaxed) {
+    while !phase.stop.load(Ordering::Relaxed) {
         round += 1;
-        if one_visit(&url, local, &rooms, &counters, round)
+        if one_visit(any_of(&urls), local, &rooms, &counters, round)
             .await
             .is_err()
         {
@@ -252,17 +300,16 @@ async fn churn(
 async fn one_visit(
     url: &str,
     local: IpAddr,
-    rooms: &Mutex<Vec<RoomKeys>>,
+    rooms: &Mutex<Rooms>,
     c: &Counters,
     round: u64,
 ) -> Result<(), nanochat::client::ClientError> {
     let mut client = Client::connect_from(url, local).await?;
     c.connects.fetch_add(1, Ordering::Relaxed);
-    let known = {
-        let r = rooms.lock().expect("rooms");
-        (!r.is_empty() && !rand::random::<u8>().is_multiple_of(4))
-            .then(|| r[rand::random::<u32>() as usize % r.len()].clone())
-    };
+    // Three visits in four join a room the churn knows, if any; the others create one.
+    let known = (!rand::random::<u8>().is_multiple_of(4))
+        .then(|| any_room(rooms))
+        .flatten();
     let keys = match known {
         Some(keys) => match client.join(&keys, None).await? {
             ServerFrame::Joined { .. } => {
@@ -271,10 +318,7 @@ async fn one_visit(
             }
             _ => {
                 // Wiped or expired meanwhile: forget it.
-                rooms
-                    .lock()
-                    .expect("rooms")
-                    .retain(|k| k.room_id != keys.room_id);
+                forget(rooms, &keys.room_id);
                 return Ok(());
             }
         },
@@ -286,7 +330,7 @@ async fn one_visit(
                 return Ok(());
             }
             c.creates.fetch_add(1, Ordering::Relaxed);
-            let mut r = rooms.lock().expect("rooms");
+            let r = &mut rooms.lock().expect("rooms").known;
             if r.len() >= 200 {
                 r.remove(0);
             }
@@ -309,6 +353,9 @@ async fn one_visit(
                 } if r == reference => {
                     c.acks.fetch_add(1, Ordering::Relaxed);
                     last_ack = seq;
+                    let acked = &mut rooms.lock().expect("rooms").acked;
+                    let max = acked.entry(keys.room_id).or_default();
+                    *max = (*max).max(seq);
                     break;
                 }
                 ServerFrame::Error {
@@ -372,11 +419,21 @@ async fn one_visit(
     }
     if rand::random::<u8>().is_multiple_of(25) {
         client.send_json(&ClientFrame::Panic.to_json()).await?;
-        rooms
-            .lock()
-            .expect("rooms")
-            .retain(|k| k.room_id != keys.room_id);
+        forget(rooms, &keys.room_id);
         c.panics.fetch_add(1, Ordering::Relaxed);
+        // The panicking socket is told too: from then on every watcher of the room must be.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), client.recv()).await {
+                Ok(Ok(ServerFrame::Nuked)) => {
+                    rooms.lock().expect("rooms").wiped.insert(keys.room_id);
+                    break;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(nanochat::client::ClientError::Timeout),
+            }
+        }
+        return Ok(());
     }
     if rand::random::<bool>() {
         client.close().await;
@@ -384,41 +441,230 @@ async fn one_visit(
     Ok(())
 }
 
-pub async fn run(args: &Args, server: &Server, data_dir: &Path) {
-    let pid = server.pid();
-    let url = format!("ws://{}/ws", server.addr);
+/// One of the rooms the churn knows, at random.
+fn any_room(rooms: &Mutex<Rooms>) -> Option<RoomKeys> {
+    let known = &rooms.lock().expect("rooms").known;
+    (!known.is_empty()).then(|| known[rand::random::<u32>() as usize % known.len()].clone())
+}
+
+/// Drop a room from those the churn joins (wiped, or gone).
+fn forget(rooms: &Mutex<Rooms>, room: &[u8; 16]) {
+    rooms
+        .lock()
+        .expect("rooms")
+        .known
+        .retain(|k| &k.room_id != room);
+}
+
+/// How long before leaving a watcher notes what it must have got by then.
+const WATCH_GRACE: Duration = Duration::from_secs(5);
+
+/// Flags the run raises at its end: `stop` for everyone, then `churn_done` once every
+/// churning client has finished, so that the rooms' acknowledged seqs are final.
+#[derive(Default)]
+struct Phase {
+    stop: AtomicBool,
+    churn_done: AtomicBool,
+}
+
+/// One watcher, until the run ends: visit rooms the churn uses, one after the other.
+async fn watcher(
+    id: usize,
+    url: String,
+    rooms: Arc<Mutex<Rooms>>,
+    counters: Arc<Counters>,
+    phase: Arc<Phase>,
+) {
+    let local = IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        200 + (id / 250) as u8,
+        2 + (id % 250) as u8,
+    ));
+    while !phase.stop.load(Ordering::Relaxed) {
+        let Some(keys) = any_room(&rooms) else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if watch(&url, local, &keys, &rooms, &counters, &phase)
+            .await
+            .is_err()
+        {
+            counters.watcher_errors.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A watcher's stay in one room: join, then take live messages until it is time to leave
+/// (or the run ends), checking them as it goes and what it got when it leaves.
+async fn watch(
+    url: &str,
+    local: IpAddr,
+    keys: &RoomKeys,
+    rooms: &Mutex<Rooms>,
+    c: &Counters,
+    phase: &Phase,
+) -> Result<(), nanochat::client::ClientError> {
+    let room = keys.room_id;
+    let mut client = Client::connect_from(url, local).await?;
+    let mut last = match client.join(keys, None).await? {
+        ServerFrame::Joined { messages, .. } => {
+            if !messages.windows(2).all(|w| w[1].seq == w[0].seq + 1) {
+                c.live_out_of_order.fetch_add(1, Ordering::Relaxed);
+                c.live_example(serde_json::json!({
+                    "joined_page": messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+                }));
+            }
+            messages.last().map_or(0, |m| m.seq)
+        }
+        _ => {
+            forget(rooms, &room);
+            return Ok(());
+        }
+    };
+    c.watches.fetch_add(1, Ordering::Relaxed);
+    let observe = |m: &WireMsg, last: &mut i64| {
+        if m.seq == *last + 1 {
+            c.live.fetch_add(1, Ordering::Relaxed);
+        } else {
+            c.live_out_of_order.fetch_add(1, Ordering::Relaxed);
+            c.live_example(serde_json::json!({"expected": *last + 1, "got": m.seq}));
+        }
+        *last = (*last).max(m.seq);
+    };
+    // What the room's senders had had acknowledged, and whether it had been wiped, at a
+    // moment: by `WATCH_GRACE` later this watcher must have every such message, or the wipe.
+    let noted = || {
+        let r = rooms.lock().expect("rooms");
+        (
+            r.acked.get(&room).copied().unwrap_or(0),
+            r.wiped.contains(&room),
+        )
+    };
+    let stay = Duration::from_millis(6_000 + rand::random::<u64>() % 14_000);
+    let started = Instant::now();
+    let mut must: Option<(i64, bool)> = None;
+    let mut check_by = started + stay;
+    let mut at_end = false;
+    loop {
+        if !at_end && phase.stop.load(Ordering::Relaxed) {
+            // The run is ending: once the churn has finished, every acknowledged seq is
+            // known, and the watcher must get up to it (or the wipe) within the grace.
+            if phase.churn_done.load(Ordering::Relaxed) {
+                at_end = true;
+                must = Some(noted());
+                check_by = Instant::now() + WATCH_GRACE;
+            }
+        } else if must.is_none() && started.elapsed() + WATCH_GRACE >= stay {
+            must = Some(noted());
+        }
+        if let Some((acked, wiped)) = must {
+            // At the end of the run, leave as soon as everything owed has arrived.
+            let satisfied = at_end && !wiped && last >= acked;
+            if satisfied || Instant::now() >= check_by {
+                if wiped {
+                    c.wipes_missed.fetch_add(1, Ordering::Relaxed);
+                    c.live_example(serde_json::json!({"wipe_missed": true, "last": last}));
+                } else if last < acked {
+                    c.live_missing
+                        .fetch_add((acked - last) as u64, Ordering::Relaxed);
+                    c.live_example(serde_json::json!({"missing_after": last, "acked": acked}));
+                }
+                client.close().await;
+                return Ok(());
+            }
+        }
+        // Short waits, so that the checks above run on time however quiet the room.
+        match tokio::time::timeout(Duration::from_millis(50), client.recv()).await {
+            Err(_) => {}
+            Ok(frame) => match frame? {
+                ServerFrame::Msg(m) => observe(&m, &mut last),
+                ServerFrame::Nuked => {
+                    c.watched_wipes.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+pub async fn run(args: &Args, servers: &[Server], data_dir: &Path) {
+    let pids: Vec<u32> = servers.iter().map(|s| s.pid()).collect();
+    let urls: Arc<Vec<String>> = Arc::new(
+        servers
+            .iter()
+            .map(|s| format!("ws://{}/ws", s.addr))
+            .collect(),
+    );
     let counters = Arc::new(Counters::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let rooms = Arc::new(Mutex::new(Vec::new()));
+    let phase = Arc::new(Phase::default());
+    let rooms = Arc::new(Mutex::new(Rooms::default()));
     let workers: Vec<_> = (0..args.clients)
         .map(|id| {
             tokio::spawn(churn(
                 id,
-                url.clone(),
+                urls.clone(),
                 rooms.clone(),
                 counters.clone(),
-                stop.clone(),
+                phase.clone(),
             ))
         })
         .collect();
+    let watchers: Vec<_> = (0..args.watchers)
+        .map(|id| {
+            tokio::spawn(watcher(
+                id,
+                urls[id % urls.len()].clone(),
+                rooms.clone(),
+                counters.clone(),
+                phase.clone(),
+            ))
+        })
+        .collect();
+    // Cut the cluster listeners `--cut-listeners` times, evenly over the run.
+    let cutter = args
+        .postgres
+        .clone()
+        .filter(|_| args.cut_listeners > 0)
+        .map(|url| {
+            let (n, secs) = (args.cut_listeners, Duration::from_secs(args.secs));
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut cut = 0;
+                for i in 1..=n {
+                    let at = started + secs.mul_f64(i as f64 / (n + 1) as f64);
+                    tokio::time::sleep_until(at.into()).await;
+                    cut += crate::cut_listeners(&url).await;
+                }
+                cut
+            })
+        });
     let mut ager = Ager::open(args, data_dir).await;
     let start = Instant::now();
     let mut samples = Vec::new();
     let mut next_sample = Duration::ZERO;
+    let sum = |f: &dyn Fn(u32) -> u64| pids.iter().map(|&p| f(p)).sum::<u64>();
     while start.elapsed() < Duration::from_secs(args.secs) {
         if start.elapsed() >= next_sample {
-            let (aged_left, db_conns) = ager.sample(pid).await;
+            let (aged_left, db_conns) = ager.sample(pids[0]).await;
+            let mut filter_kib = None;
+            for s in servers {
+                if let Some(b) = scrape(s.admin.as_deref(), "nanochat_replay_filter_bytes").await {
+                    *filter_kib.get_or_insert(0) += b / 1024;
+                }
+            }
             let sample = serde_json::json!({
                 "t_s": start.elapsed().as_secs(),
-                "rss_kib": rss_bytes(pid) / 1024,
-                "fds": proc_count(pid, "fds"),
-                "threads": proc_count(pid, "threads"),
+                "rss_kib": sum(&|p| rss_bytes(p) / 1024),
+                "fds": sum(&|p| proc_count(p, "fds")),
+                "threads": sum(&|p| proc_count(p, "threads")),
                 "db_connections": db_conns,
                 "aged_rows_waiting": aged_left,
-                "replay_filter_kib": scrape(server.admin.as_deref(), "nanochat_replay_filter_bytes")
-                    .await
-                    .map(|b| b / 1024),
+                "replay_filter_kib": filter_kib,
                 "acks": counters.acks.load(Ordering::Relaxed),
+                "live": counters.live.load(Ordering::Relaxed),
             });
             eprintln!("{sample}");
             samples.push(sample);
@@ -428,10 +674,22 @@ pub async fn run(args: &Args, server: &Server, data_dir: &Path) {
         counters.aged_written.fetch_add(written, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    stop.store(true, Ordering::Relaxed);
+    phase.stop.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
     }
+    phase.churn_done.store(true, Ordering::Relaxed);
+    for w in watchers {
+        let _ = tokio::time::timeout(WATCH_GRACE + Duration::from_secs(5), w).await;
+    }
+    let listener_cuts = match cutter {
+        Some(task) => Some(task.await.unwrap_or(0)),
+        None => None,
+    };
+    let catch_ups: Vec<(u64, u64)> = servers
+        .iter()
+        .flat_map(|s| s.catch_ups.lock().expect("catch-ups").clone())
+        .collect();
     // Flatness after warm-up: compare the last fifth of the run with the second fifth.
     let series = |key: &str| -> Vec<f64> {
         samples
@@ -485,6 +743,18 @@ pub async fn run(args: &Args, server: &Server, data_dir: &Path) {
         "client_errors": load(&c.errors),
         "aged_rows_written": load(&c.aged_written),
         "aged_rows_waiting_at_end": samples.last().map_or(0, |s| s["aged_rows_waiting"].as_u64().unwrap_or(0)),
+        "nodes": servers.len(),
+        "watchers": args.watchers,
+        "watches": load(&c.watches),
+        "live": load(&c.live),
+        "live_out_of_order": load(&c.live_out_of_order),
+        "live_missing": load(&c.live_missing),
+        "live_examples": *c.live_examples.lock().expect("examples"),
+        "watched_wipes": load(&c.watched_wipes),
+        "wipes_missed": load(&c.wipes_missed),
+        "watcher_errors": load(&c.watcher_errors),
+        "listener_cuts": listener_cuts,
+        "catch_ups": catch_ups,
         "trend": trend,
         "samples": samples.len(),
     });
