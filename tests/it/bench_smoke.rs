@@ -538,6 +538,8 @@ fn assert_watched_cleanly(report: &serde_json::Value) {
     assert_eq!(report["live_missing"], 0, "{report}");
     assert_eq!(report["wipes_missed"], 0, "{report}");
     assert_eq!(report["watcher_errors"], 0, "{report}");
+    // The first stay of each watcher lost its connection and came back with `after`.
+    assert!(report["resumes"].as_u64().unwrap() > 0, "{report}");
 }
 
 #[test]

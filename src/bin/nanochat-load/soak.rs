@@ -37,8 +37,13 @@ use nanochat::store::{Millis, NewMessage, Store as _, now_ms};
 
 use crate::{Args, Server, rss_bytes};
 
-/// Server settings for the soak: maintenance every 2 s, limits out of the way of the churn.
-pub const SERVER_ENV: [(&str, &str); 1] = [("NANOCHAT__RETENTION__MAINTENANCE_INTERVAL_SECS", "2")];
+/// Server settings for the soak: maintenance every 2 s, and `join` pages of 5 messages (100
+/// by default), so that a watcher coming back to a room after a few seconds pages the rest in
+/// with `history`, as clients that were away longer do.
+pub const SERVER_ENV: [(&str, &str); 2] = [
+    ("NANOCHAT__RETENTION__MAINTENANCE_INTERVAL_SECS", "2"),
+    ("NANOCHAT__LIMITS__HISTORY", "5"),
+];
 
 const DAY_MS: Millis = 86_400_000;
 /// Aged rows are this old: past the 30-day retention.
@@ -75,6 +80,11 @@ struct Counters {
     watched_wipes: AtomicU64,
     wipes_missed: AtomicU64,
     watcher_errors: AtomicU64,
+    /// Watchers' returns to a room with `after`, and the stored messages they got back.
+    resumes: AtomicU64,
+    resumed: AtomicU64,
+    /// `history` pages they read after the page of `joined`.
+    resume_pages: AtomicU64,
 }
 
 impl Counters {
@@ -308,7 +318,7 @@ async fn one_visit(
     c.connects.fetch_add(1, Ordering::Relaxed);
     // Three visits in four join a room the churn knows, if any; the others create one.
     let known = (!rand::random::<u8>().is_multiple_of(4))
-        .then(|| any_room(rooms))
+        .then(|| any_room(rooms, usize::MAX))
         .flatten();
     let keys = match known {
         Some(keys) => match client.join(&keys, None).await? {
@@ -441,11 +451,17 @@ async fn one_visit(
     Ok(())
 }
 
-/// One of the rooms the churn knows, at random.
-fn any_room(rooms: &Mutex<Rooms>) -> Option<RoomKeys> {
+/// One of the rooms the churn knows, at random; `newest` limits the choice to that many of
+/// the newest.
+fn any_room(rooms: &Mutex<Rooms>, newest: usize) -> Option<RoomKeys> {
     let known = &rooms.lock().expect("rooms").known;
-    (!known.is_empty()).then(|| known[rand::random::<u32>() as usize % known.len()].clone())
+    let n = known.len().min(newest);
+    (n > 0).then(|| known[known.len() - 1 - rand::random::<u32>() as usize % n].clone())
 }
+
+/// Watchers pick among this many of the newest rooms: the churn creates rooms fast enough
+/// that the oldest of its 200 are dropped within seconds, and a watcher stays up to 12 s.
+const WATCHED_NEWEST: usize = 20;
 
 /// Drop a room from those the churn joins (wiped, or gone).
 fn forget(rooms: &Mutex<Rooms>, room: &[u8; 16]) {
@@ -470,7 +486,7 @@ struct Phase {
 /// One watcher, until the run ends: visit rooms the churn uses, one after the other.
 async fn watcher(
     id: usize,
-    url: String,
+    urls: Arc<Vec<String>>,
     rooms: Arc<Mutex<Rooms>>,
     counters: Arc<Counters>,
     phase: Arc<Phase>,
@@ -481,12 +497,15 @@ async fn watcher(
         200 + (id / 250) as u8,
         2 + (id % 250) as u8,
     ));
+    let mut visits = 0u64;
     while !phase.stop.load(Ordering::Relaxed) {
-        let Some(keys) = any_room(&rooms) else {
+        let Some(keys) = any_room(&rooms, WATCHED_NEWEST) else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        if watch(&url, local, &keys, &rooms, &counters, &phase)
+        visits += 1;
+        let drops = visits % 2 == 1;
+        if watch(&urls, local, &keys, drops, &rooms, &counters, &phase)
             .await
             .is_err()
         {
@@ -496,43 +515,121 @@ async fn watcher(
     }
 }
 
-/// A watcher's stay in one room: join, then take live messages until it is time to leave
-/// (or the run ends), checking them as it goes and what it got when it leaves.
-async fn watch(
-    url: &str,
+/// A live message: it must continue the socket's live sequence by one (which starts after
+/// the last seq of `joined`).
+fn observe(c: &Counters, m: &WireMsg, last: &mut i64) {
+    if m.seq == *last + 1 {
+        c.live.fetch_add(1, Ordering::Relaxed);
+    } else {
+        c.live_out_of_order.fetch_add(1, Ordering::Relaxed);
+        c.live_example(serde_json::json!({"expected": *last + 1, "got": m.seq}));
+    }
+    *last = (*last).max(m.seq);
+}
+
+/// Check that a page of stored messages continues `last` by one (the page `joined` gave
+/// after `after`, or a `history` page after it); returns the new last seq.
+fn check_page(c: &Counters, messages: &[WireMsg], last: i64) -> i64 {
+    let mut expected = last + 1;
+    for m in messages {
+        if m.seq != expected {
+            c.live_out_of_order.fetch_add(1, Ordering::Relaxed);
+            c.live_example(serde_json::json!({
+                "page_after": last,
+                "page": messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            }));
+            return messages.last().map_or(last, |m| m.seq.max(last));
+        }
+        expected += 1;
+    }
+    c.resumed
+        .fetch_add(messages.len() as u64, Ordering::Relaxed);
+    expected - 1
+}
+
+/// Connect to one of `urls` at random and join the room: the newest messages when `after`
+/// is none, else everything after it, paged in with `history` when `joined` says there is
+/// more, as protocol.md says a client does. Live messages start after the last seq of
+/// `joined`, so while the pages come they can bring seqs the pages bring too (the client
+/// drops such repeats); the live sequence itself must still go up by one. The socket, the
+/// last seq of the pages and the last seq of the live sequence; none when the room is gone.
+async fn enter(
+    urls: &[String],
     local: IpAddr,
     keys: &RoomKeys,
+    after: Option<i64>,
     rooms: &Mutex<Rooms>,
     c: &Counters,
-    phase: &Phase,
-) -> Result<(), nanochat::client::ClientError> {
-    let room = keys.room_id;
-    let mut client = Client::connect_from(url, local).await?;
-    let mut last = match client.join(keys, None).await? {
-        ServerFrame::Joined { messages, .. } => {
+) -> Result<Option<(Client, i64, i64)>, nanochat::client::ClientError> {
+    let mut client = Client::connect_from(any_of(urls), local).await?;
+    let ServerFrame::Joined { messages, more, .. } = client.join(keys, after).await? else {
+        forget(rooms, &keys.room_id);
+        return Ok(None);
+    };
+    let (mut pages, mut more) = match after {
+        Some(had) => {
+            c.resumes.fetch_add(1, Ordering::Relaxed);
+            (check_page(c, &messages, had), more)
+        }
+        None => {
             if !messages.windows(2).all(|w| w[1].seq == w[0].seq + 1) {
                 c.live_out_of_order.fetch_add(1, Ordering::Relaxed);
                 c.live_example(serde_json::json!({
                     "joined_page": messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
                 }));
             }
-            messages.last().map_or(0, |m| m.seq)
-        }
-        _ => {
-            forget(rooms, &room);
-            return Ok(());
+            (messages.last().map_or(0, |m| m.seq), false)
         }
     };
+    let mut live = pages;
+    while more {
+        let query = ClientFrame::History {
+            query: HistoryQuery::After(pages),
+            limit: 100,
+        };
+        client.send_json(&query.to_json()).await?;
+        loop {
+            match client.recv().await? {
+                ServerFrame::Msg(m) => observe(c, &m, &mut live),
+                ServerFrame::History { messages, more: m } => {
+                    c.resume_pages.fetch_add(1, Ordering::Relaxed);
+                    pages = check_page(c, &messages, pages);
+                    more = m;
+                    break;
+                }
+                ServerFrame::Nuked => {
+                    c.watched_wipes.fetch_add(1, Ordering::Relaxed);
+                    return Ok(None);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(Some((client, pages, live)))
+}
+
+/// A watcher's stay in one room: join, then take live messages until it is time to leave
+/// (or the run ends), checking them as it goes and what it got when it leaves. A stay that
+/// `drops` (every other one, the first included) loses its connection once, a moment after
+/// joining, and comes back through any process with `after`, as a client whose network
+/// dropped does.
+async fn watch(
+    urls: &[String],
+    local: IpAddr,
+    keys: &RoomKeys,
+    drops: bool,
+    rooms: &Mutex<Rooms>,
+    c: &Counters,
+    phase: &Phase,
+) -> Result<(), nanochat::client::ClientError> {
+    let room = keys.room_id;
+    let Some((mut client, pages, mut live)) = enter(urls, local, keys, None, rooms, c).await?
+    else {
+        return Ok(());
+    };
+    // The highest seq this watcher has, from pages or live.
+    let mut last = pages.max(live);
     c.watches.fetch_add(1, Ordering::Relaxed);
-    let observe = |m: &WireMsg, last: &mut i64| {
-        if m.seq == *last + 1 {
-            c.live.fetch_add(1, Ordering::Relaxed);
-        } else {
-            c.live_out_of_order.fetch_add(1, Ordering::Relaxed);
-            c.live_example(serde_json::json!({"expected": *last + 1, "got": m.seq}));
-        }
-        *last = (*last).max(m.seq);
-    };
     // What the room's senders had had acknowledged, and whether it had been wiped, at a
     // moment: by `WATCH_GRACE` later this watcher must have every such message, or the wipe.
     let noted = || {
@@ -542,8 +639,10 @@ async fn watch(
             r.wiped.contains(&room),
         )
     };
-    let stay = Duration::from_millis(6_000 + rand::random::<u64>() % 14_000);
     let started = Instant::now();
+    let stay = Duration::from_millis(6_000 + rand::random::<u64>() % 6_000);
+    let mut drop_at =
+        drops.then(|| started + Duration::from_millis(1_000 + rand::random::<u64>() % 2_000));
     let mut must: Option<(i64, bool)> = None;
     let mut check_by = started + stay;
     let mut at_end = false;
@@ -575,11 +674,35 @@ async fn watch(
                 return Ok(());
             }
         }
+        if drop_at.is_some_and(|t| Instant::now() >= t) && !phase.stop.load(Ordering::Relaxed) {
+            // The connection drops (half the time without a close frame); the room goes on.
+            drop_at = None;
+            if rand::random::<bool>() {
+                client.close().await;
+            } else {
+                drop(client);
+            }
+            let away = 200 + rand::random::<u64>() % 1_300;
+            tokio::time::sleep(Duration::from_millis(away)).await;
+            match enter(urls, local, keys, Some(last), rooms, c).await? {
+                Some((back, pages, from)) => {
+                    client = back;
+                    live = from;
+                    last = pages.max(live);
+                }
+                // Wiped while away: nothing more is owed.
+                None => return Ok(()),
+            }
+            continue;
+        }
         // Short waits, so that the checks above run on time however quiet the room.
         match tokio::time::timeout(Duration::from_millis(50), client.recv()).await {
             Err(_) => {}
             Ok(frame) => match frame? {
-                ServerFrame::Msg(m) => observe(&m, &mut last),
+                ServerFrame::Msg(m) => {
+                    observe(c, &m, &mut live);
+                    last = last.max(live);
+                }
                 ServerFrame::Nuked => {
                     c.watched_wipes.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
@@ -616,7 +739,7 @@ pub async fn run(args: &Args, servers: &[Server], data_dir: &Path) {
         .map(|id| {
             tokio::spawn(watcher(
                 id,
-                urls[id % urls.len()].clone(),
+                urls.clone(),
                 rooms.clone(),
                 counters.clone(),
                 phase.clone(),
@@ -753,6 +876,9 @@ pub async fn run(args: &Args, servers: &[Server], data_dir: &Path) {
         "watched_wipes": load(&c.watched_wipes),
         "wipes_missed": load(&c.wipes_missed),
         "watcher_errors": load(&c.watcher_errors),
+        "resumes": load(&c.resumes),
+        "resumed": load(&c.resumed),
+        "resume_pages": load(&c.resume_pages),
         "listener_cuts": listener_cuts,
         "catch_ups": catch_ups,
         "trend": trend,
