@@ -764,6 +764,57 @@ async fn cut_listeners(url: &str) -> u64 {
     }
 }
 
+/// `--cut-listeners N`: cuts the servers' cluster listener connections N times, evenly over
+/// `--secs` from a given start.
+struct ListenerCutter(Option<tokio::task::JoinHandle<u64>>);
+
+impl ListenerCutter {
+    fn start(args: &Args, from: Instant) -> ListenerCutter {
+        let task = args
+            .postgres
+            .clone()
+            .filter(|_| args.cut_listeners > 0)
+            .map(|url| {
+                let (n, span) = (args.cut_listeners, Duration::from_secs(args.secs));
+                tokio::spawn(async move {
+                    let mut cut = 0;
+                    for i in 1..=n {
+                        let at = from + span.mul_f64(i as f64 / (n + 1) as f64);
+                        tokio::time::sleep_until(at.into()).await;
+                        cut += cut_listeners(&url).await;
+                    }
+                    cut
+                })
+            });
+        ListenerCutter(task)
+    }
+
+    /// After the last cut: the connections cut (none when not asked to), and each server's
+    /// catch-ups from its log, `(rooms, ms)`.
+    async fn finish(self, servers: &[Server]) -> (Option<u64>, Vec<(u64, u64)>) {
+        let cuts = match self.0 {
+            Some(task) => Some(task.await.unwrap_or(0)),
+            None => None,
+        };
+        let catch_ups = servers
+            .iter()
+            .flat_map(|s| s.catch_ups.lock().expect("catch-ups").clone())
+            .collect();
+        (cuts, catch_ups)
+    }
+}
+
+/// A loopback source address for client `id` of a group: groups take their own third octets
+/// from `first` on (250 clients per octet), so that each client's address is its own.
+fn source_addr(first: u8, id: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        first + (id / 250) as u8,
+        2 + (id % 250) as u8,
+    ))
+}
+
 /// The highest fan-out rate a target sustains: fan-out runs from `--rate` up in steps of 25%,
 /// each against freshly started server(s), until a run loses a delivery or its p99 delivery
 /// latency exceeds 200 ms (or `--steps` runs were made; if the first run fails, the rate halves
@@ -989,22 +1040,7 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
     }
     // `--cut-listeners`: cut the servers' cluster listener connections while the run is
     // measured, evenly spaced; the report counts the connections cut.
-    let cutter = args
-        .postgres
-        .clone()
-        .filter(|_| args.cut_listeners > 0)
-        .map(|url| {
-            let (n, measured) = (args.cut_listeners, Duration::from_secs(args.secs));
-            tokio::spawn(async move {
-                let mut cut = 0;
-                for i in 1..=n {
-                    let at = run_start + warmup + measured.mul_f64(i as f64 / (n + 1) as f64);
-                    tokio::time::sleep_until(at.into()).await;
-                    cut += cut_listeners(&url).await;
-                }
-                cut
-            })
-        });
+    let cutter = ListenerCutter::start(args, run_start + warmup);
     tokio::time::sleep_until((run_start + warmup).into()).await;
     let cpu_before: f64 = servers.iter().map(|s| cpu_seconds(s.child.id())).sum();
     let machine_before = MachineCpu::now();
@@ -1037,14 +1073,7 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
             order_counts.insert(key.to_owned(), n.into());
         }
     }
-    let listener_cuts = match cutter {
-        Some(task) => Some(task.await.unwrap_or(0)),
-        None => None,
-    };
-    let catch_ups: Vec<(u64, u64)> = servers
-        .iter()
-        .flat_map(|s| s.catch_ups.lock().expect("catch-ups").clone())
-        .collect();
+    let (listener_cuts, catch_ups) = cutter.finish(&servers).await;
     drop(servers);
     for r in readers {
         let _ = tokio::time::timeout(Duration::from_secs(5), r).await;

@@ -24,7 +24,7 @@
 //! many aged rows were still waiting at each sample.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -286,12 +286,7 @@ async fn churn(
     counters: Arc<Counters>,
     phase: Arc<Phase>,
 ) {
-    let local = IpAddr::V4(Ipv4Addr::new(
-        127,
-        0,
-        1 + (id / 250) as u8,
-        2 + (id % 250) as u8,
-    ));
+    let local = crate::source_addr(1, id);
     let mut round = 0u64;
     while !phase.stop.load(Ordering::Relaxed) {
         round += 1;
@@ -491,12 +486,7 @@ async fn watcher(
     counters: Arc<Counters>,
     phase: Arc<Phase>,
 ) {
-    let local = IpAddr::V4(Ipv4Addr::new(
-        127,
-        0,
-        200 + (id / 250) as u8,
-        2 + (id % 250) as u8,
-    ));
+    let local = crate::source_addr(200, id);
     let mut visits = 0u64;
     while !phase.stop.load(Ordering::Relaxed) {
         let Some(keys) = any_room(&rooms, WATCHED_NEWEST) else {
@@ -746,24 +736,7 @@ pub async fn run(args: &Args, servers: &[Server], data_dir: &Path) {
             ))
         })
         .collect();
-    // Cut the cluster listeners `--cut-listeners` times, evenly over the run.
-    let cutter = args
-        .postgres
-        .clone()
-        .filter(|_| args.cut_listeners > 0)
-        .map(|url| {
-            let (n, secs) = (args.cut_listeners, Duration::from_secs(args.secs));
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let mut cut = 0;
-                for i in 1..=n {
-                    let at = started + secs.mul_f64(i as f64 / (n + 1) as f64);
-                    tokio::time::sleep_until(at.into()).await;
-                    cut += crate::cut_listeners(&url).await;
-                }
-                cut
-            })
-        });
+    let cutter = crate::ListenerCutter::start(args, Instant::now());
     let mut ager = Ager::open(args, data_dir).await;
     let start = Instant::now();
     let mut samples = Vec::new();
@@ -805,14 +778,7 @@ pub async fn run(args: &Args, servers: &[Server], data_dir: &Path) {
     for w in watchers {
         let _ = tokio::time::timeout(WATCH_GRACE + Duration::from_secs(5), w).await;
     }
-    let listener_cuts = match cutter {
-        Some(task) => Some(task.await.unwrap_or(0)),
-        None => None,
-    };
-    let catch_ups: Vec<(u64, u64)> = servers
-        .iter()
-        .flat_map(|s| s.catch_ups.lock().expect("catch-ups").clone())
-        .collect();
+    let (listener_cuts, catch_ups) = cutter.finish(servers).await;
     // Flatness after warm-up: compare the last fifth of the run with the second fifth.
     let series = |key: &str| -> Vec<f64> {
         samples
