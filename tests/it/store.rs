@@ -1889,3 +1889,52 @@ async fn the_sqlite_wal_is_checkpointed_in_the_background() {
         .unwrap();
     assert_eq!(page.messages.len(), 300);
 }
+
+/// The SQLite file's descriptors open in this process (every connection holds one).
+fn sqlite_descriptors(db: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target == db)
+        .count()
+}
+
+/// Many reads at once (a crowd paging history, or a flood from many addresses) queue for the
+/// pooled read connections instead of each opening a connection of its own on a blocking
+/// thread: those would cost a descriptor each (kept by SQLite while other connections hold
+/// locks), a page cache each, and threads up to tokio's limit of 512.
+#[actix_web::test]
+async fn a_crowd_of_sqlite_reads_shares_the_pooled_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = std::fs::canonicalize(dir.path())
+        .unwrap()
+        .join("nanochat.db");
+    let store = Arc::new(SqliteStore::open(dir.path(), RETENTION).await.unwrap());
+    let r = room(1);
+    store.create_room(&r, &[0u8; 60], now_ms()).await.unwrap();
+    let batch: Vec<_> = (0..200u8).map(|i| msg(r, i)).collect();
+    store.append(&batch, now_ms()).await.unwrap();
+    let before = sqlite_descriptors(&db);
+    let reads: Vec<_> = (0..300)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .messages(&r, HistoryQuery::Latest, 200, now_ms())
+                    .await
+                    .unwrap()
+                    .messages
+                    .len()
+            })
+        })
+        .collect();
+    for read in reads {
+        assert_eq!(read.await.unwrap(), 200, "every read got its page");
+    }
+    let after = sqlite_descriptors(&db);
+    assert!(
+        after <= before + 8,
+        "300 reads at once left {after} descriptors on the database file ({before} before): \
+         more than the 8 pooled read connections"
+    );
+}

@@ -46,7 +46,11 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0004_seq_index.sql"),
     include_str!("../../../migrations/sqlite/0005_replay_runs.sql"),
 ];
-/// Idle read connections kept open.
+/// Read connections: at most this many reads run at once, each on a pooled connection; the
+/// others wait their turn. Unbounded, a crowd of reads (many sockets paging history, a
+/// flood from many addresses) would each take a blocking thread (tokio allows 512) and open
+/// a connection of its own, with its own page cache and a descriptor that SQLite keeps
+/// while other connections hold locks on the file.
 const READ_POOL: usize = 8;
 /// How often the checkpointer thread copies committed WAL pages into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
@@ -87,6 +91,8 @@ struct Inner {
     /// Where history reads find the messages not yet in `message_seqs` (the writer's too).
     recent: Arc<Mutex<RecentSeqs>>,
     readers: Mutex<Vec<Connection>>,
+    /// One permit per read connection (`READ_POOL`).
+    read_turns: Arc<tokio::sync::Semaphore>,
     retention: Retention,
     /// Spent proof-of-work tokens and their expiry; one process owns a SQLite store, so the
     /// replay set lives in memory. Entries leave at maintenance once expired.
@@ -299,6 +305,7 @@ impl SqliteStore {
                 filter_bytes,
                 recent,
                 readers: Mutex::new(Vec::new()),
+                read_turns: Arc::new(tokio::sync::Semaphore::new(READ_POOL)),
                 retention,
                 spent: Mutex::new(HashMap::new()),
                 _checkpointer: checkpointer,
@@ -353,7 +360,17 @@ impl SqliteStore {
         f: impl FnOnce(&Connection, &Inner) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
+        // Held by the blocking task, so that a caller that stops waiting does not free the
+        // turn of a read still running.
+        let turn = self
+            .inner
+            .read_turns
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closing".into()))?;
         tokio::task::spawn_blocking(move || {
+            let _turn = turn;
             let pooled = inner
                 .readers
                 .lock()
