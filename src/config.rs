@@ -51,6 +51,9 @@ pub struct ServerSettings {
     /// Optional listener for a Tor onion service (or any shared-address front): every client
     /// there shares one set of limits, headers are never trusted, creation always needs work.
     pub onion_listen: Option<String>,
+    /// Origins of web pages that may open a WebSocket besides the requested host's own
+    /// (`https://chat.example.org`), or `*` for any; see [`crate::abuse::origin`].
+    pub allowed_origins: Vec<String>,
     /// Seconds a shutdown (SIGTERM, Ctrl-C) may take: in-flight messages are committed and
     /// acknowledged, clients are told to reconnect (close 1012), then the process exits.
     pub shutdown_grace_secs: u64,
@@ -252,6 +255,7 @@ impl Default for ServerSettings {
             secret_file: None,
             workers: 0,
             onion_listen: None,
+            allowed_origins: Vec::new(),
             shutdown_grace_secs: 20,
         }
     }
@@ -404,6 +408,7 @@ impl Settings {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("proxy.trusted")
+                .with_list_parse_key("server.allowed_origins")
                 .source(Some(env)),
         );
         let settings: Settings = builder
@@ -443,6 +448,9 @@ impl Settings {
             "server.data_dir",
             "must not be empty",
         )?;
+        if let Err(e) = crate::abuse::origin::OriginPolicy::new(&self.server.allowed_origins) {
+            return Err(ConfigError(format!("server.allowed_origins: {e}")));
+        }
         if let Some(url) = &self.database.url {
             check(
                 url.parse::<tokio_postgres::Config>().is_ok(),
@@ -704,10 +712,18 @@ mod tests {
                 ("NANOCHAT__PROXY__TRUSTED", "10.0.0.0/8,fd00::/8"),
                 ("NANOCHAT__RATE__CLIENT_MESSAGES__PER_MINUTE", "7"),
                 ("NANOCHAT__POW__MODE", "on"),
+                (
+                    "NANOCHAT__SERVER__ALLOWED_ORIGINS",
+                    "https://chat.example.org,http://localhost:3000",
+                ),
             ]),
         )
         .unwrap();
         assert_eq!(s.proxy.trusted, vec!["10.0.0.0/8", "fd00::/8"]);
+        assert_eq!(
+            s.server.allowed_origins,
+            vec!["https://chat.example.org", "http://localhost:3000"]
+        );
         assert_eq!(s.rate.client_messages.per_minute, 7);
         assert_eq!(s.rate.client_messages.burst, 30);
         assert_eq!(s.pow.mode, PowMode::On);
@@ -722,6 +738,13 @@ mod tests {
         assert!(e.to_string().contains("server.listen"), "{e}");
         let e = Settings::load_from(None, env(&[("NANOCHAT__SERVER__LISTN", "x")])).unwrap_err();
         assert!(e.to_string().contains("listn"), "{e}");
+        let e = Settings::load_from(
+            None,
+            env(&[("NANOCHAT__SERVER__ALLOWED_ORIGINS", "chat.example.org")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("server.allowed_origins"), "{e}");
+        assert!(e.to_string().contains("`chat.example.org`"), "{e}");
         let e =
             Settings::load_from(None, env(&[("NANOCHAT__LIMITS__HISTORY", "many")])).unwrap_err();
         assert!(e.to_string().contains("history"), "{e}");

@@ -2,7 +2,8 @@
 //! ciphertexts it cannot read. Protocol: `docs/protocol.md`.
 //!
 //! # Layout
-//! - [`abuse`]: client addresses behind proxies, rate limits, adaptive proof of work.
+//! - [`abuse`]: client addresses behind proxies, which pages may connect, rate limits, adaptive
+//!   proof of work.
 //! - [`config`]: settings, layered defaults -> TOML file -> `NANOCHAT__*` environment.
 //! - [`telemetry`]: tracing-subscriber setup.
 //! - [`metrics`]: every Prometheus metric, defined once.

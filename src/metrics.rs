@@ -433,6 +433,8 @@ impl Metrics {
         for result in ["ok", "auth_failed", "room_gone", "error"] {
             m.joins_total.with_label_values(&[result]);
         }
+        // The limiters add their own reasons (`Limits::new`); this one is the origin check's.
+        m.upgrades_refused_total.with_label_values(&["origin"]);
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 
 use crate::abuse::client_ip::ClientIdentity;
 use crate::abuse::limits::{self, Client, Limits};
+use crate::abuse::origin::OriginPolicy;
 use crate::abuse::pow::{self as pow_policy, PowPolicy};
 use crate::config::{LimitSettings, PowMode, Settings};
 use crate::crypto::ServerKeys;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub pow: Arc<PowPolicy>,
     /// How client addresses are found and grouped.
     pub identity: ClientIdentity,
+    /// Which web pages may open a WebSocket.
+    pub origins: OriginPolicy,
     /// Port of the onion listener, if configured.
     pub onion_port: Option<u16>,
     /// Cancelled when the server starts draining for shutdown.
@@ -270,6 +273,23 @@ fn admit(state: &AppState, onion: bool, req: &Request) -> Result<Peer, Response<
     }
     if let Err(e) = ws::verify_handshake(req.head()) {
         return Err(Response::from(e));
+    }
+    // Before any limit: a foreign page's attempt costs its visitor none of their budget.
+    let headers = req.headers();
+    let origin = headers.get(header::ORIGIN).map(|v| v.as_bytes());
+    if !state
+        .origins
+        .admits(origin, headers.get(header::HOST).map(|v| v.as_bytes()))
+    {
+        state
+            .metrics
+            .upgrades_refused_total
+            .with_label_values(&["origin"])
+            .inc();
+        return Err(Response::build(StatusCode::FORBIDDEN)
+            .content_type("text/plain; charset=utf-8")
+            .body("WebSockets are not accepted here from pages of this origin (server.allowed_origins)\n")
+            .map_into_boxed_body());
     }
     let client = if onion {
         Client::Onion
@@ -542,6 +562,8 @@ impl Application {
             settings.proxy.ipv4_prefix,
             settings.proxy.ipv6_prefix,
         );
+        let origins = OriginPolicy::new(&settings.server.allowed_origins)
+            .map_err(|e| anyhow::anyhow!("server.allowed_origins: {e}"))?;
         let (writer, _writer_task) = Writer::spawn(
             store.clone(),
             hub.clone(),
@@ -594,6 +616,7 @@ impl Application {
             limits,
             pow,
             identity,
+            origins,
             onion_port,
             shutdown: tokio_util::sync::CancellationToken::new(),
             shutting_down: Default::default(),

@@ -182,6 +182,83 @@ async fn upgrades_past_the_connection_rate_get_429_before_the_handshake() {
     assert_eq!(status, 101);
 }
 
+/// A browser names the page that opens a socket in `Origin`; by default only the server's own
+/// pages (the requested host) get through, before any limit counts the attempt.
+#[actix_web::test]
+async fn pages_of_other_origins_cannot_open_a_websocket() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.rate.client_connections = Rate {
+            per_minute: 6,
+            burst: 3,
+        };
+    })
+    .await;
+    let foreign = [
+        "https://evil.example",
+        "http://127.0.0.1.evil.example",
+        "null",
+        "http://localhost",
+    ];
+    for origin in foreign {
+        let (status, head, _) =
+            upgrade(app.port, "127.0.0.9", &format!("Origin: {origin}\r\n")).await;
+        assert_eq!(status, 403, "{origin}: {head}");
+    }
+    // The server's own page, and a program that names no page: the client's whole connection
+    // budget is still there for them.
+    let mut open = Vec::new();
+    for extra in [
+        "Origin: http://127.0.0.1\r\n",
+        "",
+        "origin: HTTP://127.0.0.1\r\n",
+    ] {
+        let (status, head, stream) = upgrade(app.port, "127.0.0.9", extra).await;
+        assert_eq!(status, 101, "{extra:?}: {head}");
+        open.push(stream);
+    }
+    let metrics = crate::helpers::http_get(app.admin_port, "/metrics")
+        .await
+        .body;
+    assert!(
+        metrics.contains("nanochat_upgrades_refused_total{reason=\"origin\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nanochat_upgrades_refused_total{reason=\"client_connections\"} 0"),
+        "{metrics}"
+    );
+}
+
+#[actix_web::test]
+async fn listed_origins_and_a_star_let_other_pages_connect() {
+    let listed = spawn_app_with(Backend::Sqlite, |s| {
+        s.server.allowed_origins = vec!["https://chat.example.org".into()];
+    })
+    .await;
+    let (status, _, _a) = upgrade(
+        listed.port,
+        "127.0.0.2",
+        "Origin: https://chat.example.org\r\n",
+    )
+    .await;
+    assert_eq!(status, 101);
+    let (status, _, _b) = upgrade(listed.port, "127.0.0.2", "Origin: http://127.0.0.1\r\n").await;
+    assert_eq!(status, 101, "the requested host's own pages stay admitted");
+    let (status, _, _) =
+        upgrade(listed.port, "127.0.0.2", "Origin: https://evil.example\r\n").await;
+    assert_eq!(status, 403);
+
+    let any = spawn_app_with(Backend::Sqlite, |s| {
+        s.server.allowed_origins = vec!["*".into()];
+    })
+    .await;
+    for origin in ["https://evil.example", "null"] {
+        let (status, _, _c) =
+            upgrade(any.port, "127.0.0.2", &format!("Origin: {origin}\r\n")).await;
+        assert_eq!(status, 101, "{origin}");
+    }
+}
+
 #[actix_web::test]
 async fn concurrent_sockets_per_client_are_capped() {
     let app = spawn_app_with(Backend::Sqlite, |s| s.rate.client_max_sockets = 2).await;

@@ -470,3 +470,68 @@ async fn older_history_pages_in_and_proof_of_work_can_be_cancelled() {
     );
     assert_eq!(app.state.metrics.rooms_created_total.get(), 0);
 }
+
+/// Serve one plain page (no Content-Security-Policy) for every request, from another port of
+/// this host: another origin, as a foreign site would be. Returns the page's origin.
+async fn serve_foreign_page() -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    // Ends with the test's runtime.
+    actix_web::rt::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request).await;
+            let page = "<!doctype html><title>elsewhere</title><p>another site";
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{page}",
+                page.len()
+            );
+            let _ = conn.write_all(answer.as_bytes()).await;
+        }
+    });
+    origin
+}
+
+/// What a page of `page_origin` meets when its script opens a WebSocket to `app`: the type of
+/// the first frame, or "closed" when the connection never opens.
+async fn socket_from_page(browser: &Browser, page_origin: &str, app: &TestApp) -> String {
+    let page = browser.new_page(&format!("{page_origin}/")).await;
+    let url = format!("ws://127.0.0.1:{}/ws", app.port);
+    let v = page
+        .eval(&format!(
+            "new Promise(done => {{ const ws = new WebSocket({url:?}); \
+             ws.onmessage = e => {{ done(JSON.parse(e.data).type); ws.close(); }}; \
+             ws.onclose = () => done('closed'); }})"
+        ))
+        .await;
+    v.as_str().unwrap().to_owned()
+}
+
+#[actix_web::test]
+async fn a_page_of_another_site_cannot_open_a_socket_unless_listed() {
+    let foreign = serve_foreign_page().await;
+    let browser = Browser::launch().await;
+    let app = spawn_app(Backend::Sqlite).await;
+    assert_eq!(socket_from_page(&browser, &foreign, &app).await, "closed");
+    let metrics = crate::helpers::http_get(app.admin_port, "/metrics")
+        .await
+        .body;
+    assert!(
+        metrics.contains("nanochat_upgrades_refused_total{reason=\"origin\"} 1"),
+        "{metrics}"
+    );
+    // The server's own page connects (as in every test above), and so does the other site's
+    // once an operator lists it.
+    assert_eq!(
+        socket_from_page(&browser, &origin(&app), &app).await,
+        "hello"
+    );
+    let listed = foreign.clone();
+    let open = spawn_app_with(Backend::Sqlite, move |s| {
+        s.server.allowed_origins = vec![listed]
+    })
+    .await;
+    assert_eq!(socket_from_page(&browser, &foreign, &open).await, "hello");
+}

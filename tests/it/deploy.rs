@@ -332,6 +332,9 @@ fn kubernetes_and_systemd_files_are_well_formed_and_hardened() {
     let nginx = std::fs::read_to_string(root().join("deploy/nginx/nanochat.conf")).unwrap();
     assert!(nginx.contains("proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"));
     assert!(nginx.contains("proxy_set_header Upgrade $http_upgrade;"));
+    // The origin check compares the page with the host the browser asked for.
+    let ws_block = nginx.split("location = /ws").nth(1).expect("a /ws block");
+    assert!(ws_block.contains("proxy_set_header Host $host;"));
     let torrc = std::fs::read_to_string(root().join("deploy/tor/torrc")).unwrap();
     assert!(torrc.contains("HiddenServicePoWDefensesEnabled 1"));
     // The Tor settings file is a valid server configuration.
