@@ -366,6 +366,37 @@ fn the_idle_memory_scenario_runs() {
     }
 }
 
+#[test]
+fn the_storm_scenario_runs() {
+    for target in ["bare", "nanochat"] {
+        let report = run(&["storm", "--target", target, "--clients", "30"]);
+        assert_eq!(report["clients"], 30, "{report}");
+        // Each client from its own address, within every default limit: all are let in.
+        assert_eq!(
+            report["answers"],
+            serde_json::json!({"101": 30}),
+            "{report}"
+        );
+        let (p50, max) = (report["p50_ms"].as_f64(), report["max_ms"].as_f64());
+        assert!(p50.unwrap() > 0.0 && p50 <= max, "{report}");
+    }
+    // A storm larger than the server-wide connection burst: the rest are told to come back.
+    let path = std::path::Path::new;
+    let report = run_lines_with(
+        &["storm", "--target", "nanochat", "--clients", "30"],
+        &[
+            ("NANOCHAT__RATE__GLOBAL_CONNECTIONS__BURST", path("10")),
+            ("NANOCHAT__RATE__GLOBAL_CONNECTIONS__PER_MINUTE", path("60")),
+        ],
+    )
+    .pop()
+    .expect("a report line");
+    let answers = &report["answers"];
+    let (let_in, refused) = (answers["101"].as_u64(), answers["429"].as_u64());
+    assert!((10..=12).contains(&let_in.unwrap_or(0)), "{report}");
+    assert_eq!(let_in.unwrap_or(0) + refused.unwrap_or(0), 30, "{report}");
+}
+
 /// Two senders with two sends in flight each, for one second.
 const TINY_PUBLISH: [&str; 6] = ["--senders", "2", "--window", "2", "--secs", "1"];
 

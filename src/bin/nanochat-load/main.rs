@@ -7,7 +7,8 @@
 //! `nanochat-load --help` lists the scenarios and their options ([`USAGE`]).
 //! `idle` opens rooms x members joined sockets that then stay silent, and reports the server's
 //! resident memory growth per socket. `soak` churns (see `soak.rs`) and samples the server's
-//! memory, descriptors and database connections over time.
+//! memory, descriptors and database connections over time. `storm` has every client ask for a
+//! socket at the same instant (see `storm.rs`).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ mod expiry;
 mod merge;
 mod publish;
 mod soak;
+mod storm;
 mod timeline;
 
 #[derive(Clone)]
@@ -75,6 +77,7 @@ usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in 
   sweep   --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 1000]
           [--secs 6] [--warmup 0] [--steps 12] [--refine 2] [--postgres URL] [--nodes 1]
   idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
+  storm   --target nanochat|bare [--clients 40]   (all ask for a socket at the same instant)
   soak    [--secs 1800] [--clients 40] [--watchers 50] [--sample-secs 10]
           [--postgres URL [--nodes 1] [--cut-listeners 0]]
   expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
@@ -89,7 +92,7 @@ With --postgres, each run works in a database it creates on that server and drop
 scenarios.";
 
 const SCENARIOS: &[&str] = &[
-    "fanout", "sweep", "idle", "soak", "publish", "abuse", "expiry", "merge",
+    "fanout", "sweep", "idle", "storm", "soak", "publish", "abuse", "expiry", "merge",
 ];
 
 /// Read the options that follow the scenario name.
@@ -247,7 +250,7 @@ fn spawn_nanochat(
         .env("NANOCHAT__SERVER__SECRET_FILE", secret)
         .env("NANOCHAT__LOG__FORMAT", "json")
         .env("NANOCHAT__POW__MODE", "off");
-    // The abuse scenario measures the default limits; the others take them out of the way.
+    // The abuse and storm scenarios meet the default limits; the others take them out of the way.
     if !real_limits {
         // All that the inherited open-file limit holds, so the server need not lower it.
         let open_files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |l| l.0);
@@ -464,7 +467,7 @@ async fn main() {
     };
     let targets: &[&str] = match cmd.as_str() {
         "fanout" | "sweep" => &["nanochat", "bare", "bare-nodelay", "node"],
-        "idle" => &["nanochat", "bare"],
+        "idle" | "storm" => &["nanochat", "bare"],
         "publish" => &["nanochat", "bare", "naive", "batch"],
         _ => &["nanochat"],
     };
@@ -566,7 +569,7 @@ async fn run_scenario(cmd: &str, args: &Args) {
     if cmd == "publish" && args.yesterday > 0 {
         publish::store_yesterday(args, &mut rooms, &dir.join("secret")).await;
     }
-    let servers = spawn_targets(args, &dir, extra, cmd == "abuse");
+    let servers = spawn_targets(args, &dir, extra, ["abuse", "storm"].contains(&cmd));
     let single = &servers[0];
     match cmd {
         "expiry" => expiry::run(args, single).await,
@@ -574,6 +577,7 @@ async fn run_scenario(cmd: &str, args: &Args) {
         "publish" => publish::over_sockets(args, single, rooms).await,
         "soak" => soak::run(args, &servers, &dir.join("node0")).await,
         "idle" => idle(args, single).await,
+        "storm" => storm::run(args, single).await,
         _ => println!("{}", fanout(args, servers).await),
     }
     let _ = std::fs::remove_dir_all(&dir);
