@@ -3,7 +3,8 @@
 # tests start themselves, real sockets), the browser client's JS tests under node, the
 # browser tests in headless Chromium, the benchmark scenarios at a tiny size (the Node `ws`
 # baseline included) and their summary script (python3), promtool checks of the metrics and
-# alert rules, and instruction counts under valgrind for the constant-time checks. Installs
+# alert rules, the shipped nginx configuration in front of a server (with a certificate made
+# by openssl), and instruction counts under valgrind for the constant-time checks. Installs
 # what a fresh Debian machine lacks when run as root; otherwise says what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing: ${missing[*]}"

@@ -535,3 +535,179 @@ async fn a_page_of_another_site_cannot_open_a_socket_unless_listed() {
     .await;
     assert_eq!(socket_from_page(&browser, &foreign, &open).await, "hello");
 }
+
+/// nginx running `deploy/nginx/nanochat.conf`, with its ports, certificate and upstream made
+/// local; stopped when dropped.
+struct Nginx {
+    child: std::process::Child,
+    https: u16,
+    http: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn run_ok(cmd: &mut std::process::Command, what: &str) {
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {what} ({e}): install it (Debian: `apt-get install -y {what}`)")
+    });
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Start the shipped nginx configuration in front of `app`: checked with `nginx -t` first.
+async fn start_nginx(app: &TestApp) -> Nginx {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("nginx not found: install it (Debian: `apt-get install -y nginx`)");
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    run_ok(
+        std::process::Command::new("openssl").args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &path("key.pem"),
+            "-out",
+            &path("cert.pem"),
+        ]),
+        "openssl",
+    );
+    let (https, http) = (free_port(), free_port());
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/nanochat.conf"),
+    )
+    .unwrap();
+    let mut site = String::new();
+    for line in shipped.lines() {
+        let t = line.trim();
+        let line = if t.starts_with("listen [::]") {
+            continue;
+        } else if t == "listen 80;" {
+            format!("    listen 127.0.0.1:{http};")
+        } else if t.starts_with("listen 443 ") {
+            line.replace("listen 443 ", &format!("listen 127.0.0.1:{https} "))
+        } else if t.starts_with("ssl_certificate ") {
+            format!("    ssl_certificate {};", path("cert.pem"))
+        } else if t.starts_with("ssl_certificate_key ") {
+            format!("    ssl_certificate_key {};", path("key.pem"))
+        } else {
+            line.replace(
+                "http://127.0.0.1:8080",
+                &format!("http://127.0.0.1:{}", app.port),
+            )
+        };
+        site.push_str(&line);
+        site.push('\n');
+    }
+    assert!(site.contains(&format!("127.0.0.1:{https} ssl")), "{site}");
+    std::fs::write(path("site.conf"), site).unwrap();
+    let temp = |what: &str| format!("{what}_temp_path {};", path(what));
+    std::fs::write(
+        path("nginx.conf"),
+        format!(
+            "pid {}; error_log {} warn; daemon off; master_process off;\n\
+             events {{}}\n\
+             http {{ {} {} {} {} {} include {}; }}\n",
+            path("nginx.pid"),
+            path("error.log"),
+            temp("client_body"),
+            temp("proxy"),
+            temp("fastcgi"),
+            temp("uwsgi"),
+            temp("scgi"),
+            path("site.conf"),
+        ),
+    )
+    .unwrap();
+    let conf = path("nginx.conf");
+    run_ok(
+        std::process::Command::new(nginx).args(["-t", "-q", "-c", &conf]),
+        "nginx",
+    );
+    let child = std::process::Command::new(nginx)
+        .args(["-c", &conf])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", https))
+        .await
+        .is_err()
+    {
+        assert!(std::time::Instant::now() < deadline, "nginx did not listen");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Nginx {
+        child,
+        https,
+        http,
+        _dir: dir,
+    }
+}
+
+/// The whole path an operator sets up: TLS and the WebSocket upgrade in nginx with the shipped
+/// configuration, the server trusting it; two people chat through it and the server sees each
+/// socket's page as its own (nginx passes `Host` on).
+#[actix_web::test]
+async fn two_people_chat_through_the_shipped_nginx_configuration() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.proxy.trusted = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let nginx = start_nginx(&app).await;
+    let plain = crate::helpers::http_get(nginx.http, "/").await;
+    assert_eq!(plain.status, 301);
+    assert!(
+        plain
+            .headers
+            .get("location")
+            .is_some_and(|l| l.starts_with("https://")),
+        "{:?}",
+        plain.headers
+    );
+    let browser = Browser::launch_with(&["--ignore-certificate-errors"]).await;
+    let alice = browser
+        .new_page(&format!("https://127.0.0.1:{}/", nginx.https))
+        .await;
+    set_nick(&alice, "alice").await;
+    let link = create_room(&alice).await;
+    assert!(
+        link.starts_with(&format!("https://127.0.0.1:{}/#", nginx.https)),
+        "{link}"
+    );
+    let bob = browser.new_page(&link).await;
+    set_nick(&bob, "bob").await;
+    wait_online(&bob).await;
+    say(&alice, "through the proxy").await;
+    wait_for_text(&bob, "through the proxy").await;
+    let metrics = crate::helpers::http_get(app.admin_port, "/metrics")
+        .await
+        .body;
+    assert!(metrics.contains("nanochat_connections_open 2"), "{metrics}");
+    assert!(
+        metrics.contains("nanochat_upgrades_refused_total{reason=\"origin\"} 0"),
+        "{metrics}"
+    );
+}

@@ -56,8 +56,14 @@ fn chromium_path() -> String {
 
 impl Browser {
     pub async fn launch() -> Browser {
+        Browser::launch_with(&[]).await
+    }
+
+    /// Chromium with `extra` command-line switches besides the usual ones.
+    pub async fn launch_with(extra: &[&str]) -> Browser {
         let profile = tempfile::tempdir().unwrap();
         let mut child = Command::new(chromium_path())
+            .args(extra)
             .args([
                 "--headless",
                 "--no-sandbox",

@@ -337,6 +337,10 @@ fn kubernetes_and_systemd_files_are_well_formed_and_hardened() {
     assert!(ws_block.contains("proxy_set_header Host $host;"));
     let torrc = std::fs::read_to_string(root().join("deploy/tor/torrc")).unwrap();
     assert!(torrc.contains("HiddenServicePoWDefensesEnabled 1"));
+    assert!(torrc.contains("HiddenServiceMaxStreams 64"));
+    // One address cannot hold all of nginx's connections.
+    assert!(nginx.contains("limit_conn_zone $binary_remote_addr zone=nanochat_conn:10m;"));
+    assert!(nginx.contains("limit_conn nanochat_conn 64;"));
     // The Tor settings file is a valid server configuration.
     nanochat::config::Settings::load_from(
         Some(&root().join("deploy/tor/nanochat.toml")),
