@@ -515,9 +515,7 @@ async fn a_page_of_another_site_cannot_open_a_socket_unless_listed() {
     let browser = Browser::launch().await;
     let app = spawn_app(Backend::Sqlite).await;
     assert_eq!(socket_from_page(&browser, &foreign, &app).await, "closed");
-    let metrics = crate::helpers::http_get(app.admin_port, "/metrics")
-        .await
-        .body;
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("nanochat_upgrades_refused_total{reason=\"origin\"} 1"),
         "{metrics}"
@@ -702,9 +700,7 @@ async fn two_people_chat_through_the_shipped_nginx_configuration() {
     wait_online(&bob).await;
     say(&alice, "through the proxy").await;
     wait_for_text(&bob, "through the proxy").await;
-    let metrics = crate::helpers::http_get(app.admin_port, "/metrics")
-        .await
-        .body;
+    let metrics = app.metrics().await;
     assert!(metrics.contains("nanochat_connections_open 2"), "{metrics}");
     assert!(
         metrics.contains("nanochat_upgrades_refused_total{reason=\"origin\"} 0"),

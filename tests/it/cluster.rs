@@ -461,9 +461,7 @@ async fn a_node_that_loses_its_database_connections_recovers_and_its_clients_mis
         Err(ClientError::Timeout) => panic!("node A never got node B's message"),
         other => panic!("{other:?}"),
     }
-    let metrics = crate::helpers::http_get(b.admin_port, "/metrics")
-        .await
-        .body;
+    let metrics = b.metrics().await;
     assert!(
         !metrics.contains("nanochat_cluster_notifications_total{event=\"reconnect\"} 0"),
         "{metrics}"

@@ -10,7 +10,7 @@ use nanochat::client::RoomSession;
 use nanochat::protocol::ServerFrame;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::helpers::{Backend, http_get, random_room, spawn_app};
+use crate::helpers::{Backend, random_room, spawn_app};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -75,7 +75,7 @@ async fn scrape_after_traffic() -> String {
         nanochat::startup::run_maintenance(&app.state).await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    http_get(app.admin_port, "/metrics").await.body
+    app.metrics().await
 }
 
 #[actix_web::test]
@@ -139,7 +139,7 @@ async fn the_replay_filter_memory_is_exported_on_sqlite() {
             .parse()
             .unwrap()
     };
-    let before = http_get(app.admin_port, "/metrics").await.body;
+    let before = app.metrics().await;
     assert_eq!(
         filter_bytes(&before),
         0,
@@ -151,7 +151,7 @@ async fn the_replay_filter_memory_is_exported_on_sqlite() {
     let held = loop {
         send_acked(&mut alice, &mut s, i).await;
         i += 1;
-        let held = filter_bytes(&http_get(app.admin_port, "/metrics").await.body);
+        let held = filter_bytes(&app.metrics().await);
         if held == 2 << 20 || std::time::Instant::now() > deadline {
             break held;
         }

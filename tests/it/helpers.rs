@@ -120,6 +120,11 @@ pub async fn start(settings: Settings, dir: tempfile::TempDir, db: Option<TestDb
 }
 
 impl TestApp {
+    /// The Prometheus text of the admin listener's `/metrics`.
+    pub async fn metrics(&self) -> String {
+        http_get(self.admin_port, "/metrics").await.body
+    }
+
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/ws", self.port)
     }

@@ -572,13 +572,7 @@ async fn a_member_that_stops_reading_is_closed_as_too_slow_and_no_one_else_waits
             "alice's sends are acknowledged while another member stalls"
         );
         sent += 1;
-        if sent % 50 == 0
-            && kicked(
-                &crate::helpers::http_get(app.admin_port, "/metrics")
-                    .await
-                    .body,
-            )
-        {
+        if sent % 50 == 0 && kicked(&app.metrics().await) {
             break;
         }
         assert!(sent < 20_000, "the stalled member was never found too slow");

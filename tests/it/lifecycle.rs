@@ -20,7 +20,7 @@ async fn draining_turns_readiness_off_and_asks_clients_to_reconnect() {
     let r = http_get(app.admin_port, "/readyz").await;
     assert_eq!((r.status, r.body.as_str()), (503, "shutting down\n"));
     expect_close(&mut alice, 1012).await;
-    let metrics = http_get(app.admin_port, "/metrics").await.body;
+    let metrics = app.metrics().await;
     assert!(metrics.contains("nanochat_draining 1"));
 }
 
