@@ -51,8 +51,8 @@ pub struct ServerSettings {
     /// Optional listener for a Tor onion service (or any shared-address front): every client
     /// there shares one set of limits, headers are never trusted, creation always needs work.
     pub onion_listen: Option<String>,
-    /// Origins of web pages that may open a WebSocket besides the requested host's own
-    /// (`https://chat.example.org`), or `*` for any; see [`crate::abuse::origin`].
+    /// Origins of web pages that may open a WebSocket (`https://chat.example.org`), or `*` for
+    /// any; empty = pages of the requested host. See [`crate::abuse::origin`].
     pub allowed_origins: Vec<String>,
     /// Seconds a shutdown (SIGTERM, Ctrl-C) may take: in-flight messages are committed and
     /// acknowledged, clients are told to reconnect (close 1012), then the process exits.

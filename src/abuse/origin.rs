@@ -6,8 +6,10 @@
 //! a busy site could have every visitor's browser connect here, create rooms and send, each
 //! visitor from an address of its own and so past the per-client limits. So by default a
 //! browser's upgrade is accepted only from a page of the host it connects to (the request's
-//! `Host`), the way the bundled client connects; `server.allowed_origins` lists more origins,
-//! or `*` for any.
+//! `Host`), the way the bundled client connects. That default needs no setting, but a page
+//! whose own name an attacker points at this server's address (DNS rebinding, over plain
+//! HTTP: TLS would fail on the name) names itself in `Host` too; so an instance that sets
+//! `server.allowed_origins` admits exactly the origins listed there instead (`*` = any).
 //!
 //! Programs that are not browsers send no `Origin` (or whatever they like) and are admitted:
 //! the check keeps other sites' pages out, it does not tell clients apart; the rate limits and
@@ -103,7 +105,8 @@ impl fmt::Display for BadOrigin {
 }
 
 impl OriginPolicy {
-    /// The policy of a `server.allowed_origins` list; empty = pages of the requested host only.
+    /// The policy of a `server.allowed_origins` list: empty = pages of the requested host;
+    /// otherwise the origins listed and no others; `*` = any.
     pub fn new(entries: &[String]) -> Result<Self, BadOrigin> {
         let mut policy = OriginPolicy::default();
         for entry in entries {
@@ -119,10 +122,10 @@ impl OriginPolicy {
     }
 
     /// Whether an upgrade request with these `Origin` and `Host` header values may go on.
-    /// No `Origin`: not a browser, admitted. Otherwise the origin must be listed, or be a page
-    /// of the host the request names (its port too when `Host` carries one: a proxy that
-    /// passes only the name, like nginx's `$host`, still matches). `null` (a sandboxed or
-    /// local page) and anything unparsable match only `*`.
+    /// No `Origin`: not a browser, admitted. Otherwise the origin must be listed, or, when
+    /// nothing is listed, be a page of the host the request names (its port too when `Host`
+    /// carries one: a proxy that passes only the name, like nginx's `$host`, still matches).
+    /// `null` (a sandboxed or local page) and anything unparsable match only `*`.
     pub fn admits(&self, origin: Option<&[u8]>, host: Option<&[u8]>) -> bool {
         let Some(origin) = origin else {
             return true;
@@ -133,8 +136,8 @@ impl OriginPolicy {
         let Some(origin) = std::str::from_utf8(origin).ok().and_then(Origin::parse) else {
             return false;
         };
-        if self.listed.contains(&origin) {
-            return true;
+        if !self.listed.is_empty() {
+            return self.listed.contains(&origin);
         }
         let Some((host, port)) = host
             .and_then(|h| std::str::from_utf8(h).ok())
@@ -232,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn listed_origins_are_admitted_whatever_the_host() {
+    fn listed_origins_and_only_they_are_admitted_whatever_the_host() {
         let p = policy(&["https://chat.example.org", "http://localhost:3000"]);
         assert!(admits(
             &p,
@@ -251,8 +254,15 @@ mod tests {
             Some("backend")
         ));
         assert!(!admits(&p, Some("http://localhost:3001"), Some("backend")));
-        // The requested host's own pages still are.
-        assert!(admits(&p, Some("http://backend"), Some("backend")));
+        // A page naming the requested host is not enough once origins are listed (a rebound
+        // name looks just like that), and programs without Origin stay admitted.
+        assert!(!admits(&p, Some("http://backend"), Some("backend")));
+        assert!(!admits(
+            &p,
+            Some("http://evil.example"),
+            Some("evil.example")
+        ));
+        assert!(admits(&p, None, Some("backend")));
     }
 
     #[test]
