@@ -347,7 +347,11 @@ impl RoomSession {
 
     /// Encrypt a text with today's key.
     pub fn seal(&mut self, nick: &str, text: &str) -> Sealed {
-        let now = crate::store::now_ms();
+        self.seal_at(nick, text, crate::store::now_ms())
+    }
+
+    /// Encrypt a text as written at `now` (ms): its envelope's `ts` and the key of its day.
+    pub fn seal_at(&mut self, nick: &str, text: &str, now: i64) -> Sealed {
         self.n += 1;
         let env = Envelope {
             nick: nick.to_owned(),

@@ -39,6 +39,7 @@ const state = {
   worker: null,
   historyFilling: false,
   chain: Promise.resolve(),
+  unread: 0, // others' new messages while the page was hidden, shown in the tab's title
 };
 
 function setStatus(kind, text) {
@@ -73,8 +74,19 @@ function nick() {
 
 // ---- messages --------------------------------------------------------------------------
 
+/** When a message was written, as its sender's clock said: the time, and the date too when
+ * it was not today. Empty for a timestamp that is not a time. */
 function timeOf(ts) {
-  return new Date(ts).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  const d = new Date(ts);
+  if (!Number.isFinite(ts) || Number.isNaN(d.getTime())) return '';
+  const now = new Date();
+  const opts = { hour: '2-digit', minute: '2-digit' };
+  if (d.toDateString() !== now.toDateString()) {
+    opts.month = 'short';
+    opts.day = 'numeric';
+    if (d.getFullYear() !== now.getFullYear()) opts.year = 'numeric';
+  }
+  return d.toLocaleString([], opts);
 }
 
 function messageElement(env, seq, own) {
@@ -90,6 +102,7 @@ function messageElement(env, seq, own) {
   const meta = document.createElement('span');
   meta.className = 'meta';
   meta.textContent = timeOf(env.ts);
+  if (meta.textContent) meta.title = new Date(env.ts).toLocaleString();
   li.append(who, text, meta);
   return li;
 }
@@ -108,20 +121,71 @@ function insertBySeq(li, seq) {
   list.insertBefore(li, firstPending ?? null);
 }
 
-async function receive(msg) {
-  if (state.seen.has(msg.seq)) return;
-  state.seen.add(msg.seq);
-  state.lastSeq = Math.max(state.lastSeq, msg.seq);
-  state.firstSeq = state.firstSeq === null ? msg.seq : Math.min(state.firstSeq, msg.seq);
-  const env = await state.session.open(msg);
-  if (!env) return; // undecryptable or replayed: dropped and counted
-  insertBySeq(messageElement(env, msg.seq, env.own), msg.seq);
-  scrollDown();
+/**
+ * Show received messages in seq order, all in one change of the view. `how` says what they
+ * are to the reader: 'new' (live, or caught up after a reconnect: counted as unread while the
+ * page is hidden), 'shown' (the history shown on opening the room) or 'older' (a page of older
+ * history they asked for, added above what they are reading). `alsoChange` runs in the same
+ * change (showing or hiding the "older" button above them).
+ */
+async function receive(msgs, how, alsoChange = () => {}) {
+  const opened = [];
+  for (const msg of msgs) {
+    if (state.seen.has(msg.seq)) continue;
+    state.seen.add(msg.seq);
+    state.lastSeq = Math.max(state.lastSeq, msg.seq);
+    state.firstSeq = state.firstSeq === null ? msg.seq : Math.min(state.firstSeq, msg.seq);
+    const env = await state.session.open(msg);
+    if (env) opened.push({ env, seq: msg.seq }); // else undecryptable or replayed: dropped and counted
+  }
+  const following = keepPlace(() => {
+    for (const { env, seq } of opened) insertBySeq(messageElement(env, seq, env.own), seq);
+    alsoChange();
+  }, how !== 'older');
+  const fromOthers = opened.filter(({ env }) => !env.own).length;
+  if (how === 'new' && fromOthers > 0) {
+    if (!following) $('jump').hidden = false;
+    if (document.hidden) {
+      state.unread += fromOthers;
+      showUnread();
+    }
+  }
 }
 
-function scrollDown() {
-  const list = $('messages');
-  list.lastElementChild?.scrollIntoView({ block: 'end' });
+function atEnd() {
+  const s = $('scroller');
+  return s.scrollHeight - s.scrollTop - s.clientHeight < 48;
+}
+
+function toEnd() {
+  const s = $('scroller');
+  s.scrollTop = s.scrollHeight;
+  $('jump').hidden = true;
+}
+
+/**
+ * Change the conversation without moving what the reader is looking at: with `follow`,
+ * someone at the end stays at the end (and sees the new message); otherwise the message at the
+ * top of their view stays exactly where it was, whether lines arrive below it or older history
+ * above it. Returns whether the view followed the end.
+ */
+function keepPlace(change, follow) {
+  const s = $('scroller');
+  if (follow && atEnd()) {
+    change();
+    toEnd();
+    return true;
+  }
+  const top = s.getBoundingClientRect().top;
+  const anchor = [...$('messages').children].find((li) => li.getBoundingClientRect().bottom > top);
+  const before = anchor?.getBoundingClientRect().top;
+  change();
+  if (anchor?.isConnected) s.scrollTop += anchor.getBoundingClientRect().top - before;
+  return false;
+}
+
+function showUnread() {
+  document.title = state.unread > 0 ? `(${state.unread}) NanoChat` : 'NanoChat';
 }
 
 function markPending(ref, status, detail) {
@@ -160,7 +224,7 @@ async function sendText(text) {
   $('messages').append(el);
   state.pending.set(ref, { frame, el, status: 'sending' });
   markPending(ref, 'sending');
-  scrollDown();
+  toEnd(); // what you write is always shown, wherever you were reading
   transmit(ref); // if offline, it goes out on reconnect
 }
 
@@ -256,15 +320,15 @@ async function handle(frame) {
       onJoined(frame);
       break;
     case 'msg':
-      await receive(frame);
+      await receive([frame], 'new');
       break;
     case 'history':
-      for (const m of frame.messages) await receive(m);
       if (state.historyFilling) {
+        await receive(frame.messages, 'new');
         if (frame.more) requestAfter();
         else state.historyFilling = false;
       } else {
-        $('older').hidden = !frame.more;
+        await receive(frame.messages, 'older', () => { $('older').hidden = !frame.more; });
       }
       break;
     case 'ack':
@@ -321,12 +385,14 @@ function onJoined(frame) {
   setStatus('online', 'Connected');
   $('pow').hidden = true;
   (async () => {
-    for (const m of frame.messages) await receive(m);
-    if (resumed && frame.more) {
-      state.historyFilling = true;
-      requestAfter();
-    } else if (!resumed) {
-      $('older').hidden = !frame.more;
+    if (resumed) {
+      await receive(frame.messages, 'new');
+      if (frame.more) {
+        state.historyFilling = true;
+        requestAfter();
+      }
+    } else {
+      await receive(frame.messages, 'shown', () => { $('older').hidden = !frame.more; });
     }
     // Anything typed while offline, or not yet acked, goes (again) now; a message the server
     // already stored comes back as `replay` and counts as sent.
@@ -403,6 +469,7 @@ function init() {
     try {
       await navigator.clipboard.writeText($('link').value);
       $('copy-link').textContent = 'Copied';
+      setTimeout(() => { $('copy-link').textContent = 'Copy link'; }, 2000);
     } catch {
       $('link').select();
     }
@@ -428,6 +495,16 @@ function init() {
   $('panic-dialog').addEventListener('close', () => {
     if ($('panic-dialog').returnValue === 'wipe' && state.joined) {
       state.ws.send(JSON.stringify({ type: 'panic' }));
+    }
+  });
+  $('scroller').addEventListener('scroll', () => {
+    if (atEnd()) $('jump').hidden = true;
+  }, { passive: true });
+  $('jump').addEventListener('click', toEnd);
+  document.addEventListener('visibilitychange', () => {
+    if (!document.hidden) {
+      state.unread = 0;
+      showUnread();
     }
   });
   window.addEventListener('hashchange', () => location.reload());

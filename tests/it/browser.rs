@@ -1,5 +1,6 @@
 //! The browser client in real headless Chromium against a real server: chatting, access
-//! without the secret, reload and server restart, panic, proof of work, and no third-party
+//! without the secret, reload and server restart, panic, proof of work, a long conversation
+//! (what stays on screen, the reader's place, dates, unread count), and no third-party
 //! requests. Plus the client's crypto against the test vectors under `node --test`.
 
 use nanochat::client::{Client, RoomSession};
@@ -437,9 +438,22 @@ async fn older_history_pages_in_and_proof_of_work_can_be_cancelled() {
     assert_eq!(shown(&page).await.len(), 5);
     page.wait_for("!document.getElementById('older').hidden", 5)
         .await;
+    // On a small screen, scrolled up to the first message shown: the older ones appear above
+    // it, and it stays where it was on the screen.
+    page.set_viewport(390, 480).await;
+    page.eval("document.getElementById('scroller').scrollTop = 0, true")
+        .await;
+    let before = top_of(&page, "old 4").await;
     page.eval("document.getElementById('older').click(), true")
         .await;
     wait_for_text(&page, "old 1").await;
+    page.wait_for("document.getElementById('older').hidden", 5)
+        .await;
+    let after = top_of(&page, "old 4").await;
+    assert!(
+        (after - before).abs() < 1.0,
+        "old 4 moved from {before} to {after}"
+    );
     let texts: Vec<String> = shown(&page).await.into_iter().map(|(_, t)| t).collect();
     assert_eq!(
         texts,
@@ -469,6 +483,115 @@ async fn older_history_pages_in_and_proof_of_work_can_be_cancelled() {
         json!(false)
     );
     assert_eq!(app.state.metrics.rooms_created_total.get(), 0);
+}
+
+/// Where the message box, the status line and the conversation's scroll position are.
+async fn layout(page: &Page<'_>) -> serde_json::Value {
+    page.eval(
+        "(() => { const s = document.getElementById('scroller'); \
+         return { composer_bottom: document.getElementById('text').getBoundingClientRect().bottom, \
+         status_top: document.getElementById('status').getBoundingClientRect().top, \
+         height: window.innerHeight, page_scrolls: document.documentElement.scrollHeight > window.innerHeight, \
+         top: s.scrollTop, at_end: s.scrollHeight - s.scrollTop - s.clientHeight < 2, \
+         jump: !document.getElementById('jump').hidden }; })()",
+    )
+    .await
+}
+
+/// The top of the message with this text, relative to the window.
+async fn top_of(page: &Page<'_>, text: &str) -> f64 {
+    page.eval(&format!(
+        "[...document.querySelectorAll('#messages li')].find(li => \
+         li.querySelector('.text').textContent === {text:?}).getBoundingClientRect().top"
+    ))
+    .await
+    .as_f64()
+    .unwrap()
+}
+
+#[actix_web::test]
+async fn a_long_conversation_keeps_the_message_box_on_screen_and_the_readers_place() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    let (alice, bob, link) = two_people(&browser, &app).await;
+    bob.set_viewport(390, 760).await;
+    for i in 1..=30 {
+        say(&alice, &format!("line {i} of a long conversation")).await;
+    }
+    wait_for_text(&bob, "line 30 of a long conversation").await;
+    // Only the conversation scrolls: the message box and the status stay on screen, and the
+    // newest message is in view.
+    let l = layout(&bob).await;
+    assert_eq!(l["page_scrolls"], json!(false), "{l}");
+    assert!(
+        l["composer_bottom"].as_f64().unwrap() <= l["height"].as_f64().unwrap(),
+        "{l}"
+    );
+    assert!(l["status_top"].as_f64().unwrap() >= 0.0, "{l}");
+    assert_eq!(l["at_end"], json!(true), "{l}");
+    assert_eq!(l["jump"], json!(false), "{l}");
+
+    // Bob scrolls up to read; a new message does not pull him down, it offers a way there.
+    bob.eval("document.getElementById('scroller').scrollTop = 0, true")
+        .await;
+    let before = top_of(&bob, "line 1 of a long conversation").await;
+    say(&alice, "are you still there?").await;
+    wait_for_text(&bob, "are you still there?").await;
+    let l = layout(&bob).await;
+    assert_eq!(l["top"], json!(0), "{l}");
+    assert_eq!(l["jump"], json!(true), "{l}");
+    assert_eq!(top_of(&bob, "line 1 of a long conversation").await, before);
+    bob.eval("document.getElementById('jump').click(), true")
+        .await;
+    let l = layout(&bob).await;
+    assert_eq!(l["at_end"], json!(true), "{l}");
+    assert_eq!(l["jump"], json!(false), "{l}");
+
+    // What Bob writes himself is always shown, wherever he was reading.
+    bob.eval("document.getElementById('scroller').scrollTop = 0, true")
+        .await;
+    say(&bob, "yes, reading back").await;
+    wait_for_text(&alice, "yes, reading back").await;
+    assert_eq!(layout(&bob).await["at_end"], json!(true));
+
+    // A message written yesterday shows its date; today's show only the time.
+    let keys = keys_of(&link);
+    let mut writer = Client::connect(&app.ws_url()).await.unwrap();
+    assert!(matches!(
+        writer.join(&keys, None).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    let mut session = RoomSession::new(keys);
+    let yesterday = nanochat::store::now_ms() - 86_400_000;
+    writer
+        .send_sealed(
+            "y",
+            &session.seal_at("carol", "written yesterday", yesterday),
+        )
+        .await
+        .unwrap();
+    wait_for_text(&bob, "written yesterday").await;
+    let dates = bob
+        .eval(&format!(
+            "(() => {{ const meta = t => [...document.querySelectorAll('#messages li')].find(li => \
+             li.querySelector('.text').textContent === t).querySelector('.meta').textContent; \
+             const d = new Date({yesterday}); \
+             const month = d.toLocaleString([], {{month: 'short'}}); \
+             return [meta('written yesterday'), month, String(d.getDate()), meta('line 1 of a long conversation')]; }})()"
+        ))
+        .await;
+    let [old, month, day, today] = [0, 1, 2, 3].map(|i| dates[i].as_str().unwrap().to_owned());
+    assert!(old.contains(&month) && old.contains(&day), "{dates}");
+    assert!(!today.contains(&month), "{dates}");
+
+    // While Bob looks at another tab, the tab's title counts what arrives.
+    bob.open_tab_in_front().await;
+    say(&alice, "one").await;
+    say(&alice, "two").await;
+    bob.wait_for("document.title === '(2) NanoChat'", 10).await;
+    bob.bring_to_front().await;
+    bob.wait_for("document.title === 'NanoChat'", 10).await;
+    assert_same_origin(&bob, &app);
 }
 
 /// Serve one plain page (no Content-Security-Policy) for every request, from another port of

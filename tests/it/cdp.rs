@@ -280,6 +280,25 @@ impl Page<'_> {
         }
     }
 
+    /// Open a blank tab in front of this page in its window, as a person switching tabs
+    /// does: this page becomes hidden (`document.hidden`) until `bring_to_front`.
+    pub async fn open_tab_in_front(&self) {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": "window.open('about:blank') !== null", "userGesture": true, "returnByValue": true}),
+            )
+            .await;
+        assert_eq!(r["result"]["value"], json!(true), "the new tab opened");
+        self.wait_for("document.hidden", 10).await;
+    }
+
+    /// Make this page the tab in front again.
+    pub async fn bring_to_front(&self) {
+        self.call("Page.bringToFront", json!({})).await;
+        self.wait_for("!document.hidden", 10).await;
+    }
+
     /// Emulate a screen of this size (CSS pixels).
     pub async fn set_viewport(&self, width: u32, height: u32) {
         self.call(
