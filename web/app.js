@@ -40,6 +40,8 @@ const state = {
   historyFilling: false,
   chain: Promise.resolve(),
   unread: 0, // others' new messages while the page was hidden, shown in the tab's title
+  maxCt: 0, // the server's largest ciphertext, from `hello`
+  tooLong: false, // the notice shows that the text in the box is too long
 };
 
 function setStatus(kind, text) {
@@ -301,6 +303,7 @@ function connect() {
 async function handle(frame) {
   switch (frame.type) {
     case 'hello':
+      state.maxCt = frame.max_ct;
       state.challenge = fromB64u(frame.challenge);
       if (state.mode === 'create') await create(frame.pow_bits);
       else await join();
@@ -477,6 +480,16 @@ function init() {
   $('composer').addEventListener('submit', (e) => {
     e.preventDefault();
     const text = $('text').value;
+    const over = state.session && state.maxCt > 0
+      ? state.session.sealedLength(nick(), text) - state.maxCt : 0;
+    if (over > 0) {
+      // Refused here, before it is sent: the text stays in the box to be shortened.
+      notice(`${ERRORS.too_large} Shorten it by ${over} characters.`);
+      state.tooLong = true;
+      return;
+    }
+    if (state.tooLong) notice('');
+    state.tooLong = false;
     $('text').value = '';
     sendText(text);
   });

@@ -154,6 +154,12 @@ export class RoomSession {
     return { epoch, iv: b64u(iv), ct: b64u(ct), envelope };
   }
 
+  /** The ciphertext's length in bytes if `seal(nick, text)` ran now (its tag included). */
+  sealedLength(nick, text, now = Date.now()) {
+    const envelope = { nick, text, sid: this.sid, n: this.n + 1, ts: now };
+    return enc.encode(JSON.stringify(envelope)).length + 16;
+  }
+
   /** Decrypt a Msg and apply the replay rule; null (and counted) when rejected. */
   async open(msg) {
     let plain = null;

@@ -594,6 +594,40 @@ async fn a_long_conversation_keeps_the_message_box_on_screen_and_the_readers_pla
     assert_same_origin(&bob, &app);
 }
 
+#[actix_web::test]
+async fn a_message_too_long_to_send_stays_in_the_box_to_be_shortened() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    let (alice, bob, _) = two_people(&browser, &app).await;
+    let long = "x".repeat(9_000);
+    say(&bob, &long).await;
+    bob.wait_for("!document.getElementById('notice').hidden", 10)
+        .await;
+    let notice = bob
+        .eval("document.getElementById('notice').textContent")
+        .await;
+    let notice = notice.as_str().unwrap();
+    assert!(notice.contains("too long"), "{notice}");
+    // It was not sent: nothing new in either window, and the text is still there to edit.
+    assert_eq!(
+        bob.eval("document.getElementById('text').value.length")
+            .await,
+        json!(9_000)
+    );
+    assert!(shown(&bob).await.is_empty());
+    // Shortened by as much as the notice said, it goes, and the notice goes away.
+    let over: usize = notice
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .expect("the notice says by how much");
+    say(&bob, &"x".repeat(9_000 - over)).await;
+    wait_for_text(&alice, &"x".repeat(9_000 - over)).await;
+    bob.wait_for("document.getElementById('notice').hidden", 10)
+        .await;
+    assert_eq!(shown(&alice).await.len(), 1);
+    assert_eq!(app.state.metrics.messages_stored_total.get(), 1);
+}
+
 /// Serve one plain page (no Content-Security-Policy) for every request, from another port of
 /// this host: another origin, as a foreign site would be. Returns the page's origin.
 async fn serve_foreign_page() -> String {

@@ -85,3 +85,13 @@ test('history paged in backwards passes the replay rule; a reordered counter doe
   assert.ok(await carol.open(msg(2, 10)));
   assert.equal(await carol.open(msg(1, 20)), null, 'a lower n at a higher seq is a replay');
 });
+
+test('the length a message would have is the length it has once sealed', async () => {
+  const s = new RoomSession(await RoomKeys.derive(fromB64u(v.secret)));
+  const now = 1764028800000;
+  for (const text of ['', 'hi', 'quotes " and \\ and\nnew lines', 'é漢字🙂'.repeat(100), 'x'.repeat(9000)]) {
+    const expected = s.sealedLength('nick "n"', text, now);
+    const sealed = await s.seal('nick "n"', text, now);
+    assert.equal(fromB64u(sealed.ct).length, expected, text.slice(0, 20));
+  }
+});
