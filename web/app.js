@@ -42,6 +42,7 @@ const state = {
   unread: 0, // others' new messages while the page was hidden, shown in the tab's title
   maxCt: 0, // the server's largest ciphertext, from `hello`
   tooLong: false, // the notice shows that the text in the box is too long
+  remembered: false, // this session's sid is in `nanochat.sessions`
 };
 
 function setStatus(kind, text) {
@@ -74,6 +75,63 @@ function nick() {
   return n || 'anonymous';
 }
 
+// ---- this device's own sessions ---------------------------------------------------------
+
+/**
+ * The sids of this browser's sessions that wrote in each room, so that its own messages still
+ * show as its own after a reload. On this device only; a room's entry is forgotten 31 days
+ * after its last use (its messages have expired by then) and when the room is wiped. Each
+ * window keeps its own fresh sid: two windows sharing one would break each other's replay
+ * counters.
+ */
+const SESSIONS = 'nanochat.sessions';
+const SESSIONS_KEPT_MS = 31 * 86_400_000;
+
+function storedSessions() {
+  try {
+    const all = JSON.parse(localStorage.getItem(SESSIONS));
+    return all && typeof all === 'object' ? all : {};
+  } catch {
+    return {};
+  }
+}
+
+function saveSessions(all) {
+  try {
+    localStorage.setItem(SESSIONS, JSON.stringify(all));
+  } catch {
+    // Storage full or disabled: own messages then show as others' after a reload, nothing more.
+  }
+}
+
+function roomKey() {
+  return b64u(state.keys.roomId);
+}
+
+function earlierSessions() {
+  const sids = storedSessions()[roomKey()]?.sids;
+  return Array.isArray(sids) ? sids : [];
+}
+
+function rememberSession() {
+  if (state.remembered) return;
+  state.remembered = true;
+  const all = storedSessions();
+  const now = Date.now();
+  for (const [room, entry] of Object.entries(all)) {
+    if (!(now - entry?.at < SESSIONS_KEPT_MS)) delete all[room];
+  }
+  const sids = earlierSessions().filter((s) => s !== state.session.sid);
+  all[roomKey()] = { sids: [...sids, state.session.sid].slice(-100), at: now };
+  saveSessions(all);
+}
+
+function forgetRoom() {
+  const all = storedSessions();
+  delete all[roomKey()];
+  saveSessions(all);
+}
+
 // ---- messages --------------------------------------------------------------------------
 
 /** When a message was written, as its sender's clock said: the time, and the date too when
@@ -100,13 +158,46 @@ function messageElement(env, seq, own) {
   who.textContent = env.nick;
   const text = document.createElement('span');
   text.className = 'text';
-  text.textContent = env.text; // always text, never HTML
+  appendWithLinks(text, env.text);
   const meta = document.createElement('span');
   meta.className = 'meta';
   meta.textContent = timeOf(env.ts);
   if (meta.textContent) meta.title = new Date(env.ts).toLocaleString();
   li.append(who, text, meta);
   return li;
+}
+
+const URL_IN_TEXT = /\bhttps?:\/\/[^\s<>"]+/gi;
+
+/**
+ * Append a message's text to `el` as text nodes, never HTML, with its http(s) addresses as
+ * links that open in a new tab without telling the site where they came from. Punctuation that
+ * ends a sentence is not part of the address, nor is a closing bracket that opens nowhere in it.
+ */
+function appendWithLinks(el, text) {
+  let at = 0;
+  for (const m of text.matchAll(URL_IN_TEXT)) {
+    let url = m[0].replace(/[.,;:!?'*]+$/, '');
+    while (url.endsWith(')') && url.split(')').length > url.split('(').length) {
+      url = url.slice(0, -1).replace(/[.,;:!?'*]+$/, '');
+    }
+    let parsed = null;
+    try {
+      parsed = new URL(url);
+    } catch {
+      parsed = null;
+    }
+    if (!parsed || !parsed.hostname) continue;
+    el.append(text.slice(at, m.index));
+    const a = document.createElement('a');
+    a.href = parsed.href;
+    a.textContent = url;
+    a.target = '_blank';
+    a.rel = 'noopener noreferrer nofollow';
+    el.append(a);
+    at = m.index + url.length;
+  }
+  el.append(text.slice(at));
 }
 
 function insertBySeq(li, seq) {
@@ -227,6 +318,7 @@ async function sendText(text) {
   state.pending.set(ref, { frame, el, status: 'sending' });
   markPending(ref, 'sending');
   toEnd(); // what you write is always shown, wherever you were reading
+  rememberSession();
   transmit(ref); // if offline, it goes out on reconnect
 }
 
@@ -445,6 +537,7 @@ function wiped() {
   state.ws?.close();
   state.pending.clear();
   $('messages').replaceChildren();
+  forgetRoom();
   history.replaceState(null, '', '/');
   setStatus('idle', 'Room wiped');
   show('gone');
@@ -453,6 +546,7 @@ function wiped() {
 async function openRoom(secret, mode) {
   state.keys = await RoomKeys.derive(secret);
   state.session = new RoomSession(state.keys);
+  state.session.adopt(earlierSessions());
   state.mode = mode;
   connect();
 }

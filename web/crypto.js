@@ -142,6 +142,12 @@ export class RoomSession {
     this.n = 0;
     this.bySid = new Map(); // sid -> [{ seq, n }] sorted by seq
     this.rejected = 0;
+    this.mine = new Set([this.sid]); // this session's sid and those of this device's earlier ones
+  }
+
+  /** Count messages of these earlier sessions (sids) as this device's own. */
+  adopt(sids) {
+    for (const sid of sids) if (typeof sid === 'string') this.mine.add(sid);
   }
 
   /** Encrypt a text as a send frame's fields. */
@@ -182,7 +188,7 @@ export class RoomSession {
       this.rejected += 1;
       return null;
     }
-    return { ...env, nick: env.nick.slice(0, 64), own: env.sid === this.sid };
+    return { ...env, nick: env.nick.slice(0, 64), own: this.mine.has(env.sid) };
   }
 
   accept(sid, n, seq) {

@@ -217,6 +217,7 @@ async fn reload_and_server_restart_lose_nothing_and_duplicate_nothing() {
     let browser = Browser::launch().await;
     let (alice, bob, link) = two_people(&browser, &app).await;
     say(&alice, "m1").await;
+    say(&bob, "b1").await;
     say(&alice, "m2").await;
     wait_for_text(&bob, "m2").await;
 
@@ -224,7 +225,15 @@ async fn reload_and_server_restart_lose_nothing_and_duplicate_nothing() {
     wait_online(&bob).await;
     wait_for_text(&bob, "m2").await;
     let texts: Vec<String> = shown(&bob).await.into_iter().map(|(_, t)| t).collect();
-    assert_eq!(texts, vec!["m1", "m2"], "reload shows each message once");
+    assert_eq!(
+        texts,
+        vec!["m1", "b1", "m2"],
+        "reload shows each message once"
+    );
+    // After the reload Bob's own message is still shown as his, and only to him.
+    let own = "[...document.querySelectorAll('#messages li.own .text')].map(t => t.textContent)";
+    assert_eq!(bob.eval(own).await, json!(["b1"]));
+    assert_eq!(alice.eval(own).await, json!(["m1", "m2"]));
 
     // Kill the server; Alice types while it is down; it comes back on the same port.
     let port = app.port;
@@ -264,7 +273,7 @@ async fn reload_and_server_restart_lose_nothing_and_duplicate_nothing() {
         1,
         "{texts:?}"
     );
-    assert_eq!(texts.len(), 4, "{texts:?}");
+    assert_eq!(texts.len(), 5, "{texts:?}");
     alice
         .wait_for("[...document.querySelectorAll('#messages li.own')].every(li => li.dataset.status === 'sent')", 10)
         .await;
@@ -282,6 +291,11 @@ async fn panic_wipes_the_room_in_every_open_window() {
     wait_online(&bob2).await;
     say(&bob, "secret plans").await;
     wait_for_text(&alice, "secret plans").await;
+    // Bob's browser remembers which session was his in this room (to show his messages as
+    // his after a reload); the wipe makes it forget the room.
+    let remembered =
+        "Object.keys(JSON.parse(localStorage.getItem('nanochat.sessions') ?? '{}')).length";
+    assert_eq!(bob.eval(remembered).await, json!(1));
 
     alice
         .eval("document.getElementById('panic').click(), true")
@@ -301,6 +315,7 @@ async fn panic_wipes_the_room_in_every_open_window() {
             json!(0)
         );
     }
+    assert_eq!(bob.eval(remembered).await, json!(0));
     // The link afterwards says the room is gone.
     let later = browser.new_page(&link).await;
     later
@@ -592,6 +607,46 @@ async fn a_long_conversation_keeps_the_message_box_on_screen_and_the_readers_pla
     bob.bring_to_front().await;
     bob.wait_for("document.title === 'NanoChat'", 10).await;
     assert_same_origin(&bob, &app);
+}
+
+#[actix_web::test]
+async fn web_addresses_in_messages_become_links_that_open_elsewhere() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    let (alice, bob, _) = two_people(&browser, &app).await;
+    let text = "see https://example.org/a?b=1&c=<2>. and (http://example.net/wiki/X_(y)), \
+                not javascript:alert(1) nor http://. nor <b>bold</b>";
+    say(&alice, text).await;
+    wait_for_text(&bob, text).await;
+    let links = bob
+        .eval(
+            "[...document.querySelectorAll('#messages .text a')].map(a => \
+             [a.href, a.textContent, a.target, a.rel])",
+        )
+        .await;
+    assert_eq!(
+        links,
+        json!([
+            [
+                "https://example.org/a?b=1&c=",
+                "https://example.org/a?b=1&c=",
+                "_blank",
+                "noopener noreferrer nofollow"
+            ],
+            [
+                "http://example.net/wiki/X_(y)",
+                "http://example.net/wiki/X_(y)",
+                "_blank",
+                "noopener noreferrer nofollow"
+            ],
+        ])
+    );
+    // Everything else stays text: no element but the two links.
+    assert_eq!(
+        bob.eval("document.querySelector('#messages .text').children.length")
+            .await,
+        json!(2)
+    );
 }
 
 #[actix_web::test]

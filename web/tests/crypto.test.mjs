@@ -95,3 +95,16 @@ test('the length a message would have is the length it has once sealed', async (
     assert.equal(fromB64u(sealed.ct).length, expected, text.slice(0, 20));
   }
 });
+
+test("an earlier session's messages count as one's own once adopted, and only then", async () => {
+  const keys = await RoomKeys.derive(fromB64u(v.secret));
+  const before = new RoomSession(keys);
+  const sealed = await before.seal('me', 'from before the reload');
+  const msg = { seq: 1, ts: 0, epoch: sealed.epoch, iv: sealed.iv, ct: sealed.ct };
+  const stranger = new RoomSession(keys);
+  assert.equal((await stranger.open(msg)).own, false);
+  const after = new RoomSession(keys);
+  after.adopt([before.sid, 42]);
+  assert.equal((await after.open(msg)).own, true);
+  assert.notEqual(after.sid, before.sid, 'the new session still has its own sid');
+});
