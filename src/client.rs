@@ -282,6 +282,79 @@ impl Client {
     }
 }
 
+/// The room secret of a room link: `https://host/#<secret>`, `#<secret>` or the secret alone
+/// (43 characters of base64url). `None` for anything else.
+pub fn secret_from_link(link: &str) -> Option<[u8; crypto::SECRET_LEN]> {
+    let link = link.trim();
+    let fragment = link.rsplit_once('#').map_or(link, |(_, f)| f);
+    from_b64u(fragment)?.try_into().ok()
+}
+
+/// What [`take_down`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Takedown {
+    /// The room existed: every message is deleted, every member told, the link blocked.
+    Wiped,
+    /// The room had already been wiped; its link stays blocked.
+    AlreadyWiped,
+    /// No room had this link (never made, or expired): one was made and wiped at once, so
+    /// the link cannot be used on this server either.
+    Blocked,
+}
+
+/// Wipe the room of `keys` and block its link, as its panic button does, without reading a
+/// single message: join (or, when no room has this id, create it so the id can be blocked),
+/// send `panic`, wait for `nuked`. The operator's takedown (`nanochat room wipe LINK`).
+pub async fn take_down(url: &str, keys: &RoomKeys) -> Result<Takedown, ClientError> {
+    let mut client = Client::connect(url).await?;
+    let outcome = match client.join(keys, None).await? {
+        ServerFrame::Joined { .. } => Takedown::Wiped,
+        ServerFrame::Error { code, .. } if code == "room_gone" => {
+            return Ok(Takedown::AlreadyWiped);
+        }
+        ServerFrame::Error { code, .. } if code == "auth_failed" => {
+            let mut fresh = Client::connect(url).await?;
+            match fresh.create(keys).await? {
+                ServerFrame::Joined { .. } => {}
+                ServerFrame::Error { code, message, .. } => {
+                    return Err(ClientError::Server { code, message });
+                }
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "expected joined, got {other:?}"
+                    )));
+                }
+            }
+            client = fresh;
+            Takedown::Blocked
+        }
+        ServerFrame::Error { code, message, .. } => {
+            return Err(ClientError::Server { code, message });
+        }
+        other => {
+            return Err(ClientError::Protocol(format!(
+                "expected joined, got {other:?}"
+            )));
+        }
+    };
+    client.send_json(&ClientFrame::Panic.to_json()).await?;
+    // Messages sent to the room meanwhile may still arrive first; the wipe ends with `nuked`.
+    loop {
+        match client.recv().await? {
+            ServerFrame::Nuked => return Ok(outcome),
+            ServerFrame::Msg(_) => {}
+            ServerFrame::Error { code, message, .. } => {
+                return Err(ClientError::Server { code, message });
+            }
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected nuked, got {other:?}"
+                )));
+            }
+        }
+    }
+}
+
 /// The plaintext of a message (PROTOCOL.md §2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -389,5 +462,34 @@ impl RoomSession {
         }
         by_seq.insert(msg.seq, env.n);
         Ok(env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_room_link_gives_its_secret_in_every_written_form() {
+        let secret = [7u8; crypto::SECRET_LEN];
+        let s = b64u(&secret);
+        for link in [
+            format!("https://chat.example.org/#{s}"),
+            format!("http://abc.onion/#{s}\n"),
+            format!("#{s}"),
+            format!("  {s}  "),
+        ] {
+            assert_eq!(secret_from_link(&link), Some(secret), "{link:?}");
+        }
+        for bad in [
+            String::new(),
+            "https://chat.example.org/".into(),
+            format!("https://chat.example.org/#{}", &s[..42]),
+            format!("https://chat.example.org/#{s}A"),
+            format!("https://chat.example.org/#+{}", &s[1..]),
+            format!("https://chat.example.org/#{s}#"),
+        ] {
+            assert_eq!(secret_from_link(&bad), None, "{bad:?}");
+        }
     }
 }

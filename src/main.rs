@@ -1,5 +1,5 @@
 //! The `nanochat` binary: parse the command line, load settings, start logging, then serve,
-//! migrate, or check the configuration.
+//! migrate, check the configuration, or take a room down.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,6 +14,10 @@ commands:
   serve          run the server (default)
   migrate        apply database migrations and exit
   config check   validate the configuration and exit
+  room wipe LINK take a room down: through the running server (at server.listen), delete
+                 its messages, close its sockets and block its link, as its panic button
+                 does, without reading anything; LINK is https://host/#<secret>, <secret>,
+                 or - to read it from standard input
 
 The config file may also be named by NANOCHAT_CONFIG; every key can be set with an
 environment variable NANOCHAT__SECTION__KEY (see deploy/nanochat.toml).";
@@ -22,6 +26,7 @@ enum Command {
     Serve,
     Migrate,
     ConfigCheck,
+    RoomWipe([u8; nanochat::crypto::SECRET_LEN]),
 }
 
 fn parse_args() -> Result<(Option<PathBuf>, Command), String> {
@@ -46,6 +51,19 @@ fn parse_args() -> Result<(Option<PathBuf>, Command), String> {
         [] | ["serve"] => Command::Serve,
         ["migrate"] => Command::Migrate,
         ["config", "check"] => Command::ConfigCheck,
+        ["room", "wipe", link] => {
+            // `-`: the link on standard input, so that it shows in no process list or history.
+            let mut line = String::new();
+            if *link == "-" {
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .map_err(|e| format!("room wipe: reading the link from stdin: {e}"))?;
+            }
+            let link = if *link == "-" { line.as_str() } else { link };
+            Command::RoomWipe(nanochat::client::secret_from_link(link).ok_or(
+                "room wipe: not a room link (the part after # must be 43 characters of base64url)",
+            )?)
+        }
         other => return Err(format!("unknown command: {}", other.join(" "))),
     };
     Ok((config, command))
@@ -119,9 +137,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Command::ConfigCheck = command {
-        println!("configuration is valid");
-        return ExitCode::SUCCESS;
+    match command {
+        Command::ConfigCheck => {
+            println!("configuration is valid");
+            return ExitCode::SUCCESS;
+        }
+        Command::RoomWipe(secret) => return room_wipe(&settings, &secret),
+        _ => {}
     }
     nanochat::telemetry::init(&settings.log);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -150,4 +172,50 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `room wipe`: the operator's takedown of a reported link, through the running server so
+/// that every process and every open window learns of it at once.
+fn room_wipe(settings: &Settings, secret: &[u8; nanochat::crypto::SECRET_LEN]) -> ExitCode {
+    use nanochat::client::{Takedown, take_down};
+    let Ok(mut addr) = settings.server.listen.parse::<std::net::SocketAddr>() else {
+        eprintln!(
+            "nanochat: server.listen `{}` is not an address to connect to",
+            settings.server.listen
+        );
+        return ExitCode::from(2);
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("ws://{addr}/ws");
+    let keys = nanochat::crypto::RoomKeys::derive(secret);
+    let days = settings.retention.tombstone_days;
+    let result = actix_web::rt::System::new().block_on(take_down(&url, &keys));
+    match result {
+        Ok(Takedown::Wiped) => println!(
+            "wiped: every message of the room is deleted, its open windows were told, and its \
+             link stays blocked for {days} days"
+        ),
+        Ok(Takedown::AlreadyWiped) => {
+            println!("already wiped: the room's link stays blocked")
+        }
+        Ok(Takedown::Blocked) => println!(
+            "no room had this link (never made, or expired); it is now blocked for {days} days"
+        ),
+        Err(e @ nanochat::client::ClientError::Ws(_)) => {
+            eprintln!(
+                "nanochat: room wipe: cannot reach the server at {url} (is it running?): {e}"
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("nanochat: room wipe through {url}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
 }

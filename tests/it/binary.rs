@@ -564,3 +564,102 @@ fn an_operators_glibc_tunables_are_kept() {
         "{log:?}"
     );
 }
+
+/// `nanochat room wipe LINK`, run beside a server started from `dir`; its exit code, stdout and
+/// stderr.
+fn room_wipe(dir: &std::path::Path, port: u16, link: &str) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nanochat"))
+        .current_dir(dir)
+        .env_remove("NANOCHAT_CONFIG")
+        .env("NANOCHAT__SERVER__LISTEN", format!("0.0.0.0:{port}"))
+        .args(["room", "wipe", link])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[actix_web::test]
+async fn an_operator_takes_a_reported_link_down_through_the_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, port, _, _) = spawn_server(dir.path(), &[]);
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let keys = random_room();
+    let link = format!(
+        "https://chat.example.org/#{}",
+        nanochat::protocol::b64u(keys.secret())
+    );
+    let mut alice = Client::connect(&url).await.unwrap();
+    assert!(matches!(
+        alice.create(&keys).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    let mut session = nanochat::client::RoomSession::new(keys.clone());
+    alice
+        .send_sealed("1", &session.seal("alice", "reported content"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        alice.recv().await.unwrap(),
+        ServerFrame::Ack { .. }
+    ));
+
+    // The operator runs the command with the reported link (server.listen 0.0.0.0 is reached
+    // on loopback): the member's window is told, the room is gone for good.
+    let (code, out, err) = room_wipe(dir.path(), port, &link);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("wiped:"), "{out}");
+    assert!(matches!(alice.recv().await.unwrap(), ServerFrame::Nuked));
+    let mut later = Client::connect(&url).await.unwrap();
+    assert!(matches!(
+        later.join(&keys, None).await.unwrap(),
+        ServerFrame::Error { code, .. } if code == "room_gone"
+    ));
+    let mut again = Client::connect(&url).await.unwrap();
+    assert!(matches!(
+        again.create(&keys).await.unwrap(),
+        ServerFrame::Error { code, .. } if code == "room_gone"
+    ));
+    // Given on standard input (`-`), the link shows in no process list.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nanochat"))
+        .current_dir(dir.path())
+        .env_remove("NANOCHAT_CONFIG")
+        .env("NANOCHAT__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .args(["room", "wipe", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        writeln!(cmd.stdin.take().unwrap(), "{link}").unwrap();
+    }
+    let out = cmd.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.starts_with("already wiped"), "{out}");
+
+    // A link no room has (never made, or expired) is blocked all the same: the bare secret works.
+    let unused = random_room();
+    let (code, out, err) = room_wipe(dir.path(), port, &nanochat::protocol::b64u(unused.secret()));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("no room had this link"), "{out}");
+    let mut squatter = Client::connect(&url).await.unwrap();
+    assert!(matches!(
+        squatter.create(&unused).await.unwrap(),
+        ServerFrame::Error { code, .. } if code == "room_gone"
+    ));
+
+    // Mistakes are named: not a link (usage, 2), no server there (1).
+    let (code, _, err) = room_wipe(dir.path(), port, "https://chat.example.org/#tooshort");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a room link"), "{err}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (code, _, err) = room_wipe(dir.path(), closed_port, &link);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is it running?"), "{err}");
+}
