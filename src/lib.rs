@@ -15,10 +15,12 @@
 //! - [`websocket`]: WebSocket framing on a connection taken over from the HTTP dispatcher.
 //! - [`store`]: the `Store` trait, its SQLite and Postgres backends, and the group-commit writer.
 //! - [`startup`]: `Application`: listeners, routes, background tasks.
+//! - [`assets`]: the browser client's files, embedded, gzip-compressed once, with ETags.
 //! - [`cluster`]: several processes on one Postgres: cross-node fan-out with LISTEN/NOTIFY.
 //! - [`client`]: a Rust client of the protocol (tests, benchmarks, tools).
 
 pub mod abuse;
+pub mod assets;
 pub mod client;
 pub mod cluster;
 pub mod config;

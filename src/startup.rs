@@ -21,13 +21,13 @@ use actix_web::middleware::DefaultHeaders;
 use actix_web::{App, HttpMessage as _, HttpRequest, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 use futures_util::SinkExt as _;
-use rust_embed::RustEmbed;
 use tokio::net::TcpStream;
 
 use crate::abuse::client_ip::ClientIdentity;
 use crate::abuse::limits::{self, Client, Limits};
 use crate::abuse::origin::OriginPolicy;
 use crate::abuse::pow::{self as pow_policy, PowPolicy};
+use crate::assets;
 use crate::config::{LimitSettings, PowMode, Settings};
 use crate::crypto::ServerKeys;
 use crate::hub::Hub;
@@ -151,27 +151,6 @@ pub fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
             Ok(secret)
         }
         Err(e) => Err(e).with_context(|| format!("cannot read server secret {}", path.display())),
-    }
-}
-
-#[derive(RustEmbed)]
-#[folder = "web/"]
-struct WebAssets;
-
-async fn asset(req: HttpRequest) -> HttpResponse {
-    let path = req.match_info().query("path");
-    let path = if path.is_empty() { "index.html" } else { path };
-    match WebAssets::get(path) {
-        Some(file) => {
-            let mime = mime_guess::from_path(path).first_or_octet_stream();
-            HttpResponse::Ok()
-                .content_type(mime.as_ref())
-                .insert_header((header::CACHE_CONTROL, "no-cache"))
-                .body(file.data.into_owned())
-        }
-        None => HttpResponse::NotFound()
-            .content_type("text/plain; charset=utf-8")
-            .body("not found\n"),
     }
 }
 
@@ -661,8 +640,11 @@ impl Application {
                     .wrap(security_headers())
                     .route("/ws", web::get().to(ws_without_upgrade))
                     .route("/healthz", web::get().to(healthz))
+                    .route("/healthz", web::head().to(healthz))
                     .route("/readyz", web::get().to(readyz))
-                    .route("/{path:.*}", web::get().to(asset));
+                    .route("/readyz", web::head().to(readyz))
+                    .route("/{path:.*}", web::get().to(assets::serve))
+                    .route("/{path:.*}", web::head().to(assets::serve));
                 HttpService::build()
                     .client_request_timeout(handshake_timeout)
                     .client_disconnect_timeout(Duration::from_secs(1))
@@ -681,7 +663,9 @@ impl Application {
                 .app_data(data.clone())
                 .route("/metrics", web::get().to(metrics_endpoint))
                 .route("/healthz", web::get().to(healthz))
+                .route("/healthz", web::head().to(healthz))
                 .route("/readyz", web::get().to(readyz))
+                .route("/readyz", web::head().to(readyz))
         })
         .workers(1)
         .shutdown_timeout(1)

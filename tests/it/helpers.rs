@@ -176,6 +176,8 @@ pub struct HttpResponse {
     pub status: u16,
     pub headers: HashMap<String, String>,
     pub body: String,
+    /// The body's bytes as they came (`body` is them read as UTF-8).
+    pub bytes: Vec<u8>,
 }
 
 /// Send raw request bytes and read the whole response (the request should close the
@@ -207,10 +209,15 @@ pub async fn http_raw(port: u16, request: &str) -> HttpResponse {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
+    let head_len = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(buf.len(), |at| at + 4);
     HttpResponse {
         status,
         headers,
         body: body.to_owned(),
+        bytes: buf[head_len..].to_vec(),
     }
 }
 

@@ -64,12 +64,85 @@ async fn upgrades_and_their_refusals_carry_the_security_headers() {
 }
 
 #[actix_web::test]
+async fn the_client_files_are_compressed_and_revalidated_without_a_body() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let request = |path: &str, extra: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}\r\n")
+    };
+    for path in ["/", "/app.js", "/crypto.js", "/style.css"] {
+        let plain = http_get(app.port, path).await;
+        assert_eq!(plain.status, 200, "{path}");
+        assert!(!plain.headers.contains_key("content-encoding"), "{path}");
+        let etag = plain.headers["etag"].clone();
+        assert!(etag.starts_with('"') && etag.len() == 34, "{etag}");
+
+        // A browser that takes gzip gets the same bytes in under half the size.
+        let gz = http_raw(app.port, &request(path, "Accept-Encoding: gzip, br\r\n")).await;
+        assert_eq!(gz.headers["content-encoding"], "gzip", "{path}");
+        assert_eq!(gz.headers["vary"], "Accept-Encoding");
+        assert_eq!(gz.headers["etag"], etag);
+        let mut unpacked = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(&gz.bytes[..]),
+            &mut unpacked,
+        )
+        .unwrap();
+        assert_eq!(unpacked, plain.bytes, "{path}");
+        assert!(gz.bytes.len() * 2 < plain.bytes.len(), "{path}");
+
+        // Its copy still current: 304, no body, the security headers all the same.
+        let again = http_raw(
+            app.port,
+            &request(path, &format!("If-None-Match: {etag}\r\n")),
+        )
+        .await;
+        assert_eq!(again.status, 304, "{path}");
+        assert!(again.bytes.is_empty(), "{path}");
+        assert_eq!(
+            again
+                .headers
+                .get("content-security-policy")
+                .map(String::as_str),
+            Some(CONTENT_SECURITY_POLICY)
+        );
+        let stale = http_raw(app.port, &request(path, "If-None-Match: \"0\"\r\n")).await;
+        assert_eq!((stale.status, stale.bytes.len()), (200, plain.bytes.len()));
+
+        // HEAD answers as GET would, without the body.
+        let head = http_raw(
+            app.port,
+            &format!("HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(head.status, 200, "{path}");
+        assert_eq!(head.headers["etag"], etag);
+        assert!(head.bytes.is_empty());
+    }
+    // The client's own tests are not part of what is served.
+    assert_eq!(
+        http_get(app.port, "/tests/crypto.test.mjs").await.status,
+        404
+    );
+}
+
+#[actix_web::test]
 async fn health_and_readiness_answer() {
     let app = spawn_app(Backend::Sqlite).await;
     let h = http_get(app.port, "/healthz").await;
     assert_eq!((h.status, h.body.as_str()), (200, "ok\n"));
     let r = http_get(app.port, "/readyz").await;
     assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+    // Load balancers that check with HEAD get the same answer, on both listeners.
+    for port in [app.port, app.admin_port] {
+        for path in ["/healthz", "/readyz"] {
+            let head = http_raw(
+                port,
+                &format!("HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
+            )
+            .await;
+            assert_eq!((head.status, head.bytes.len()), (200, 0), "{port}{path}");
+        }
+    }
 }
 
 #[actix_web::test]
