@@ -554,6 +554,14 @@ async function openRoom(secret, mode) {
 // ---- wiring ----------------------------------------------------------------------------
 
 function init() {
+  if (!window.isSecureContext || !globalThis.crypto?.subtle) {
+    // Browsers offer WebCrypto only to secure pages: over plain http nothing here would work.
+    show('landing');
+    $('new-room').disabled = true;
+    notice('This page has to be opened with https:// (or as an .onion address in Tor Browser): '
+      + 'browsers let a page encrypt only there. Ask for the https:// address of this server.');
+    return;
+  }
   $('nick').value = localStorage.getItem('nanochat.nick') ?? '';
   $('nick').addEventListener('change', () => localStorage.setItem('nanochat.nick', $('nick').value.trim()));
   $('new-room').addEventListener('click', () => {

@@ -650,6 +650,56 @@ async fn web_addresses_in_messages_become_links_that_open_elsewhere() {
 }
 
 #[actix_web::test]
+async fn a_page_without_https_or_without_javascript_says_what_it_needs() {
+    let app = spawn_app(Backend::Sqlite).await;
+    // A name that is not this machine's own (as a LAN address or a domain would be): over plain
+    // http the page is not a secure context, and browsers then offer no WebCrypto.
+    let browser =
+        Browser::launch_with(&["--host-resolver-rules=MAP insecure.test 127.0.0.1"]).await;
+    let secret = b64u(crate::helpers::random_room().secret());
+    let page = browser
+        .new_page(&format!("http://insecure.test:{}/#{secret}", app.port))
+        .await;
+    page.wait_for("!document.getElementById('notice').hidden", 10)
+        .await;
+    let notice = page
+        .eval("document.getElementById('notice').textContent")
+        .await;
+    assert!(notice.as_str().unwrap().contains("https://"), "{notice}");
+    assert_eq!(page.eval("isSecureContext").await, json!(false));
+    assert_eq!(
+        page.eval("document.getElementById('new-room').disabled")
+            .await,
+        json!(true)
+    );
+    for line in page.logs() {
+        assert!(!line.starts_with("exception"), "{line}");
+    }
+    assert!(
+        page.requests().iter().all(|url| !url.starts_with("ws")),
+        "{:?}",
+        page.requests()
+    );
+
+    // With JavaScript off, the page says it needs it; with it on, that text is not shown.
+    let plain = origin(&app);
+    let off = browser.new_page("about:blank").await;
+    off.disable_javascript().await;
+    off.goto(&format!("{plain}/")).await;
+    assert_eq!(
+        off.eval("document.querySelector('noscript .notice')?.offsetHeight > 0")
+            .await,
+        json!(true)
+    );
+    let on = browser.new_page(&format!("{plain}/")).await;
+    assert_eq!(
+        on.eval("document.querySelector('noscript .notice') === null")
+            .await,
+        json!(true)
+    );
+}
+
+#[actix_web::test]
 async fn a_message_too_long_to_send_stays_in_the_box_to_be_shortened() {
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;

@@ -299,6 +299,15 @@ impl Page<'_> {
         self.wait_for("!document.hidden", 10).await;
     }
 
+    /// Run no script of the page from now on (as a browser with JavaScript turned off).
+    pub async fn disable_javascript(&self) {
+        self.call(
+            "Emulation.setScriptExecutionDisabled",
+            json!({"value": true}),
+        )
+        .await;
+    }
+
     /// Emulate a screen of this size (CSS pixels).
     pub async fn set_viewport(&self, width: u32, height: u32) {
         self.call(
