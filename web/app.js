@@ -43,7 +43,15 @@ const state = {
   maxCt: 0, // the server's largest ciphertext, from `hello`
   tooLong: false, // the notice shows that the text in the box is too long
   remembered: false, // this session's sid is in `nanochat.sessions`
+  answerTimer: null, // set while the socket owes an answer; it fires if none comes
+  lastFrameAt: 0,
+  lastProbeAt: 0,
 };
+
+/** How long a socket may stay silent after it was asked something before it counts as dead. */
+const ANSWER_MS = { send: 10_000, probe: 5_000 };
+/** A socket heard from this recently is not probed. */
+const QUIET_MS = 15_000;
 
 function setStatus(kind, text) {
   const s = $('status');
@@ -305,6 +313,7 @@ function transmit(ref) {
   const p = state.pending.get(ref);
   if (p && state.joined && state.ws?.readyState === WebSocket.OPEN) {
     state.ws.send(JSON.stringify(p.frame));
+    expectAnswer(ANSWER_MS.send);
   }
 }
 
@@ -369,6 +378,9 @@ function connect() {
   const ws = new WebSocket(wsUrl());
   state.ws = ws;
   ws.onmessage = (e) => {
+    clearTimeout(state.answerTimer);
+    state.answerTimer = null;
+    state.lastFrameAt = Date.now();
     let frame;
     try {
       frame = JSON.parse(e.data);
@@ -379,17 +391,56 @@ function connect() {
     // and the seq bookkeeping assume frames are handled in the order the server sent them.
     state.chain = state.chain.then(() => handle(frame)).catch((err) => console.error(err));
   };
-  ws.onclose = () => {
+  ws.onclose = () => lost(ws);
+}
+
+/** The socket closed (or was given up): reconnect after a growing, jittered wait. */
+function lost(ws) {
+  if (state.ws !== ws) return;
+  clearTimeout(state.answerTimer);
+  state.answerTimer = null;
+  state.joined = false;
+  state.historyFilling = false;
+  if (state.stopped) return;
+  const wait = state.backoff + Math.random() * 250;
+  state.backoff = Math.min(state.backoff * 2, 15000);
+  setStatus('reconnecting', `Connection lost; reconnecting in ${Math.ceil(wait / 1000)} s…`);
+  setTimeout(() => {
+    if (!state.stopped) connect();
+  }, wait);
+}
+
+/**
+ * A socket can die without closing: a laptop that slept, a phone that changed networks, a
+ * path that drops everything. The browser learns of it only when TCP gives up, many minutes
+ * later, and meanwhile the page would look connected and show nothing new. So the page gives
+ * a socket that owes it an answer (an ack, or the probe below) a few seconds; if nothing at all
+ * arrives, it drops that socket and reconnects, catching up on what it missed and sending
+ * again what was not acknowledged.
+ */
+function expectAnswer(ms) {
+  if (state.answerTimer) return; // an earlier deadline stands
+  const ws = state.ws;
+  state.answerTimer = setTimeout(() => {
+    state.answerTimer = null;
     if (state.ws !== ws) return;
-    state.joined = false;
-    if (state.stopped) return;
-    const wait = state.backoff + Math.random() * 250;
-    state.backoff = Math.min(state.backoff * 2, 15000);
-    setStatus('reconnecting', `Connection lost; reconnecting in ${Math.ceil(wait / 1000)} s…`);
-    setTimeout(() => {
-      if (!state.stopped) connect();
-    }, wait);
-  };
+    ws.onmessage = null;
+    ws.onclose = null;
+    ws.close();
+    lost(ws);
+  }, ms);
+}
+
+/** When the page comes back into view or the network returns: ask a quiet socket for
+ * anything missed, which also proves it alive. */
+function checkAlive() {
+  const now = Date.now();
+  if (!state.joined || state.ws?.readyState !== WebSocket.OPEN || state.historyFilling) return;
+  if (now - state.lastFrameAt < QUIET_MS || now - state.lastProbeAt < QUIET_MS) return;
+  state.lastProbeAt = now;
+  state.historyFilling = true;
+  requestAfter();
+  expectAnswer(ANSWER_MS.probe);
 }
 
 async function handle(frame) {
@@ -498,6 +549,7 @@ function onJoined(frame) {
 
 function onError(frame) {
   const text = ERRORS[frame.code] ?? ERRORS.internal;
+  if (!frame.ref) state.historyFilling = false; // a refused catch-up ends it
   if (frame.ref && state.pending.has(frame.ref)) {
     if (frame.code === 'replay') {
       markPending(frame.ref, 'sent');
@@ -620,7 +672,12 @@ function init() {
     if (!document.hidden) {
       state.unread = 0;
       showUnread();
+      checkAlive();
     }
+  });
+  window.addEventListener('online', checkAlive);
+  window.addEventListener('pageshow', (e) => {
+    if (e.persisted) checkAlive();
   });
   window.addEventListener('hashchange', () => location.reload());
 

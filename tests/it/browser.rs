@@ -1,7 +1,8 @@
 //! The browser client in real headless Chromium against a real server: chatting, access
-//! without the secret, reload and server restart, panic, proof of work, a long conversation
-//! (what stays on screen, the reader's place, dates, unread count), and no third-party
-//! requests. Plus the client's crypto against the test vectors under `node --test`.
+//! without the secret, reload and server restart, a connection that dies silently, panic,
+//! proof of work, a long conversation (what stays on screen, the reader's place, dates, unread
+//! count), links, too-long messages, pages without https or JavaScript, the shipped nginx
+//! configuration, and no third-party requests. Plus the client's crypto against the test vectors under `node --test`.
 
 use nanochat::client::{Client, RoomSession};
 use nanochat::config::PowMode;
@@ -696,6 +697,116 @@ async fn a_page_without_https_or_without_javascript_says_what_it_needs() {
         on.eval("document.querySelector('noscript .notice') === null")
             .await,
         json!(true)
+    );
+}
+
+/// A TCP relay to the test server whose open connections can be frozen: from then on they
+/// pass nothing either way and are never closed, as a path that died while a laptop slept.
+/// Connections made later pass as usual.
+struct Relay {
+    port: u16,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    async fn start(upstream: u16) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let current = generation.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let born = current.load(Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to) in [(cr, sw), (sr, cw)] {
+                    let current = current.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = from.read(&mut buf).await {
+                            if current.load(Ordering::SeqCst) == born
+                                && to.write_all(&buf[..n]).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                        // Frozen connections are held open: only a live one passes its end on.
+                        if current.load(Ordering::SeqCst) != born {
+                            std::future::pending::<()>().await;
+                        }
+                    });
+                }
+            }
+        });
+        Relay { port, generation }
+    }
+
+    fn freeze(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[actix_web::test]
+async fn a_connection_that_died_silently_is_noticed_and_nothing_is_lost() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let relay = Relay::start(app.port).await;
+    let browser = Browser::launch().await;
+    let alice = browser.new_page(&format!("{}/", origin(&app))).await;
+    set_nick(&alice, "alice").await;
+    let link = create_room(&alice).await;
+    let fragment = link.split_once('#').unwrap().1;
+    let bob = browser
+        .new_page(&format!("http://127.0.0.1:{}/#{fragment}", relay.port))
+        .await;
+    set_nick(&bob, "bob").await;
+    wait_online(&bob).await;
+
+    // Bob's path dies without a close. Alice writes; Bob writes and gets no ack: within 10 s
+    // his page gives the socket up, reconnects, catches up and sends again.
+    relay.freeze();
+    say(&alice, "while you were away").await;
+    say(&bob, "are you there?").await;
+    wait_for_text(&alice, "are you there?").await;
+    wait_for_text(&bob, "while you were away").await;
+    bob.wait_for(
+        "[...document.querySelectorAll('#messages li.own')].every(li => li.dataset.status === 'sent')",
+        10,
+    )
+    .await;
+
+    // Dead again, and Bob sends nothing: once the socket has been quiet a while, coming back
+    // to the tab probes it, and the page reconnects and shows what was missed.
+    relay.freeze();
+    say(&alice, "second time away").await;
+    tokio::time::sleep(std::time::Duration::from_secs(16)).await;
+    assert!(
+        !shown(&bob)
+            .await
+            .iter()
+            .any(|(_, t)| t == "second time away")
+    );
+    bob.open_tab_in_front().await;
+    bob.bring_to_front().await;
+    wait_for_text(&bob, "second time away").await;
+    wait_online(&bob).await;
+
+    let texts: Vec<String> = shown(&alice).await.into_iter().map(|(_, t)| t).collect();
+    assert_eq!(
+        texts,
+        vec!["while you were away", "are you there?", "second time away"],
+        "each message once"
+    );
+    let texts: Vec<String> = shown(&bob).await.into_iter().map(|(_, t)| t).collect();
+    assert_eq!(
+        texts,
+        vec!["while you were away", "are you there?", "second time away"]
     );
 }
 
