@@ -4,7 +4,8 @@
 # browser tests in headless Chromium, the benchmark scenarios at a tiny size (the Node `ws`
 # baseline included) and their summary script (python3), promtool checks of the metrics and
 # alert rules, the shipped nginx configuration in front of a server (with a certificate made
-# by openssl), and instruction counts under valgrind for the constant-time checks. Installs
+# by openssl), accessibility checks of every screen (axe-core from npm), and instruction
+# counts under valgrind for the constant-time checks. Installs
 # what a fresh Debian machine lacks when run as root; otherwise says what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,5 +35,8 @@ fi
 # The Node `ws` fan-out baseline's one package, pinned by its lock file (npm registry).
 [ -d benches/node-ws/node_modules/ws ] ||
     npm ci --prefix benches/node-ws --no-audit --no-fund --loglevel=error
+# axe-core, the accessibility checker the browser tests run inside the page, pinned likewise.
+[ -f tests/a11y/node_modules/axe-core/axe.min.js ] ||
+    npm ci --prefix tests/a11y --no-audit --no-fund --loglevel=error
 
 cargo test --all-targets "$@"

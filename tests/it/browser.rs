@@ -1080,3 +1080,74 @@ async fn two_people_chat_through_the_shipped_nginx_configuration() {
         "{metrics}"
     );
 }
+
+/// The accessibility problems axe-core (run inside the page) finds there: `id (impact): nodes`.
+async fn accessibility_violations(page: &Page<'_>) -> Vec<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/a11y/node_modules/axe-core/axe.min.js"
+    );
+    let axe = std::fs::read_to_string(path).unwrap_or_else(|e| {
+        panic!(
+            "{path}: {e}. The accessibility checks need axe-core from npm: \
+             `npm ci --prefix tests/a11y` (tests/run.sh runs it)"
+        )
+    });
+    page.eval(&format!("{axe}\n;true")).await;
+    let found = page
+        .eval(
+            "axe.run(document, {resultTypes: ['violations']}).then(r => r.violations.map(v => \
+             `${v.id} (${v.impact}): ${v.nodes.map(n => n.target.join(' ')).join(', ')}`))",
+        )
+        .await;
+    serde_json::from_value(found).unwrap()
+}
+
+#[actix_web::test]
+async fn every_screen_passes_an_accessibility_check_in_light_and_dark() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    for scheme in ["light", "dark"] {
+        let check = async |page: &Page<'_>, screen: &str| {
+            page.prefer_color_scheme(scheme).await;
+            let found = accessibility_violations(page).await;
+            assert!(found.is_empty(), "{screen}, {scheme}: {found:#?}");
+        };
+        let landing = browser.new_page(&format!("{}/", origin(&app))).await;
+        check(&landing, "landing").await;
+
+        // A conversation with everything a room shows: own and others' messages, a link, the
+        // "New messages" button of a reader scrolled up, a notice.
+        let (alice, bob, _) = two_people(&browser, &app).await;
+        bob.set_viewport(390, 600).await;
+        for i in 1..=12 {
+            say(&alice, &format!("line {i}, see https://example.org/{i}")).await;
+        }
+        say(&bob, "hi").await;
+        wait_for_text(&bob, "line 12, see https://example.org/12").await;
+        bob.eval("document.getElementById('scroller').scrollTop = 0, true")
+            .await;
+        say(&alice, "one more").await;
+        wait_for_text(&bob, "one more").await;
+        bob.wait_for("!document.getElementById('jump').hidden", 10)
+            .await;
+        say(&bob, &"x".repeat(9_000)).await;
+        bob.wait_for("!document.getElementById('notice').hidden", 10)
+            .await;
+        check(&bob, "room").await;
+
+        alice
+            .eval("document.getElementById('panic').click(), true")
+            .await;
+        alice
+            .wait_for("document.getElementById('panic-dialog').open", 5)
+            .await;
+        check(&alice, "panic dialog").await;
+        alice
+            .eval("document.getElementById('panic-confirm').click(), true")
+            .await;
+        bob.wait_for("!document.getElementById('gone').hidden", 20)
+            .await;
+        check(&bob, "wiped room").await;
+    }
+}

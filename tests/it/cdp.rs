@@ -308,6 +308,15 @@ impl Page<'_> {
         .await;
     }
 
+    /// Emulate the user's light or dark colour-scheme preference.
+    pub async fn prefer_color_scheme(&self, scheme: &str) {
+        self.call(
+            "Emulation.setEmulatedMedia",
+            json!({"features": [{"name": "prefers-color-scheme", "value": scheme}]}),
+        )
+        .await;
+    }
+
     /// Emulate a screen of this size (CSS pixels).
     pub async fn set_viewport(&self, width: u32, height: u32) {
         self.call(
