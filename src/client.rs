@@ -304,54 +304,100 @@ pub enum Takedown {
 
 /// Wipe the room of `keys` and block its link, as its panic button does, without reading a
 /// single message: join (or, when no room has this id, create it so the id can be blocked),
-/// send `panic`, wait for `nuked`. The operator's takedown (`nanochat room wipe LINK`).
+/// send `panic`, wait for `nuked`. The operator's takedown (`nanochat room wipe LINK`). A
+/// server under load may refuse with `rate_limited`; then it waits as told and tries again
+/// (five times at most).
 pub async fn take_down(url: &str, keys: &RoomKeys) -> Result<Takedown, ClientError> {
-    let mut client = Client::connect(url).await?;
+    let mut tries = 0;
+    loop {
+        match take_down_once(url, keys).await? {
+            Ok(done) => return Ok(done),
+            Err(wait) if tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(wait).await;
+            }
+            Err(_) => {
+                return Err(ClientError::Server {
+                    code: "rate_limited".into(),
+                    message: "still refused after five waits".into(),
+                });
+            }
+        }
+    }
+}
+
+/// One try of [`take_down`]: `Ok(Err(wait))` when the server said to retry after `wait`.
+async fn take_down_once(
+    url: &str,
+    keys: &RoomKeys,
+) -> Result<Result<Takedown, Duration>, ClientError> {
+    let mut client = match connect_or_wait(url).await? {
+        Ok(client) => client,
+        Err(wait) => return Ok(Err(wait)),
+    };
     let outcome = match client.join(keys, None).await? {
         ServerFrame::Joined { .. } => Takedown::Wiped,
         ServerFrame::Error { code, .. } if code == "room_gone" => {
-            return Ok(Takedown::AlreadyWiped);
+            return Ok(Ok(Takedown::AlreadyWiped));
         }
         ServerFrame::Error { code, .. } if code == "auth_failed" => {
-            let mut fresh = Client::connect(url).await?;
+            let mut fresh = match connect_or_wait(url).await? {
+                Ok(client) => client,
+                Err(wait) => return Ok(Err(wait)),
+            };
             match fresh.create(keys).await? {
                 ServerFrame::Joined { .. } => {}
-                ServerFrame::Error { code, message, .. } => {
-                    return Err(ClientError::Server { code, message });
-                }
-                other => {
-                    return Err(ClientError::Protocol(format!(
-                        "expected joined, got {other:?}"
-                    )));
-                }
+                refused => return refusal(refused),
             }
             client = fresh;
             Takedown::Blocked
         }
-        ServerFrame::Error { code, message, .. } => {
-            return Err(ClientError::Server { code, message });
-        }
-        other => {
-            return Err(ClientError::Protocol(format!(
-                "expected joined, got {other:?}"
-            )));
-        }
+        refused => return refusal(refused),
     };
     client.send_json(&ClientFrame::Panic.to_json()).await?;
     // Messages sent to the room meanwhile may still arrive first; the wipe ends with `nuked`.
     loop {
         match client.recv().await? {
-            ServerFrame::Nuked => return Ok(outcome),
+            ServerFrame::Nuked => return Ok(Ok(outcome)),
             ServerFrame::Msg(_) => {}
-            ServerFrame::Error { code, message, .. } => {
-                return Err(ClientError::Server { code, message });
-            }
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "expected nuked, got {other:?}"
-                )));
-            }
+            refused => return refusal(refused),
         }
+    }
+}
+
+/// Connect, or learn how long to wait when the server refuses the upgrade for now (`429` or
+/// `503` with `Retry-After`).
+async fn connect_or_wait(url: &str) -> Result<Result<Client, Duration>, ClientError> {
+    match Client::connect(url).await {
+        Ok(client) => Ok(Ok(client)),
+        Err(ClientError::Ws(tokio_tungstenite::tungstenite::Error::Http(answer)))
+            if matches!(answer.status().as_u16(), 429 | 503) =>
+        {
+            let secs = answer
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .unwrap_or(1);
+            Ok(Err(Duration::from_secs(secs.clamp(1, 30))))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What an unexpected answer to [`take_down_once`] means: wait and retry, or give up.
+fn refusal(frame: ServerFrame) -> Result<Result<Takedown, Duration>, ClientError> {
+    match frame {
+        ServerFrame::Error {
+            code,
+            retry_after_ms,
+            ..
+        } if code == "rate_limited" => Ok(Err(Duration::from_millis(
+            retry_after_ms.unwrap_or(1_000).clamp(100, 30_000),
+        ))),
+        ServerFrame::Error { code, message, .. } => Err(ClientError::Server { code, message }),
+        other => Err(ClientError::Protocol(format!(
+            "unexpected answer: {other:?}"
+        ))),
     }
 }
 

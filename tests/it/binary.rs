@@ -585,7 +585,16 @@ fn room_wipe(dir: &std::path::Path, port: u16, link: &str) -> (i32, String, Stri
 #[actix_web::test]
 async fn an_operator_takes_a_reported_link_down_through_the_running_server() {
     let dir = tempfile::tempdir().unwrap();
-    let (_server, port, _, _) = spawn_server(dir.path(), &[]);
+    // One room creation per second from an address, and none saved up: the takedown of an
+    // unused link below (a creation from the address that just made Alice's room) is first
+    // refused with `rate_limited`, waits as told and gets through.
+    let (_server, port, _, _) = spawn_server(
+        dir.path(),
+        &[
+            ("NANOCHAT__RATE__CLIENT_CREATIONS__PER_MINUTE", "60"),
+            ("NANOCHAT__RATE__CLIENT_CREATIONS__BURST", "1"),
+        ],
+    );
     let url = format!("ws://127.0.0.1:{port}/ws");
     let keys = random_room();
     let link = format!(
@@ -618,7 +627,9 @@ async fn an_operator_takes_a_reported_link_down_through_the_running_server() {
         later.join(&keys, None).await.unwrap(),
         ServerFrame::Error { code, .. } if code == "room_gone"
     ));
-    let mut again = Client::connect(&url).await.unwrap();
+    let mut again = Client::connect_from(&url, [127, 0, 0, 5].into())
+        .await
+        .unwrap();
     assert!(matches!(
         again.create(&keys).await.unwrap(),
         ServerFrame::Error { code, .. } if code == "room_gone"
@@ -646,7 +657,9 @@ async fn an_operator_takes_a_reported_link_down_through_the_running_server() {
     let (code, out, err) = room_wipe(dir.path(), port, &nanochat::protocol::b64u(unused.secret()));
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("no room had this link"), "{out}");
-    let mut squatter = Client::connect(&url).await.unwrap();
+    let mut squatter = Client::connect_from(&url, [127, 0, 0, 6].into())
+        .await
+        .unwrap();
     assert!(matches!(
         squatter.create(&unused).await.unwrap(),
         ServerFrame::Error { code, .. } if code == "room_gone"
