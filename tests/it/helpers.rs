@@ -223,9 +223,16 @@ pub async fn http_raw(port: u16, request: &str) -> HttpResponse {
 
 /// GET a path.
 pub async fn http_get(port: u16, path: &str) -> HttpResponse {
+    http_request(port, "GET", path, "").await
+}
+
+/// A request with this method, path and extra header lines (each ending in `\r\n`).
+pub async fn http_request(port: u16, method: &str, path: &str, headers: &str) -> HttpResponse {
     http_raw(
         port,
-        &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
+        &format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{headers}\r\n"
+        ),
     )
     .await
 }

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use nanochat::protocol::ServerFrame;
 use nanochat::startup::CONTENT_SECURITY_POLICY;
 
-use crate::helpers::{Backend, http_get, http_raw, spawn_app, spawn_app_with, start};
+use crate::helpers::{Backend, http_get, http_raw, http_request, spawn_app, spawn_app_with, start};
 
 #[actix_web::test]
 async fn the_page_is_served_with_strict_security_headers() {
@@ -66,9 +66,6 @@ async fn upgrades_and_their_refusals_carry_the_security_headers() {
 #[actix_web::test]
 async fn the_client_files_are_compressed_and_revalidated_without_a_body() {
     let app = spawn_app(Backend::Sqlite).await;
-    let request = |path: &str, extra: &str| {
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}\r\n")
-    };
     for path in ["/", "/app.js", "/crypto.js", "/style.css"] {
         let plain = http_get(app.port, path).await;
         assert_eq!(plain.status, 200, "{path}");
@@ -77,7 +74,7 @@ async fn the_client_files_are_compressed_and_revalidated_without_a_body() {
         assert!(etag.starts_with('"') && etag.len() == 34, "{etag}");
 
         // A browser that takes gzip gets the same bytes in under half the size.
-        let gz = http_raw(app.port, &request(path, "Accept-Encoding: gzip, br\r\n")).await;
+        let gz = http_request(app.port, "GET", path, "Accept-Encoding: gzip, br\r\n").await;
         assert_eq!(gz.headers["content-encoding"], "gzip", "{path}");
         assert_eq!(gz.headers["vary"], "Accept-Encoding");
         assert_eq!(gz.headers["etag"], etag);
@@ -91,11 +88,8 @@ async fn the_client_files_are_compressed_and_revalidated_without_a_body() {
         assert!(gz.bytes.len() * 2 < plain.bytes.len(), "{path}");
 
         // Its copy still current: 304, no body, the security headers all the same.
-        let again = http_raw(
-            app.port,
-            &request(path, &format!("If-None-Match: {etag}\r\n")),
-        )
-        .await;
+        let again =
+            http_request(app.port, "GET", path, &format!("If-None-Match: {etag}\r\n")).await;
         assert_eq!(again.status, 304, "{path}");
         assert!(again.bytes.is_empty(), "{path}");
         assert_eq!(
@@ -105,15 +99,11 @@ async fn the_client_files_are_compressed_and_revalidated_without_a_body() {
                 .map(String::as_str),
             Some(CONTENT_SECURITY_POLICY)
         );
-        let stale = http_raw(app.port, &request(path, "If-None-Match: \"0\"\r\n")).await;
+        let stale = http_request(app.port, "GET", path, "If-None-Match: \"0\"\r\n").await;
         assert_eq!((stale.status, stale.bytes.len()), (200, plain.bytes.len()));
 
         // HEAD answers as GET would, without the body.
-        let head = http_raw(
-            app.port,
-            &format!("HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
-        )
-        .await;
+        let head = http_request(app.port, "HEAD", path, "").await;
         assert_eq!(head.status, 200, "{path}");
         assert_eq!(head.headers["etag"], etag);
         assert!(head.bytes.is_empty());
@@ -135,11 +125,7 @@ async fn health_and_readiness_answer() {
     // Load balancers that check with HEAD get the same answer, on both listeners.
     for port in [app.port, app.admin_port] {
         for path in ["/healthz", "/readyz"] {
-            let head = http_raw(
-                port,
-                &format!("HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
-            )
-            .await;
+            let head = http_request(port, "HEAD", path, "").await;
             assert_eq!((head.status, head.bytes.len()), (200, 0), "{port}{path}");
         }
     }
