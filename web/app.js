@@ -18,7 +18,7 @@ const ERRORS = {
   pow_required: 'The server asks for a little work before creating a room; trying again.',
   pow_invalid: 'The anti-spam work was not accepted. Please try again.',
   replay: 'That message was already delivered.',
-  unavailable: 'The server cannot store messages right now. Your message will be retried.',
+  unavailable: 'The server cannot store messages right now. Please try again in a moment.',
   internal: 'Something went wrong on the server.',
 };
 
@@ -47,6 +47,10 @@ const state = {
   lastFrameAt: 0,
   lastProbeAt: 0,
 };
+
+/** Refusals of a send that pass: the page sends it again by itself, this many times. */
+const AUTO_RESEND = new Set(['rate_limited', 'unavailable']);
+const AUTO_RESENDS = 5;
 
 /** How long a socket may stay silent after it was asked something before it counts as dead. */
 const ANSWER_MS = { send: 10_000, probe: 5_000 };
@@ -302,8 +306,10 @@ function markPending(ref, status, detail) {
     retry.type = 'button';
     retry.textContent = 'Retry';
     retry.addEventListener('click', () => {
+      const p = state.pending.get(ref);
+      if (p) p.retries = 0;
       markPending(ref, 'sending');
-      transmit(ref);
+      resend(ref);
     });
     meta.append(' ', retry);
   }
@@ -317,6 +323,20 @@ function transmit(ref) {
   }
 }
 
+/**
+ * Send again a message the server refused (so did not store): sealed anew, with the next
+ * counter. Messages written after it may have been stored meanwhile, and receivers accept a
+ * session's counters only in the order they were stored (docs/protocol.md §2).
+ */
+async function resend(ref) {
+  const p = state.pending.get(ref);
+  if (!p) return;
+  const sealed = await state.session.seal(p.nick, p.text);
+  p.frame = { type: 'send', ref, epoch: sealed.epoch, iv: sealed.iv, ct: sealed.ct };
+  p.n = sealed.envelope.n;
+  transmit(ref);
+}
+
 async function sendText(text) {
   if (!text.trim() || !state.session) return;
   const sealed = await state.session.seal(nick(), text);
@@ -324,7 +344,9 @@ async function sendText(text) {
   const frame = { type: 'send', ref, epoch: sealed.epoch, iv: sealed.iv, ct: sealed.ct };
   const el = messageElement(sealed.envelope, null, true);
   $('messages').append(el);
-  state.pending.set(ref, { frame, el, status: 'sending' });
+  state.pending.set(ref, {
+    frame, el, status: 'sending', retries: 0, nick: nick(), text, n: sealed.envelope.n,
+  });
   markPending(ref, 'sending');
   toEnd(); // what you write is always shown, wherever you were reading
   rememberSession();
@@ -540,9 +562,10 @@ function onJoined(frame) {
     } else {
       await receive(frame.messages, 'shown', () => { $('older').hidden = !frame.more; });
     }
-    // Anything typed while offline, or not yet acked, goes (again) now; a message the server
-    // already stored comes back as `replay` and counts as sent.
-    for (const ref of state.pending.keys()) transmit(ref);
+    // Anything typed while offline, or not yet acked, goes (again) now, in the order of its
+    // counter; a message the server already stored comes back as `replay` and counts as sent.
+    const unsent = [...state.pending.entries()].sort(([, a], [, b]) => a.n - b.n);
+    for (const [ref] of unsent) transmit(ref);
   })();
   if (!resumed) $('text').focus();
 }
@@ -551,9 +574,18 @@ function onError(frame) {
   const text = ERRORS[frame.code] ?? ERRORS.internal;
   if (!frame.ref) state.historyFilling = false; // a refused catch-up ends it
   if (frame.ref && state.pending.has(frame.ref)) {
+    const p = state.pending.get(frame.ref);
     if (frame.code === 'replay') {
       markPending(frame.ref, 'sent');
       state.pending.delete(frame.ref);
+    } else if (AUTO_RESEND.has(frame.code) && p.retries < AUTO_RESENDS) {
+      // Refused for now, not for good: it goes again by itself when the server said, or
+      // after a doubling wait; only after several refusals does it need a click.
+      p.retries += 1;
+      const wait = frame.retry_after_ms ?? 1000 * 2 ** p.retries;
+      setTimeout(() => {
+        if (state.pending.get(frame.ref) === p) resend(frame.ref);
+      }, Math.min(Math.max(wait, 100), 30_000));
     } else {
       markPending(frame.ref, 'failed', text);
     }

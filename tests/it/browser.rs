@@ -5,7 +5,7 @@
 //! configuration, and no third-party requests. Plus the client's crypto against the test vectors under `node --test`.
 
 use nanochat::client::{Client, RoomSession};
-use nanochat::config::PowMode;
+use nanochat::config::{PowMode, Rate};
 use nanochat::crypto::RoomKeys;
 use nanochat::protocol::{ServerFrame, b64u, from_b64u};
 use serde_json::json;
@@ -808,6 +808,51 @@ async fn a_connection_that_died_silently_is_noticed_and_nothing_is_lost() {
         texts,
         vec!["while you were away", "are you there?", "second time away"]
     );
+}
+
+#[actix_web::test]
+async fn sends_refused_for_now_go_again_by_themselves() {
+    // Two messages at once per room, then two a second.
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.rate.room_messages = Rate {
+            per_minute: 120,
+            burst: 2,
+        };
+    })
+    .await;
+    let browser = Browser::launch().await;
+    let (alice, bob, _) = two_people(&browser, &app).await;
+    for i in 1..=5 {
+        say(&bob, &format!("quick {i}")).await;
+    }
+    // Three were refused with `rate_limited` at first; nobody clicks anything.
+    bob.wait_for(
+        "(() => { const own = [...document.querySelectorAll('#messages li.own')]; \
+         return own.length === 5 && own.every(li => li.dataset.status === 'sent'); })()",
+        20,
+    )
+    .await;
+    alice
+        .wait_for("document.querySelectorAll('#messages li').length === 5", 10)
+        .await;
+    let mut texts: Vec<String> = shown(&alice).await.into_iter().map(|(_, t)| t).collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        (1..=5).map(|i| format!("quick {i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        bob.eval("document.querySelectorAll('#messages li.failed').length")
+            .await,
+        json!(0)
+    );
+    let metrics = app.metrics().await;
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nanochat_rate_limited_total{limiter=\"room_messages\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 3, "{metrics}");
 }
 
 #[actix_web::test]
