@@ -46,6 +46,8 @@ const state = {
   answerTimer: null, // set while the socket owes an answer; it fires if none comes
   lastFrameAt: 0,
   lastProbeAt: 0,
+  highestStored: 0, // the highest counter of this session known to be stored
+  flushAfterFill: false, // send what is pending once the catch-up after a reconnect is done
 };
 
 /** Refusals of a send that pass: the page sends it again by itself, this many times. */
@@ -244,7 +246,7 @@ async function receive(msgs, how, alsoChange = () => {}) {
     if (env) opened.push({ env, seq: msg.seq }); // else undecryptable or replayed: dropped and counted
   }
   const following = keepPlace(() => {
-    for (const { env, seq } of opened) insertBySeq(messageElement(env, seq, env.own), seq);
+    for (const { env, seq } of opened) insertBySeq(storedOwn(env, seq) ?? messageElement(env, seq, env.own), seq);
     alsoChange();
   }, how !== 'older');
   const fromOthers = opened.filter(({ env }) => !env.own).length;
@@ -255,6 +257,38 @@ async function receive(msgs, how, alsoChange = () => {}) {
       showUnread();
     }
   }
+}
+
+/**
+ * A message of this very session, read back from the server: its `ack` was lost with a socket.
+ * It is stored, so it is no longer pending; its element (already shown) is returned, to be
+ * moved to its place instead of showing the message twice.
+ */
+function storedOwn(env, seq) {
+  if (env.sid !== state.session.sid) return null;
+  state.highestStored = Math.max(state.highestStored, env.n);
+  for (const [ref, p] of state.pending) {
+    if (p.n === env.n) {
+      p.el.dataset.seq = seq;
+      markPending(ref, 'sent');
+      state.pending.delete(ref);
+      return p.el;
+    }
+  }
+  return null;
+}
+
+/**
+ * Send what is still pending after a (re)join and its catch-up, which showed every message
+ * stored since. Receivers take a session's counters only in the order they were stored: those
+ * above every stored counter go unchanged, in order (one may be stored after all: its IV gets
+ * `replay`); any below one (refused, its answer lost with the socket) go after them, sealed
+ * anew.
+ */
+async function flushPending() {
+  const waiting = [...state.pending.entries()].sort(([, a], [, b]) => a.n - b.n);
+  for (const [ref, p] of waiting) if (p.n > state.highestStored) transmit(ref);
+  for (const [ref, p] of waiting) if (p.n < state.highestStored) await resend(ref);
 }
 
 function atEnd() {
@@ -423,6 +457,7 @@ function lost(ws) {
   state.answerTimer = null;
   state.joined = false;
   state.historyFilling = false;
+  state.flushAfterFill = false;
   if (state.stopped) return;
   const wait = state.backoff + Math.random() * 250;
   state.backoff = Math.min(state.backoff * 2, 15000);
@@ -493,14 +528,22 @@ async function handle(frame) {
     case 'history':
       if (state.historyFilling) {
         await receive(frame.messages, 'new');
-        if (frame.more) requestAfter();
-        else state.historyFilling = false;
+        if (frame.more) {
+          requestAfter();
+        } else {
+          state.historyFilling = false;
+          if (state.flushAfterFill) {
+            state.flushAfterFill = false;
+            await flushPending();
+          }
+        }
       } else {
         await receive(frame.messages, 'older', () => { $('older').hidden = !frame.more; });
       }
       break;
     case 'ack':
       state.pending.get(frame.ref)?.el.setAttribute('data-seq', frame.seq);
+      state.highestStored = Math.max(state.highestStored, state.pending.get(frame.ref)?.n ?? 0);
       state.seen.add(frame.seq);
       state.lastSeq = Math.max(state.lastSeq, frame.seq);
       markPending(frame.ref, 'sent');
@@ -556,16 +599,16 @@ function onJoined(frame) {
     if (resumed) {
       await receive(frame.messages, 'new');
       if (frame.more) {
+        // Anything pending goes once the rest of what was missed is in.
         state.historyFilling = true;
+        state.flushAfterFill = true;
         requestAfter();
+        return;
       }
     } else {
       await receive(frame.messages, 'shown', () => { $('older').hidden = !frame.more; });
     }
-    // Anything typed while offline, or not yet acked, goes (again) now, in the order of its
-    // counter; a message the server already stored comes back as `replay` and counts as sent.
-    const unsent = [...state.pending.entries()].sort(([, a], [, b]) => a.n - b.n);
-    for (const [ref] of unsent) transmit(ref);
+    await flushPending();
   })();
   if (!resumed) $('text').focus();
 }
@@ -573,6 +616,7 @@ function onJoined(frame) {
 function onError(frame) {
   const text = ERRORS[frame.code] ?? ERRORS.internal;
   if (!frame.ref) state.historyFilling = false; // a refused catch-up ends it
+  if (frame.ref && frame.code === 'replay' && !state.pending.has(frame.ref)) return; // settled already
   if (frame.ref && state.pending.has(frame.ref)) {
     const p = state.pending.get(frame.ref);
     if (frame.code === 'replay') {

@@ -701,11 +701,13 @@ async fn a_page_without_https_or_without_javascript_says_what_it_needs() {
 }
 
 /// A TCP relay to the test server whose open connections can be frozen: from then on they
-/// pass nothing either way and are never closed, as a path that died while a laptop slept.
-/// Connections made later pass as usual.
+/// pass nothing (either way, or only the server's answers) and are never closed, as a path
+/// that died while a laptop slept. Connections made later pass as usual.
 struct Relay {
     port: u16,
-    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Generations of the client-to-server and server-to-client directions; a connection
+    /// passes bytes in a direction while that direction's generation is the one it was born in.
+    generations: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
 }
 
 impl Relay {
@@ -713,43 +715,59 @@ impl Relay {
         use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let current = generation.clone();
+        let generations = std::sync::Arc::new([
+            std::sync::atomic::AtomicU64::new(0),
+            std::sync::atomic::AtomicU64::new(0),
+        ]);
+        let current = generations.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
                 else {
                     continue;
                 };
-                let born = current.load(Ordering::SeqCst);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                for (mut from, mut to) in [(cr, sw), (sr, cw)] {
+                let directions: [(_, Box<dyn tokio::io::AsyncWrite + Unpin + Send>); 2] = [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(sw),
+                    ),
+                    (Box::new(sr), Box::new(cw)),
+                ];
+                for (direction, (mut from, mut to)) in directions.into_iter().enumerate() {
                     let current = current.clone();
+                    let born = current[direction].load(Ordering::SeqCst);
                     tokio::spawn(async move {
                         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                        let live = || current[direction].load(Ordering::SeqCst) == born;
                         let mut buf = vec![0u8; 16 * 1024];
                         while let Ok(n @ 1..) = from.read(&mut buf).await {
-                            if current.load(Ordering::SeqCst) == born
-                                && to.write_all(&buf[..n]).await.is_err()
-                            {
+                            if live() && to.write_all(&buf[..n]).await.is_err() {
                                 break;
                             }
                         }
                         // Frozen connections are held open: only a live one passes its end on.
-                        if current.load(Ordering::SeqCst) != born {
+                        if !live() {
                             std::future::pending::<()>().await;
                         }
                     });
                 }
             }
         });
-        Relay { port, generation }
+        Relay { port, generations }
     }
 
+    /// Open connections pass nothing more, either way.
     fn freeze(&self) {
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        for g in self.generations.iter() {
+            g.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Open connections still carry what the browser sends, but no answer comes back.
+    fn freeze_answers(&self) {
+        self.generations[1].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -797,16 +815,40 @@ async fn a_connection_that_died_silently_is_noticed_and_nothing_is_lost() {
     wait_for_text(&bob, "second time away").await;
     wait_online(&bob).await;
 
+    // Now Bob's messages still reach the server, but no answer comes back: stored, their acks
+    // lost. After the reconnect his page reads them back, counts them as sent and shows each
+    // once; what he writes next goes through.
+    relay.freeze_answers();
+    say(&bob, "did this arrive?").await;
+    wait_for_text(&alice, "did this arrive?").await;
+    say(&bob, "and this?").await;
+    wait_for_text(&alice, "and this?").await;
+    wait_online_within(&bob, 30).await;
+    bob.wait_for(
+        "[...document.querySelectorAll('#messages li.own')].every(li => li.dataset.status === 'sent')",
+        20,
+    )
+    .await;
+    say(&bob, "back for good").await;
+    wait_for_text(&alice, "back for good").await;
+
+    let all = vec![
+        "while you were away",
+        "are you there?",
+        "second time away",
+        "did this arrive?",
+        "and this?",
+        "back for good",
+    ];
     let texts: Vec<String> = shown(&alice).await.into_iter().map(|(_, t)| t).collect();
-    assert_eq!(
-        texts,
-        vec!["while you were away", "are you there?", "second time away"],
-        "each message once"
-    );
+    assert_eq!(texts, all, "each message once");
+    wait_for_text(&bob, "back for good").await;
     let texts: Vec<String> = shown(&bob).await.into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, all, "each message once");
     assert_eq!(
-        texts,
-        vec!["while you were away", "are you there?", "second time away"]
+        bob.eval("document.getElementById('notice').hidden").await,
+        json!(true),
+        "no notice about a replay"
     );
 }
 
