@@ -730,7 +730,8 @@ function init() {
     }
   });
   $('older').addEventListener('click', () => {
-    if (state.joined && state.firstSeq !== null) {
+    // Not while catching up: its pages and an older one would be told apart only by order.
+    if (state.joined && state.firstSeq !== null && !state.historyFilling) {
       state.ws.send(JSON.stringify({ type: 'history', before: state.firstSeq, limit: 50 }));
     }
   });
