@@ -56,6 +56,20 @@ async fn shown(page: &Page<'_>) -> Vec<(String, String)> {
     serde_json::from_value(v).unwrap()
 }
 
+/// The text of every message shown, in order.
+async fn texts_of(page: &Page<'_>) -> Vec<String> {
+    shown(page).await.into_iter().map(|(_, t)| t).collect()
+}
+
+/// Wait until every message this page wrote has been acknowledged.
+async fn wait_all_sent(page: &Page<'_>, secs: u64) {
+    page.wait_for(
+        "[...document.querySelectorAll('#messages li.own')].every(li => li.dataset.status === 'sent')",
+        secs,
+    )
+    .await;
+}
+
 async fn wait_for_text(page: &Page<'_>, text: &str) {
     page.wait_for(
         &format!(
@@ -166,9 +180,7 @@ async fn two_people_chat_both_ways_and_the_room_id_alone_is_useless() {
     .map(|(n, t)| (n.to_string(), t.to_string()))
     .collect();
     assert_eq!(shown(&bob).await, expected);
-    alice
-        .wait_for("[...document.querySelectorAll('#messages li.own')].every(li => li.dataset.status === 'sent')", 10)
-        .await;
+    wait_all_sent(&alice, 10).await;
     assert_eq!(shown(&alice).await, expected);
     // Text is rendered as text: no element was created from the message.
     assert_eq!(
@@ -225,7 +237,7 @@ async fn reload_and_server_restart_lose_nothing_and_duplicate_nothing() {
     bob.reload().await;
     wait_online(&bob).await;
     wait_for_text(&bob, "m2").await;
-    let texts: Vec<String> = shown(&bob).await.into_iter().map(|(_, t)| t).collect();
+    let texts = texts_of(&bob).await;
     assert_eq!(
         texts,
         vec!["m1", "b1", "m2"],
@@ -268,16 +280,14 @@ async fn reload_and_server_restart_lose_nothing_and_duplicate_nothing() {
     wait_for_text(&bob, "typed while offline").await;
     wait_for_text(&bob, "sent meanwhile").await;
     wait_for_text(&alice, "sent meanwhile").await;
-    let texts: Vec<String> = shown(&bob).await.into_iter().map(|(_, t)| t).collect();
+    let texts = texts_of(&bob).await;
     assert_eq!(
         texts.iter().filter(|t| *t == "typed while offline").count(),
         1,
         "{texts:?}"
     );
     assert_eq!(texts.len(), 5, "{texts:?}");
-    alice
-        .wait_for("[...document.querySelectorAll('#messages li.own')].every(li => li.dataset.status === 'sent')", 10)
-        .await;
+    wait_all_sent(&alice, 10).await;
 }
 
 #[actix_web::test]
@@ -385,11 +395,7 @@ async fn a_conversation_fits_a_phone_screen_and_the_keyboard_alone_sends() {
     wait_for_text(&alice, "Yes, 8pm at the usual place.").await;
     say(&alice, "Great, see you there!").await;
     wait_for_text(&bob, "Great, see you there!").await;
-    bob.wait_for(
-        "[...document.querySelectorAll('#messages li.own')].every(li => li.dataset.status === 'sent')",
-        10,
-    )
-    .await;
+    wait_all_sent(&bob, 10).await;
     // Nothing sticks out sideways on a phone-sized screen; controls have labels.
     assert_eq!(
         bob.eval("document.documentElement.scrollWidth <= window.innerWidth")
@@ -470,7 +476,7 @@ async fn older_history_pages_in_and_proof_of_work_can_be_cancelled() {
         (after - before).abs() < 1.0,
         "old 4 moved from {before} to {after}"
     );
-    let texts: Vec<String> = shown(&page).await.into_iter().map(|(_, t)| t).collect();
+    let texts = texts_of(&page).await;
     assert_eq!(
         texts,
         (1..=8).map(|i| format!("old {i}")).collect::<Vec<_>>()
@@ -793,11 +799,7 @@ async fn a_connection_that_died_silently_is_noticed_and_nothing_is_lost() {
     say(&bob, "are you there?").await;
     wait_for_text(&alice, "are you there?").await;
     wait_for_text(&bob, "while you were away").await;
-    bob.wait_for(
-        "[...document.querySelectorAll('#messages li.own')].every(li => li.dataset.status === 'sent')",
-        10,
-    )
-    .await;
+    wait_all_sent(&bob, 10).await;
 
     // Dead again, and Bob sends nothing: once the socket has been quiet a while, coming back
     // to the tab probes it, and the page reconnects and shows what was missed.
@@ -824,11 +826,7 @@ async fn a_connection_that_died_silently_is_noticed_and_nothing_is_lost() {
     say(&bob, "and this?").await;
     wait_for_text(&alice, "and this?").await;
     wait_online_within(&bob, 30).await;
-    bob.wait_for(
-        "[...document.querySelectorAll('#messages li.own')].every(li => li.dataset.status === 'sent')",
-        20,
-    )
-    .await;
+    wait_all_sent(&bob, 20).await;
     say(&bob, "back for good").await;
     wait_for_text(&alice, "back for good").await;
 
@@ -840,10 +838,10 @@ async fn a_connection_that_died_silently_is_noticed_and_nothing_is_lost() {
         "and this?",
         "back for good",
     ];
-    let texts: Vec<String> = shown(&alice).await.into_iter().map(|(_, t)| t).collect();
+    let texts = texts_of(&alice).await;
     assert_eq!(texts, all, "each message once");
     wait_for_text(&bob, "back for good").await;
-    let texts: Vec<String> = shown(&bob).await.into_iter().map(|(_, t)| t).collect();
+    let texts = texts_of(&bob).await;
     assert_eq!(texts, all, "each message once");
     assert_eq!(
         bob.eval("document.getElementById('notice').hidden").await,
@@ -877,7 +875,7 @@ async fn sends_refused_for_now_go_again_by_themselves() {
     alice
         .wait_for("document.querySelectorAll('#messages li').length === 5", 10)
         .await;
-    let mut texts: Vec<String> = shown(&alice).await.into_iter().map(|(_, t)| t).collect();
+    let mut texts = texts_of(&alice).await;
     texts.sort();
     assert_eq!(
         texts,
@@ -888,13 +886,13 @@ async fn sends_refused_for_now_go_again_by_themselves() {
             .await,
         json!(0)
     );
-    let metrics = app.metrics().await;
-    let refused: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("nanochat_rate_limited_total{limiter=\"room_messages\"} "))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(refused >= 3, "{metrics}");
+    let refused = app
+        .state
+        .metrics
+        .rate_limited_total
+        .with_label_values(&["room_messages"])
+        .get();
+    assert!(refused >= 3, "{refused} refusals");
 }
 
 #[actix_web::test]
