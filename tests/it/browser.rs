@@ -896,6 +896,29 @@ async fn sends_refused_for_now_go_again_by_themselves() {
 }
 
 #[actix_web::test]
+async fn a_nickname_cannot_reorder_the_message_after_it() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    let (alice, bob, _) = two_people(&browser, &app).await;
+    // A right-to-left override in a nickname, never closed: unisolated, it would run on into
+    // the message and show "pay 100" as "001 yap".
+    set_nick(&alice, "\u{202e}mallory").await;
+    say(&alice, "pay 100").await;
+    wait_for_text(&bob, "pay 100").await;
+    let order = bob
+        .eval(
+            "(() => { const text = [...document.querySelectorAll('#messages .text')].find(t => \
+             t.textContent === 'pay 100'); const r = document.createRange(); \
+             const node = text.firstChild; \
+             r.setStart(node, 0); r.setEnd(node, 1); const p = r.getBoundingClientRect().left; \
+             r.setStart(node, 6); r.setEnd(node, 7); const zero = r.getBoundingClientRect().left; \
+             return p < zero; })()",
+        )
+        .await;
+    assert_eq!(order, json!(true), "the message reads left to right");
+}
+
+#[actix_web::test]
 async fn a_message_too_long_to_send_stays_in_the_box_to_be_shortened() {
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;
