@@ -148,8 +148,8 @@ function forgetRoom() {
 
 // ---- messages --------------------------------------------------------------------------
 
-/** When a message was written, as its sender's clock said: the time, and the date too when
- * it was not today. Empty for a timestamp that is not a time. */
+/** When a message was stored, by the server's clock (a sender's own clock may be wrong, or
+ * lie): the time, and the date too when it was not today. Empty for what is not a time. */
 function timeOf(ts) {
   const d = new Date(ts);
   if (!Number.isFinite(ts) || Number.isNaN(d.getTime())) return '';
@@ -163,7 +163,7 @@ function timeOf(ts) {
   return d.toLocaleString([], opts);
 }
 
-function messageElement(env, seq, own) {
+function messageElement(env, seq, own, ts) {
   const li = document.createElement('li');
   li.dataset.seq = seq ?? '';
   if (own) li.classList.add('own');
@@ -175,10 +175,15 @@ function messageElement(env, seq, own) {
   appendWithLinks(text, env.text);
   const meta = document.createElement('span');
   meta.className = 'meta';
-  meta.textContent = timeOf(env.ts);
-  if (meta.textContent) meta.title = new Date(env.ts).toLocaleString();
   li.append(who, text, meta);
+  showTime(li, ts);
   return li;
+}
+
+function showTime(li, ts) {
+  const meta = li.querySelector('.meta');
+  meta.textContent = timeOf(ts);
+  meta.title = meta.textContent ? new Date(ts).toLocaleString() : '';
 }
 
 const URL_IN_TEXT = /\bhttps?:\/\/[^\s<>"]+/gi;
@@ -243,10 +248,12 @@ async function receive(msgs, how, alsoChange = () => {}) {
     state.lastSeq = Math.max(state.lastSeq, msg.seq);
     state.firstSeq = state.firstSeq === null ? msg.seq : Math.min(state.firstSeq, msg.seq);
     const env = await state.session.open(msg);
-    if (env) opened.push({ env, seq: msg.seq }); // else undecryptable or replayed: dropped and counted
+    if (env) opened.push({ env, seq: msg.seq, ts: msg.ts }); // else undecryptable or replayed: dropped and counted
   }
   const following = keepPlace(() => {
-    for (const { env, seq } of opened) insertBySeq(storedOwn(env, seq) ?? messageElement(env, seq, env.own), seq);
+    for (const { env, seq, ts } of opened) {
+      insertBySeq(storedOwn(env, seq, ts) ?? messageElement(env, seq, env.own, ts), seq);
+    }
     alsoChange();
   }, how !== 'older');
   const fromOthers = opened.filter(({ env }) => !env.own).length;
@@ -264,13 +271,13 @@ async function receive(msgs, how, alsoChange = () => {}) {
  * It is stored, so it is no longer pending; its element (already shown) is returned, to be
  * moved to its place instead of showing the message twice.
  */
-function storedOwn(env, seq) {
+function storedOwn(env, seq, ts) {
   if (env.sid !== state.session.sid) return null;
   state.highestStored = Math.max(state.highestStored, env.n);
   for (const [ref, p] of state.pending) {
     if (p.n === env.n) {
       p.el.dataset.seq = seq;
-      markPending(ref, 'sent');
+      markPending(ref, 'sent', ts);
       state.pending.delete(ref);
       return p.el;
     }
@@ -327,6 +334,8 @@ function showUnread() {
   document.title = state.unread > 0 ? `(${state.unread}) NanoChat` : 'NanoChat';
 }
 
+/** Show a pending message's state: 'sending', 'sent' (`detail`: when it was stored, if known)
+ * or 'failed' (`detail`: why). */
 function markPending(ref, status, detail) {
   const p = state.pending.get(ref);
   if (!p) return;
@@ -334,7 +343,8 @@ function markPending(ref, status, detail) {
   const meta = p.el.querySelector('.meta');
   p.el.classList.toggle('failed', status === 'failed');
   p.el.dataset.status = status;
-  meta.textContent = status === 'sending' ? 'sending…' : status === 'sent' ? timeOf(Date.now()) : detail;
+  if (status === 'sent') showTime(p.el, detail ?? Date.now());
+  else meta.textContent = status === 'sending' ? 'sending…' : detail;
   if (status === 'failed') {
     const retry = document.createElement('button');
     retry.type = 'button';
@@ -376,7 +386,7 @@ async function sendText(text) {
   const sealed = await state.session.seal(nick(), text);
   const ref = b64u(randomBytes(9));
   const frame = { type: 'send', ref, epoch: sealed.epoch, iv: sealed.iv, ct: sealed.ct };
-  const el = messageElement(sealed.envelope, null, true);
+  const el = messageElement(sealed.envelope, null, true, Date.now());
   $('messages').append(el);
   state.pending.set(ref, {
     frame, el, status: 'sending', retries: 0, nick: nick(), text, n: sealed.envelope.n,
@@ -546,7 +556,7 @@ async function handle(frame) {
       state.highestStored = Math.max(state.highestStored, state.pending.get(frame.ref)?.n ?? 0);
       state.seen.add(frame.seq);
       state.lastSeq = Math.max(state.lastSeq, frame.seq);
-      markPending(frame.ref, 'sent');
+      markPending(frame.ref, 'sent', frame.ts);
       state.pending.delete(frame.ref);
       break;
     case 'nuked':
