@@ -300,6 +300,61 @@ fn the_dockerfile_builds_and_runs_the_binary_cargo_produces() {
     assert!(docker.contains("VOLUME [\"/var/lib/nanochat\"]"));
 }
 
+/// Docker cannot run here, so the build stage's first step runs as the Dockerfile says: its
+/// stub files must give every target the manifest names a file (cargo refuses the manifest
+/// otherwise, and the image does not build); and what the build does not need stays out of the
+/// build context.
+#[test]
+fn the_dockerfiles_dependency_layer_gives_every_target_of_the_manifest_a_file() {
+    let manifest: toml::Table = std::fs::read_to_string(root().join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut targets = vec!["src/main.rs".to_owned(), "src/lib.rs".to_owned()];
+    for (kind, folder) in [("bin", "src/bin"), ("test", "tests"), ("bench", "benches")] {
+        for target in manifest
+            .get(kind)
+            .and_then(|t| t.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let path = target.get("path").and_then(|p| p.as_str()).map_or_else(
+                || format!("{folder}/{}.rs", target["name"].as_str().unwrap()),
+                str::to_owned,
+            );
+            targets.push(path);
+        }
+    }
+    assert!(targets.len() >= 7, "{targets:?}");
+
+    let docker = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let joined = docker.replace("\\\n", " ");
+    let stub = joined
+        .split_once("COPY Cargo.toml Cargo.lock ./\nRUN ")
+        .and_then(|(_, rest)| rest.split_once("&& cargo build"))
+        .map(|(stub, _)| stub)
+        .expect("a RUN after copying the manifest that makes stubs, then cargo build");
+    let dir = tempfile::tempdir().unwrap();
+    let ran = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(stub)
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(ran.success(), "{stub}");
+    for path in &targets {
+        assert!(
+            dir.path().join(path).is_file(),
+            "the Dockerfile's stub step makes no {path}, which Cargo.toml names"
+        );
+    }
+
+    let ignored = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
+    for kept_out in ["target/", "**/node_modules/", "data/", ".git/"] {
+        assert!(ignored.lines().any(|l| l.trim() == kept_out), "{kept_out}");
+    }
+}
+
 #[test]
 fn kubernetes_and_systemd_files_are_well_formed_and_hardened() {
     for entry in std::fs::read_dir(root().join("deploy/k8s")).unwrap() {
