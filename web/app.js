@@ -751,9 +751,16 @@ function init() {
       state.ws.send(JSON.stringify({ type: 'panic' }));
     }
   });
+  // A reader at the end stays there when the conversation's box shrinks (a phone's keyboard
+  // opening, a window made smaller): without this the newest lines would slide out of view.
+  let following = true;
   $('scroller').addEventListener('scroll', () => {
-    if (atEnd()) $('jump').hidden = true;
+    following = atEnd();
+    if (following) $('jump').hidden = true;
   }, { passive: true });
+  new ResizeObserver(() => {
+    if (following) toEnd();
+  }).observe($('scroller'));
   $('jump').addEventListener('click', toEnd);
   document.addEventListener('visibilitychange', () => {
     if (!document.hidden) {

@@ -585,6 +585,19 @@ async fn a_long_conversation_keeps_the_message_box_on_screen_and_the_readers_pla
     assert!(l["status_top"].as_f64().unwrap() >= 0.0, "{l}");
     assert_eq!(l["at_end"], json!(true), "{l}");
     assert_eq!(l["jump"], json!(false), "{l}");
+    // His keyboard opens (the screen's height shrinks): the newest line stays in view.
+    bob.set_viewport(390, 420).await;
+    bob.wait_for(
+        "(() => { const s = document.getElementById('scroller'); \
+         return s.scrollHeight - s.scrollTop - s.clientHeight < 2; })()",
+        5,
+    )
+    .await;
+    assert!(
+        layout(&bob).await["composer_bottom"].as_f64().unwrap() <= 420.0,
+        "the message box is still on screen"
+    );
+    bob.set_viewport(390, 760).await;
 
     // Bob scrolls up to read; a new message does not pull him down, it offers a way there.
     bob.eval("document.getElementById('scroller').scrollTop = 0, true")
