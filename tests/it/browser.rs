@@ -585,7 +585,8 @@ async fn a_long_conversation_keeps_the_message_box_on_screen_and_the_readers_pla
     assert!(l["status_top"].as_f64().unwrap() >= 0.0, "{l}");
     assert_eq!(l["at_end"], json!(true), "{l}");
     assert_eq!(l["jump"], json!(false), "{l}");
-    // His keyboard opens (the screen's height shrinks): the newest line stays in view.
+    // His keyboard opens (the screen's height shrinks): the newest line stays in view, and the
+    // share box gives up its label and warning for the conversation's room.
     bob.set_viewport(390, 420).await;
     bob.wait_for(
         "(() => { const s = document.getElementById('scroller'); \
@@ -596,6 +597,12 @@ async fn a_long_conversation_keeps_the_message_box_on_screen_and_the_readers_pla
     assert!(
         layout(&bob).await["composer_bottom"].as_f64().unwrap() <= 420.0,
         "the message box is still on screen"
+    );
+    assert_eq!(
+        bob.eval("document.getElementById('scroller').clientHeight >= 150")
+            .await,
+        json!(true),
+        "the conversation keeps most of a short screen"
     );
     bob.set_viewport(390, 760).await;
 
@@ -1259,6 +1266,8 @@ async fn every_screen_passes_an_accessibility_check_in_light_and_dark() {
         bob.wait_for("!document.getElementById('notice').hidden", 10)
             .await;
         check(&bob, "room").await;
+        bob.set_viewport(390, 420).await; // a phone with its keyboard open
+        check(&bob, "room on a short screen").await;
 
         alice
             .eval("document.getElementById('panic').click(), true")
