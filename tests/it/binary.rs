@@ -607,14 +607,7 @@ async fn an_operator_takes_a_reported_link_down_through_the_running_server() {
         ServerFrame::Joined { .. }
     ));
     let mut session = nanochat::client::RoomSession::new(keys.clone());
-    alice
-        .send_sealed("1", &session.seal("alice", "reported content"))
-        .await
-        .unwrap();
-    assert!(matches!(
-        alice.recv().await.unwrap(),
-        ServerFrame::Ack { .. }
-    ));
+    crate::helpers::send_acked(&mut alice, &mut session, "alice", "reported content").await;
 
     // The operator runs the command with the reported link (server.listen 0.0.0.0 is reached
     // on loopback): the member's window is told, the room is gone for good.

@@ -11,7 +11,7 @@ use nanochat::protocol::{ServerFrame, b64u, from_b64u};
 use serde_json::json;
 
 use crate::cdp::{Browser, Page};
-use crate::helpers::{Backend, TestApp, spawn_app, spawn_app_with, start};
+use crate::helpers::{Backend, TestApp, send_acked, spawn_app, spawn_app_with, start};
 
 fn origin(app: &TestApp) -> String {
     format!("http://127.0.0.1:{}", app.port)
@@ -268,14 +268,7 @@ async fn reload_and_server_restart_lose_nothing_and_duplicate_nothing() {
         ServerFrame::Joined { .. }
     ));
     let mut s = RoomSession::new(keys.clone());
-    carol
-        .send_sealed("c1", &s.seal("carol", "sent meanwhile"))
-        .await
-        .unwrap();
-    assert!(matches!(
-        carol.recv().await.unwrap(),
-        ServerFrame::Ack { .. }
-    ));
+    send_acked(&mut carol, &mut s, "carol", "sent meanwhile").await;
 
     wait_for_text(&bob, "typed while offline").await;
     wait_for_text(&bob, "sent meanwhile").await;
@@ -463,14 +456,7 @@ async fn older_history_pages_in_and_proof_of_work_can_be_cancelled() {
         ServerFrame::Joined { .. }
     ));
     for i in 1..=8 {
-        writer
-            .send_sealed(&i.to_string(), &s.seal("writer", &format!("old {i}")))
-            .await
-            .unwrap();
-        assert!(matches!(
-            writer.recv().await.unwrap(),
-            ServerFrame::Ack { .. }
-        ));
+        send_acked(&mut writer, &mut s, "writer", &format!("old {i}")).await;
     }
     let browser = Browser::launch().await;
     let link = format!("{}/#{}", origin(&app), b64u(keys.secret()));

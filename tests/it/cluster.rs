@@ -422,14 +422,7 @@ async fn a_node_that_loses_its_database_connections_recovers_and_its_clients_mis
             .await;
         for i in 0..5 {
             let text = format!("round {round} message {i}");
-            alice
-                .send_sealed(&text, &s.seal("alice", &text))
-                .await
-                .unwrap();
-            assert!(matches!(
-                alice.recv().await.unwrap(),
-                ServerFrame::Ack { .. }
-            ));
+            crate::helpers::send_acked(&mut alice, &mut s, "alice", &text).await;
             sent.push(text);
         }
     }

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use nanochat::client::Client;
+use nanochat::client::{Client, RoomSession};
 use nanochat::config::{PowMode, Rate, Settings};
 use nanochat::crypto::RoomKeys;
+use nanochat::protocol::ServerFrame;
 use nanochat::startup::{AppState, Application, ServerHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -224,6 +225,16 @@ pub async fn http_raw(port: u16, request: &str) -> HttpResponse {
 /// GET a path.
 pub async fn http_get(port: u16, path: &str) -> HttpResponse {
     http_request(port, "GET", path, "").await
+}
+
+/// Seal `text` in `session`, send it and wait for its `ack`; any other answer fails the test.
+pub async fn send_acked(client: &mut Client, session: &mut RoomSession, nick: &str, text: &str) {
+    client
+        .send_sealed("acked", &session.seal(nick, text))
+        .await
+        .unwrap();
+    let answer = client.recv().await.unwrap();
+    assert!(matches!(answer, ServerFrame::Ack { .. }), "{answer:?}");
 }
 
 /// A request with this method, path and extra header lines (each ending in `\r\n`).

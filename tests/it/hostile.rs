@@ -312,14 +312,7 @@ async fn broken_websocket_frames_close_only_their_socket() {
         assert!(closed, "the server kept a broken socket open: {frame:?}");
     }
     let mut s = RoomSession::new(keys.clone());
-    alice
-        .send_sealed("ok", &s.seal("alice", "fine"))
-        .await
-        .unwrap();
-    assert!(matches!(
-        alice.recv().await.unwrap(),
-        ServerFrame::Ack { .. }
-    ));
+    crate::helpers::send_acked(&mut alice, &mut s, "alice", "fine").await;
 }
 
 /// Hostile HTTP requests and the statuses each may get (0: the server just closes).
@@ -375,8 +368,7 @@ async fn hostile_http_requests_get_clean_refusals() {
     }
     let (mut c, keys) = app.room_creator().await;
     let mut s = RoomSession::new(keys);
-    c.send_sealed("x", &s.seal("a", "b")).await.unwrap();
-    assert!(matches!(c.recv().await.unwrap(), ServerFrame::Ack { .. }));
+    crate::helpers::send_acked(&mut c, &mut s, "a", "b").await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut closed = 0;
     for tcp in &mut half_open {
