@@ -14,6 +14,9 @@ commands:
   serve          run the server (default)
   migrate        apply database migrations and exit
   config check   validate the configuration and exit
+  backup DIR     copy the SQLite database (consistent, also while the server runs) and the
+                 server secret into the new directory DIR; restore by putting both into
+                 server.data_dir while no server runs there
   room wipe LINK take a room down: through the running server (at server.listen), delete
                  its messages, close its sockets and block its link, as its panic button
                  does, without reading anything; LINK is https://host/#<secret>, <secret>,
@@ -26,6 +29,7 @@ enum Command {
     Serve,
     Migrate,
     ConfigCheck,
+    Backup(PathBuf),
     RoomWipe([u8; nanochat::crypto::SECRET_LEN]),
 }
 
@@ -51,6 +55,7 @@ fn parse_args() -> Result<(Option<PathBuf>, Command), String> {
         [] | ["serve"] => Command::Serve,
         ["migrate"] => Command::Migrate,
         ["config", "check"] => Command::ConfigCheck,
+        ["backup", dir] => Command::Backup(dir.into()),
         ["room", "wipe", link] => {
             // `-`: the link on standard input, so that it shows in no process list or history.
             let mut line = String::new();
@@ -143,6 +148,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::RoomWipe(secret) => return room_wipe(&settings, &secret),
+        Command::Backup(dir) => return backup(&settings, &dir),
         _ => {}
     }
     nanochat::telemetry::init(&settings.log);
@@ -218,4 +224,57 @@ fn room_wipe(settings: &Settings, secret: &[u8; nanochat::crypto::SECRET_LEN]) -
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `backup DIR`: the embedded database and the server secret, the two things a restore needs.
+fn backup(settings: &Settings, dir: &std::path::Path) -> ExitCode {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if settings.database.url.is_some() {
+        eprintln!(
+            "nanochat: backup copies the embedded SQLite database; this server uses Postgres: \
+             back that up with pg_dump or base backups, and keep a copy of the server secret \
+             ({}) with it (docs/operating.md, Back up)",
+            settings.secret_path().display()
+        );
+        return ExitCode::from(2);
+    }
+    if dir.exists() {
+        eprintln!(
+            "nanochat: backup: {} exists already; name a new directory",
+            dir.display()
+        );
+        return ExitCode::from(2);
+    }
+    let result = (|| -> anyhow::Result<u64> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let size =
+            nanochat::store::sqlite::backup(&settings.server.data_dir, &dir.join("nanochat.db"))?;
+        let secret = dir.join("secret");
+        std::fs::copy(settings.secret_path(), &secret).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot copy the server secret {}: {e}",
+                settings.secret_path().display()
+            )
+        })?;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
+        Ok(size)
+    })();
+    match result {
+        Ok(size) => {
+            println!(
+                "backed up: {}/nanochat.db ({size} bytes, the database as of now) and {}/secret; \
+                 to restore, stop the server and put both into server.data_dir",
+                dir.display(),
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nanochat: backup: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -669,3 +669,131 @@ async fn an_operator_takes_a_reported_link_down_through_the_running_server() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("is it running?"), "{err}");
 }
+
+/// `nanochat backup DIR` with the server's directory as its working directory.
+fn backup(
+    dir: &std::path::Path,
+    dest: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nanochat"))
+        .current_dir(dir)
+        .env_remove("NANOCHAT_CONFIG")
+        .envs(env.iter().copied())
+        .arg("backup")
+        .arg(dest)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[actix_web::test]
+async fn a_backup_taken_while_the_server_writes_restores_every_room_and_message_of_its_moment() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    // A writer sending as fast as it is answered, unhindered by the message and frame limits.
+    let unlimited = [
+        ("NANOCHAT__RATE__CLIENT_MESSAGES__PER_MINUTE", "6000000"),
+        ("NANOCHAT__RATE__CLIENT_MESSAGES__BURST", "100000"),
+        ("NANOCHAT__RATE__ROOM_MESSAGES__PER_MINUTE", "6000000"),
+        ("NANOCHAT__RATE__ROOM_MESSAGES__BURST", "100000"),
+        ("NANOCHAT__LIMITS__FRAMES_PER_SECOND", "100000"),
+        ("NANOCHAT__LIMITS__FRAMES_BURST", "100000"),
+    ];
+    let (server, port, _, _) = spawn_server(dir.path(), &unlimited);
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let keys = random_room();
+    let mut alice = Client::connect(&url).await.unwrap();
+    assert!(matches!(
+        alice.create(&keys).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    let mut session = nanochat::client::RoomSession::new(keys.clone());
+    for text in ["before 1", "before 2", "before 3"] {
+        crate::helpers::send_acked(&mut alice, &mut session, "alice", text).await;
+    }
+    // Another room keeps the writer busy while the copy is taken.
+    let busy = random_room();
+    let mut writer = Client::connect_from(&url, [127, 0, 0, 7].into())
+        .await
+        .unwrap();
+    assert!(matches!(
+        writer.create(&busy).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    let busy_keys = busy.clone();
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = acked.clone();
+    let writing = tokio::spawn(async move {
+        let mut s = nanochat::client::RoomSession::new(busy_keys);
+        for i in 0..150 {
+            crate::helpers::send_acked(&mut writer, &mut s, "w", &format!("busy {i}")).await;
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    while acked.load(std::sync::atomic::Ordering::SeqCst) < 10 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+
+    let copy = dir.path().join("backup");
+    let (code, out, err) = backup(dir.path(), &copy, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("backed up:"), "{out}");
+    writing.await.unwrap();
+    for (path, mode) in [
+        (copy.clone(), 0o700),
+        (copy.join("nanochat.db"), 0o600),
+        (copy.join("secret"), 0o600),
+    ] {
+        let got = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(got, mode, "{}", path.display());
+    }
+    crate::helpers::send_acked(&mut alice, &mut session, "alice", "after the backup").await;
+    drop((alice, server));
+
+    // Restored: a server on the copy has the room and what it held at that moment, and the
+    // busy room's messages without a hole, and both go on.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (_restored, port, _, _) = spawn_server(
+        elsewhere.path(),
+        &[("NANOCHAT__SERVER__DATA_DIR", copy.to_str().unwrap())],
+    );
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let mut bob = Client::connect(&url).await.unwrap();
+    let ServerFrame::Joined { messages, .. } = bob.join(&keys, None).await.unwrap() else {
+        panic!("the restored server lets a member in")
+    };
+    let mut reader = nanochat::client::RoomSession::new(keys.clone());
+    let texts: Vec<String> = messages
+        .iter()
+        .map(|m| reader.open(m).unwrap().text)
+        .collect();
+    assert_eq!(texts, ["before 1", "before 2", "before 3"]);
+    crate::helpers::send_acked(&mut bob, &mut reader, "bob", "after the restore").await;
+    let mut busy_reader = Client::connect(&url).await.unwrap();
+    let ServerFrame::Joined { messages, .. } = busy_reader.join(&busy, None).await.unwrap() else {
+        panic!("the busy room was restored too")
+    };
+    let seqs: Vec<i64> = messages.iter().map(|m| m.seq).collect();
+    assert!(seqs.len() >= 10, "{seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "no hole in {seqs:?}"
+    );
+
+    // Mistakes are named: a directory that exists, a server on Postgres.
+    let (code, _, err) = backup(dir.path(), &copy, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("exists already"), "{err}");
+    let (code, _, err) = backup(
+        dir.path(),
+        &dir.path().join("other"),
+        &[("NANOCHAT__DATABASE__URL", "postgres://nanochat@db/nanochat")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("pg_dump"), "{err}");
+}

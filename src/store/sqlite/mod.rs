@@ -199,6 +199,29 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Write a consistent copy of `<data_dir>/nanochat.db` to `dest`, also while a server is using
+/// it: `VACUUM INTO` reads the whole database in one read transaction (the server's writer
+/// goes on beside it, as WAL allows), so the copy is the database as of one moment, compacted.
+/// Index entries the server had not yet sorted into their tables are put there when a server
+/// opens the copy, as after an unclean stop. The copy is readable by its owner only. Returns
+/// its size in bytes.
+pub fn backup(data_dir: &Path, dest: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let src = data_dir.join("nanochat.db");
+    anyhow::ensure!(src.is_file(), "there is no database at {}", src.display());
+    anyhow::ensure!(!dest.exists(), "{} exists already", dest.display());
+    let conn = Connection::open_with_flags(&src, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", src.display()))?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    let to = dest
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("{} is not a UTF-8 path", dest.display()))?;
+    conn.execute("VACUUM INTO ?1", [to])
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", dest.display()))?;
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o600))?;
+    Ok(std::fs::metadata(dest)?.len())
+}
+
 fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
