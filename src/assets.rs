@@ -1,15 +1,16 @@
-//! The browser client's files (`web/`) as served: embedded in the binary, each compressed once
-//! with gzip, with a strong `ETag` so that a browser revalidating its copy (they are served
+//! The browser client's files (`web/`) as served: embedded in the binary, the page told this
+//! server's settings (how long messages are kept), each file compressed once with gzip when the
+//! server starts, with a strong `ETag` so that a browser revalidating its copy (they are served
 //! `no-cache`, so an upgrade reaches every browser on its next load) gets `304` and no body.
 
 use std::collections::HashMap;
 use std::io::Write as _;
-use std::sync::OnceLock;
 
 use actix_web::http::header::{self, HeaderMap};
-use actix_web::web::Bytes;
+use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
 use rust_embed::RustEmbed;
+use sha2::{Digest as _, Sha256};
 
 #[derive(RustEmbed)]
 #[folder = "web/"]
@@ -26,29 +27,43 @@ struct Asset {
     gzip: Option<Bytes>,
 }
 
-/// Every file, prepared on first use (about 40 KB of text, a few milliseconds).
-fn assets() -> &'static HashMap<String, Asset> {
-    static ASSETS: OnceLock<HashMap<String, Asset>> = OnceLock::new();
-    ASSETS.get_or_init(|| {
-        WebAssets::iter()
+/// Where the page says how many days messages are kept (`retention.days`).
+const RETENTION_DAYS: &str = "{{retention_days}}";
+
+/// Every file of the browser client, prepared when the server starts (about 40 KB of text,
+/// a few milliseconds).
+pub struct Assets {
+    files: HashMap<String, Asset>,
+}
+
+impl Assets {
+    /// The files, the page saying that messages are kept `retention_days` days.
+    pub fn new(retention_days: u32) -> Self {
+        let files = WebAssets::iter()
             .filter_map(|path| {
                 let file = WebAssets::get(&path)?;
-                let hash = file.metadata.sha256_hash();
+                let mut plain = file.data.into_owned();
+                if path.ends_with(".html") {
+                    let text = String::from_utf8_lossy(&plain)
+                        .replace(RETENTION_DAYS, &retention_days.to_string());
+                    plain = text.into_bytes();
+                }
+                let hash = Sha256::digest(&plain);
                 let etag: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
-                let plain = Bytes::from(file.data.into_owned());
                 let gzip = gzip(&plain).filter(|g| g.len() * 10 <= plain.len() * 9);
                 let asset = Asset {
                     mime: mime_guess::from_path(path.as_ref())
                         .first_or_octet_stream()
                         .to_string(),
                     etag: format!("\"{etag}\""),
-                    plain,
+                    plain: Bytes::from(plain),
                     gzip: gzip.map(Bytes::from),
                 };
                 Some((path.into_owned(), asset))
             })
-            .collect()
-    })
+            .collect();
+        Self { files }
+    }
 }
 
 fn gzip(data: &[u8]) -> Option<Vec<u8>> {
@@ -86,10 +101,10 @@ fn still_fresh(headers: &HeaderMap, etag: &str) -> bool {
 }
 
 /// `GET`/`HEAD` of a file of the browser client; `/` is `index.html`.
-pub async fn serve(req: HttpRequest) -> HttpResponse {
+pub async fn serve(req: HttpRequest, assets: web::Data<Assets>) -> HttpResponse {
     let path = req.match_info().query("path");
     let path = if path.is_empty() { "index.html" } else { path };
-    let Some(asset) = assets().get(path) else {
+    let Some(asset) = assets.files.get(path) else {
         return HttpResponse::NotFound()
             .content_type("text/plain; charset=utf-8")
             .body("not found\n");
@@ -170,7 +185,8 @@ mod tests {
 
     #[test]
     fn every_file_has_a_validator_and_text_files_a_smaller_gzip() {
-        for (path, asset) in assets() {
+        let assets = Assets::new(30);
+        for (path, asset) in &assets.files {
             assert_eq!(asset.etag.len(), 34, "{path}");
             if path.ends_with(".js") || path.ends_with(".html") || path.ends_with(".css") {
                 let gz = asset.gzip.as_ref().expect("text compresses");
@@ -180,6 +196,23 @@ mod tests {
                 assert_eq!(back, asset.plain, "{path}");
             }
         }
-        assert!(assets().contains_key("index.html"));
+        assert!(assets.files.contains_key("index.html"));
+    }
+
+    #[test]
+    fn the_page_says_how_long_this_server_keeps_messages() {
+        let page = |days| {
+            let assets = Assets::new(days);
+            let page = &assets.files["index.html"];
+            (
+                String::from_utf8(page.plain.to_vec()).unwrap(),
+                page.etag.clone(),
+            )
+        };
+        let (seven, seven_tag) = page(7);
+        let (thirty, thirty_tag) = page(30);
+        assert!(seven.contains("after 7 days") && thirty.contains("after 30 days"));
+        assert!(!seven.contains("{{") && !thirty.contains("{{"));
+        assert_ne!(seven_tag, thirty_tag, "another page, another validator");
     }
 }

@@ -623,6 +623,7 @@ impl Application {
         });
         let handshake_timeout = Duration::from_secs(state.settings.limits.handshake_timeout_secs);
         let data = web::Data::from(state.clone());
+        let files = web::Data::new(assets::Assets::new(state.settings.retention.days));
         // The public listeners run actix-http directly rather than through `HttpServer`, for
         // its upgrade hook: WebSocket upgrades leave the HTTP dispatcher (see `upgrade`).
         let mut public = actix_server::Server::build()
@@ -632,11 +633,12 @@ impl Application {
         let listeners = std::iter::once((listener, false)).chain(onion_listener.map(|l| (l, true)));
         for (listener, onion) in listeners {
             let name = format!("public-{}", listener.local_addr()?);
-            let (data, state) = (data.clone(), state.clone());
+            let (data, files, state) = (data.clone(), files.clone(), state.clone());
             public = public.listen(name, listener, move || {
-                let (data, state) = (data.clone(), state.clone());
+                let (data, files, state) = (data.clone(), files.clone(), state.clone());
                 let app = App::new()
                     .app_data(data)
+                    .app_data(files)
                     .wrap(security_headers())
                     .route("/ws", web::get().to(ws_without_upgrade))
                     .route("/healthz", web::get().to(healthz))

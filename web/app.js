@@ -4,12 +4,16 @@ import { RoomKeys, RoomSession, b64u, fromB64u, joinProof, randomBytes } from '.
 
 const $ = (id) => document.getElementById(id);
 
+/** How many days this server keeps messages (its `retention.days`, written into the page). */
+const RETENTION_DAYS = Number(document.querySelector('meta[name="nanochat-retention-days"]')?.content) || 30;
+
 /** Server error codes as sentences a person can act on. */
 const ERRORS = {
   bad_request: 'The server did not understand that. Check that your device clock is right.',
   too_large: 'That message is too long to send.',
   unknown_type: 'This page and the server do not speak the same version. Reload the page.',
-  auth_failed: 'This link does not open a room on this server. It may be mistyped, or the room expired after 30 days without messages.',
+  auth_failed: 'This link does not open a room on this server. It may be mistyped, or the room '
+    + `expired after ${RETENTION_DAYS} days without messages.`,
   room_exists: 'A room with this link already exists.',
   room_gone: 'This room was wiped.',
   not_joined: 'Not in a room yet; wait for the connection.',

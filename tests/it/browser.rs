@@ -215,7 +215,8 @@ async fn two_people_chat_both_ways_and_the_room_id_alone_is_useless() {
         .wait_for("!document.getElementById('notice').hidden && document.getElementById('notice').textContent", 20)
         .await;
     assert!(
-        text.as_str().unwrap().contains("does not open a room"),
+        text.as_str().unwrap().contains("does not open a room")
+            && text.as_str().unwrap().contains("after 30 days"),
         "{text}"
     );
 

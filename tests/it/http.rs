@@ -116,6 +116,22 @@ async fn the_client_files_are_compressed_and_revalidated_without_a_body() {
 }
 
 #[actix_web::test]
+async fn the_page_says_how_long_this_server_keeps_messages() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.retention.days = 7).await;
+    let page = http_get(app.port, "/").await;
+    assert!(
+        page.body.contains("forgets it after 7 days"),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body
+            .contains("<meta name=\"nanochat-retention-days\" content=\"7\">")
+    );
+    assert!(!page.body.contains("{{"), "no placeholder left");
+}
+
+#[actix_web::test]
 async fn health_and_readiness_answer() {
     let app = spawn_app(Backend::Sqlite).await;
     let h = http_get(app.port, "/healthz").await;
