@@ -97,13 +97,14 @@ function nick() {
 
 /**
  * The sids of this browser's sessions that wrote in each room, so that its own messages still
- * show as its own after a reload. On this device only; a room's entry is forgotten 31 days
- * after its last use (its messages have expired by then) and when the room is wiped. Each
+ * show as its own after a reload. On this device only; a room's entry is forgotten a day past
+ * the server's retention after its last use (its messages have expired by then) and when the
+ * room is wiped. Each
  * window keeps its own fresh sid: two windows sharing one would break each other's replay
  * counters.
  */
 const SESSIONS = 'nanochat.sessions';
-const SESSIONS_KEPT_MS = 31 * 86_400_000;
+const SESSIONS_KEPT_MS = (RETENTION_DAYS + 1) * 86_400_000;
 
 function storedSessions() {
   try {
