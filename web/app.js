@@ -758,12 +758,17 @@ function init() {
   });
   // A reader at the end stays there when the conversation's box shrinks (a phone's keyboard
   // opening, a window made smaller): without this the newest lines would slide out of view.
+  // A scroll that comes with a change of the box's height (before the observer has seen it)
+  // says nothing about where the reader was: the observer decides then.
   let following = true;
+  let height = $('scroller').clientHeight;
   $('scroller').addEventListener('scroll', () => {
+    if ($('scroller').clientHeight !== height) return;
     following = atEnd();
     if (following) $('jump').hidden = true;
   }, { passive: true });
   new ResizeObserver(() => {
+    height = $('scroller').clientHeight;
     if (following) toEnd();
   }).observe($('scroller'));
   $('jump').addEventListener('click', toEnd);

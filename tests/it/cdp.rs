@@ -317,11 +317,17 @@ impl Page<'_> {
         .await;
     }
 
-    /// Emulate a screen of this size (CSS pixels).
+    /// Emulate a screen of this size (CSS pixels), and return once the page has laid itself
+    /// out for it (two animation frames: resize observers have run by then).
     pub async fn set_viewport(&self, width: u32, height: u32) {
         self.call(
             "Emulation.setDeviceMetricsOverride",
             json!({"width": width, "height": height, "deviceScaleFactor": 2, "mobile": true}),
+        )
+        .await;
+        self.eval(
+            "new Promise(done => { requestAnimationFrame(() => requestAnimationFrame(done)); \
+             setTimeout(done, 1000); }).then(() => true)",
         )
         .await;
     }
