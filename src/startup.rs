@@ -38,10 +38,15 @@ use crate::store::writer::Writer;
 use crate::store::{self, Store, now_ms};
 use crate::websocket;
 
-/// The Content-Security-Policy of every public response: own origin only, no inline script.
+/// The Content-Security-Policy of every public response: own origin only, no inline script,
+/// and Trusted Types: no string reaches an HTML or script sink (`innerHTML`, `eval`, a
+/// worker's URL) except through the page's one policy, which admits only the proof-of-work
+/// worker's own URL. The client builds its DOM from text nodes; this makes a future slip an
+/// error instead of a hole (browsers without Trusted Types ignore the two directives).
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
     style-src 'self'; img-src 'self' data:; connect-src 'self'; worker-src 'self'; \
-    manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+    manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; \
+    require-trusted-types-for 'script'; trusted-types nanochat";
 
 /// Everything a request handler or a session needs, shared by all workers.
 pub struct AppState {

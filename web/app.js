@@ -404,10 +404,26 @@ async function sendText(text) {
 
 // ---- proof of work ---------------------------------------------------------------------
 
+/**
+ * The proof-of-work worker's URL. The Content-Security-Policy requires Trusted Types: the one
+ * policy the page may make admits this URL and nothing else.
+ */
+const POW_WORKER = new URL('./pow-worker.js', import.meta.url).href;
+const scriptUrls = globalThis.trustedTypes?.createPolicy('nanochat', {
+  createScriptURL: (url) => {
+    if (url !== POW_WORKER) throw new TypeError(`not a script of this page: ${url}`);
+    return url;
+  },
+});
+
+function workerUrl() {
+  return scriptUrls ? scriptUrls.createScriptURL(POW_WORKER) : POW_WORKER;
+}
+
 function solvePow(token, roomId, bits) {
   return new Promise((resolve, reject) => {
     const expected = 2 ** bits;
-    const worker = new Worker(new URL('./pow-worker.js', import.meta.url), { type: 'module' });
+    const worker = new Worker(workerUrl(), { type: 'module' });
     state.worker = worker;
     $('pow').hidden = false;
     $('pow-progress').value = 0;

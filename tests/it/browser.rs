@@ -664,6 +664,20 @@ async fn web_addresses_in_messages_become_links_that_open_elsewhere() {
             .await,
         json!(2)
     );
+    // And should a future change put a string into HTML, the page's Trusted Types policy makes
+    // that an error: no HTML sink takes a string, no other policy can be made, and the one
+    // policy there is admits only the proof-of-work worker's URL.
+    let refused = bob
+        .eval(
+            "(() => { const tries = [ \
+               () => { document.body.insertAdjacentHTML('beforeend', '<img src=x>'); }, \
+               () => { document.createElement('div').innerHTML = '<b>x</b>'; }, \
+               () => { trustedTypes.createPolicy('other', { createHTML: s => s }); }, \
+               () => { new Worker('data:text/javascript,1'); } ]; \
+             return tries.map(t => { try { t(); return false; } catch { return true; } }); })()",
+        )
+        .await;
+    assert_eq!(refused, json!([true, true, true, true]));
 }
 
 #[actix_web::test]
