@@ -323,6 +323,23 @@ fn seq_field(value: u64, message: &'static str) -> Result<i64, FrameError> {
     Ok(value as i64)
 }
 
+/// The `ref` of a `send` refused before it is parsed (a frame limit was hit), found by looking
+/// for it rather than parsing: the frame's `"ref":"..."` when it has `"type":"send"` and the
+/// ref is a plain string of at most [`MAX_REF_CHARS`] characters, as clients write them. With
+/// it, the refusal names the send, so the client knows which message to send again; anything
+/// else is refused without a `ref`, as before. Two substring searches: no more work than
+/// reading the frame was.
+pub fn unparsed_send_ref(text: &str) -> Option<String> {
+    const KEY: &str = "\"ref\":\"";
+    if !text.contains("\"type\":\"send\"") {
+        return None;
+    }
+    let start = text.find(KEY)? + KEY.len();
+    let rest = &text[start..];
+    let r = &rest[..rest.find('"')?];
+    (!r.contains('\\') && r.chars().count() <= MAX_REF_CHARS).then(|| r.to_owned())
+}
+
 /// Parse and validate one text frame. Epoch range is checked by the caller, which knows the time.
 pub fn parse_client_frame(text: &str, limits: &FrameLimits) -> Result<ClientFrame, FrameError> {
     let raw: RawFrame<'_> = serde_json::from_str(text)
@@ -534,6 +551,22 @@ pub fn room_from_wire(text: &str) -> Option<RoomId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_send_refused_unparsed_is_named_by_its_ref_when_it_can_be_read() {
+        let send = r#"{"type":"send","ref":"abc-1","epoch":20417,"iv":"AAAA","ct":"BBBB"}"#;
+        assert_eq!(unparsed_send_ref(send).as_deref(), Some("abc-1"));
+        let long = format!(r#"{{"type":"send","ref":"{}","ct":"x"}}"#, "r".repeat(65));
+        for none in [
+            r#"{"type":"history","ref":"abc"}"#.to_owned(),
+            r#"{"type":"send","epoch":1}"#.to_owned(),
+            r#"{"type":"send","ref":"a\"b"}"#.to_owned(),
+            r#"{"type":"send","ref":"unterminated"#.to_owned(),
+            long,
+        ] {
+            assert_eq!(unparsed_send_ref(&none), None, "{none}");
+        }
+    }
 
     const LIMITS: FrameLimits = FrameLimits {
         max_ct_bytes: 64,

@@ -658,13 +658,22 @@ impl Conn {
             .client(ClientLimit::Frame, self.peer.client)
             .err()
             .or_else(|| {
-                self.limiter.check().err().map(|n| Refused {
-                    limiter: "socket_frames",
-                    retry_after: n.wait_time_from(self.limiter.clock().now()),
+                self.limiter.check().err().map(|n| {
+                    // Counted here: this limiter is the socket's own, not one of `Limits`.
+                    self.state
+                        .metrics
+                        .rate_limited_total
+                        .with_label_values(&["socket_frames"])
+                        .inc();
+                    Refused {
+                        limiter: "socket_frames",
+                        retry_after: n.wait_time_from(self.limiter.clock().now()),
+                    }
                 })
             });
         if let Some(r) = limited {
-            self.refuse_rate(r, None).await?;
+            self.refuse_rate(r, crate::protocol::unparsed_send_ref(text))
+                .await?;
             return Ok(None);
         }
         let limits = FrameLimits {

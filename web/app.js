@@ -52,6 +52,9 @@ const state = {
   lastProbeAt: 0,
   highestStored: 0, // the highest counter of this session known to be stored
   flushAfterFill: false, // send what is pending once the catch-up after a reconnect is done
+  refused: [], // refs of sends refused for now, to go again one at a time
+  resendTimer: null,
+  resendWait: 1000,
 };
 
 /** Refusals of a send that pass: the page sends it again by itself, this many times. */
@@ -355,8 +358,7 @@ function markPending(ref, status, detail) {
     retry.type = 'button';
     retry.textContent = 'Retry';
     retry.addEventListener('click', () => {
-      const p = state.pending.get(ref);
-      if (p) p.retries = 0;
+      p.retries = 0;
       markPending(ref, 'sending');
       resend(ref);
     });
@@ -369,6 +371,28 @@ function transmit(ref) {
   if (p && state.joined && state.ws?.readyState === WebSocket.OPEN) {
     state.ws.send(JSON.stringify(p.frame));
     expectAnswer(ANSWER_MS.send);
+  }
+}
+
+/**
+ * Queue a send refused for now. The queue goes out one message per wait the server named: all
+ * of them at once would meet the same limit again, and use up their tries together.
+ */
+function later(ref, wait) {
+  const n = (r) => state.pending.get(r)?.n ?? 0;
+  state.refused = [...state.refused.filter((r) => r !== ref), ref].sort((a, b) => n(a) - n(b));
+  state.resendWait = Math.min(Math.max(wait, 100), 30_000);
+  clearTimeout(state.resendTimer);
+  state.resendTimer = setTimeout(resendNext, state.resendWait);
+}
+
+async function resendNext() {
+  state.resendTimer = null;
+  const ref = state.refused.shift();
+  if (ref === undefined) return;
+  await resend(ref);
+  if (state.refused.length > 0 && !state.resendTimer) {
+    state.resendTimer = setTimeout(resendNext, state.resendWait);
   }
 }
 
@@ -394,7 +418,7 @@ async function sendText(text) {
   const el = messageElement(sealed.envelope, null, true, Date.now());
   $('messages').append(el);
   state.pending.set(ref, {
-    frame, el, status: 'sending', retries: 0, nick: nick(), text, n: sealed.envelope.n,
+    frame, el, status: 'sending', retries: 0, nick: sealed.envelope.nick, text, n: sealed.envelope.n,
   });
   markPending(ref, 'sending');
   toEnd(); // what you write is always shown, wherever you were reading
@@ -489,6 +513,10 @@ function lost(ws) {
   state.joined = false;
   state.historyFilling = false;
   state.flushAfterFill = false;
+  // Refused sends are still pending: the next join sends them with the rest.
+  clearTimeout(state.resendTimer);
+  state.resendTimer = null;
+  state.refused = [];
   if (state.stopped) return;
   const wait = state.backoff + Math.random() * 250;
   state.backoff = Math.min(state.backoff * 2, 15000);
@@ -603,7 +631,9 @@ async function create(powBits) {
 async function join() {
   const proof = await joinProof(state.keys.authKey, state.challenge, state.keys.roomId);
   const frame = { type: 'join', room: b64u(state.keys.roomId), proof: b64u(proof) };
-  if (state.lastSeq > 0) frame.after = state.lastSeq;
+  // Back after a lost connection: everything after the last message seen (all of them, if
+  // none was), not the newest page, which would leave a gap.
+  if (state.everJoined) frame.after = state.lastSeq;
   state.ws.send(JSON.stringify(frame));
 }
 
@@ -646,7 +676,18 @@ function onJoined(frame) {
 
 function onError(frame) {
   const text = ERRORS[frame.code] ?? ERRORS.internal;
-  if (!frame.ref) state.historyFilling = false; // a refused catch-up ends it
+  if (!frame.ref && state.historyFilling) {
+    // A catch-up page refused for now is asked for again when the server says; anything else
+    // ends the catch-up (what is pending then waits for the next join).
+    if (frame.code === 'rate_limited') {
+      setTimeout(() => {
+        if (state.historyFilling && state.joined) requestAfter();
+      }, Math.min(Math.max(frame.retry_after_ms ?? 1000, 100), 30_000));
+      return;
+    }
+    state.historyFilling = false;
+    state.flushAfterFill = false;
+  }
   if (frame.ref && frame.code === 'replay' && !state.pending.has(frame.ref)) return; // settled already
   if (frame.ref && state.pending.has(frame.ref)) {
     const p = state.pending.get(frame.ref);
@@ -657,10 +698,7 @@ function onError(frame) {
       // Refused for now, not for good: it goes again by itself when the server said, or
       // after a doubling wait; only after several refusals does it need a click.
       p.retries += 1;
-      const wait = frame.retry_after_ms ?? 1000 * 2 ** p.retries;
-      setTimeout(() => {
-        if (state.pending.get(frame.ref) === p) resend(frame.ref);
-      }, Math.min(Math.max(wait, 100), 30_000));
+      later(frame.ref, frame.retry_after_ms ?? 1000 * 2 ** p.retries);
     } else {
       markPending(frame.ref, 'failed', text);
     }

@@ -101,6 +101,30 @@ async fn a_flooding_client_is_cut_to_its_rate_and_others_keep_chatting() {
 }
 
 #[actix_web::test]
+async fn sends_over_a_sockets_frame_rate_are_refused_by_name_and_counted() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.limits.frames_per_second = 1;
+        s.limits.frames_burst = 4;
+    })
+    .await;
+    let (mut c, keys) = create_from(&app, "127.0.0.2").await;
+    // The socket's own frame limit refuses before it reads the frame; the refusal still names
+    // the send (so a client knows which to send again), and operators see it counted.
+    let (acked, limited) = burst(&mut c, &keys, 10).await;
+    assert!(
+        acked >= 1 && limited >= 5,
+        "{acked} acked, {limited} refused"
+    );
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "nanochat_rate_limited_total{{limiter=\"socket_frames\"}} {limited}"
+        )),
+        "{metrics}"
+    );
+}
+
+#[actix_web::test]
 async fn one_room_is_protected_from_the_sum_of_its_members() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
         s.rate.room_messages = Rate {

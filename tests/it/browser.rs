@@ -943,6 +943,69 @@ async fn a_nickname_cannot_reorder_the_message_after_it() {
 }
 
 #[actix_web::test]
+async fn a_catch_up_refused_for_now_goes_on_when_the_server_says() {
+    // Pages of two messages, and one frame a second per socket: after a reconnect, the page's
+    // request for the rest of what it missed comes right after its join, and is refused.
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.limits.history = 2;
+        s.limits.frames_per_second = 1;
+        s.limits.frames_burst = 1;
+    })
+    .await;
+    let relay = Relay::start(app.port).await;
+    let browser = Browser::launch().await;
+    let alice = browser.new_page(&format!("{}/", origin(&app))).await;
+    let link = create_room(&alice).await;
+    let fragment = link.split_once('#').unwrap().1;
+    let bob = browser
+        .new_page(&format!("http://127.0.0.1:{}/#{fragment}", relay.port))
+        .await;
+    wait_online(&bob).await;
+    relay.freeze();
+    // A dozen messages stored meanwhile (straight into the store: no socket, no frame limit).
+    let keys = keys_of(&link);
+    let mut s = RoomSession::new(keys.clone());
+    for i in 1..=12 {
+        let sealed = s.seal("carol", &format!("missed {i}"));
+        app.state
+            .store
+            .append(
+                &[nanochat::store::NewMessage {
+                    room: keys.room_id,
+                    epoch: sealed.epoch,
+                    iv: sealed.iv,
+                    ct: sealed.ct,
+                }],
+                nanochat::store::now_ms(),
+            )
+            .await
+            .unwrap();
+    }
+    let refused = || {
+        app.state
+            .metrics
+            .rate_limited_total
+            .with_label_values(&["socket_frames"])
+            .get()
+    };
+    assert_eq!(refused(), 0);
+    // Bob writes on his dead socket: no ack, so his page reconnects, catches up page by page
+    // (refused now and then with `rate_limited`, asked again when told) and then sends.
+    say(&bob, "I am back").await;
+    wait_for_text(&alice, "I am back").await;
+    bob.wait_for(
+        "document.querySelectorAll('#messages li').length === 13",
+        30,
+    )
+    .await;
+    let texts = texts_of(&bob).await;
+    let missed: Vec<String> = (1..=12).map(|i| format!("missed {i}")).collect();
+    assert_eq!(texts[..12], missed[..]);
+    assert_eq!(texts[12], "I am back");
+    assert!(refused() > 0, "the catch-up met the frame limit");
+}
+
+#[actix_web::test]
 async fn a_message_too_long_to_send_stays_in_the_box_to_be_shortened() {
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;
