@@ -45,6 +45,7 @@ const state = {
   chain: Promise.resolve(),
   unread: 0, // others' new messages while the page was hidden, shown in the tab's title
   maxCt: 0, // the server's largest ciphertext, from `hello`
+  powBits: 0, // the proof of work creating a room needs, from `hello`
   tooLong: false, // the notice shows that the text in the box is too long
   remembered: false, // this session's sid is in `nanochat.sessions`
   answerTimer: null, // set while the socket owes an answer; it fires if none comes
@@ -563,6 +564,7 @@ async function handle(frame) {
   switch (frame.type) {
     case 'hello':
       state.maxCt = frame.max_ct;
+      state.powBits = frame.pow_bits;
       state.challenge = fromB64u(frame.challenge);
       if (state.mode === 'create') await create(frame.pow_bits);
       else await join();
@@ -721,6 +723,19 @@ function onError(frame) {
       state.ws?.close();
       $('new-room').disabled = false;
       $('pow').hidden = true;
+      notice(text);
+      break;
+    case 'rate_limited':
+      if (!state.joined) {
+        // The join or the creation itself was refused for now (on a busy onion service all
+        // visitors share one budget): try again on this socket when the server says.
+        const ws = state.ws;
+        setTimeout(() => {
+          if (state.ws !== ws || state.joined || ws.readyState !== WebSocket.OPEN) return;
+          if (state.mode === 'create') create(state.powBits);
+          else join();
+        }, Math.min(Math.max(frame.retry_after_ms ?? 1000, 100), 30_000));
+      }
       notice(text);
       break;
     default:

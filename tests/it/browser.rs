@@ -1006,6 +1006,36 @@ async fn a_catch_up_refused_for_now_goes_on_when_the_server_says() {
 }
 
 #[actix_web::test]
+async fn a_join_refused_for_now_is_tried_again_when_the_server_says() {
+    // Every page here comes from 127.0.0.1, one client: two frames at once, then one every ten
+    // seconds.
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.rate.client_frames = Rate {
+            per_minute: 6,
+            burst: 2,
+        };
+    })
+    .await;
+    let browser = Browser::launch().await;
+    let (_alice, _bob, link) = two_people(&browser, &app).await;
+    // Alice's create and Bob's join used the budget: Carol's join is refused at first, and
+    // her page joins by itself a moment later.
+    let carol = browser.new_page(&link).await;
+    wait_online_within(&carol, 30).await;
+    assert!(
+        app.state
+            .metrics
+            .rate_limited_total
+            .with_label_values(&["client_frames"])
+            .get()
+            > 0
+    );
+    carol
+        .wait_for("document.getElementById('notice').hidden", 5)
+        .await;
+}
+
+#[actix_web::test]
 async fn a_message_too_long_to_send_stays_in_the_box_to_be_shortened() {
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;
