@@ -725,6 +725,11 @@ function onError(frame) {
       $('pow').hidden = true;
       notice(text);
       break;
+    case 'pow_required':
+      // The work asked for rose between `hello` and our `create`: ask for a token and do it.
+      if (state.mode === 'create' && !state.joined) state.ws.send(JSON.stringify({ type: 'pow' }));
+      notice(text);
+      break;
     case 'rate_limited':
       if (!state.joined) {
         // The join or the creation itself was refused for now (on a busy onion service all
