@@ -565,20 +565,34 @@ fn an_operators_glibc_tunables_are_kept() {
     );
 }
 
-/// `nanochat room wipe LINK`, run beside a server started from `dir`; its exit code, stdout and
-/// stderr.
-fn room_wipe(dir: &std::path::Path, port: u16, link: &str) -> (i32, String, String) {
+/// The `nanochat` binary run with these arguments and extra environment in `dir` (beside a
+/// server started there, whose `./data` it then sees); its exit code, stdout and stderr.
+fn run_nanochat<S: AsRef<std::ffi::OsStr>>(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    args: &[S],
+) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_nanochat"))
         .current_dir(dir)
         .env_remove("NANOCHAT_CONFIG")
-        .env("NANOCHAT__SERVER__LISTEN", format!("0.0.0.0:{port}"))
-        .args(["room", "wipe", link])
+        .envs(env.iter().copied())
+        .args(args)
         .output()
         .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `nanochat room wipe LINK` for the server on `port` (named as `server.listen` 0.0.0.0).
+fn room_wipe(dir: &std::path::Path, port: u16, link: &str) -> (i32, String, String) {
+    let listen = format!("0.0.0.0:{port}");
+    run_nanochat(
+        dir,
+        &[("NANOCHAT__SERVER__LISTEN", &listen)],
+        &["room", "wipe", link],
     )
 }
 
@@ -676,18 +690,10 @@ fn backup(
     dest: &std::path::Path,
     env: &[(&str, &str)],
 ) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nanochat"))
-        .current_dir(dir)
-        .env_remove("NANOCHAT_CONFIG")
-        .envs(env.iter().copied())
-        .arg("backup")
-        .arg(dest)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    run_nanochat(
+        dir,
+        env,
+        &[std::ffi::OsStr::new("backup"), dest.as_os_str()],
     )
 }
 
