@@ -566,24 +566,52 @@ fn an_operators_glibc_tunables_are_kept() {
 }
 
 /// The `nanochat` binary run with these arguments and extra environment in `dir` (beside a
-/// server started there, whose `./data` it then sees); its exit code, stdout and stderr.
+/// server started there, whose `./data` it then sees), `input` on its standard input; its exit
+/// code, stdout and stderr.
 fn run_nanochat<S: AsRef<std::ffi::OsStr>>(
     dir: &std::path::Path,
     env: &[(&str, &str)],
     args: &[S],
+    input: &str,
 ) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nanochat"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nanochat"))
         .current_dir(dir)
         .env_remove("NANOCHAT_CONFIG")
         .envs(env.iter().copied())
         .args(args)
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// What the server answers a `create` of this room from 127.0.0.`host` (an address of its own,
+/// so no earlier creation counts against it): the error code, or `joined`.
+async fn create_from(url: &str, host: u8, keys: &nanochat::crypto::RoomKeys) -> String {
+    let mut c = Client::connect_from(url, [127, 0, 0, host].into())
+        .await
+        .unwrap();
+    match c.create(keys).await.unwrap() {
+        ServerFrame::Error { code, .. } => code,
+        ServerFrame::Joined { .. } => "joined".into(),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// `nanochat room wipe LINK` for the server on `port` (named as `server.listen` 0.0.0.0).
@@ -593,6 +621,7 @@ fn room_wipe(dir: &std::path::Path, port: u16, link: &str) -> (i32, String, Stri
         dir,
         &[("NANOCHAT__SERVER__LISTEN", &listen)],
         &["room", "wipe", link],
+        "",
     )
 }
 
@@ -634,29 +663,16 @@ async fn an_operator_takes_a_reported_link_down_through_the_running_server() {
         later.join(&keys, None).await.unwrap(),
         ServerFrame::Error { code, .. } if code == "room_gone"
     ));
-    let mut again = Client::connect_from(&url, [127, 0, 0, 5].into())
-        .await
-        .unwrap();
-    assert!(matches!(
-        again.create(&keys).await.unwrap(),
-        ServerFrame::Error { code, .. } if code == "room_gone"
-    ));
+    assert_eq!(create_from(&url, 5, &keys).await, "room_gone");
     // Given on standard input (`-`), the link shows in no process list.
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nanochat"))
-        .current_dir(dir.path())
-        .env_remove("NANOCHAT_CONFIG")
-        .env("NANOCHAT__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .args(["room", "wipe", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write as _;
-        writeln!(cmd.stdin.take().unwrap(), "{link}").unwrap();
-    }
-    let out = cmd.wait_with_output().unwrap();
-    let out = String::from_utf8_lossy(&out.stdout);
+    let listen = format!("127.0.0.1:{port}");
+    let (code, out, err) = run_nanochat(
+        dir.path(),
+        &[("NANOCHAT__SERVER__LISTEN", &listen)],
+        &["room", "wipe", "-"],
+        &format!("{link}\n"),
+    );
+    assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("already wiped"), "{out}");
 
     // A link no room has (never made, or expired) is blocked all the same: the bare secret works.
@@ -664,13 +680,7 @@ async fn an_operator_takes_a_reported_link_down_through_the_running_server() {
     let (code, out, err) = room_wipe(dir.path(), port, &nanochat::protocol::b64u(unused.secret()));
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("no room had this link"), "{out}");
-    let mut squatter = Client::connect_from(&url, [127, 0, 0, 6].into())
-        .await
-        .unwrap();
-    assert!(matches!(
-        squatter.create(&unused).await.unwrap(),
-        ServerFrame::Error { code, .. } if code == "room_gone"
-    ));
+    assert_eq!(create_from(&url, 6, &unused).await, "room_gone");
 
     // Mistakes are named: not a link (usage, 2), no server there (1).
     let (code, _, err) = room_wipe(dir.path(), port, "https://chat.example.org/#tooshort");
@@ -694,6 +704,7 @@ fn backup(
         dir,
         env,
         &[std::ffi::OsStr::new("backup"), dest.as_os_str()],
+        "",
     )
 }
 
