@@ -60,6 +60,10 @@ const state = {
 
 /** Refusals of a send that pass: the page sends it again by itself, this many times. */
 const AUTO_RESEND = new Set(['rate_limited', 'unavailable']);
+// The messages a page keeps shown (more while the reader is scrolled up, or pages in older
+// ones), forgetting the oldest in steps of FORGET_STEP.
+const KEEP_SHOWN = 1000;
+const FORGET_STEP = 100;
 const AUTO_RESENDS = 5;
 
 /** How long a socket may stay silent after it was asked something before it counts as dead. */
@@ -230,16 +234,38 @@ function appendWithLinks(el, text) {
 
 function insertBySeq(li, seq) {
   const list = $('messages');
-  // Own pending messages (no seq yet) stay at the end; received ones go in seq order.
-  for (const other of list.children) {
-    const s = Number(other.dataset.seq);
-    if (other.dataset.seq !== '' && s > seq) {
-      list.insertBefore(li, other);
-      return;
-    }
+  // Own pending messages (no seq yet) stay at the end; received ones go in seq order, looked
+  // for from the end, where new ones belong.
+  let next = null;
+  for (let other = list.lastElementChild; other; other = other.previousElementSibling) {
+    if (other.dataset.seq !== '' && Number(other.dataset.seq) <= seq) break;
+    next = other;
   }
-  const firstPending = [...list.children].find((c) => c.dataset.seq === '');
-  list.insertBefore(li, firstPending ?? null);
+  list.insertBefore(li, next);
+}
+
+/**
+ * A page left open keeps at most about KEEP_SHOWN messages: when a reader at the end has more,
+ * the oldest go (with what the page remembered of them) and "Load older messages" brings them
+ * back. Returns whether any went.
+ */
+function forgetOldest() {
+  const list = $('messages');
+  if (list.children.length <= KEEP_SHOWN + FORGET_STEP) return false;
+  let excess = list.children.length - KEEP_SHOWN;
+  // Pending ones (no seq yet) are never forgotten; a stored one stays first.
+  while (excess > 0 && list.firstElementChild.nextElementSibling?.dataset.seq) {
+    list.firstElementChild.remove();
+    excess -= 1;
+  }
+  if (!list.firstElementChild.dataset.seq) return false;
+  const first = Number(list.firstElementChild.dataset.seq);
+  if (first === state.firstSeq) return false;
+  state.firstSeq = first;
+  for (const seq of state.seen) if (seq < first) state.seen.delete(seq);
+  state.session.forgetBefore(first);
+  $('older').hidden = false;
+  return true;
 }
 
 /**
@@ -265,6 +291,7 @@ async function receive(msgs, how, alsoChange = () => {}) {
     }
     alsoChange();
   }, how !== 'older');
+  if (following && forgetOldest()) toEnd();
   const fromOthers = opened.filter(({ env }) => !env.own).length;
   if (how === 'new' && fromOthers > 0) {
     if (!following) $('jump').hidden = false;

@@ -135,6 +135,9 @@ export async function openBytes(keys, epoch, iv, ct) {
  * messages arrive in ascending seq, so "n above the highest seen" is the usual case; checking
  * against the neighbours by seq keeps the same rule when older history is paged in backwards.
  */
+/** The most senders' sessions a RoomSession keeps counters for once it forgets old messages. */
+export const MAX_SIDS = 10_000;
+
 export class RoomSession {
   constructor(keys) {
     this.keys = keys;
@@ -189,6 +192,25 @@ export class RoomSession {
       return null;
     }
     return { ...env, nick: env.nick.slice(0, 64), own: this.mine.has(env.sid) };
+  }
+
+  /**
+   * Forget the messages below `seq` (the page no longer shows them), keeping each sid's latest:
+   * a replayed older counter is still refused, and forgotten messages pass again if paged back
+   * in. At most `maxSids` sids are kept (anyone with the link can invent a new one per message);
+   * those heard from least recently go first.
+   */
+  forgetBefore(seq, maxSids = MAX_SIDS) {
+    for (const list of this.bySid.values()) {
+      let i = list.findIndex((e) => e.seq >= seq);
+      if (i === -1) i = list.length - 1;
+      if (i > 0) list.splice(0, i);
+    }
+    if (this.bySid.size > maxSids) {
+      const latest = [...this.bySid].map(([sid, list]) => [list[list.length - 1].seq, sid]);
+      latest.sort((a, b) => a[0] - b[0]);
+      for (const [, sid] of latest.slice(0, this.bySid.size - maxSids)) this.bySid.delete(sid);
+    }
   }
 
   accept(sid, n, seq) {

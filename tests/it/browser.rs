@@ -1,7 +1,7 @@
 //! The browser client in real headless Chromium against a real server: chatting, access
 //! without the secret, reload and server restart, a connection that dies silently, panic,
 //! proof of work, a long conversation (what stays on screen, the reader's place, dates, unread
-//! count), links, too-long messages, pages without https or JavaScript, the shipped nginx
+//! count, a page left open that forgets its oldest messages), links, too-long messages, pages without https or JavaScript, the shipped nginx
 //! configuration, and no third-party requests. Plus the client's crypto against the test vectors under `node --test`.
 
 use nanochat::client::{Client, RoomSession};
@@ -624,6 +624,82 @@ async fn a_long_conversation_keeps_the_message_box_on_screen_and_the_readers_pla
     bob.bring_to_front().await;
     bob.wait_for("document.title === 'NanoChat'", 10).await;
     assert_same_origin(&bob, &app);
+}
+
+/// Send "line N" for each N in `lines` from a Rust client, each acked before the next.
+async fn write_lines(
+    writer: &mut Client,
+    s: &mut RoomSession,
+    lines: std::ops::RangeInclusive<u32>,
+) {
+    for i in lines {
+        send_acked(writer, s, "writer", &format!("line {i}")).await;
+    }
+}
+
+/// The numbers of the "line N" messages shown, in order.
+async fn line_numbers(page: &Page<'_>) -> Vec<u32> {
+    texts_of(page)
+        .await
+        .iter()
+        .map(|t| t.strip_prefix("line ").unwrap().parse().unwrap())
+        .collect()
+}
+
+#[actix_web::test]
+async fn a_page_left_open_keeps_the_newest_thousand_messages_and_pages_back_the_rest() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let (mut writer, keys) = app.room_creator().await;
+    let mut s = RoomSession::new(keys.clone());
+    let browser = Browser::launch().await;
+    let page = browser
+        .new_page(&format!("{}/#{}", origin(&app), b64u(keys.secret())))
+        .await;
+    wait_online(&page).await;
+    page.set_viewport(390, 760).await;
+    // A reader at the end: past 1 100 messages the oldest go, down to 1 000, and the way back
+    // to them appears.
+    write_lines(&mut writer, &mut s, 1..=1150).await;
+    wait_for_text(&page, "line 1150").await;
+    let lines = line_numbers(&page).await;
+    assert_eq!(
+        lines.len(),
+        1049,
+        "forgotten down to 1 000 at 1 101, then 49 more"
+    );
+    assert_eq!(lines, (102..=1150).collect::<Vec<_>>());
+    assert_eq!(
+        page.eval("!document.getElementById('older').hidden").await,
+        json!(true)
+    );
+    // A reader scrolled up loses nothing while reading, and what they read stays in place.
+    page.eval("document.getElementById('scroller').scrollTop = 0, true")
+        .await;
+    let before = top_of(&page, "line 102").await;
+    write_lines(&mut writer, &mut s, 1151..=1250).await;
+    wait_for_text(&page, "line 1250").await;
+    assert_eq!(line_numbers(&page).await, (102..=1250).collect::<Vec<_>>());
+    assert_eq!(top_of(&page, "line 102").await, before);
+    // The forgotten ones page back in, in order (and pass the replay rule again).
+    page.eval("document.getElementById('older').click(), true")
+        .await;
+    wait_for_text(&page, "line 52").await;
+    assert_eq!(line_numbers(&page).await, (52..=1250).collect::<Vec<_>>());
+    // Back at the end, the next message makes the page forget down to 1 000 again.
+    page.eval("document.getElementById('jump').click(), true")
+        .await;
+    write_lines(&mut writer, &mut s, 1251..=1251).await;
+    wait_for_text(&page, "line 1251").await;
+    assert_eq!(line_numbers(&page).await, (252..=1251).collect::<Vec<_>>());
+    assert_eq!(
+        page.eval(
+            "(() => { const s = document.getElementById('scroller'); \
+             return s.scrollHeight - s.scrollTop - s.clientHeight < 2; })()"
+        )
+        .await,
+        json!(true),
+        "the newest message is in view"
+    );
 }
 
 #[actix_web::test]

@@ -108,3 +108,30 @@ test("an earlier session's messages count as one's own once adopted, and only th
   assert.equal((await after.open(msg)).own, true);
   assert.notEqual(after.sid, before.sid, 'the new session still has its own sid');
 });
+
+test('forgetting old messages keeps the replay rule for what is left and lets them back in', async () => {
+  const keys = await RoomKeys.derive(fromB64u(v.secret));
+  const alice = new RoomSession(keys);
+  const sealed = [];
+  for (let i = 0; i < 6; i++) sealed.push(await alice.seal('alice', `m${i}`));
+  const msg = (i, seq) => ({ seq, ts: 0, epoch: sealed[i].epoch, iv: sealed[i].iv, ct: sealed[i].ct });
+  const bob = new RoomSession(keys);
+  for (let i = 0; i < 4; i++) assert.ok(await bob.open(msg(i, 10 * (i + 1))));
+  bob.forgetBefore(35);
+  assert.deepEqual(bob.bySid.get(alice.sid), [{ seq: 40, n: 4 }]);
+  bob.forgetBefore(100);
+  assert.deepEqual(bob.bySid.get(alice.sid), [{ seq: 40, n: 4 }], "a sid's latest stays");
+  assert.equal(await bob.open(msg(1, 50)), null, 'an older counter at a newer seq is still a replay');
+  assert.equal(await bob.open(msg(3, 60)), null, 'so is the latest one again');
+  assert.ok(await bob.open(msg(1, 20)), 'a forgotten message paged back in');
+  assert.ok(await bob.open(msg(4, 70)), 'the next one live');
+
+  // Anyone with the link can invent a sid per message: only the most recent ones are kept.
+  const carol = new RoomSession(keys);
+  const forged = [];
+  for (let i = 0; i < 5; i++) forged.push(new RoomSession(keys));
+  let seq = 100;
+  for (const s of forged) assert.ok(await carol.open({ seq: seq += 1, ts: 0, ...(await s.seal('x', 'y')) }));
+  carol.forgetBefore(0, 3);
+  assert.deepEqual([...carol.bySid.keys()].sort(), forged.slice(2).map((s) => s.sid).sort());
+});
