@@ -219,24 +219,34 @@ impl Client {
         }
     }
 
-    /// Create a room (solving proof of work if the hello asks for it); returns the answer frame.
+    /// Create a room, solving proof of work when the hello asks for it, or when the server
+    /// answers `pow_required` (the work asked for rose since the hello); returns the answer.
     pub async fn create(&mut self, keys: &RoomKeys) -> Result<ServerFrame, ClientError> {
-        let mut pow = None;
-        if self.hello.pow_bits > 0 {
-            let (token, bits) = self.pow_token().await?;
-            let counter = crypto::pow_solve(&token, &keys.room_id, bits);
-            let token = token
-                .try_into()
-                .map_err(|_| ClientError::Protocol("token of the wrong length".into()))?;
-            pow = Some(PowSolution { token, counter });
+        let mut with_work = self.hello.pow_bits > 0;
+        loop {
+            let pow = if with_work {
+                let (token, bits) = self.pow_token().await?;
+                let counter = crypto::pow_solve(&token, &keys.room_id, bits);
+                let token = token
+                    .try_into()
+                    .map_err(|_| ClientError::Protocol("token of the wrong length".into()))?;
+                Some(PowSolution { token, counter })
+            } else {
+                None
+            };
+            let frame = ClientFrame::Create {
+                room: keys.room_id,
+                auth_key: keys.auth_key,
+                pow,
+            };
+            self.send_json(&frame.to_json()).await?;
+            match self.recv().await? {
+                ServerFrame::Error { code, .. } if code == "pow_required" && !with_work => {
+                    with_work = true;
+                }
+                answer => return Ok(answer),
+            }
         }
-        let frame = ClientFrame::Create {
-            room: keys.room_id,
-            auth_key: keys.auth_key,
-            pow,
-        };
-        self.send_json(&frame.to_json()).await?;
-        self.recv().await
     }
 
     /// Join a room with the proof for this socket's challenge; returns the answer frame.

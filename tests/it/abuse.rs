@@ -527,6 +527,38 @@ async fn adaptive_difficulty_rises_under_a_burst_of_creations_and_comes_back_dow
 }
 
 #[actix_web::test]
+async fn a_client_told_no_work_is_needed_does_it_when_the_creation_is_refused_for_want_of_it() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.pow.mode = PowMode::Adaptive;
+        s.pow.base_bits = 0;
+        s.pow.max_bits = 8;
+        s.pow.adjust_interval_ms = 100;
+        s.pow.raise_creations_per_minute = 60;
+        s.pow.raise_connections_per_minute = 10_000_000;
+        s.pow.calm_intervals = 100_000;
+    })
+    .await;
+    let mut early = client_from(&app, "127.0.0.2").await;
+    assert_eq!(early.hello.pow_bits, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.state.pow.required(false) == 0 {
+        assert!(Instant::now() < deadline, "the work asked never rose");
+        create_from(&app, "127.0.0.3").await;
+    }
+    let refused = || {
+        app.state
+            .metrics
+            .frames_rejected_total
+            .with_label_values(&["pow_required"])
+            .get()
+    };
+    let before = refused();
+    let answer = early.create(&random_room()).await.unwrap();
+    assert!(matches!(answer, ServerFrame::Joined { .. }), "{answer:?}");
+    assert_eq!(refused(), before + 1, "refused once, then done with work");
+}
+
+#[actix_web::test]
 async fn room_creations_and_token_requests_are_limited_per_client_and_globally() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
         s.rate.client_creations = Rate {

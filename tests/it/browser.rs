@@ -9,6 +9,8 @@ use nanochat::config::{PowMode, Rate};
 use nanochat::crypto::RoomKeys;
 use nanochat::protocol::{ServerFrame, b64u, from_b64u};
 use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::cdp::{Browser, Page};
 use crate::helpers::{Backend, TestApp, send_acked, spawn_app, spawn_app_with, start};
@@ -808,24 +810,34 @@ async fn a_page_without_https_or_without_javascript_says_what_it_needs() {
 
 /// A TCP relay to the test server whose open connections can be frozen: from then on they
 /// pass nothing (either way, or only the server's answers) and are never closed, as a path
-/// that died while a laptop slept. Connections made later pass as usual.
+/// that died while a laptop slept. Connections made later pass as usual. It can also hold
+/// what browsers send after their request head, as a slow path would, until released.
 struct Relay {
     port: u16,
     /// Generations of the client-to-server and server-to-client directions; a connection
     /// passes bytes in a direction while that direction's generation is the one it was born in.
-    generations: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
+    generations: Arc<[AtomicU64; 2]>,
+    /// While set, connections made hold what the browser sends after its request head.
+    hold: Arc<AtomicBool>,
+    /// Bytes from a browser held back so far.
+    held: Arc<AtomicUsize>,
 }
 
 impl Relay {
     async fn start(upstream: u16) -> Relay {
-        use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let generations = std::sync::Arc::new([
-            std::sync::atomic::AtomicU64::new(0),
-            std::sync::atomic::AtomicU64::new(0),
-        ]);
-        let current = generations.clone();
+        let relay = Relay {
+            port,
+            generations: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
+            hold: Arc::default(),
+            held: Arc::default(),
+        };
+        let (current, hold, held) = (
+            relay.generations.clone(),
+            relay.hold.clone(),
+            relay.held.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
@@ -842,14 +854,37 @@ impl Relay {
                     (Box::new(sr), Box::new(cw)),
                 ];
                 for (direction, (mut from, mut to)) in directions.into_iter().enumerate() {
-                    let current = current.clone();
+                    let (current, hold, held) = (current.clone(), hold.clone(), held.clone());
                     let born = current[direction].load(Ordering::SeqCst);
+                    // The request head read so far, while this connection still passes it.
+                    let mut head = (direction == 0 && hold.load(Ordering::SeqCst)).then(Vec::new);
                     tokio::spawn(async move {
                         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
                         let live = || current[direction].load(Ordering::SeqCst) == born;
                         let mut buf = vec![0u8; 16 * 1024];
+                        let mut holding = false;
                         while let Ok(n @ 1..) = from.read(&mut buf).await {
-                            if live() && to.write_all(&buf[..n]).await.is_err() {
+                            let mut chunk = &buf[..n];
+                            if let Some(seen) = head.as_mut() {
+                                let before = seen.len();
+                                seen.extend_from_slice(chunk);
+                                if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                                    let (passed, rest) = chunk.split_at(end + 4 - before);
+                                    if live() && to.write_all(passed).await.is_err() {
+                                        break;
+                                    }
+                                    chunk = rest;
+                                    head = None;
+                                    holding = true;
+                                }
+                            }
+                            if holding && !chunk.is_empty() && hold.load(Ordering::SeqCst) {
+                                held.fetch_add(chunk.len(), Ordering::SeqCst);
+                                while hold.load(Ordering::SeqCst) {
+                                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                                }
+                            }
+                            if live() && to.write_all(chunk).await.is_err() {
                                 break;
                             }
                         }
@@ -861,19 +896,35 @@ impl Relay {
                 }
             }
         });
-        Relay { port, generations }
+        relay
     }
 
     /// Open connections pass nothing more, either way.
     fn freeze(&self) {
         for g in self.generations.iter() {
-            g.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            g.fetch_add(1, Ordering::SeqCst);
         }
     }
 
     /// Open connections still carry what the browser sends, but no answer comes back.
     fn freeze_answers(&self) {
-        self.generations[1].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.generations[1].fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Connections made from now on pass the browser's request head (a WebSocket's upgrade)
+    /// and the server's answers, but hold what the browser sends after it until `release`.
+    fn hold_requests(&self) {
+        self.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// Pass on everything held, and hold nothing more.
+    fn release(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+    }
+
+    /// Bytes a browser sent that are being held (or were, before `release`).
+    fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
     }
 }
 
@@ -947,6 +998,69 @@ async fn a_connection_that_died_silently_is_noticed_and_nothing_is_lost() {
         bob.eval("document.getElementById('notice').hidden").await,
         json!(true),
         "no notice about a replay"
+    );
+}
+
+#[actix_web::test]
+async fn a_creation_refused_for_want_of_work_does_the_work_and_goes_on() {
+    // No work while the server is calm; more once rooms are created faster than 60 a minute.
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.pow.mode = PowMode::Adaptive;
+        s.pow.base_bits = 0;
+        s.pow.max_bits = 8;
+        s.pow.adjust_interval_ms = 100;
+        s.pow.raise_creations_per_minute = 60;
+        s.pow.raise_connections_per_minute = 10_000_000;
+        s.pow.calm_intervals = 100_000;
+    })
+    .await;
+    let relay = Relay::start(app.port).await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .new_page(&format!("http://127.0.0.1:{}/", relay.port))
+        .await;
+    // The page is told no work is needed, and its `create` is slow to reach the server...
+    relay.hold_requests();
+    page.eval("document.getElementById('new-room').click(), true")
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while relay.held() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the page sent no create"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // ... while others create rooms fast enough that the server now asks for work.
+    while app.state.pow.required(false) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the work asked never rose"
+        );
+        app.room_creator().await;
+    }
+    let refused = || {
+        app.state
+            .metrics
+            .frames_rejected_total
+            .with_label_values(&["pow_required"])
+            .get()
+    };
+    let (created, refused_before) = (app.state.metrics.rooms_created_total.get(), refused());
+    relay.release();
+    // Refused with `pow_required`, the page asks for a token, does the work and is in its room.
+    wait_online(&page).await;
+    page.wait_for("location.hash.length === 44", 10).await;
+    assert_eq!(app.state.metrics.rooms_created_total.get(), created + 1);
+    assert_eq!(
+        refused(),
+        refused_before + 1,
+        "the page's first create was refused for want of work"
+    );
+    assert_eq!(
+        page.eval("document.getElementById('notice').hidden").await,
+        json!(true),
+        "nothing left to tell"
     );
 }
 
