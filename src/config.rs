@@ -186,6 +186,9 @@ pub struct RateSettings {
     pub client_creations: Rate,
     /// Proof-of-work tokens per client.
     pub client_pow_tokens: Rate,
+    /// Messages a client may ask to read: each `history` costs its `limit`, each `join` the
+    /// page it returns (`limits.history`), whether or not that many exist.
+    pub client_reads: Rate,
     /// Messages per room, whoever sends them.
     pub room_messages: Rate,
     /// Room creations on the whole server.
@@ -326,6 +329,7 @@ impl Default for RateSettings {
             client_messages: Rate::new(120, 30),
             client_creations: Rate::new(10, 5),
             client_pow_tokens: Rate::new(30, 10),
+            client_reads: Rate::new(12_000, 3_000),
             room_messages: Rate::new(600, 120),
             global_creations: Rate::new(600, 100),
             global_connections: Rate::new(30_000, 3_000),
@@ -564,6 +568,7 @@ impl Settings {
             ("rate.client_messages", r.client_messages),
             ("rate.client_creations", r.client_creations),
             ("rate.client_pow_tokens", r.client_pow_tokens),
+            ("rate.client_reads", r.client_reads),
             ("rate.room_messages", r.room_messages),
             ("rate.global_creations", r.global_creations),
             ("rate.global_connections", r.global_connections),
@@ -574,6 +579,11 @@ impl Settings {
                 "per_minute and burst must be at least 1",
             )?;
         }
+        check(
+            r.client_reads.burst >= crate::protocol::MAX_HISTORY_LIMIT,
+            "rate.client_reads",
+            "burst must be at least 200, the largest history page, or such a page could never be read",
+        )?;
         check(
             r.client_max_sockets >= 1,
             "rate.client_max_sockets",
@@ -756,5 +766,12 @@ mod tests {
         }
         let ok = Settings::load_from(None, env(&[("NANOCHAT__STORE__WRITERS", "15")])).unwrap();
         assert_eq!(ok.store.writers, 15);
+        // A read budget below the largest history page would refuse such a page forever.
+        let e = Settings::load_from(None, env(&[("NANOCHAT__RATE__CLIENT_READS__BURST", "199")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("rate.client_reads"), "{e}");
+        let ok = Settings::load_from(None, env(&[("NANOCHAT__RATE__CLIENT_READS__BURST", "200")]))
+            .unwrap();
+        assert_eq!(ok.rate.client_reads.burst, 200);
     }
 }

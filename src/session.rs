@@ -897,6 +897,14 @@ impl Conn {
         after: Option<i64>,
     ) -> Result<crate::hub::Subscription, Refusal> {
         self.ensure_not_joined()?;
+        // The page a join returns is a read; charged before the room is even looked up.
+        self.state
+            .limits
+            .client(
+                ClientLimit::Read(self.state.settings.limits.history),
+                self.peer.client,
+            )
+            .map_err(|r| Refusal::Limited(r, None))?;
         let metrics = self.state.metrics.clone();
         let auth_failed = || {
             metrics
@@ -1025,6 +1033,11 @@ impl Conn {
         let Some(joined) = &self.joined else {
             return Err(refuse(ErrorCode::NotJoined, "join or create a room first").into());
         };
+        // What may be read is charged, not what is found: the cost of the read is paid either way.
+        self.state
+            .limits
+            .client(ClientLimit::Read(limit), self.peer.client)
+            .map_err(|r| Refusal::Limited(r, None))?;
         let started = Instant::now();
         let page = self
             .state

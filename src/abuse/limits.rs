@@ -27,13 +27,14 @@ use crate::config::{Rate, Settings};
 use crate::metrics::Metrics;
 
 /// Every limiter name (the `limiter` label of the metrics), so series exist from the start.
-pub const LIMITER_NAMES: [&str; 17] = [
+pub const LIMITER_NAMES: [&str; 19] = [
     "cluster_creations",
     "client_connections",
     "client_frames",
     "client_messages",
     "client_creations",
     "client_pow_tokens",
+    "client_reads",
     "room_messages",
     "global_creations",
     "global_connections",
@@ -42,6 +43,7 @@ pub const LIMITER_NAMES: [&str; 17] = [
     "onion_messages",
     "onion_creations",
     "onion_pow_tokens",
+    "onion_reads",
     "socket_frames",
     "max_connections",
     "client_max_sockets",
@@ -103,17 +105,31 @@ impl DirectLimiter {
     /// Take `n` cells at once (refused if the bucket cannot ever hold them, too).
     pub fn check_n(&self, n: u32) -> Result<(), Refused> {
         let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-        match self.inner.check_n(n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(Refused {
-                limiter: self.name,
-                retry_after: not_until.wait_time_from(self.inner.clock().now()),
-            }),
-            Err(_) => Err(Refused {
-                limiter: self.name,
-                retry_after: Duration::from_secs(60),
-            }),
-        }
+        refusal(self.name, self.inner.check_n(n), self.inner.clock())
+    }
+}
+
+/// A `check_n` answer of governor as this module's result.
+fn refusal(
+    limiter: &'static str,
+    answer: Result<
+        Result<(), governor::NotUntil<<governor::clock::DefaultClock as Clock>::Instant>>,
+        governor::InsufficientCapacity,
+    >,
+    clock: &governor::clock::DefaultClock,
+) -> Result<(), Refused> {
+    match answer {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(not_until)) => Err(Refused {
+            limiter,
+            retry_after: not_until.wait_time_from(clock.now()),
+        }),
+        // More than a whole burst: never, but the configuration makes sure no client frame
+        // asks for that much.
+        Err(_) => Err(Refused {
+            limiter,
+            retry_after: Duration::from_secs(60),
+        }),
     }
 }
 
@@ -160,6 +176,12 @@ impl KeyedLimiter {
 
     /// Take one cell for `key`.
     pub fn check(&self, key: u128) -> Result<(), Refused> {
+        self.check_n(key, 1)
+    }
+
+    /// Take `n` cells for `key` at once (refused if its bucket cannot ever hold them, too).
+    pub fn check_n(&self, key: u128, n: u32) -> Result<(), Refused> {
+        let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
         let due = self
             .checks
             .fetch_add(1, Ordering::Relaxed)
@@ -185,16 +207,14 @@ impl KeyedLimiter {
             self.known_len.store(len, Ordering::Relaxed);
             if len >= self.cap {
                 self.overflowed.fetch_add(1, Ordering::Relaxed);
-                return self.overflow.check().map_err(|n| Refused {
-                    limiter: self.name,
-                    retry_after: n.wait_time_from(self.overflow.clock().now()),
-                });
+                return refusal(self.name, self.overflow.check_n(n), self.overflow.clock());
             }
         }
-        self.inner.check_key(&key).map_err(|n| Refused {
-            limiter: self.name,
-            retry_after: n.wait_time_from(self.inner.clock().now()),
-        })
+        refusal(
+            self.name,
+            self.inner.check_key_n(&key, n),
+            self.inner.clock(),
+        )
     }
 
     /// Forget keys whose bucket has refilled and return the memory.
@@ -226,6 +246,7 @@ struct OnionLimits {
     messages: DirectLimiter,
     creations: DirectLimiter,
     pow_tokens: DirectLimiter,
+    reads: DirectLimiter,
 }
 
 /// What a client-keyed check is about.
@@ -241,6 +262,8 @@ pub enum ClientLimit {
     Creation,
     /// A `pow` token request.
     PowToken,
+    /// Reading up to this many messages (`history`, or the page a `join` returns).
+    Read(u32),
 }
 
 /// Every limiter of the server.
@@ -250,6 +273,7 @@ pub struct Limits {
     client_messages: KeyedLimiter,
     client_creations: KeyedLimiter,
     client_pow_tokens: KeyedLimiter,
+    client_reads: KeyedLimiter,
     room_messages: KeyedLimiter,
     global_creations: DirectLimiter,
     global_connections: DirectLimiter,
@@ -287,6 +311,7 @@ impl Limits {
             client_messages: KeyedLimiter::new("client_messages", r.client_messages, cap),
             client_creations: KeyedLimiter::new("client_creations", r.client_creations, cap),
             client_pow_tokens: KeyedLimiter::new("client_pow_tokens", r.client_pow_tokens, cap),
+            client_reads: KeyedLimiter::new("client_reads", r.client_reads, cap),
             room_messages: KeyedLimiter::new("room_messages", r.room_messages, cap),
             global_creations: DirectLimiter::new("global_creations", r.global_creations, 1),
             global_connections: DirectLimiter::new("global_connections", r.global_connections, 1),
@@ -296,6 +321,7 @@ impl Limits {
                 messages: DirectLimiter::new("onion_messages", r.client_messages, f),
                 creations: DirectLimiter::new("onion_creations", r.client_creations, f),
                 pow_tokens: DirectLimiter::new("onion_pow_tokens", r.client_pow_tokens, f),
+                reads: DirectLimiter::new("onion_reads", r.client_reads, f),
             },
             sockets: Mutex::new(HashMap::new()),
             onion_sockets: AtomicUsize::new(0),
@@ -331,6 +357,7 @@ impl Limits {
                 ClientLimit::Message => self.client_messages.check(key),
                 ClientLimit::Creation => self.client_creations.check(key),
                 ClientLimit::PowToken => self.client_pow_tokens.check(key),
+                ClientLimit::Read(n) => self.client_reads.check_n(key, n),
             },
             Client::Onion => match what {
                 ClientLimit::Connection => self.onion.connections.check(),
@@ -338,6 +365,7 @@ impl Limits {
                 ClientLimit::Message => self.onion.messages.check(),
                 ClientLimit::Creation => self.onion.creations.check(),
                 ClientLimit::PowToken => self.onion.pow_tokens.check(),
+                ClientLimit::Read(n) => self.onion.reads.check_n(n),
             },
         };
         result.map_err(|r| self.note(r))
@@ -407,13 +435,14 @@ impl Limits {
         }
     }
 
-    fn keyed(&self) -> [&KeyedLimiter; 6] {
+    fn keyed(&self) -> [&KeyedLimiter; 7] {
         [
             &self.client_connections,
             &self.client_frames,
             &self.client_messages,
             &self.client_creations,
             &self.client_pow_tokens,
+            &self.client_reads,
             &self.room_messages,
         ]
     }

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::api::{expect_close, expect_error};
-use crate::helpers::{Backend, TestApp, random_room, spawn_app_with};
+use crate::helpers::{Backend, TestApp, random_room, send_acked, spawn_app_with};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -524,6 +524,73 @@ async fn adaptive_difficulty_rises_under_a_burst_of_creations_and_comes_back_dow
         assert!(Instant::now() < deadline, "difficulty stuck at {bits}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Ask for a page of history before `before`; the answer frame.
+async fn read_history(c: &mut Client, before: i64, limit: u32) -> ServerFrame {
+    c.send_json(&json!({"type": "history", "before": before, "limit": limit}))
+        .await
+        .unwrap();
+    c.recv().await.unwrap()
+}
+
+/// Seconds until a `rate_limited` answer says to try again; panics on any other answer.
+fn wait_asked(answer: &ServerFrame) -> f64 {
+    match answer {
+        ServerFrame::Error {
+            code,
+            retry_after_ms: Some(ms),
+            ..
+        } if code == "rate_limited" => *ms as f64 / 1000.0,
+        other => panic!("expected rate_limited, got {other:?}"),
+    }
+}
+
+#[actix_web::test]
+async fn reading_is_limited_per_client_by_the_messages_asked_for() {
+    // Ten messages a second per client, 400 at once; a join returns up to 100.
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.rate.client_reads = Rate {
+            per_minute: 600,
+            burst: 400,
+        };
+        s.limits.history = 100;
+    })
+    .await;
+    let (mut writer, keys) = create_from(&app, "127.0.0.2").await;
+    let mut session = RoomSession::new(keys.clone());
+    for i in 0..3 {
+        send_acked(&mut writer, &mut session, "w", &format!("m{i}")).await;
+    }
+    // The join costs 100 and a page of 200 the rest but 100, found or not (three messages).
+    let mut reader = join_from(&app, "127.0.0.3", &keys).await;
+    match read_history(&mut reader, 4, 200).await {
+        ServerFrame::History { messages, .. } => assert_eq!(messages.len(), 3),
+        other => panic!("{other:?}"),
+    }
+    // Another 200 is refused, with the time 100 more take to come back (10 s); 100 is not.
+    let wait = wait_asked(&read_history(&mut reader, 4, 200).await);
+    assert!((9.0..=10.5).contains(&wait), "{wait}");
+    assert!(matches!(
+        read_history(&mut reader, 4, 100).await,
+        ServerFrame::History { .. }
+    ));
+    // Now even a join is refused from that address, on a new socket too...
+    let mut again = client_from(&app, "127.0.0.3").await;
+    wait_asked(&again.join(&keys, None).await.unwrap());
+    // ... while another address reads as before.
+    let mut other = join_from(&app, "127.0.0.4", &keys).await;
+    assert!(matches!(
+        read_history(&mut other, 4, 200).await,
+        ServerFrame::History { .. }
+    ));
+    let refused = app
+        .state
+        .metrics
+        .rate_limited_total
+        .with_label_values(&["client_reads"])
+        .get();
+    assert_eq!(refused, 2);
 }
 
 #[actix_web::test]

@@ -266,6 +266,7 @@ fn spawn_nanochat(
             "CLIENT_FRAMES",
             "CLIENT_MESSAGES",
             "CLIENT_CREATIONS",
+            "CLIENT_READS",
             "ROOM_MESSAGES",
             "GLOBAL_CREATIONS",
             "GLOBAL_CONNECTIONS",
