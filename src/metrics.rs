@@ -93,6 +93,8 @@ pub struct Metrics {
     pub start_time_seconds: IntGauge,
     /// 1 while the server drains for shutdown.
     pub draining: IntGauge,
+    /// Storage checks made for `/readyz` (at most one a second, however often it is asked).
+    pub readiness_checks_total: IntCounter,
     /// 1 while the cluster listener is connected and listening (Postgres with several nodes);
     /// 0 before it first connects and while it reconnects.
     pub cluster_listening: IntGauge,
@@ -375,6 +377,10 @@ impl Metrics {
                 r,
                 IntGauge::new("nanochat_draining", "1 while the server drains for shutdown.")
                     .expect("valid metric"),
+            ),
+            readiness_checks_total: counter(
+                "nanochat_readiness_checks_total",
+                "Storage checks made for /readyz (at most one a second, however often it is asked).",
             ),
             cluster_listening: reg(
                 r,

@@ -9,7 +9,7 @@
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_codec::Framed;
 use actix_http::body::{BodySize, BoxBody};
@@ -80,7 +80,22 @@ pub struct AppState {
     /// Cancelled when the server has stopped: ends the background tasks, which releases the
     /// store (and with it the SQLite data-directory lock).
     pub tasks: tokio_util::sync::CancellationToken,
+    /// The last storage check for `/readyz`, and one check at a time.
+    readiness: Readiness,
 }
+
+/// `/readyz` is public and free to ask: without this, each request would take a database
+/// connection from the pool the chat uses.
+#[derive(Default)]
+struct Readiness {
+    /// When the last check ended, and whether storage was ready.
+    last: std::sync::Mutex<Option<(Instant, bool)>>,
+    /// Held while a check runs; those who wait take its answer.
+    checking: tokio::sync::Mutex<()>,
+}
+
+/// How long one storage check answers `/readyz`.
+const READINESS_FRESH: Duration = Duration::from_secs(1);
 
 impl AppState {
     /// Start draining: readiness turns 503 and every session finishes its in-flight messages,
@@ -96,6 +111,37 @@ impl AppState {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down
             .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether storage answers and is migrated, as of a check at most [`READINESS_FRESH`] old.
+    async fn storage_ready(&self) -> bool {
+        let fresh = || {
+            let last = *self
+                .readiness
+                .last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            last.filter(|(at, _)| at.elapsed() < READINESS_FRESH)
+                .map(|(_, ready)| ready)
+        };
+        if let Some(ready) = fresh() {
+            return ready;
+        }
+        let _checking = self.readiness.checking.lock().await;
+        if let Some(ready) = fresh() {
+            return ready;
+        }
+        self.metrics.readiness_checks_total.inc();
+        let ready = matches!(
+            tokio::time::timeout(Duration::from_secs(2), self.store.ready()).await,
+            Ok(Ok(()))
+        );
+        *self
+            .readiness
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), ready));
+        ready
     }
 }
 
@@ -357,14 +403,14 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             .content_type("text/plain; charset=utf-8")
             .body("shutting down\n");
     }
-    let ready = tokio::time::timeout(Duration::from_secs(2), state.store.ready()).await;
-    match ready {
-        Ok(Ok(())) => HttpResponse::Ok()
+    if state.storage_ready().await {
+        HttpResponse::Ok()
             .content_type("text/plain; charset=utf-8")
-            .body("ready\n"),
-        _ => HttpResponse::ServiceUnavailable()
+            .body("ready\n")
+    } else {
+        HttpResponse::ServiceUnavailable()
             .content_type("text/plain; charset=utf-8")
-            .body("storage not ready\n"),
+            .body("storage not ready\n")
     }
 }
 
@@ -625,6 +671,7 @@ impl Application {
             shutdown: tokio_util::sync::CancellationToken::new(),
             shutting_down: Default::default(),
             tasks: tokio_util::sync::CancellationToken::new(),
+            readiness: Readiness::default(),
         });
         let handshake_timeout = Duration::from_secs(state.settings.limits.handshake_timeout_secs);
         let data = web::Data::from(state.clone());

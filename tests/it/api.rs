@@ -569,18 +569,12 @@ async fn storage_outage_gives_unavailable_and_recovers_without_loss() {
     alice.send_sealed("d", &sealed).await.unwrap();
     let (_, reference) = expect_error(&mut alice, "unavailable").await;
     assert_eq!(reference.as_deref(), Some("d"));
-    assert_eq!(
-        crate::helpers::http_get(app.port, "/readyz").await.status,
-        503
-    );
+    crate::helpers::wait_readiness(app.port, 503).await;
 
     cluster
         .admin(&format!("ALTER DATABASE {db} WITH ALLOW_CONNECTIONS true"))
         .await;
-    assert_eq!(
-        crate::helpers::http_get(app.port, "/readyz").await.status,
-        200
-    );
+    crate::helpers::wait_readiness(app.port, 200).await;
     // The client retries the refused message and it is stored.
     alice.send_sealed("d", &sealed).await.unwrap();
     assert!(matches!(

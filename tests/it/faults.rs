@@ -69,7 +69,7 @@ async fn postgres_crashing_mid_stream_refuses_sends_and_loses_no_acknowledged_me
         outcome.insert(r, o);
         i += 1;
     }
-    assert_eq!(http_get(app.port, "/readyz").await.status, 503);
+    crate::helpers::wait_readiness(app.port, 503).await;
     assert_eq!(
         http_get(app.port, "/healthz").await.status,
         200,

@@ -238,6 +238,22 @@ pub async fn send_acked(client: &mut Client, session: &mut RoomSession, nick: &s
     assert!(matches!(answer, ServerFrame::Ack { .. }), "{answer:?}");
 }
 
+/// Wait until `/readyz` answers `status` (it reflects storage within about a second).
+pub async fn wait_readiness(port: u16, status: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = http_get(port, "/readyz").await.status;
+        if got == status {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz stayed {got}, not {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// A request with this method, path and extra header lines (each ending in `\r\n`).
 pub async fn http_request(port: u16, method: &str, path: &str, headers: &str) -> HttpResponse {
     http_raw(

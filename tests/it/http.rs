@@ -132,6 +132,34 @@ async fn the_page_says_how_long_this_server_keeps_messages() {
 }
 
 #[actix_web::test]
+async fn a_flood_of_readiness_requests_checks_storage_about_once_a_second() {
+    let app = spawn_app(Backend::Postgres).await;
+    http_get(app.port, "/readyz").await;
+    let checks = || app.state.metrics.readiness_checks_total.get();
+    let (before, started) = (checks(), std::time::Instant::now());
+    // 64 clients ask 2 000 times together, each answered.
+    let answers: Vec<u16> = futures_util::future::join_all((0..64).map(|_| async {
+        let mut statuses = Vec::new();
+        for _ in 0..32 {
+            statuses.push(http_get(app.port, "/readyz").await.status);
+        }
+        statuses
+    }))
+    .await
+    .into_iter()
+    .flatten()
+    .collect();
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(answers.len(), 2048);
+    assert!(answers.iter().all(|&s| s == 200));
+    let made = checks() - before;
+    assert!(
+        (made as f64) <= secs.ceil() + 1.0,
+        "{made} storage checks for 2 048 requests in {secs:.1} s"
+    );
+}
+
+#[actix_web::test]
 async fn health_and_readiness_answer() {
     let app = spawn_app(Backend::Sqlite).await;
     let h = http_get(app.port, "/healthz").await;
