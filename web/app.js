@@ -42,6 +42,7 @@ const state = {
   stopped: false,
   worker: null,
   historyFilling: false,
+  fillPause: 0, // between catch-up pages: each refusal for now adds the wait it asked for
   chain: Promise.resolve(),
   unread: 0, // others' new messages while the page was hidden, shown in the tab's title
   maxCt: 0, // the server's largest ciphertext, from `hello`
@@ -541,6 +542,7 @@ function lost(ws) {
   state.joined = false;
   state.historyFilling = false;
   state.flushAfterFill = false;
+  state.fillPause = 0;
   // Refused sends are still pending: the next join sends them with the rest.
   clearTimeout(state.resendTimer);
   state.resendTimer = null;
@@ -617,9 +619,13 @@ async function handle(frame) {
       if (state.historyFilling) {
         await receive(frame.messages, 'new');
         if (frame.more) {
-          requestAfter();
+          // Paced once the server refused one: asking at once would only be refused again,
+          // and each refusal is a strike against the socket.
+          if (state.fillPause > 0) requestAfterWait(state.fillPause);
+          else requestAfter();
         } else {
           state.historyFilling = false;
+          state.fillPause = 0;
           if (state.flushAfterFill) {
             state.flushAfterFill = false;
             await flushPending();
@@ -666,6 +672,14 @@ async function join() {
   state.ws.send(JSON.stringify(frame));
 }
 
+/** Ask for the next catch-up page after `ms`, if this socket is still catching up then. */
+function requestAfterWait(ms) {
+  const ws = state.ws;
+  setTimeout(() => {
+    if (state.ws === ws && state.historyFilling && state.joined) requestAfter();
+  }, ms);
+}
+
 function requestAfter() {
   state.ws.send(JSON.stringify({ type: 'history', after: state.lastSeq, limit: 200 }));
 }
@@ -709,9 +723,9 @@ function onError(frame) {
     // A catch-up page refused for now is asked for again when the server says; anything else
     // ends the catch-up (what is pending then waits for the next join).
     if (frame.code === 'rate_limited') {
-      setTimeout(() => {
-        if (state.historyFilling && state.joined) requestAfter();
-      }, Math.min(Math.max(frame.retry_after_ms ?? 1000, 100), 30_000));
+      const wait = Math.min(Math.max(frame.retry_after_ms ?? 1000, 100), 30_000);
+      state.fillPause = Math.min(state.fillPause + wait, 30_000);
+      requestAfterWait(wait);
       return;
     }
     state.historyFilling = false;

@@ -1196,6 +1196,78 @@ async fn a_catch_up_refused_for_now_goes_on_when_the_server_says() {
 }
 
 #[actix_web::test]
+async fn a_long_catch_up_keeps_to_the_read_limit_instead_of_being_refused_page_after_page() {
+    // 200 messages a second may be read, 400 at once; joins return 100 and pages ask for 200.
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.rate.client_reads = Rate {
+            per_minute: 12_000,
+            burst: 400,
+        };
+        s.limits.strike_budget = 40;
+    })
+    .await;
+    let relay = Relay::start(app.port).await;
+    let browser = Browser::launch().await;
+    let alice = browser.new_page(&format!("{}/", origin(&app))).await;
+    let link = create_room(&alice).await;
+    let fragment = link.split_once('#').unwrap().1;
+    let bob = browser
+        .new_page(&format!("http://127.0.0.1:{}/#{fragment}", relay.port))
+        .await;
+    wait_online(&bob).await;
+    relay.freeze();
+    // 1 500 messages stored while Bob's path is dead.
+    let keys = keys_of(&link);
+    let mut s = RoomSession::new(keys.clone());
+    let missed: Vec<_> = (1..=1500)
+        .map(|i| {
+            let sealed = s.seal("carol", &format!("line {i}"));
+            nanochat::store::NewMessage {
+                room: keys.room_id,
+                epoch: sealed.epoch,
+                iv: sealed.iv,
+                ct: sealed.ct,
+            }
+        })
+        .collect();
+    app.state
+        .store
+        .append(&missed, nanochat::store::now_ms())
+        .await
+        .unwrap();
+    let refused = || {
+        app.state
+            .metrics
+            .rate_limited_total
+            .with_label_values(&["client_reads"])
+            .get()
+    };
+    // Bob writes on his dead socket; his page reconnects and catches up: the join and a page
+    // fit the burst, the next page is refused, and from then on the page waits as long as the
+    // refusals added up to, instead of asking again at once and being refused every other time.
+    say(&bob, "line 1501").await;
+    // (10 s until the dead socket is given up, then seven pages about a second apart; the
+    // page decrypts and lays out 1 500 messages meanwhile, slow on a busy machine.)
+    alice
+        .wait_for(
+            "[...document.querySelectorAll('#messages .text')].some(t => t.textContent === 'line 1501')",
+            90,
+        )
+        .await;
+    wait_all_sent(&bob, 10).await;
+    let lines = line_numbers(&bob).await;
+    let first = 1502 - lines.len() as u32;
+    assert!((1000..=1100).contains(&lines.len()), "{}", lines.len());
+    assert_eq!(lines, (first..=1501).collect::<Vec<_>>());
+    assert!(
+        (1..=3).contains(&refused()),
+        "{} catch-up pages refused",
+        refused()
+    );
+    assert_eq!(app.state.metrics.abuse_disconnects_total.get(), 0);
+}
+
+#[actix_web::test]
 async fn a_join_refused_for_now_is_tried_again_when_the_server_says() {
     // Every page here comes from 127.0.0.1, one client: two frames at once, then one every ten
     // seconds.
