@@ -13,7 +13,9 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::api::{expect_close, expect_error};
-use crate::helpers::{Backend, TestApp, random_room, send_acked, spawn_app_with};
+use crate::helpers::{
+    Backend, TestApp, random_room, send_acked, spawn_app_with, work_rising_after_a_few_creations,
+};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -584,27 +586,13 @@ async fn reading_is_limited_per_client_by_the_messages_asked_for() {
         read_history(&mut other, 4, 200).await,
         ServerFrame::History { .. }
     ));
-    let refused = app
-        .state
-        .metrics
-        .rate_limited_total
-        .with_label_values(&["client_reads"])
-        .get();
+    let refused = app.refused("client_reads");
     assert_eq!(refused, 2);
 }
 
 #[actix_web::test]
 async fn a_client_told_no_work_is_needed_does_it_when_the_creation_is_refused_for_want_of_it() {
-    let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.pow.mode = PowMode::Adaptive;
-        s.pow.base_bits = 0;
-        s.pow.max_bits = 8;
-        s.pow.adjust_interval_ms = 100;
-        s.pow.raise_creations_per_minute = 60;
-        s.pow.raise_connections_per_minute = 10_000_000;
-        s.pow.calm_intervals = 100_000;
-    })
-    .await;
+    let app = spawn_app_with(Backend::Sqlite, work_rising_after_a_few_creations).await;
     let mut early = client_from(&app, "127.0.0.2").await;
     assert_eq!(early.hello.pow_bits, 0);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::cdp::{Browser, Page};
-use crate::helpers::{Backend, TestApp, send_acked, spawn_app, spawn_app_with, start};
+use crate::helpers::{
+    Backend, TestApp, send_acked, spawn_app, spawn_app_with, start,
+    work_rising_after_a_few_creations,
+};
 
 fn origin(app: &TestApp) -> String {
     format!("http://127.0.0.1:{}", app.port)
@@ -1004,16 +1007,7 @@ async fn a_connection_that_died_silently_is_noticed_and_nothing_is_lost() {
 #[actix_web::test]
 async fn a_creation_refused_for_want_of_work_does_the_work_and_goes_on() {
     // No work while the server is calm; more once rooms are created faster than 60 a minute.
-    let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.pow.mode = PowMode::Adaptive;
-        s.pow.base_bits = 0;
-        s.pow.max_bits = 8;
-        s.pow.adjust_interval_ms = 100;
-        s.pow.raise_creations_per_minute = 60;
-        s.pow.raise_connections_per_minute = 10_000_000;
-        s.pow.calm_intervals = 100_000;
-    })
-    .await;
+    let app = spawn_app_with(Backend::Sqlite, work_rising_after_a_few_creations).await;
     let relay = Relay::start(app.port).await;
     let browser = Browser::launch().await;
     let page = browser
@@ -1100,12 +1094,7 @@ async fn sends_refused_for_now_go_again_by_themselves() {
             .await,
         json!(0)
     );
-    let refused = app
-        .state
-        .metrics
-        .rate_limited_total
-        .with_label_values(&["room_messages"])
-        .get();
+    let refused = app.refused("room_messages");
     assert!(refused >= 3, "{refused} refusals");
 }
 
@@ -1132,6 +1121,44 @@ async fn a_nickname_cannot_reorder_the_message_after_it() {
     assert_eq!(order, json!(true), "the message reads left to right");
 }
 
+/// Alice creates a room and Bob opens it through `relay`, which then freezes: his page has
+/// not noticed yet when `texts` are stored (by "carol", straight into the store: no socket, no
+/// limit).
+async fn missed_while_away<'a>(
+    browser: &'a Browser,
+    app: &TestApp,
+    relay: &Relay,
+    texts: impl Iterator<Item = String>,
+) -> (Page<'a>, Page<'a>) {
+    let alice = browser.new_page(&format!("{}/", origin(app))).await;
+    let link = create_room(&alice).await;
+    let fragment = link.split_once('#').unwrap().1;
+    let bob = browser
+        .new_page(&format!("http://127.0.0.1:{}/#{fragment}", relay.port))
+        .await;
+    wait_online(&bob).await;
+    relay.freeze();
+    let keys = keys_of(&link);
+    let mut s = RoomSession::new(keys.clone());
+    let missed: Vec<_> = texts
+        .map(|text| {
+            let sealed = s.seal("carol", &text);
+            nanochat::store::NewMessage {
+                room: keys.room_id,
+                epoch: sealed.epoch,
+                iv: sealed.iv,
+                ct: sealed.ct,
+            }
+        })
+        .collect();
+    app.state
+        .store
+        .append(&missed, nanochat::store::now_ms())
+        .await
+        .unwrap();
+    (alice, bob)
+}
+
 #[actix_web::test]
 async fn a_catch_up_refused_for_now_goes_on_when_the_server_says() {
     // Pages of two messages, and one frame a second per socket: after a reconnect, the page's
@@ -1144,40 +1171,14 @@ async fn a_catch_up_refused_for_now_goes_on_when_the_server_says() {
     .await;
     let relay = Relay::start(app.port).await;
     let browser = Browser::launch().await;
-    let alice = browser.new_page(&format!("{}/", origin(&app))).await;
-    let link = create_room(&alice).await;
-    let fragment = link.split_once('#').unwrap().1;
-    let bob = browser
-        .new_page(&format!("http://127.0.0.1:{}/#{fragment}", relay.port))
-        .await;
-    wait_online(&bob).await;
-    relay.freeze();
-    // A dozen messages stored meanwhile (straight into the store: no socket, no frame limit).
-    let keys = keys_of(&link);
-    let mut s = RoomSession::new(keys.clone());
-    for i in 1..=12 {
-        let sealed = s.seal("carol", &format!("missed {i}"));
-        app.state
-            .store
-            .append(
-                &[nanochat::store::NewMessage {
-                    room: keys.room_id,
-                    epoch: sealed.epoch,
-                    iv: sealed.iv,
-                    ct: sealed.ct,
-                }],
-                nanochat::store::now_ms(),
-            )
-            .await
-            .unwrap();
-    }
-    let refused = || {
-        app.state
-            .metrics
-            .rate_limited_total
-            .with_label_values(&["socket_frames"])
-            .get()
-    };
+    let (alice, bob) = missed_while_away(
+        &browser,
+        &app,
+        &relay,
+        (1..=12).map(|i| format!("missed {i}")),
+    )
+    .await;
+    let refused = || app.refused("socket_frames");
     assert_eq!(refused(), 0);
     // Bob writes on his dead socket: no ack, so his page reconnects, catches up page by page
     // (refused now and then with `rate_limited`, asked again when told) and then sends.
@@ -1208,40 +1209,14 @@ async fn a_long_catch_up_keeps_to_the_read_limit_instead_of_being_refused_page_a
     .await;
     let relay = Relay::start(app.port).await;
     let browser = Browser::launch().await;
-    let alice = browser.new_page(&format!("{}/", origin(&app))).await;
-    let link = create_room(&alice).await;
-    let fragment = link.split_once('#').unwrap().1;
-    let bob = browser
-        .new_page(&format!("http://127.0.0.1:{}/#{fragment}", relay.port))
-        .await;
-    wait_online(&bob).await;
-    relay.freeze();
-    // 1 500 messages stored while Bob's path is dead.
-    let keys = keys_of(&link);
-    let mut s = RoomSession::new(keys.clone());
-    let missed: Vec<_> = (1..=1500)
-        .map(|i| {
-            let sealed = s.seal("carol", &format!("line {i}"));
-            nanochat::store::NewMessage {
-                room: keys.room_id,
-                epoch: sealed.epoch,
-                iv: sealed.iv,
-                ct: sealed.ct,
-            }
-        })
-        .collect();
-    app.state
-        .store
-        .append(&missed, nanochat::store::now_ms())
-        .await
-        .unwrap();
-    let refused = || {
-        app.state
-            .metrics
-            .rate_limited_total
-            .with_label_values(&["client_reads"])
-            .get()
-    };
+    let (alice, bob) = missed_while_away(
+        &browser,
+        &app,
+        &relay,
+        (1..=1500).map(|i| format!("line {i}")),
+    )
+    .await;
+    let refused = || app.refused("client_reads");
     // Bob writes on his dead socket; his page reconnects and catches up: the join and a page
     // fit the burst, the next page is refused, and from then on the page waits as long as the
     // refusals added up to, instead of asking again at once and being refused every other time.
@@ -1284,14 +1259,7 @@ async fn a_join_refused_for_now_is_tried_again_when_the_server_says() {
     // her page joins by itself a moment later.
     let carol = browser.new_page(&link).await;
     wait_online_within(&carol, 30).await;
-    assert!(
-        app.state
-            .metrics
-            .rate_limited_total
-            .with_label_values(&["client_frames"])
-            .get()
-            > 0
-    );
+    assert!(app.refused("client_frames") > 0);
     carol
         .wait_for("document.getElementById('notice').hidden", 5)
         .await;

@@ -67,6 +67,18 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
     s
 }
 
+/// Adaptive proof of work from none at all, rising as soon as rooms are created faster than
+/// 60 a minute (checked every 100 ms) and never falling back during a test.
+pub fn work_rising_after_a_few_creations(s: &mut Settings) {
+    s.pow.mode = PowMode::Adaptive;
+    s.pow.base_bits = 0;
+    s.pow.max_bits = 8;
+    s.pow.adjust_interval_ms = 100;
+    s.pow.raise_creations_per_minute = 60;
+    s.pow.raise_connections_per_minute = 10_000_000;
+    s.pow.calm_intervals = 100_000;
+}
+
 /// Start a server on `backend` with default test settings.
 pub async fn spawn_app(backend: Backend) -> TestApp {
     spawn_app_with(backend, |_| {}).await
@@ -125,6 +137,15 @@ impl TestApp {
     /// The Prometheus text of the admin listener's `/metrics`.
     pub async fn metrics(&self) -> String {
         http_get(self.admin_port, "/metrics").await.body
+    }
+
+    /// Frames refused so far by the limiter of this name (`nanochat_rate_limited_total`).
+    pub fn refused(&self, limiter: &str) -> u64 {
+        self.state
+            .metrics
+            .rate_limited_total
+            .with_label_values(&[limiter])
+            .get()
     }
 
     pub fn ws_url(&self) -> String {
