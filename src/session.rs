@@ -410,12 +410,20 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
                             let _ = conn.send_error(&err, None).await;
                             break End::Close(CloseCode::Unsupported, "binary frame");
                         }
-                        Some(Ok(Incoming::Ping(bytes))) => {
-                            if conn.ws.pong(&bytes).await.is_err() {
-                                break End::Gone;
+                        Some(Ok(Incoming::Ping(bytes))) => match conn.control_frame_allowed() {
+                            Ok(true) => {
+                                if conn.ws.pong(&bytes).await.is_err() {
+                                    break End::Gone;
+                                }
+                            }
+                            Ok(false) => {}
+                            Err(end) => break end,
+                        },
+                        Some(Ok(Incoming::Pong)) => {
+                            if let Err(end) = conn.control_frame_allowed() {
+                                break end;
                             }
                         }
-                        Some(Ok(Incoming::Pong)) => {}
                         Some(Ok(Incoming::Close)) => break End::Close(CloseCode::Normal, ""),
                         Some(Err(ReadError::TooLarge)) => {
                             let err = refuse(ErrorCode::TooLarge, "the frame is larger than this server accepts");
@@ -575,11 +583,48 @@ impl Conn {
         self.send_error(err, retry_after_ms)
             .await
             .map_err(|()| End::Gone)?;
+        self.strike(cost)
+    }
+
+    /// Charge the socket's strike budget; past it the socket is disconnected.
+    fn strike(&self, cost: u32) -> Result<(), End> {
         if cost > 0 && self.strikes.check_n(cost).is_err() {
             self.state.metrics.abuse_disconnects_total.inc();
             return Err(End::Close(CloseCode::Policy, "too many refused frames"));
         }
         Ok(())
+    }
+
+    /// Whether a frame now would be over the client's or this socket's frame limit (counted in
+    /// the metrics when it is).
+    fn frame_limited(&self) -> Option<Refused> {
+        self.state
+            .limits
+            .client(ClientLimit::Frame, self.peer.client)
+            .err()
+            .or_else(|| {
+                self.limiter.check().err().map(|n| {
+                    // Counted here: this limiter is the socket's own, not one of `Limits`.
+                    self.state
+                        .metrics
+                        .rate_limited_total
+                        .with_label_values(&["socket_frames"])
+                        .inc();
+                    Refused {
+                        limiter: "socket_frames",
+                        retry_after: n.wait_time_from(self.limiter.clock().now()),
+                    }
+                })
+            })
+    }
+
+    /// A ping or pong counts against the frame limits like any frame. Over them a ping gets no
+    /// pong (a flood of pings would otherwise be a flood of writes) and each costs a strike.
+    fn control_frame_allowed(&self) -> Result<bool, End> {
+        if self.frame_limited().is_none() {
+            return Ok(true);
+        }
+        self.strike(STRIKE_RATE_LIMITED).map(|()| false)
     }
 
     /// Once every send is answered, give back what a burst of them grew (up to
@@ -652,26 +697,7 @@ impl Conn {
     /// Handle one text frame. `Ok(Some(_))` when the socket just joined a room; `Err` when the
     /// socket must end.
     async fn handle_text(&mut self, text: &str) -> Result<Option<crate::hub::Subscription>, End> {
-        let limited = self
-            .state
-            .limits
-            .client(ClientLimit::Frame, self.peer.client)
-            .err()
-            .or_else(|| {
-                self.limiter.check().err().map(|n| {
-                    // Counted here: this limiter is the socket's own, not one of `Limits`.
-                    self.state
-                        .metrics
-                        .rate_limited_total
-                        .with_label_values(&["socket_frames"])
-                        .inc();
-                    Refused {
-                        limiter: "socket_frames",
-                        retry_after: n.wait_time_from(self.limiter.clock().now()),
-                    }
-                })
-            });
-        if let Some(r) = limited {
+        if let Some(r) = self.frame_limited() {
             self.refuse_rate(r, crate::protocol::unparsed_send_ref(text))
                 .await?;
             return Ok(None);

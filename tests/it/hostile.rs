@@ -315,6 +315,52 @@ async fn broken_websocket_frames_close_only_their_socket() {
     crate::helpers::send_acked(&mut alice, &mut s, "alice", "fine").await;
 }
 
+/// The server's frames after the handshake in `answer`: (opcode, payload) of each.
+fn server_frames(answer: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let head = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut rest = &answer[head..];
+    let mut frames = Vec::new();
+    while rest.len() >= 2 {
+        let (opcode, len) = (rest[0] & 0x0f, usize::from(rest[1] & 0x7f));
+        let (len, at) = match len {
+            126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 => panic!("no frame here is that long"),
+            n => (n, 2),
+        };
+        if rest.len() < at + len {
+            break;
+        }
+        frames.push((opcode, rest[at..at + len].to_vec()));
+        rest = &rest[at + len..];
+    }
+    frames
+}
+
+#[actix_web::test]
+async fn a_flood_of_pings_gets_pongs_only_within_the_frame_limit_then_is_closed() {
+    // The default limits: 20 frames a second per socket, 60 at once; 40 strikes.
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.limits = nanochat::config::LimitSettings::default();
+    })
+    .await;
+    let (mut alice, keys) = app.room_creator().await;
+    let flood: Vec<u8> = (0..2000).flat_map(|_| masked(0x9, b"ping")).collect();
+    let (answer, closed) = raw_ws(app.port, &flood).await;
+    let frames = server_frames(&answer);
+    let pongs = frames.iter().filter(|(op, _)| *op == 0xA).count();
+    assert!((60..=70).contains(&pongs), "{pongs} pongs for 2 000 pings");
+    assert!(closed, "the flooding socket was left open");
+    let (op, close) = frames.last().unwrap();
+    assert_eq!(*op, 0x8);
+    assert_eq!(u16::from_be_bytes([close[0], close[1]]), 1008);
+    // Closed at the 41st ping over the limit (each a strike, the budget 40).
+    assert_eq!(app.refused("socket_frames"), 41);
+    assert_eq!(app.state.metrics.abuse_disconnects_total.get(), 1);
+    // Others are served as before.
+    let mut s = RoomSession::new(keys.clone());
+    crate::helpers::send_acked(&mut alice, &mut s, "alice", "still here").await;
+}
+
 /// Hostile HTTP requests and the statuses each may get (0: the server just closes).
 fn http_corpus() -> Vec<(String, &'static [u16])> {
     vec![
