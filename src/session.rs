@@ -430,6 +430,12 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
                             let _ = conn.send_error(&err, None).await;
                             break End::Close(CloseCode::Size, "frame too large");
                         }
+                        Some(Err(ReadError::TooManyPieces)) => {
+                            const _: () = assert!(crate::websocket::MAX_PIECES == 64, "named below");
+                            let err = refuse(ErrorCode::TooLarge, "a message may arrive in at most 64 frames");
+                            let _ = conn.send_error(&err, None).await;
+                            break End::Close(CloseCode::Size, "message in too many frames");
+                        }
                         Some(Err(ReadError::Protocol)) => break End::Close(CloseCode::Protocol, "protocol error"),
                     }
                 }

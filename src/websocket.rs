@@ -31,6 +31,11 @@ const READ_CHUNK: usize = 4096;
 /// flight does not turn the close into a reset (which could discard the close frame).
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// The most frames one message may arrive in. Clients send whole messages or a few large
+/// pieces; without a bound, a message of `limits.max_frame_bytes` bytes could arrive one byte
+/// per frame, tens of thousands of frames for what the limits count as one.
+pub const MAX_PIECES: usize = 64;
+
 /// A message read from the client, continuations already joined.
 #[derive(Debug)]
 pub enum Incoming {
@@ -46,6 +51,8 @@ pub enum Incoming {
 pub enum ReadError {
     /// A frame, or a message made of continuations, is larger than the limit.
     TooLarge,
+    /// A message in more than [`MAX_PIECES`] frames.
+    TooManyPieces,
     /// Not a valid WebSocket stream (unmasked frame, stray continuation, invalid UTF-8, ...).
     Protocol,
 }
@@ -78,8 +85,9 @@ pub struct Reader {
     io: OwnedReadHalf,
     buf: BytesMut,
     codec: Codec,
-    /// A message arriving in continuations: whether it is text, and its bytes so far.
-    partial: Option<(bool, BytesMut)>,
+    /// A message arriving in continuations: whether it is text, its bytes so far, and in how
+    /// many frames.
+    partial: Option<(bool, BytesMut, usize)>,
     max_message: usize,
 }
 
@@ -145,7 +153,7 @@ impl Reader {
         if self.partial.is_some() {
             return Err(ReadError::Protocol);
         }
-        self.partial = Some((is_text, BytesMut::new()));
+        self.partial = Some((is_text, BytesMut::new(), 0));
         Ok((bytes, false))
     }
 
@@ -156,18 +164,22 @@ impl Reader {
             Item::Continue(b) => (b, false),
             Item::Last(b) => (b, true),
         };
-        let Some((is_text, so_far)) = self.partial.as_mut() else {
+        let Some((is_text, so_far, pieces)) = self.partial.as_mut() else {
             return Err(ReadError::Protocol);
         };
         if so_far.len() + bytes.len() > self.max_message {
             return Err(ReadError::TooLarge);
+        }
+        *pieces += 1;
+        if *pieces > MAX_PIECES {
+            return Err(ReadError::TooManyPieces);
         }
         so_far.extend_from_slice(&bytes);
         if !last {
             return Ok(None);
         }
         let is_text = *is_text;
-        let (_, whole) = self.partial.take().expect("checked above");
+        let (_, whole, _) = self.partial.take().expect("checked above");
         if is_text {
             text(whole.freeze()).map(Some)
         } else {
@@ -330,6 +342,28 @@ mod tests {
         assert_eq!(
             recv(&mut reader).await.unwrap().unwrap_err(),
             ReadError::TooLarge
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_may_come_in_at_most_max_pieces_frames() {
+        let message = |pieces: usize| {
+            let mut input = client_frame(false, OP_TEXT, b"x");
+            for _ in 2..pieces {
+                input.extend(client_frame(false, 0x0, b"x"));
+            }
+            input.extend(client_frame(true, 0x0, b"x"));
+            input
+        };
+        let (mut reader, _writer, mut client) = pair(1024).await;
+        client.write_all(&message(MAX_PIECES)).await.unwrap();
+        assert!(
+            matches!(recv(&mut reader).await, Some(Ok(Incoming::Text(t))) if t.len() == MAX_PIECES)
+        );
+        client.write_all(&message(MAX_PIECES + 1)).await.unwrap();
+        assert_eq!(
+            recv(&mut reader).await.unwrap().unwrap_err(),
+            ReadError::TooManyPieces
         );
     }
 

@@ -282,10 +282,26 @@ fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// `{ … }` in `pieces` frames (the first a text frame, the others continuations).
+fn in_pieces(pieces: usize) -> Vec<u8> {
+    let piece = |opcode: u8, fin: bool, payload: &[u8]| {
+        let mut f = masked(opcode, payload);
+        f[0] = if fin { 0x80 } else { 0 } | opcode;
+        f
+    };
+    let mut frames = piece(0x1, false, b"{");
+    for _ in 2..pieces {
+        frames.extend(piece(0x0, false, b" "));
+    }
+    frames.extend(piece(0x0, true, b"}"));
+    frames
+}
+
 /// Invalid UTF-8 in a text frame, an unmasked frame, a reserved opcode, a fragmented control
-/// frame, a 2^63-byte length.
+/// frame, a 2^63-byte length, a message in 65 frames.
 fn broken_ws_frames() -> Vec<Vec<u8>> {
     vec![
+        in_pieces(65),
         masked(0x1, &[0xff, 0xfe, 0xfd]),
         vec![0x81, 0x03, b'a', b'b', b'c'],
         masked(0x3, b"reserved"),
@@ -334,6 +350,26 @@ fn server_frames(answer: &[u8]) -> Vec<(u8, Vec<u8>)> {
         rest = &rest[at + len..];
     }
     frames
+}
+
+#[actix_web::test]
+async fn a_message_in_more_than_64_frames_closes_the_socket() {
+    let app = spawn_app_with(Backend::Sqlite, |_| {}).await;
+    // 64 pieces make one message (`{}` with spaces: refused as a frame without a type).
+    let (answer, closed) = raw_ws(app.port, &in_pieces(64)).await;
+    let frames = server_frames(&answer);
+    assert!(!closed, "{frames:?}");
+    assert!(String::from_utf8_lossy(&frames.last().unwrap().1).contains("bad_request"));
+    // 65 do not: too_large, then close 1009.
+    let (answer, closed) = raw_ws(app.port, &in_pieces(65)).await;
+    let frames = server_frames(&answer);
+    assert!(closed);
+    let n = frames.len();
+    assert!(String::from_utf8_lossy(&frames[n - 2].1).contains("too_large"));
+    assert_eq!(
+        (frames[n - 1].0, &frames[n - 1].1[..2]),
+        (0x8, &1009u16.to_be_bytes()[..])
+    );
 }
 
 #[actix_web::test]
