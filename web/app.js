@@ -43,6 +43,8 @@ const state = {
   worker: null,
   historyFilling: false,
   fillPause: 0, // between catch-up pages: each refusal for now adds the wait it asked for
+  fillMode: 'after', // how the catch-up goes on: see requestFill()
+  unsure: false, // a send went out on a socket lost before its answer: catch up on everything
   chain: Promise.resolve(),
   unread: 0, // others' new messages while the page was hidden, shown in the tab's title
   maxCt: 0, // the server's largest ciphertext, from `hello`
@@ -253,15 +255,19 @@ function insertBySeq(li, seq) {
 function forgetOldest() {
   const list = $('messages');
   if (list.children.length <= KEEP_SHOWN + FORGET_STEP) return false;
-  let excess = list.children.length - KEEP_SHOWN;
-  // Pending ones (no seq yet) are never forgotten; a stored one stays first.
-  while (excess > 0 && list.firstElementChild.nextElementSibling?.dataset.seq) {
-    list.firstElementChild.remove();
-    excess -= 1;
-  }
-  if (!list.firstElementChild.dataset.seq) return false;
-  const first = Number(list.firstElementChild.dataset.seq);
-  if (first === state.firstSeq) return false;
+  // Pending ones (no seq yet, at the end) are never forgotten.
+  const firstKept = list.children[list.children.length - KEEP_SHOWN].dataset.seq;
+  return firstKept !== '' && forgetBefore(Number(firstKept));
+}
+
+/**
+ * Forget the stored messages below seq `first`: off the screen, out of the seen set and the
+ * replay state; "Load older messages" brings them back. Returns whether any went.
+ */
+function forgetBefore(first) {
+  const gone = [...$('messages').children].filter((li) => li.dataset.seq !== '' && Number(li.dataset.seq) < first);
+  if (gone.length === 0) return false;
+  for (const li of gone) li.remove();
   state.firstSeq = first;
   for (const seq of state.seen) if (seq < first) state.seen.delete(seq);
   state.session.forgetBefore(first);
@@ -399,6 +405,7 @@ function transmit(ref) {
   const p = state.pending.get(ref);
   if (p && state.joined && state.ws?.readyState === WebSocket.OPEN) {
     state.ws.send(JSON.stringify(p.frame));
+    p.unanswered = true;
     expectAnswer(ANSWER_MS.send);
   }
 }
@@ -543,6 +550,7 @@ function lost(ws) {
   state.historyFilling = false;
   state.flushAfterFill = false;
   state.fillPause = 0;
+  if ([...state.pending.values()].some((p) => p.unanswered)) state.unsure = true;
   // Refused sends are still pending: the next join sends them with the rest.
   clearTimeout(state.resendTimer);
   state.resendTimer = null;
@@ -585,6 +593,7 @@ function checkAlive() {
   if (now - state.lastFrameAt < QUIET_MS || now - state.lastProbeAt < QUIET_MS) return;
   state.lastProbeAt = now;
   state.historyFilling = true;
+  state.fillMode = 'after';
   requestAfter();
   expectAnswer(ANSWER_MS.probe);
 }
@@ -616,16 +625,27 @@ async function handle(frame) {
       await receive([frame], 'new');
       break;
     case 'history':
-      if (state.historyFilling) {
+      if (state.historyFilling && state.fillMode === 'measure') {
+        // Far behind: the newest page instead of everything missed, which would be read,
+        // decrypted and then forgotten (the page keeps about KEEP_SHOWN).
+        const newest = frame.messages.at(-1)?.seq ?? state.lastSeq;
+        state.fillMode = newest - state.lastSeq > KEEP_SHOWN ? 'jump' : 'after';
+        requestFill();
+      } else if (state.historyFilling) {
         await receive(frame.messages, 'new');
-        if (frame.more) {
+        if (state.fillMode === 'jump' && frame.messages.length > 0) {
+          forgetBefore(frame.messages[0].seq);
+          toEnd();
+        }
+        if (frame.more && state.fillMode === 'after') {
           // Paced once the server refused one: asking at once would only be refused again,
           // and each refusal is a strike against the socket.
-          if (state.fillPause > 0) requestAfterWait(state.fillPause);
+          if (state.fillPause > 0) requestFillWait(state.fillPause);
           else requestAfter();
         } else {
           state.historyFilling = false;
           state.fillPause = 0;
+          if (state.fillMode === 'after') state.unsure = false;
           if (state.flushAfterFill) {
             state.flushAfterFill = false;
             await flushPending();
@@ -672,16 +692,26 @@ async function join() {
   state.ws.send(JSON.stringify(frame));
 }
 
-/** Ask for the next catch-up page after `ms`, if this socket is still catching up then. */
-function requestAfterWait(ms) {
+/** Ask for the next part of the catch-up after `ms`, if this socket is still catching up then. */
+function requestFillWait(ms) {
   const ws = state.ws;
   setTimeout(() => {
-    if (state.ws === ws && state.historyFilling && state.joined) requestAfter();
+    if (state.ws === ws && state.historyFilling && state.joined) requestFill();
   }, ms);
 }
 
 function requestAfter() {
   state.ws.send(JSON.stringify({ type: 'history', after: state.lastSeq, limit: 200 }));
+}
+
+/**
+ * Ask for the next part of a catch-up, by its mode: 'after' pages on from the last seq shown;
+ * 'measure' asks for the newest message only, to learn how far behind the page is; 'jump'
+ * asks for the newest page, to be shown instead of everything missed.
+ */
+function requestFill() {
+  if (state.fillMode === 'after') requestAfter();
+  else state.ws.send(JSON.stringify({ type: 'history', limit: state.fillMode === 'measure' ? 1 : 200 }));
 }
 
 function onJoined(frame) {
@@ -703,12 +733,16 @@ function onJoined(frame) {
     if (resumed) {
       await receive(frame.messages, 'new');
       if (frame.more) {
-        // Anything pending goes once the rest of what was missed is in.
+        // Anything pending goes once the rest of what was missed is in. Far behind, the page
+        // may skip to the newest page - unless a send's fate is unknown: only reading what
+        // was stored since tells whether it was, and which counter comes next.
         state.historyFilling = true;
         state.flushAfterFill = true;
-        requestAfter();
+        state.fillMode = state.unsure ? 'after' : 'measure';
+        requestFill();
         return;
       }
+      state.unsure = false;
     } else {
       await receive(frame.messages, 'shown', () => { $('older').hidden = !frame.more; });
     }
@@ -725,7 +759,7 @@ function onError(frame) {
     if (frame.code === 'rate_limited') {
       const wait = Math.min(Math.max(frame.retry_after_ms ?? 1000, 100), 30_000);
       state.fillPause = Math.min(state.fillPause + wait, 30_000);
-      requestAfterWait(wait);
+      requestFillWait(wait);
       return;
     }
     state.historyFilling = false;
@@ -734,6 +768,7 @@ function onError(frame) {
   if (frame.ref && frame.code === 'replay' && !state.pending.has(frame.ref)) return; // settled already
   if (frame.ref && state.pending.has(frame.ref)) {
     const p = state.pending.get(frame.ref);
+    p.unanswered = false;
     if (frame.code === 'replay') {
       markPending(frame.ref, 'sent');
       state.pending.delete(frame.ref);

@@ -824,6 +824,8 @@ struct Relay {
     hold: Arc<AtomicBool>,
     /// Bytes from a browser held back so far.
     held: Arc<AtomicUsize>,
+    /// The tasks that carry each connection's two directions, to end them all at once.
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Relay {
@@ -835,11 +837,13 @@ impl Relay {
             generations: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
             hold: Arc::default(),
             held: Arc::default(),
+            tasks: Arc::default(),
         };
-        let (current, hold, held) = (
+        let (current, hold, held, tasks) = (
             relay.generations.clone(),
             relay.hold.clone(),
             relay.held.clone(),
+            relay.tasks.clone(),
         );
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -861,7 +865,7 @@ impl Relay {
                     let born = current[direction].load(Ordering::SeqCst);
                     // The request head read so far, while this connection still passes it.
                     let mut head = (direction == 0 && hold.load(Ordering::SeqCst)).then(Vec::new);
-                    tokio::spawn(async move {
+                    let task = tokio::spawn(async move {
                         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
                         let live = || current[direction].load(Ordering::SeqCst) == born;
                         let mut buf = vec![0u8; 16 * 1024];
@@ -896,6 +900,7 @@ impl Relay {
                             std::future::pending::<()>().await;
                         }
                     });
+                    tasks.lock().unwrap().push(task.abort_handle());
                 }
             }
         });
@@ -918,6 +923,14 @@ impl Relay {
     /// and the server's answers, but hold what the browser sends after it until `release`.
     fn hold_requests(&self) {
         self.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// Close every connection made so far, both ways, as a restarting proxy would: the browser
+    /// learns at once and reconnects (through the relay again).
+    fn cut(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
     }
 
     /// Pass on everything held, and hold nothing more.
@@ -1240,6 +1253,43 @@ async fn a_long_catch_up_keeps_to_the_read_limit_instead_of_being_refused_page_a
         refused()
     );
     assert_eq!(app.state.metrics.abuse_disconnects_total.get(), 0);
+}
+
+#[actix_web::test]
+async fn a_page_far_behind_shows_the_newest_messages_instead_of_reading_everything_missed() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let relay = Relay::start(app.port).await;
+    let browser = Browser::launch().await;
+    let (alice, bob) = missed_while_away(
+        &browser,
+        &app,
+        &relay,
+        (1..=3000).map(|i| format!("line {i}")),
+    )
+    .await;
+    let reads = || app.state.metrics.history_query_seconds.get_sample_count();
+    let before = reads();
+    // Bob's connection is closed (he had nothing in flight): his page reconnects, learns it is
+    // 3 000 messages behind, and shows the newest 200 with the way to older ones.
+    relay.cut();
+    wait_for_text(&bob, "line 3000").await;
+    wait_online(&bob).await;
+    assert_eq!(line_numbers(&bob).await, (2801..=3000).collect::<Vec<_>>());
+    assert_eq!(
+        bob.eval("!document.getElementById('older').hidden").await,
+        json!(true)
+    );
+    // Three reads (the join's page, the newest message, the newest page), not sixteen.
+    assert_eq!(reads() - before, 3);
+    bob.eval("document.getElementById('older').click(), true")
+        .await;
+    wait_for_text(&bob, "line 2751").await;
+    assert_eq!(line_numbers(&bob).await, (2751..=3000).collect::<Vec<_>>());
+    // And the conversation goes on both ways.
+    say(&bob, "back").await;
+    wait_for_text(&alice, "back").await;
+    say(&alice, "welcome back").await;
+    wait_for_text(&bob, "welcome back").await;
 }
 
 #[actix_web::test]
