@@ -63,11 +63,12 @@ const state = {
 
 /** Refusals of a send that pass: the page sends it again by itself, this many times. */
 const AUTO_RESEND = new Set(['rate_limited', 'unavailable']);
-// The messages a page keeps shown (more while the reader is scrolled up, or pages in older
-// ones), forgetting the oldest in steps of FORGET_STEP.
+const AUTO_RESENDS = 5;
+
+/** The messages a page keeps shown (more while the reader is scrolled up, or pages in older
+ * ones), forgetting the oldest in steps of FORGET_STEP. */
 const KEEP_SHOWN = 1000;
 const FORGET_STEP = 100;
-const AUTO_RESENDS = 5;
 
 /** How long a socket may stay silent after it was asked something before it counts as dead. */
 const ANSWER_MS = { send: 10_000, probe: 5_000 };
@@ -265,7 +266,8 @@ function forgetOldest() {
  * replay state; "Load older messages" brings them back. Returns whether any went.
  */
 function forgetBefore(first) {
-  const gone = [...$('messages').children].filter((li) => li.dataset.seq !== '' && Number(li.dataset.seq) < first);
+  const gone = [...$('messages').children]
+    .filter((li) => li.dataset.seq !== '' && Number(li.dataset.seq) < first);
   if (gone.length === 0) return false;
   for (const li of gone) li.remove();
   state.firstSeq = first;
