@@ -638,6 +638,9 @@ async function handle(frame) {
         if (state.fillMode === 'jump' && frame.messages.length > 0) {
           forgetBefore(frame.messages[0].seq);
           toEnd();
+          // What went unseen and is no longer shown is not counted as unread either.
+          state.unread = Math.min(state.unread, frame.messages.length);
+          showUnread();
         }
         if (frame.more && state.fillMode === 'after') {
           // Paced once the server refused one: asking at once would only be refused again,

@@ -1269,11 +1269,15 @@ async fn a_page_far_behind_shows_the_newest_messages_instead_of_reading_everythi
     .await;
     let reads = || app.state.metrics.history_query_seconds.get_sample_count();
     let before = reads();
-    // Bob's connection is closed (he had nothing in flight): his page reconnects, learns it is
-    // 3 000 messages behind, and shows the newest 200 with the way to older ones.
+    // Bob's connection is closed while he looks at another tab (he had nothing in flight): his
+    // page reconnects, learns it is 3 000 messages behind, and shows the newest 200 with the
+    // way to older ones; the tab's title counts what is there to read.
+    bob.open_tab_in_front().await;
     relay.cut();
     wait_for_text(&bob, "line 3000").await;
     wait_online(&bob).await;
+    assert_eq!(bob.eval("document.title").await, json!("(200) NanoChat"));
+    bob.bring_to_front().await;
     assert_eq!(line_numbers(&bob).await, (2801..=3000).collect::<Vec<_>>());
     assert_eq!(
         bob.eval("!document.getElementById('older').hidden").await,
