@@ -186,6 +186,9 @@ pub struct RateSettings {
     pub client_creations: Rate,
     /// Proof-of-work tokens per client.
     pub client_pow_tokens: Rate,
+    /// Plain HTTP requests per client on the public listeners (the page's files); not health
+    /// checks, not WebSocket upgrades (those have `client_connections`).
+    pub client_requests: Rate,
     /// Messages a client may ask to read: each `history` costs its `limit`, each `join` the
     /// page it returns (`limits.history`), whether or not that many exist.
     pub client_reads: Rate,
@@ -330,6 +333,7 @@ impl Default for RateSettings {
             client_creations: Rate::new(10, 5),
             client_pow_tokens: Rate::new(30, 10),
             client_reads: Rate::new(12_000, 3_000),
+            client_requests: Rate::new(600, 120),
             room_messages: Rate::new(600, 120),
             global_creations: Rate::new(600, 100),
             global_connections: Rate::new(30_000, 3_000),
@@ -569,6 +573,7 @@ impl Settings {
             ("rate.client_creations", r.client_creations),
             ("rate.client_pow_tokens", r.client_pow_tokens),
             ("rate.client_reads", r.client_reads),
+            ("rate.client_requests", r.client_requests),
             ("rate.room_messages", r.room_messages),
             ("rate.global_creations", r.global_creations),
             ("rate.global_connections", r.global_connections),

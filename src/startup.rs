@@ -15,7 +15,7 @@ use actix_codec::Framed;
 use actix_http::body::{BodySize, BoxBody};
 use actix_http::{ConnectionType, HttpService, Request, Response, h1, ws};
 use actix_service::{IntoServiceFactory as _, fn_service, map_config};
-use actix_web::dev::AppConfig;
+use actix_web::dev::{AppConfig, Service as _, ServiceRequest};
 use actix_web::http::header;
 use actix_web::middleware::DefaultHeaders;
 use actix_web::{App, HttpMessage as _, HttpRequest, HttpResponse, HttpServer, web};
@@ -313,6 +313,50 @@ async fn handshake(
     }
 }
 
+/// Who a request's client is for the limits: its address (or the one a trusted proxy names),
+/// grouped by prefix; everyone on the onion listener is one client.
+fn client_of(
+    state: &AppState,
+    onion: bool,
+    peer: Option<std::net::SocketAddr>,
+    headers: &actix_http::header::HeaderMap,
+) -> Client {
+    if onion {
+        return Client::Onion;
+    }
+    let peer = peer.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
+    Client::Ip(
+        state
+            .identity
+            .key(state.identity.client_addr(peer, headers)),
+    )
+}
+
+/// A plain HTTP request over the client's `rate.client_requests`: `Some(429)`. Health checks
+/// are not counted (load balancers ask often, and they cost nothing). The answer is as small as
+/// it can be, without the security headers (nothing in it to protect), and it closes the
+/// connection - though the dispatcher still answers requests pipelined behind it, each with
+/// this same small answer.
+fn over_request_limit(state: &AppState, onion: bool, req: &ServiceRequest) -> Option<HttpResponse> {
+    if matches!(req.path(), "/healthz" | "/readyz") {
+        return None;
+    }
+    let client = client_of(state, onion, req.peer_addr(), req.headers());
+    let r = state
+        .limits
+        .client(limits::ClientLimit::Request, client)
+        .err()?;
+    Some(
+        HttpResponse::TooManyRequests()
+            .force_close()
+            .insert_header((
+                header::RETRY_AFTER,
+                r.retry_after.as_secs().max(1).to_string(),
+            ))
+            .finish(),
+    )
+}
+
 /// Decide who the client is and whether it may connect, *before* accepting the upgrade.
 fn admit(state: &AppState, onion: bool, req: &Request) -> Result<Peer, Response<BoxBody>> {
     use actix_web::http::StatusCode;
@@ -342,19 +386,7 @@ fn admit(state: &AppState, onion: bool, req: &Request) -> Result<Peer, Response<
             .body("WebSockets are not accepted here from pages of this origin (server.allowed_origins)\n")
             .map_into_boxed_body());
     }
-    let client = if onion {
-        Client::Onion
-    } else {
-        let peer = req
-            .peer_addr()
-            .map(|a| a.ip())
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-        Client::Ip(
-            state
-                .identity
-                .key(state.identity.client_addr(peer, req.headers())),
-        )
-    };
+    let client = client_of(state, onion, req.peer_addr(), req.headers());
     if let Err(r) = state.limits.client(limits::ClientLimit::Connection, client) {
         return Err(refuse_upgrade(
             state,
@@ -688,10 +720,25 @@ impl Application {
             let (data, files, state) = (data.clone(), files.clone(), state.clone());
             public = public.listen(name, listener, move || {
                 let (data, files, state) = (data.clone(), files.clone(), state.clone());
+                let limited = state.clone();
                 let app = App::new()
                     .app_data(data)
                     .app_data(files)
                     .wrap(security_headers())
+                    // Outside the security headers: a refusal goes out bare.
+                    .wrap_fn(move |req, service| {
+                        let refusal = over_request_limit(&limited, onion, &req);
+                        let answer = match refusal {
+                            Some(r) => Err(req.into_response(r).map_into_right_body()),
+                            None => Ok(service.call(req)),
+                        };
+                        async move {
+                            match answer {
+                                Err(refused) => Ok(refused),
+                                Ok(call) => call.await.map(|r| r.map_into_left_body()),
+                            }
+                        }
+                    })
                     .route("/ws", web::get().to(ws_without_upgrade))
                     .route("/healthz", web::get().to(healthz))
                     .route("/healthz", web::head().to(healthz))

@@ -27,7 +27,7 @@ use crate::config::{Rate, Settings};
 use crate::metrics::Metrics;
 
 /// Every limiter name (the `limiter` label of the metrics), so series exist from the start.
-pub const LIMITER_NAMES: [&str; 19] = [
+pub const LIMITER_NAMES: [&str; 21] = [
     "cluster_creations",
     "client_connections",
     "client_frames",
@@ -35,6 +35,7 @@ pub const LIMITER_NAMES: [&str; 19] = [
     "client_creations",
     "client_pow_tokens",
     "client_reads",
+    "client_requests",
     "room_messages",
     "global_creations",
     "global_connections",
@@ -44,6 +45,7 @@ pub const LIMITER_NAMES: [&str; 19] = [
     "onion_creations",
     "onion_pow_tokens",
     "onion_reads",
+    "onion_requests",
     "socket_frames",
     "max_connections",
     "client_max_sockets",
@@ -247,6 +249,7 @@ struct OnionLimits {
     creations: DirectLimiter,
     pow_tokens: DirectLimiter,
     reads: DirectLimiter,
+    requests: DirectLimiter,
 }
 
 /// What a client-keyed check is about.
@@ -264,6 +267,8 @@ pub enum ClientLimit {
     PowToken,
     /// Reading up to this many messages (`history`, or the page a `join` returns).
     Read(u32),
+    /// A plain HTTP request (one of the page's files).
+    Request,
 }
 
 /// Every limiter of the server.
@@ -274,6 +279,7 @@ pub struct Limits {
     client_creations: KeyedLimiter,
     client_pow_tokens: KeyedLimiter,
     client_reads: KeyedLimiter,
+    client_requests: KeyedLimiter,
     room_messages: KeyedLimiter,
     global_creations: DirectLimiter,
     global_connections: DirectLimiter,
@@ -312,6 +318,7 @@ impl Limits {
             client_creations: KeyedLimiter::new("client_creations", r.client_creations, cap),
             client_pow_tokens: KeyedLimiter::new("client_pow_tokens", r.client_pow_tokens, cap),
             client_reads: KeyedLimiter::new("client_reads", r.client_reads, cap),
+            client_requests: KeyedLimiter::new("client_requests", r.client_requests, cap),
             room_messages: KeyedLimiter::new("room_messages", r.room_messages, cap),
             global_creations: DirectLimiter::new("global_creations", r.global_creations, 1),
             global_connections: DirectLimiter::new("global_connections", r.global_connections, 1),
@@ -322,6 +329,7 @@ impl Limits {
                 creations: DirectLimiter::new("onion_creations", r.client_creations, f),
                 pow_tokens: DirectLimiter::new("onion_pow_tokens", r.client_pow_tokens, f),
                 reads: DirectLimiter::new("onion_reads", r.client_reads, f),
+                requests: DirectLimiter::new("onion_requests", r.client_requests, f),
             },
             sockets: Mutex::new(HashMap::new()),
             onion_sockets: AtomicUsize::new(0),
@@ -358,6 +366,7 @@ impl Limits {
                 ClientLimit::Creation => self.client_creations.check(key),
                 ClientLimit::PowToken => self.client_pow_tokens.check(key),
                 ClientLimit::Read(n) => self.client_reads.check_n(key, n),
+                ClientLimit::Request => self.client_requests.check(key),
             },
             Client::Onion => match what {
                 ClientLimit::Connection => self.onion.connections.check(),
@@ -366,6 +375,7 @@ impl Limits {
                 ClientLimit::Creation => self.onion.creations.check(),
                 ClientLimit::PowToken => self.onion.pow_tokens.check(),
                 ClientLimit::Read(n) => self.onion.reads.check_n(n),
+                ClientLimit::Request => self.onion.requests.check(),
             },
         };
         result.map_err(|r| self.note(r))
@@ -435,7 +445,7 @@ impl Limits {
         }
     }
 
-    fn keyed(&self) -> [&KeyedLimiter; 7] {
+    fn keyed(&self) -> [&KeyedLimiter; 8] {
         [
             &self.client_connections,
             &self.client_frames,
@@ -443,6 +453,7 @@ impl Limits {
             &self.client_creations,
             &self.client_pow_tokens,
             &self.client_reads,
+            &self.client_requests,
             &self.room_messages,
         ]
     }

@@ -55,6 +55,7 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
         &mut r.client_creations,
         &mut r.client_pow_tokens,
         &mut r.client_reads,
+        &mut r.client_requests,
         &mut r.room_messages,
         &mut r.global_creations,
         &mut r.global_connections,

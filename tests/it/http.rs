@@ -132,6 +132,42 @@ async fn the_page_says_how_long_this_server_keeps_messages() {
 }
 
 #[actix_web::test]
+async fn the_pages_files_are_limited_per_client_and_a_refusal_is_small() {
+    // Five files at once, then one a second; the client as a trusted proxy names it.
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.rate.client_requests = nanochat::config::Rate {
+            per_minute: 60,
+            burst: 5,
+        };
+        s.proxy.trusted = vec!["127.0.0.1/32".into()];
+    })
+    .await;
+    let from = |ip: &str| format!("X-Forwarded-For: {ip}\r\n");
+    for path in ["/", "/app.js", "/crypto.js", "/style.css", "/no-such-file"] {
+        let r = http_request(app.port, "GET", path, &from("203.0.113.7")).await;
+        assert_ne!(r.status, 429, "{path}");
+    }
+    let r = http_request(app.port, "GET", "/", &from("203.0.113.7")).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(r.headers["connection"], "close");
+    assert!(r.body.is_empty());
+    assert!(
+        !r.headers.contains_key("content-security-policy"),
+        "a refusal goes out without the page's headers: {:?}",
+        r.headers
+    );
+    // Health checks are not counted; another client is served.
+    for _ in 0..10 {
+        let r = http_request(app.port, "GET", "/healthz", &from("203.0.113.7")).await;
+        assert_eq!(r.status, 200);
+    }
+    let r = http_request(app.port, "GET", "/", &from("203.0.113.8")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(app.refused("client_requests"), 1);
+}
+
+#[actix_web::test]
 async fn a_flood_of_readiness_requests_checks_storage_about_once_a_second() {
     let app = spawn_app(Backend::Postgres).await;
     http_get(app.port, "/readyz").await;

@@ -267,6 +267,7 @@ fn spawn_nanochat(
             "CLIENT_MESSAGES",
             "CLIENT_CREATIONS",
             "CLIENT_READS",
+            "CLIENT_REQUESTS",
             "ROOM_MESSAGES",
             "GLOBAL_CREATIONS",
             "GLOBAL_CONNECTIONS",
