@@ -1588,6 +1588,22 @@ async fn two_people_chat_through_the_shipped_nginx_configuration() {
         metrics.contains("nanochat_upgrades_refused_total{reason=\"origin\"} 0"),
         "{metrics}"
     );
+    // A page that asks for its files 200 times at once: nginx answers 429 itself past its burst
+    // of 120 and past 64 requests in progress (the server, with no limit of its own in this
+    // test, never sees those).
+    let statuses = alice
+        .eval(
+            "Promise.all([...Array(200)].map(() => fetch('/style.css', { cache: 'no-store' }) \
+             .then(r => r.status)))",
+        )
+        .await;
+    let statuses: Vec<u16> = serde_json::from_value(statuses).unwrap();
+    let refused = statuses.iter().filter(|&&s| s == 429).count();
+    assert!(
+        (60..=110).contains(&refused) && statuses.iter().all(|&s| s == 200 || s == 429),
+        "{refused} of 200 refused: {statuses:?}"
+    );
+    assert_eq!(app.refused("client_requests"), 0);
 }
 
 /// The accessibility problems axe-core (run inside the page) finds there: `id (impact): nodes`.
