@@ -600,13 +600,7 @@ async fn a_client_told_no_work_is_needed_does_it_when_the_creation_is_refused_fo
         assert!(Instant::now() < deadline, "the work asked never rose");
         create_from(&app, "127.0.0.3").await;
     }
-    let refused = || {
-        app.state
-            .metrics
-            .frames_rejected_total
-            .with_label_values(&["pow_required"])
-            .get()
-    };
+    let refused = || app.rejected("pow_required");
     let before = refused();
     let answer = early.create(&random_room()).await.unwrap();
     assert!(matches!(answer, ServerFrame::Joined { .. }), "{answer:?}");

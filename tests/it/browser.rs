@@ -1046,13 +1046,7 @@ async fn a_creation_refused_for_want_of_work_does_the_work_and_goes_on() {
         );
         app.room_creator().await;
     }
-    let refused = || {
-        app.state
-            .metrics
-            .frames_rejected_total
-            .with_label_values(&["pow_required"])
-            .get()
-    };
+    let refused = || app.rejected("pow_required");
     let (created, refused_before) = (app.state.metrics.rooms_created_total.get(), refused());
     relay.release();
     // Refused with `pow_required`, the page asks for a token, does the work and is in its room.

@@ -140,6 +140,15 @@ impl TestApp {
         http_get(self.admin_port, "/metrics").await.body
     }
 
+    /// Error frames with this code sent so far (`nanochat_frames_rejected_total`).
+    pub fn rejected(&self, code: &str) -> u64 {
+        self.state
+            .metrics
+            .frames_rejected_total
+            .with_label_values(&[code])
+            .get()
+    }
+
     /// Frames refused so far by the limiter of this name (`nanochat_rate_limited_total`).
     pub fn refused(&self, limiter: &str) -> u64 {
         self.state
