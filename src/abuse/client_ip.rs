@@ -10,6 +10,8 @@
 //! one host holding a whole /64 counts as one client.
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix_web::http::header::HeaderMap;
 
@@ -24,6 +26,14 @@ fn as_v6_bits(ip: IpAddr) -> u128 {
     match ip.to_canonical() {
         IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
         IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+/// Loopback, private (RFC 1918) or unique-local (fc00::/7): where a reverse proxy would be.
+fn is_local(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private(),
+        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
     }
 }
 
@@ -70,6 +80,8 @@ pub struct ClientIdentity {
     trusted: Vec<Cidr>,
     ipv4_prefix: u8,
     ipv6_prefix: u8,
+    /// Whether the warning about an unlisted proxy was logged (once per process).
+    warned: Arc<AtomicBool>,
 }
 
 impl ClientIdentity {
@@ -79,6 +91,7 @@ impl ClientIdentity {
             trusted: trusted.iter().filter_map(|c| Cidr::parse(c)).collect(),
             ipv4_prefix,
             ipv6_prefix,
+            warned: Arc::default(),
         }
     }
 
@@ -89,6 +102,7 @@ impl ClientIdentity {
     /// The client's address for a request from `peer` with these headers.
     pub fn client_addr(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         if !self.is_trusted(peer) {
+            self.warn_if_unlisted_proxy(peer, headers);
             return peer;
         }
         let mut chain: Vec<Option<IpAddr>> = Vec::new();
@@ -123,6 +137,25 @@ impl ClientIdentity {
             }
         }
         last_trusted
+    }
+
+    /// A proxy left out of `proxy.trusted` makes every client behind it one client (sharing
+    /// all per-client limits): say so once, when a loopback or private peer - where a reverse
+    /// proxy runs, never a visitor from the Internet - passes on a client's address. No address
+    /// goes into the log.
+    fn warn_if_unlisted_proxy(&self, peer: IpAddr, headers: &HeaderMap) {
+        if self.warned.load(Ordering::Relaxed)
+            || !is_local(peer)
+            || !(headers.contains_key("x-forwarded-for") || headers.contains_key("forwarded"))
+            || self.warned.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        tracing::warn!(
+            "requests from a loopback or private address name their client in X-Forwarded-For or \
+             Forwarded, but proxy.trusted does not list that address: every client behind that \
+             proxy shares one set of limits; list it in proxy.trusted (docs/operating.md)"
+        );
     }
 
     /// The limiter key of a client address: the address masked to its group prefix.
@@ -183,6 +216,24 @@ mod tests {
         assert!(Cidr::parse("127.0.0.1").unwrap().contains(ip("127.0.0.1")));
         assert!(Cidr::parse("10.0.0.0/33").is_none());
         assert!(Cidr::parse("nonsense").is_none());
+    }
+
+    #[test]
+    fn a_proxy_would_run_on_a_loopback_private_or_unique_local_address() {
+        for local in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.9",
+            "192.168.1.1",
+            "::1",
+            "fd00::5",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(is_local(ip(local)), "{local}");
+        }
+        for public in ["203.0.113.9", "172.32.0.1", "2001:db8::1", "fe80::1"] {
+            assert!(!is_local(ip(public)), "{public}");
+        }
     }
 
     #[test]

@@ -84,6 +84,40 @@ fn spawn(
 }
 
 #[actix_web::test]
+async fn a_proxy_missing_from_proxy_trusted_is_named_once_in_the_log_without_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, port, _, rx) = spawn_server(dir.path(), &[]);
+    // A reverse proxy on this host passes clients' addresses on, but proxy.trusted is empty.
+    for client in ["203.0.113.7", "203.0.113.8"] {
+        let r = crate::helpers::http_request(
+            port,
+            "GET",
+            "/",
+            &format!("X-Forwarded-For: {client}\r\n"),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    // Logged while the request was handled; two seconds to read it is ample.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut warnings = Vec::new();
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("proxy.trusted") => warnings.push(line),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("\"level\":\"WARN\""),
+        "{}",
+        warnings[0]
+    );
+    assert!(!warnings[0].contains("203.0.113") && !warnings[0].contains("127.0.0.1"));
+}
+
+#[actix_web::test]
 async fn the_binary_serves_a_room_on_sqlite_by_default_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, port, mut log, rx) = spawn_server(dir.path(), &[]);
