@@ -52,6 +52,8 @@ pub struct Hello {
     pub max_ct: usize,
     /// Messages returned by `join`.
     pub history: u32,
+    /// The server's clock when it said hello (ms; 0 if it did not say).
+    pub now: i64,
 }
 
 /// One connection to a server.
@@ -125,6 +127,7 @@ impl Client {
                 pow_bits: 0,
                 max_ct: 0,
                 history: 0,
+                now: 0,
             },
             timeout: Duration::from_secs(10),
         };
@@ -135,6 +138,7 @@ impl Client {
                 pow_bits,
                 max_ct,
                 history,
+                now,
             } => {
                 client.hello = Hello {
                     challenge: from_b64u(&challenge)
@@ -143,6 +147,7 @@ impl Client {
                     pow_bits,
                     max_ct,
                     history,
+                    now,
                 };
                 Ok(client)
             }

@@ -465,6 +465,10 @@ pub enum ServerFrame {
         max_ct: usize,
         /// Messages returned by `join` without `after`.
         history: u32,
+        /// (extension) The server's clock when it sent this, ms since the Unix epoch: a client
+        /// whose own clock is off takes the epoch of a `send` from it. 0 from a server without it.
+        #[serde(default)]
+        now: i64,
     },
     /// A proof-of-work token.
     Pow {

@@ -308,6 +308,7 @@ pub async fn run(state: Arc<AppState>, ws: Writer, mut stream: Reader, peer: Pee
         pow_bits: state.pow.required(conn.peer.onion),
         max_ct: state.settings.limits.max_ct_bytes,
         history: state.settings.limits.history,
+        now: now_ms(),
     };
     let mut rx: Option<mpsc::Receiver<Outbound>> = None;
     let mut kick: Option<Kick> = None;

@@ -59,6 +59,7 @@ const state = {
   refused: [], // refs of sends refused for now, to go again one at a time
   resendTimer: null,
   resendWait: 1000,
+  clockOffset: 0, // the server's clock minus this device's, from `hello`
 };
 
 /** Refusals of a send that pass: the page sends it again by itself, this many times. */
@@ -165,12 +166,21 @@ function forgetRoom() {
 
 // ---- messages --------------------------------------------------------------------------
 
+/**
+ * Now by the server's clock. A device's clock may be days off (its TLS still works: a
+ * certificate is valid for months), and the server takes a send only within a day of its own
+ * epoch (docs/protocol.md §4), so what is sent is dated by the server's clock.
+ */
+function serverNow() {
+  return Date.now() + state.clockOffset;
+}
+
 /** When a message was stored, by the server's clock (a sender's own clock may be wrong, or
  * lie): the time, and the date too when it was not today. Empty for what is not a time. */
 function timeOf(ts) {
   const d = new Date(ts);
   if (!Number.isFinite(ts) || Number.isNaN(d.getTime())) return '';
-  const now = new Date();
+  const now = new Date(serverNow());
   const opts = { hour: '2-digit', minute: '2-digit' };
   if (d.toDateString() !== now.toDateString()) {
     opts.month = 'short';
@@ -388,7 +398,7 @@ function markPending(ref, status, detail) {
   const meta = p.el.querySelector('.meta');
   p.el.classList.toggle('failed', status === 'failed');
   p.el.dataset.status = status;
-  if (status === 'sent') showTime(p.el, detail ?? Date.now());
+  if (status === 'sent') showTime(p.el, detail ?? serverNow());
   else meta.textContent = status === 'sending' ? 'sending…' : detail;
   if (status === 'failed') {
     const retry = document.createElement('button');
@@ -442,7 +452,7 @@ async function resendNext() {
 async function resend(ref) {
   const p = state.pending.get(ref);
   if (!p) return;
-  const sealed = await state.session.seal(p.nick, p.text);
+  const sealed = await state.session.seal(p.nick, p.text, serverNow());
   p.frame = { type: 'send', ref, epoch: sealed.epoch, iv: sealed.iv, ct: sealed.ct };
   p.n = sealed.envelope.n;
   transmit(ref);
@@ -450,10 +460,10 @@ async function resend(ref) {
 
 async function sendText(text) {
   if (!text.trim() || !state.session) return;
-  const sealed = await state.session.seal(nick(), text);
+  const sealed = await state.session.seal(nick(), text, serverNow());
   const ref = b64u(randomBytes(9));
   const frame = { type: 'send', ref, epoch: sealed.epoch, iv: sealed.iv, ct: sealed.ct };
-  const el = messageElement(sealed.envelope, null, true, Date.now());
+  const el = messageElement(sealed.envelope, null, true, serverNow());
   $('messages').append(el);
   state.pending.set(ref, {
     frame, el, status: 'sending', retries: 0, nick: sealed.envelope.nick, text, n: sealed.envelope.n,
@@ -603,6 +613,9 @@ function checkAlive() {
 async function handle(frame) {
   switch (frame.type) {
     case 'hello':
+      if (Number.isSafeInteger(frame.now) && frame.now > 0) {
+        state.clockOffset = frame.now - Date.now();
+      }
       state.maxCt = frame.max_ct;
       state.powBits = frame.pow_bits;
       state.challenge = fromB64u(frame.challenge);
@@ -881,7 +894,7 @@ function init() {
     e.preventDefault();
     const text = $('text').value;
     const over = state.session && state.maxCt > 0
-      ? state.session.sealedLength(nick(), text) - state.maxCt : 0;
+      ? state.session.sealedLength(nick(), text, serverNow()) - state.maxCt : 0;
     if (over > 0) {
       // Refused here, before it is sent: the text stays in the box to be shortened.
       notice(`${ERRORS.too_large} Shorten it by ${over} characters.`);

@@ -237,7 +237,16 @@ async fn bad_frames_get_their_codes_and_the_socket_keeps_working() {
     let mut s = RoomSession::new(keys.clone());
     send_and_ack(&mut alice, &mut s, "kept", "k1").await;
 
+    let before = nanochat::store::now_ms();
     let mut c = app.client().await;
+    let after = nanochat::store::now_ms();
+    // The hello tells the server's clock: a client whose clock is off takes a send's epoch
+    // from it (the epoch must be within one day of the server's, below).
+    assert!(
+        (before..=after).contains(&c.hello.now),
+        "hello's now {} outside {before}..={after}",
+        c.hello.now
+    );
     let room = b64u(&keys.room_id);
     let cases: Vec<(String, &str)> = vec![
         ("{not json".into(), "bad_request"),

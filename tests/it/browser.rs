@@ -1,12 +1,13 @@
 //! The browser client in real headless Chromium against a real server: chatting, access
 //! without the secret, reload and server restart, a connection that dies silently, panic,
 //! proof of work, a long conversation (what stays on screen, the reader's place, dates, unread
-//! count, a page left open that forgets its oldest messages), links, too-long messages, pages without https or JavaScript, the shipped nginx
+//! count, a page left open that forgets its oldest messages), links, too-long messages, device clocks
+//! days off, pages without https or JavaScript, the shipped nginx
 //! configuration, and no third-party requests. Plus the client's crypto against the test vectors under `node --test`.
 
 use nanochat::client::{Client, RoomSession};
 use nanochat::config::{PowMode, Rate};
-use nanochat::crypto::RoomKeys;
+use nanochat::crypto::{self, RoomKeys};
 use nanochat::protocol::{ServerFrame, b64u, from_b64u};
 use serde_json::json;
 use std::sync::Arc;
@@ -1349,6 +1350,75 @@ async fn a_message_too_long_to_send_stays_in_the_box_to_be_shortened() {
 
 /// Serve one plain page (no Content-Security-Policy) for every request, from another port of
 /// this host: another origin, as a foreign site would be. Returns the page's origin.
+/// A page whose `Date` is `ms` off, opened at `url`.
+async fn page_with_clock_off<'a>(browser: &'a Browser, url: &str, ms: i64) -> Page<'a> {
+    let page = browser.new_page("about:blank").await;
+    page.set_clock_off_by(ms).await;
+    page.goto(url).await;
+    // Really off: the page's clock is not the test's.
+    let off = page.eval("Date.now()").await.as_i64().unwrap() - nanochat::store::now_ms();
+    assert!(
+        (off - ms).abs() < 60_000,
+        "the page's clock is {off} ms off"
+    );
+    page
+}
+
+#[actix_web::test]
+async fn people_whose_clocks_are_days_off_can_still_chat() {
+    const DAY: i64 = 86_400_000;
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    // The server takes a send only within a day of its own epoch; these clocks are further off,
+    // and TLS would not mind (a certificate is valid for months).
+    let alice = page_with_clock_off(&browser, &format!("{}/", origin(&app)), 3 * DAY).await;
+    set_nick(&alice, "alice").await;
+    let link = create_room(&alice).await;
+    let bob = page_with_clock_off(&browser, &link, -2 * DAY).await;
+    set_nick(&bob, "bob").await;
+    wait_online(&bob).await;
+
+    say(&alice, "from three days ahead").await;
+    say(&bob, "from two days behind").await;
+    wait_for_text(&bob, "from three days ahead").await;
+    wait_for_text(&alice, "from two days behind").await;
+    wait_all_sent(&alice, 10).await;
+    wait_all_sent(&bob, 10).await;
+    for page in [&alice, &bob] {
+        assert_eq!(
+            page.eval("document.querySelectorAll('#messages li.failed').length")
+                .await,
+            json!(0)
+        );
+        // Every message is from today by the server's clock, so it shows a time without a
+        // date (the page's own clock would call them days old, or days ahead).
+        let dated = page
+            .eval(
+                "(() => { const month = new (Object.getPrototypeOf(Date))() \
+                   .toLocaleString([], { month: 'short' }); \
+                 return [...document.querySelectorAll('#messages .meta')] \
+                   .map(m => m.textContent).filter(t => t.includes(month)); })()",
+            )
+            .await;
+        assert_eq!(dated, json!([]), "times shown with a date");
+    }
+    // Stored under the server's epoch, readable by anyone with the link.
+    let keys = keys_of(&link);
+    let mut reader = app.client().await;
+    let ServerFrame::Joined { messages, .. } = reader.join(&keys, None).await.unwrap() else {
+        panic!("not joined");
+    };
+    let today = crypto::epoch_of(nanochat::store::now_ms());
+    assert_eq!(messages.len(), 2);
+    for m in &messages {
+        assert!(
+            m.epoch.abs_diff(today) <= 1,
+            "epoch {} today {today}",
+            m.epoch
+        );
+    }
+}
+
 async fn serve_foreign_page() -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -299,6 +299,23 @@ impl Page<'_> {
         self.wait_for("!document.hidden", 10).await;
     }
 
+    /// Set this page's clock `ms` off (from its next load on): `Date.now()` and `new Date()`
+    /// say so, as on a device whose clock is wrong.
+    pub async fn set_clock_off_by(&self, ms: i64) {
+        let script = format!(
+            "(() => {{ const off = {ms}; const Real = Date; const realNow = Real.now.bind(Real); \
+             class Off extends Real {{ \
+               constructor(...a) {{ if (a.length === 0) super(realNow() + off); else super(...a); }} \
+               static now() {{ return realNow() + off; }} }} \
+             globalThis.Date = Off; }})()"
+        );
+        self.call(
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({"source": script}),
+        )
+        .await;
+    }
+
     /// Run no script of the page from now on (as a browser with JavaScript turned off).
     pub async fn disable_javascript(&self) {
         self.call(
