@@ -60,6 +60,8 @@ const state = {
   resendTimer: null,
   resendWait: 1000,
   clockOffset: 0, // the server's clock minus this device's, from `hello`
+  notification: null, // the system notification shown for unread messages, if any
+  notifyBroken: false, // this browser refused to show one: see notifyUnread()
 };
 
 /** Refusals of a send that pass: the page sends it again by itself, this many times. */
@@ -94,6 +96,7 @@ function notice(text) {
 
 function show(section) {
   for (const id of ['landing', 'room', 'gone']) $(id).hidden = id !== section;
+  showNotifyChoice();
 }
 
 function wsUrl() {
@@ -387,6 +390,70 @@ function keepPlace(change, follow) {
 
 function showUnread() {
   document.title = state.unread > 0 ? `(${state.unread}) NanoChat` : 'NanoChat';
+  if (state.unread > 0) notifyUnread();
+  else closeNotification();
+}
+
+// ---- notifications ---------------------------------------------------------------------
+
+/**
+ * Optional system notifications for others' messages while the tab is not in view: how many,
+ * never who or what (notification centres and lock screens keep and show them). One per room,
+ * each replacing the last. Asked for by a click on "Notify me"; the choice is this device's.
+ */
+const NOTIFY = 'nanochat.notify';
+
+function notifyOn() {
+  try {
+    return localStorage.getItem(NOTIFY) === '1' && Notification.permission === 'granted';
+  } catch {
+    return false;
+  }
+}
+
+function showNotifyChoice() {
+  const b = $('notify');
+  b.hidden = $('room').hidden || !('Notification' in window) || state.notifyBroken;
+  b.setAttribute('aria-pressed', String(!b.hidden && notifyOn()));
+}
+
+async function toggleNotify() {
+  const on = !notifyOn();
+  if (on && Notification.permission !== 'granted') {
+    const answer = await Notification.requestPermission();
+    if (answer !== 'granted') {
+      notice('This browser blocks notifications from this site: allow them in its site settings.');
+      return;
+    }
+  }
+  try {
+    localStorage.setItem(NOTIFY, on ? '1' : '0');
+  } catch {
+    // Storage disabled: the choice cannot be kept.
+  }
+  showNotifyChoice();
+}
+
+function notifyUnread() {
+  if (!document.hidden || !notifyOn() || state.notifyBroken) return;
+  const body = state.unread === 1 ? '1 new message' : `${state.unread} new messages`;
+  try {
+    state.notification = new Notification('NanoChat', { body, tag: `nanochat-${roomKey()}` });
+    state.notification.onclick = () => {
+      window.focus();
+      state.notification?.close();
+    };
+  } catch {
+    // Browsers that show notifications only from a service worker (Chrome on Android): the
+    // tab's title still counts, and the choice is not offered again.
+    state.notifyBroken = true;
+    showNotifyChoice();
+  }
+}
+
+function closeNotification() {
+  state.notification?.close();
+  state.notification = null;
 }
 
 /** Show a pending message's state: 'sending', 'sent' (`detail`: when it was stored, if known)
@@ -881,6 +948,7 @@ function init() {
     openRoom(randomBytes(32), 'create');
   });
   $('pow-cancel').addEventListener('click', cancelPow);
+  $('notify').addEventListener('click', toggleNotify);
   $('copy-link').addEventListener('click', async () => {
     try {
       await navigator.clipboard.writeText($('link').value);

@@ -2,7 +2,7 @@
 //! without the secret, reload and server restart, a connection that dies silently, panic,
 //! proof of work, a long conversation (what stays on screen, the reader's place, dates, unread
 //! count, a page left open that forgets its oldest messages), links, too-long messages, device clocks
-//! days off, pages without https or JavaScript, the shipped nginx
+//! days off, notifications, pages without https or JavaScript, the shipped nginx
 //! configuration, and no third-party requests. Plus the client's crypto against the test vectors under `node --test`.
 
 use nanochat::client::{Client, RoomSession};
@@ -1417,6 +1417,110 @@ async fn people_whose_clocks_are_days_off_can_still_chat() {
             m.epoch
         );
     }
+}
+
+/// Every system notification the page makes, as `window.shown`: `{title, body, tag, closed}`.
+/// The real `Notification` still shows each one.
+const RECORD_NOTIFICATIONS: &str = "(() => { const Real = window.Notification; window.shown = []; \
+    class Recorded extends Real { constructor(title, options) { super(title, options); \
+      const seen = { title, body: options?.body, tag: options?.tag, closed: false }; \
+      window.shown.push(seen); const close = this.close.bind(this); \
+      this.close = () => { seen.closed = true; close(); }; } } \
+    window.Notification = Recorded; })()";
+
+async fn notify_pressed(page: &Page<'_>) -> serde_json::Value {
+    page.eval("document.getElementById('notify').getAttribute('aria-pressed')")
+        .await
+}
+
+async fn notifications(page: &Page<'_>) -> serde_json::Value {
+    page.eval("window.shown ?? []").await
+}
+
+#[actix_web::test]
+async fn notifications_when_asked_for_say_how_many_and_never_who_or_what() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    let alice = browser.new_page("about:blank").await;
+    alice.on_every_load(RECORD_NOTIFICATIONS).await;
+    alice.grant("notifications", &origin(&app)).await;
+    alice.goto(&format!("{}/", origin(&app))).await;
+    set_nick(&alice, "alice").await;
+    let link = create_room(&alice).await;
+    let bob = browser.new_page(&link).await;
+    set_nick(&bob, "bob").await;
+    wait_online(&bob).await;
+    assert_eq!(
+        notify_pressed(&alice).await,
+        json!("false"),
+        "off until asked for"
+    );
+
+    // Not asked for: a hidden tab counts in its title only.
+    alice.open_tab_in_front().await;
+    say(&bob, "before asking").await;
+    alice
+        .wait_for("document.title === '(1) NanoChat'", 10)
+        .await;
+    assert_eq!(notifications(&alice).await, json!([]));
+    alice.bring_to_front().await;
+
+    alice
+        .eval("document.getElementById('notify').click(), true")
+        .await;
+    alice
+        .wait_for(
+            "document.getElementById('notify').getAttribute('aria-pressed') === 'true'",
+            10,
+        )
+        .await;
+    // The choice is this device's: it stays after a reload.
+    alice.reload().await;
+    wait_online(&alice).await;
+    assert_eq!(notify_pressed(&alice).await, json!("true"));
+
+    alice.open_tab_in_front().await;
+    say(&bob, "the meeting moved to the old mill").await;
+    say(&bob, "bring the papers").await;
+    alice
+        .wait_for("window.shown.some(n => n.body === '2 new messages')", 10)
+        .await;
+    let notes = notifications(&alice).await;
+    let notes = notes.as_array().unwrap();
+    assert_eq!(notes[0]["body"], json!("1 new message"), "{notes:?}");
+    for n in notes {
+        assert_eq!(n["title"], json!("NanoChat"));
+        // One per room, each replacing the last; nothing of who or what.
+        assert_eq!(
+            n["tag"],
+            json!(format!("nanochat-{}", b64u(&keys_of(&link).room_id)))
+        );
+        let text = n.to_string();
+        for secret in ["bob", "mill", "papers"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+    }
+    // Seen: the notification goes (the earlier ones were replaced by it: same tag).
+    alice.bring_to_front().await;
+    alice.wait_for("window.shown.at(-1).closed", 10).await;
+
+    // Turned off again: nothing more is shown.
+    alice
+        .eval("document.getElementById('notify').click(), true")
+        .await;
+    assert_eq!(notify_pressed(&alice).await, json!("false"));
+    let before = notes.len();
+    alice.open_tab_in_front().await;
+    say(&bob, "after turning off").await;
+    alice
+        .wait_for("document.title === '(1) NanoChat'", 10)
+        .await;
+    assert_eq!(
+        notifications(&alice).await.as_array().unwrap().len(),
+        before
+    );
+    // Bob never asked: he never gets one.
+    assert_eq!(notifications(&bob).await, json!([]));
 }
 
 async fn serve_foreign_page() -> String {

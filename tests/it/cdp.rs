@@ -309,11 +309,33 @@ impl Page<'_> {
                static now() {{ return realNow() + off; }} }} \
              globalThis.Date = Off; }})()"
         );
+        self.on_every_load(&script).await;
+    }
+
+    /// Run `script` in this page before its own scripts, at every load from the next one on.
+    pub async fn on_every_load(&self, script: &str) {
         self.call(
             "Page.addScriptToEvaluateOnNewDocument",
             json!({"source": script}),
         )
         .await;
+    }
+
+    /// Grant this page's browser context a permission (as "Allow" in the browser's prompt)
+    /// for `origin`.
+    pub async fn grant(&self, permission: &str, origin: &str) {
+        let info = self.call("Target.getTargetInfo", json!({})).await;
+        self.browser
+            .call(
+                None,
+                "Browser.grantPermissions",
+                json!({
+                    "permissions": [permission],
+                    "origin": origin,
+                    "browserContextId": info["targetInfo"]["browserContextId"],
+                }),
+            )
+            .await;
     }
 
     /// Run no script of the page from now on (as a browser with JavaScript turned off).
