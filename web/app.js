@@ -394,6 +394,29 @@ function showUnread() {
   else closeNotification();
 }
 
+// ---- the link as a QR code -------------------------------------------------------------
+
+/** Show or hide the room's link as a QR code (drawn here: web/qr.js, loaded on first use). */
+async function toggleQr() {
+  const figure = $('qr');
+  const show = figure.hidden;
+  figure.querySelector('svg, .warning')?.remove();
+  if (show) {
+    let drawn;
+    try {
+      const { qrSvg } = await import('./qr.js');
+      drawn = qrSvg($('link').value, 'QR code of the room link');
+    } catch {
+      drawn = document.createElement('p');
+      drawn.className = 'warning';
+      drawn.textContent = 'This link is too long for a QR code. Copy the link instead.';
+    }
+    figure.prepend(drawn);
+  }
+  figure.hidden = !show;
+  $('show-qr').setAttribute('aria-expanded', String(show));
+}
+
 // ---- notifications ---------------------------------------------------------------------
 
 /**
@@ -949,6 +972,7 @@ function init() {
   });
   $('pow-cancel').addEventListener('click', cancelPow);
   $('notify').addEventListener('click', toggleNotify);
+  $('show-qr').addEventListener('click', toggleQr);
   $('copy-link').addEventListener('click', async () => {
     try {
       await navigator.clipboard.writeText($('link').value);

@@ -2,7 +2,7 @@
 //! without the secret, reload and server restart, a connection that dies silently, panic,
 //! proof of work, a long conversation (what stays on screen, the reader's place, dates, unread
 //! count, a page left open that forgets its oldest messages), links, too-long messages, device clocks
-//! days off, notifications, pages without https or JavaScript, the shipped nginx
+//! days off, notifications, the link as a QR code, pages without https or JavaScript, the shipped nginx
 //! configuration, and no third-party requests. Plus the client's crypto against the test vectors under `node --test`.
 
 use nanochat::client::{Client, RoomSession};
@@ -1523,6 +1523,81 @@ async fn notifications_when_asked_for_say_how_many_and_never_who_or_what() {
     assert_eq!(notifications(&bob).await, json!([]));
 }
 
+/// The text of the one QR code in a PNG, read by a real decoder (rqrr) as a camera app would.
+fn read_qr(image: &[u8]) -> String {
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(image));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut pixels = vec![0; reader.output_buffer_size().expect("a sane size")];
+    let frame = reader.next_frame(&mut pixels).expect("its pixels");
+    let channels = frame.color_type.samples();
+    let (width, height) = (frame.width as usize, frame.height as usize);
+    let mut prepared = rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| {
+        let at = y * frame.line_size + x * channels;
+        let rgb = &pixels[at..at + channels.min(3)];
+        (rgb.iter().map(|&v| u32::from(v)).sum::<u32>() / rgb.len() as u32) as u8
+    });
+    let grids = prepared.detect_grids();
+    assert_eq!(grids.len(), 1, "one QR code in the image");
+    let (_, text) = grids[0].decode().expect("a readable QR code");
+    text
+}
+
+#[actix_web::test]
+async fn the_link_shows_as_a_qr_code_that_a_camera_reads() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    let (alice, bob, link) = two_people(&browser, &app).await;
+    let qr_hidden = "document.getElementById('qr').hidden";
+    assert_eq!(
+        alice.eval(qr_hidden).await,
+        json!(true),
+        "only when asked for"
+    );
+    let toggle = "document.getElementById('show-qr').click(), true";
+    alice.eval(toggle).await;
+    alice
+        .wait_for("document.querySelector('#qr svg') !== null", 10)
+        .await;
+    assert_eq!(read_qr(&alice.screenshot_of("#qr svg").await), link);
+    // Black on white in a dark page too (cameras read dark on light), and on a phone.
+    alice.prefer_color_scheme("dark").await;
+    alice.set_viewport(390, 760).await;
+    assert_eq!(read_qr(&alice.screenshot_of("#qr svg").await), link);
+    assert_eq!(
+        alice
+            .eval("document.documentElement.scrollWidth <= window.innerWidth")
+            .await,
+        json!(true)
+    );
+    alice.eval(toggle).await;
+    assert_eq!(alice.eval(qr_hidden).await, json!(true));
+    assert_eq!(
+        alice.eval("document.querySelector('#qr svg')").await,
+        json!(null)
+    );
+    // The encoder is fetched only by a page that asks for a code.
+    assert!(alice.requests().iter().any(|u| u.ends_with("/qr.js")));
+    assert!(!bob.requests().iter().any(|u| u.ends_with("/qr.js")));
+
+    // Longer links, up to the most a code here holds: a v3 .onion address (a code with
+    // version information) and 213 bytes (the largest version, a 16-bit length).
+    let onion = format!("http://{}.onion/#{}", "q".repeat(56), "A".repeat(43));
+    let longest = format!("https://{}/#{}", "h".repeat(213 - 53), "B".repeat(43));
+    assert_eq!(longest.len(), 213);
+    for text in [onion, longest] {
+        alice
+            .eval(&format!(
+                "import('/qr.js').then(m => {{ document.getElementById('probe')?.remove(); \
+                 const svg = m.qrSvg({text:?}, 'probe'); svg.id = 'probe'; \
+                 svg.setAttribute('width', '360'); document.body.prepend(svg); return true; }})"
+            ))
+            .await;
+        assert_eq!(read_qr(&alice.screenshot_of("#probe").await), text);
+    }
+    assert_same_origin(&alice, &app);
+}
+
 async fn serve_foreign_page() -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1830,6 +1905,13 @@ async fn every_screen_passes_an_accessibility_check_in_light_and_dark() {
         check(&bob, "room").await;
         bob.set_viewport(390, 420).await; // a phone with its keyboard open
         check(&bob, "room on a short screen").await;
+        alice
+            .eval("document.getElementById('show-qr').click(), true")
+            .await;
+        alice
+            .wait_for("document.querySelector('#qr svg') !== null", 10)
+            .await;
+        check(&alice, "room with its QR code").await;
 
         alice
             .eval("document.getElementById('panic').click(), true")

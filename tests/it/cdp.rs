@@ -372,14 +372,31 @@ impl Page<'_> {
     }
 
     /// A PNG of the viewport.
-    pub async fn screenshot(&self) -> Vec<u8> {
-        use base64::Engine as _;
-        let shot = self
-            .call("Page.captureScreenshot", json!({"format": "png"}))
+    /// A PNG of what the element `selector` covers, scrolled into view first.
+    pub async fn screenshot_of(&self, selector: &str) -> Vec<u8> {
+        let rect = self
+            .eval(&format!(
+                "(() => {{ const e = document.querySelector({selector:?}); e.scrollIntoView(); \
+                 const r = e.getBoundingClientRect(); \
+                 return {{x: r.x + scrollX, y: r.y + scrollY, width: r.width, height: r.height}}; }})()"
+            ))
             .await;
+        self.capture(json!({"format": "png", "clip": {
+            "x": rect["x"], "y": rect["y"], "width": rect["width"], "height": rect["height"], "scale": 1
+        }}))
+        .await
+    }
+
+    async fn capture(&self, params: Value) -> Vec<u8> {
+        use base64::Engine as _;
+        let shot = self.call("Page.captureScreenshot", params).await;
         base64::engine::general_purpose::STANDARD
             .decode(shot["data"].as_str().expect("image data"))
             .expect("base64 PNG")
+    }
+
+    pub async fn screenshot(&self) -> Vec<u8> {
+        self.capture(json!({"format": "png"})).await
     }
 
     /// URLs this page requested so far.
