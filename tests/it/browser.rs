@@ -236,8 +236,12 @@ async fn reload_and_server_restart_lose_nothing_and_duplicate_nothing() {
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;
     let (alice, bob, link) = two_people(&browser, &app).await;
+    // One after the other, each seen before the next is written: two pages sending at once
+    // may be stored in either order.
     say(&alice, "m1").await;
+    wait_for_text(&bob, "m1").await;
     say(&bob, "b1").await;
+    wait_for_text(&alice, "b1").await;
     say(&alice, "m2").await;
     wait_for_text(&bob, "m2").await;
 
