@@ -400,21 +400,23 @@ function showUnread() {
 async function toggleQr() {
   const figure = $('qr');
   const show = figure.hidden;
-  figure.querySelector('svg, .warning')?.remove();
-  if (show) {
-    let drawn;
-    try {
-      const { qrSvg } = await import('./qr.js');
-      drawn = qrSvg($('link').value, 'QR code of the room link');
-    } catch {
-      drawn = document.createElement('p');
-      drawn.className = 'warning';
-      drawn.textContent = 'This link is too long for a QR code. Copy the link instead.';
-    }
-    figure.prepend(drawn);
-  }
   figure.hidden = !show;
   $('show-qr').setAttribute('aria-expanded', String(show));
+  figure.querySelector('svg, .warning')?.remove();
+  if (!show) return;
+  let drawn;
+  try {
+    const { qrSvg } = await import('./qr.js');
+    drawn = qrSvg($('link').value, 'QR code of the room link');
+  } catch (e) {
+    drawn = document.createElement('p');
+    drawn.className = 'warning';
+    drawn.textContent = e instanceof RangeError
+      ? 'This link is too long for a QR code: copy it instead.'
+      : 'The QR code could not be loaded. Check the connection and try again.';
+  }
+  // Hidden again meanwhile, or drawn by another click: nothing to add.
+  if (!figure.hidden && !figure.querySelector('svg, .warning')) figure.prepend(drawn);
 }
 
 // ---- notifications ---------------------------------------------------------------------
