@@ -197,7 +197,6 @@ async fn two_people_chat_both_ways_and_the_room_id_alone_is_useless() {
     );
 
     // A third person who knows only the room id cannot join.
-    let keys = keys_of(&link);
     let eve = browser.new_page(&format!("{}/", origin(&app))).await;
     let answer = eve
         .eval(&format!(
@@ -1576,6 +1575,31 @@ async fn the_link_shows_as_a_qr_code_that_a_camera_reads() {
     );
     alice.eval(toggle).await;
     assert_eq!(alice.eval(qr_hidden).await, json!(true));
+    assert_eq!(
+        alice.eval("document.querySelector('#qr svg')").await,
+        json!(null)
+    );
+    // Two clicks at once: shown and hidden again, nothing drawn into the hidden figure.
+    alice.eval(&format!("{toggle}, {toggle}")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(alice.eval(qr_hidden).await, json!(true));
+    assert_eq!(
+        alice
+            .eval("document.querySelectorAll('#qr svg, #qr .warning').length")
+            .await,
+        json!(0)
+    );
+    // A link too long for a code (a host name of 300 characters) is said to be so.
+    alice
+        .eval(&format!(
+            "document.getElementById('link').value = 'https://{}/#x', {toggle}",
+            "h".repeat(300)
+        ))
+        .await;
+    let said = alice
+        .wait_for("document.querySelector('#qr .warning')?.textContent", 10)
+        .await;
+    assert!(said.as_str().unwrap().contains("too long"), "{said}");
     assert_eq!(
         alice.eval("document.querySelector('#qr svg')").await,
         json!(null)
