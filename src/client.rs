@@ -464,6 +464,8 @@ pub struct RoomSession {
     sid: String,
     n: u64,
     seen: HashMap<String, std::collections::BTreeMap<i64, u64>>,
+    /// The server's largest ciphertext: envelopes are padded no further (`crypto::padded_len`).
+    max_ct: usize,
 }
 
 impl RoomSession {
@@ -476,7 +478,15 @@ impl RoomSession {
             sid: b64u(&sid),
             n: 0,
             seen: HashMap::new(),
+            max_ct: crate::config::LimitSettings::default().max_ct_bytes,
         }
+    }
+
+    /// Pad within this server's largest ciphertext (its `hello`'s `max_ct`) instead of the
+    /// default's.
+    pub fn within(mut self, max_ct: usize) -> Self {
+        self.max_ct = max_ct;
+        self
     }
 
     /// Encrypt a text with today's key.
@@ -497,7 +507,9 @@ impl RoomSession {
         let epoch = crypto::epoch_of(now);
         let mut iv = [0u8; IV_LEN];
         rand::fill(&mut iv);
-        let plain = serde_json::to_vec(&env).expect("envelopes serialize");
+        let mut plain = serde_json::to_vec(&env).expect("envelopes serialize");
+        // JSON allows whitespace after the value: every reader parses it as the same envelope.
+        plain.resize(crypto::padded_len(plain.len(), self.max_ct), b' ');
         Sealed {
             epoch,
             iv,
@@ -529,6 +541,33 @@ impl RoomSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sealed_messages_are_padded_to_whole_blocks_and_open_as_written() {
+        let keys = RoomKeys::derive(&[3u8; crypto::SECRET_LEN]);
+        let mut writer = RoomSession::new(keys.clone());
+        let mut reader = RoomSession::new(keys.clone());
+        let mut small = RoomSession::new(keys).within(300);
+        for (seq, text) in [(1, "hi"), (2, &"x".repeat(150)), (3, &"y".repeat(300))] {
+            let sealed = writer.seal("nick", text);
+            let blocks = if text.len() > 150 { 2 } else { 1 };
+            assert_eq!(
+                sealed.ct.len(),
+                blocks * crypto::PAD_BLOCK + crypto::TAG_LEN
+            );
+            let msg = WireMsg {
+                seq,
+                ts: 0,
+                epoch: sealed.epoch,
+                iv: b64u(&sealed.iv),
+                ct: b64u(&sealed.ct),
+            };
+            assert_eq!(reader.open(&msg).unwrap().text, text);
+        }
+        // Within a smaller limit: padded up to it, not past it.
+        assert_eq!(small.seal("nick", "hi").ct.len(), 256 + crypto::TAG_LEN);
+        assert_eq!(small.seal("nick", &"z".repeat(200)).ct.len(), 300);
+    }
 
     #[test]
     fn a_room_link_gives_its_secret_in_every_written_form() {

@@ -378,6 +378,19 @@ fn wrap_aad(room_id: &RoomId) -> [u8; 32] {
     aad
 }
 
+/// Envelopes are padded to a multiple of this many bytes (client side, `padded_len`).
+pub const PAD_BLOCK: usize = 256;
+
+/// The length an envelope of `len` bytes is padded to, with JSON whitespace after it, so that
+/// the server and the network learn a message's length only to within `PAD_BLOCK` bytes: the
+/// next multiple of `PAD_BLOCK`, but never past what a server taking at most `max_ct` bytes of
+/// ciphertext accepts (the tag takes `TAG_LEN`), and never shorter than the envelope.
+pub fn padded_len(len: usize, max_ct: usize) -> usize {
+    len.next_multiple_of(PAD_BLOCK)
+        .min(max_ct.saturating_sub(TAG_LEN))
+        .max(len)
+}
+
 /// Encrypt a message plaintext with a room's key of `epoch` (client side).
 pub fn seal_message(keys: &RoomKeys, epoch: u32, iv: &[u8; IV_LEN], plaintext: &[u8]) -> Vec<u8> {
     let cipher = Aes256Gcm::new(&keys.msg_key(epoch).into());
@@ -484,6 +497,18 @@ mod tests {
         assert_eq!(open_message(&keys, 20001, &iv, &ct), None);
         let other = RoomKeys::derive(&[6u8; 32]);
         assert_eq!(open_message(&other, 20000, &iv, &ct), None);
+    }
+
+    #[test]
+    fn envelopes_pad_to_whole_blocks_within_the_servers_limit() {
+        assert_eq!(padded_len(1, 8192), 256);
+        assert_eq!(padded_len(256, 8192), 256);
+        assert_eq!(padded_len(257, 8192), 512);
+        // Never past what the server takes, never shorter than the envelope.
+        assert_eq!(padded_len(8100, 8192), 8192 - TAG_LEN);
+        assert_eq!(padded_len(8176, 8192), 8176);
+        assert_eq!(padded_len(9000, 8192), 9000);
+        assert_eq!(padded_len(100, 16), 100);
     }
 
     #[test]

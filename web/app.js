@@ -544,7 +544,7 @@ async function resendNext() {
 async function resend(ref) {
   const p = state.pending.get(ref);
   if (!p) return;
-  const sealed = await state.session.seal(p.nick, p.text, serverNow());
+  const sealed = await state.session.seal(p.nick, p.text, serverNow(), state.maxCt);
   p.frame = { type: 'send', ref, epoch: sealed.epoch, iv: sealed.iv, ct: sealed.ct };
   p.n = sealed.envelope.n;
   transmit(ref);
@@ -552,7 +552,7 @@ async function resend(ref) {
 
 async function sendText(text) {
   if (!text.trim() || !state.session) return;
-  const sealed = await state.session.seal(nick(), text, serverNow());
+  const sealed = await state.session.seal(nick(), text, serverNow(), state.maxCt);
   const ref = b64u(randomBytes(9));
   const frame = { type: 'send', ref, epoch: sealed.epoch, iv: sealed.iv, ct: sealed.ct };
   const el = messageElement(sealed.envelope, null, true, serverNow());

@@ -138,6 +138,20 @@ export async function openBytes(keys, epoch, iv, ct) {
 /** The most senders' sessions a RoomSession keeps counters for once it forgets old messages. */
 export const MAX_SIDS = 10_000;
 
+/** Envelopes are padded to a multiple of this many bytes. */
+export const PAD_BLOCK = 256;
+
+/**
+ * The length an envelope of `length` bytes is padded to (with JSON whitespace after it), so
+ * that the server and the network learn a message's length only to within PAD_BLOCK bytes: the
+ * next multiple of PAD_BLOCK, never past what a server taking `maxCt` bytes of ciphertext
+ * accepts (the tag takes 16), never shorter than the envelope.
+ */
+export function paddedLength(length, maxCt) {
+  const whole = Math.ceil(length / PAD_BLOCK) * PAD_BLOCK;
+  return Math.max(length, Math.min(whole, maxCt - 16));
+}
+
 export class RoomSession {
   constructor(keys) {
     this.keys = keys;
@@ -153,17 +167,22 @@ export class RoomSession {
     for (const sid of sids) if (typeof sid === 'string') this.mine.add(sid);
   }
 
-  /** Encrypt a text as a send frame's fields. */
-  async seal(nick, text, now = Date.now()) {
+  /** Encrypt a text as a send frame's fields, padded within a server's largest ciphertext. */
+  async seal(nick, text, now = Date.now(), maxCt = 8192) {
     this.n += 1;
     const envelope = { nick, text, sid: this.sid, n: this.n, ts: now };
     const epoch = epochOf(now);
     const iv = randomBytes(12);
-    const ct = await sealBytes(this.keys, epoch, iv, enc.encode(JSON.stringify(envelope)));
+    const json = enc.encode(JSON.stringify(envelope));
+    // JSON allows whitespace after the value: every reader parses it as the same envelope.
+    const plain = new Uint8Array(paddedLength(json.length, maxCt)).fill(0x20);
+    plain.set(json);
+    const ct = await sealBytes(this.keys, epoch, iv, plain);
     return { epoch, iv: b64u(iv), ct: b64u(ct), envelope };
   }
 
-  /** The ciphertext's length in bytes if `seal(nick, text)` ran now (its tag included). */
+  /** The ciphertext's least length in bytes if `seal(nick, text)` ran now (its tag included,
+   * its padding not: padding never takes it past the server's limit). */
   sealedLength(nick, text, now = Date.now()) {
     const envelope = { nick, text, sid: this.sid, n: this.n + 1, ts: now };
     return enc.encode(JSON.stringify(envelope)).length + 16;

@@ -196,6 +196,18 @@ async fn two_people_chat_both_ways_and_the_room_id_alone_is_useless() {
         json!(0)
     );
 
+    // The server learns a message's length only to within a block: every one of these short
+    // messages is stored as one padded block and its tag.
+    let keys = keys_of(&link);
+    let mut reader = app.client().await;
+    let ServerFrame::Joined { messages, .. } = reader.join(&keys, None).await.unwrap() else {
+        panic!("not joined");
+    };
+    assert_eq!(messages.len(), 5);
+    for m in &messages {
+        let ct = from_b64u(&m.ct).unwrap();
+        assert_eq!(ct.len(), crypto::PAD_BLOCK + crypto::TAG_LEN);
+    }
     // A third person who knows only the room id cannot join.
     let eve = browser.new_page(&format!("{}/", origin(&app))).await;
     let answer = eve

@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import {
   RoomKeys, RoomSession, b64u, fromB64u, joinProof, messageAad, sealBytes, openBytes,
+  paddedLength, PAD_BLOCK,
 } from '../crypto.js';
 import { sha256, PowSearch, stateBytes } from '../sha256.js';
 
@@ -86,14 +87,28 @@ test('history paged in backwards passes the replay rule; a reordered counter doe
   assert.equal(await carol.open(msg(1, 20)), null, 'a lower n at a higher seq is a replay');
 });
 
-test('the length a message would have is the length it has once sealed', async () => {
-  const s = new RoomSession(await RoomKeys.derive(fromB64u(v.secret)));
+test('a sealed message is padded to whole blocks within the server\'s limit and opens as written', async () => {
+  const keys = await RoomKeys.derive(fromB64u(v.secret));
+  const s = new RoomSession(keys);
+  const reader = new RoomSession(keys);
   const now = 1764028800000;
-  for (const text of ['', 'hi', 'quotes " and \\ and\nnew lines', 'é漢字🙂'.repeat(100), 'x'.repeat(9000)]) {
-    const expected = s.sealedLength('nick "n"', text, now);
-    const sealed = await s.seal('nick "n"', text, now);
-    assert.equal(fromB64u(sealed.ct).length, expected, text.slice(0, 20));
+  let seq = 0;
+  const lengths = new Map();
+  for (const text of ['', 'hi', 'x'.repeat(100), 'quotes " and \\ and\nnew lines', 'é漢字🙂'.repeat(100),
+    'y'.repeat(8080), 'x'.repeat(9000)]) {
+    const least = s.sealedLength('nick "n"', text, now);
+    const sealed = await s.seal('nick "n"', text, now, 8192);
+    const length = fromB64u(sealed.ct).length;
+    lengths.set(text, length);
+    assert.equal(length, paddedLength(least - 16, 8192) + 16, text.slice(0, 20));
+    // Padding never makes a message that fits too long, nor shortens one that does not.
+    assert.ok(least <= 8192 ? length <= 8192 : length === least, text.slice(0, 20));
+    const opened = await reader.open({ seq: (seq += 1), ts: now, ...sealed });
+    assert.equal(opened?.text, text);
   }
+  // Short messages all look alike to the server: one block and the tag.
+  for (const text of ['', 'hi', 'x'.repeat(100)]) assert.equal(lengths.get(text), PAD_BLOCK + 16);
+  assert.equal(lengths.get('y'.repeat(8080)), 8192);
 });
 
 test("an earlier session's messages count as one's own once adopted, and only then", async () => {
