@@ -682,6 +682,71 @@ fn sqlite_room_row(dir: &std::path::Path, r: &[u8; 16]) -> (i64, i64) {
         .unwrap()
 }
 
+/// How many times `marker` occurs in the SQLite database file and its WAL, as on the disk.
+fn sqlite_copies_of(dir: &std::path::Path, marker: &[u8]) -> usize {
+    ["nanochat.db", "nanochat.db-wal"]
+        .iter()
+        .filter_map(|name| std::fs::read(dir.join(name)).ok())
+        .map(|bytes| bytes.windows(marker.len()).filter(|w| *w == marker).count())
+        .sum()
+}
+
+/// Messages whose ciphertexts are `marker` again and again.
+fn marked(room: [u8; 16], marker: &[u8], count: usize) -> Vec<NewMessage> {
+    (0..count)
+        .map(|_| NewMessage {
+            ct: marker.repeat(16),
+            ..msg(room, 0)
+        })
+        .collect()
+}
+
+/// Someone who gets a wiped room's link and, later, the server's disk finds nothing of the
+/// room: what the wipe deleted is overwritten in the database file (`secure_delete`), and the
+/// write-ahead log, whose frames held the pages as they were, is emptied after the wipe.
+#[tokio::test]
+async fn a_wiped_rooms_ciphertexts_are_left_nowhere_in_the_sqlite_files() {
+    let f = sqlite().await;
+    let store = &*f.store;
+    let dir = f._dir.path();
+    let now = now_ms();
+    let (gone, kept) = (room(60), room(61));
+    create(store, &gone, now).await;
+    create(store, &kept, now).await;
+    let (wiped_marker, kept_marker) = (b"~wiped-room-ct~~", b"~kept-room-ct~~~");
+    // Enough that whole pages of them are freed by the wipe, not only cells in shared pages.
+    for _ in 0..4 {
+        let mut batch = marked(gone, wiped_marker, 50);
+        batch.extend(marked(kept, kept_marker, 50));
+        store.append(&batch, now).await.unwrap();
+    }
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    wait_for(
+        "the checkpointer copies the messages into the database file",
+        &|| {
+            std::fs::read(dir.join("nanochat.db"))
+                .is_ok_and(|b| b.windows(16).any(|w| w == wiped_marker))
+        },
+    );
+    assert!(store.wipe(&gone, now).await.unwrap());
+    wait_for("no copy of the wiped room's ciphertexts is left", &|| {
+        sqlite_copies_of(dir, wiped_marker) == 0
+    });
+    // The scan sees what is there: the other room's messages are all still in the files.
+    assert!(sqlite_copies_of(dir, kept_marker) >= 200 * 16);
+    let page = store
+        .messages(&kept, HistoryQuery::Latest, 200, now)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 200);
+}
+
 /// The SQLite writer keeps busy rooms' seqs in memory: a room's row is rewritten when it is a
 /// minute behind (not for every batch), and maintenance brings every row up to date.
 #[tokio::test]

@@ -21,6 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -54,6 +55,9 @@ const MIGRATIONS: &[&str] = &[
 const READ_POOL: usize = 8;
 /// How often the checkpointer thread copies committed WAL pages into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// The longest a truncating checkpoint (after a wipe) waits for readers, holding new writers
+/// back meanwhile.
+const TRUNCATE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 /// WAL size (pages) at which the writer checkpoints by itself after a commit: only when the
 /// checkpointer falls behind (a full checkpoint needs a moment without a write in between).
 const WRITER_CHECKPOINT_PAGES: i64 = 4096;
@@ -99,6 +103,9 @@ struct Inner {
     spent: Mutex<HashMap<[u8; 16], Millis>>,
     /// Dropping it stops the checkpointer thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
+    /// Set by a wipe: the WAL may still hold the wiped room's pages as they were, until the
+    /// checkpointer has copied it into the database file and emptied it.
+    wiped_in_log: Arc<std::sync::atomic::AtomicBool>,
     /// The writer's replay key filters' memory.
     filter_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -196,6 +203,10 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // What is deleted (a wiped room, expired messages) is overwritten with zeros, not left in
+    // the file's free space: someone who later gets both a room's link and this disk finds
+    // nothing of a wiped room. Free pages are written once more; expiry deletes in batches.
+    conn.pragma_update(None, "secure_delete", "ON")?;
     Ok(conn)
 }
 
@@ -310,7 +321,8 @@ impl SqliteStore {
         .await??;
         let (writer, index) = writer;
         let (checkpointer, stop) = std::sync::mpsc::channel();
-        spawn_checkpointer(path.clone(), stop)?;
+        let wiped_in_log = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        spawn_checkpointer(path.clone(), stop, wiped_in_log.clone())?;
         let recent = Arc::new(Mutex::new(RecentSeqs::default()));
         let filter = ReplayFilter::new();
         let filter_bytes = filter.held_bytes();
@@ -332,6 +344,7 @@ impl SqliteStore {
                 retention,
                 spent: Mutex::new(HashMap::new()),
                 _checkpointer: checkpointer,
+                wiped_in_log,
             }),
         })
     }
@@ -419,16 +432,41 @@ impl SqliteStore {
 /// does not pay for copying pages into the database file and that file's fsync: with SQLite's
 /// default, the writer checkpoints after every 1000 pages of commits. The thread ends when
 /// the store is dropped (`stop`'s sender goes away).
-fn spawn_checkpointer(path: PathBuf, stop: std::sync::mpsc::Receiver<()>) -> anyhow::Result<()> {
+///
+/// After a wipe (`wiped_in_log`) it also empties the WAL (`TRUNCATE`), whose older frames may
+/// still hold the wiped room's pages as they were before. That checkpoint waits for readers and
+/// holds new writers back meanwhile, so it waits at most [`TRUNCATE_WAIT`] and is tried again at
+/// the next round when readers kept it from finishing.
+fn spawn_checkpointer(
+    path: PathBuf,
+    stop: std::sync::mpsc::Receiver<()>,
+    wiped_in_log: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
     let conn = open_connection(&path)?;
+    // Only the truncating checkpoint waits (a passive one never does).
+    conn.busy_timeout(TRUNCATE_WAIT)?;
     std::thread::Builder::new()
         .name("sqlite-checkpoint".into())
         .spawn(move || {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 stop.recv_timeout(CHECKPOINT_EVERY)
             {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::debug!(error = %e, "WAL checkpoint failed; the writer will retry");
+                let truncate = wiped_in_log.swap(false, Ordering::AcqRel);
+                let sql = if truncate {
+                    "PRAGMA wal_checkpoint(TRUNCATE)"
+                } else {
+                    "PRAGMA wal_checkpoint(PASSIVE)"
+                };
+                // (busy, frames in the log, frames checkpointed); busy = 1: not finished.
+                let finished = match conn.query_row(sql, [], |r| r.get::<_, i64>(0)) {
+                    Ok(busy) => busy == 0,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "WAL checkpoint failed; the writer will retry");
+                        false
+                    }
+                };
+                if truncate && !finished {
+                    wiped_in_log.store(true, Ordering::Release);
                 }
             }
         })?;
@@ -881,7 +919,7 @@ impl Store for SqliteStore {
 
     async fn wipe(&self, room: &RoomId, now: Millis) -> Result<bool, StoreError> {
         let room = *room;
-        self.write(move |side, _| {
+        self.write(move |side, inner| {
             // The room's messages not in `message_seqs` yet; only this writer adds to them.
             let waiting = side.recent().room(&room);
             let remembered = side
@@ -919,6 +957,9 @@ impl Store for SqliteStore {
             }
             let highest = PendingIndex::lower_mark(&tx).map_err(db_err)?;
             tx.commit().map_err(db_err)?;
+            if wiped == 1 {
+                inner.wiped_in_log.store(true, Ordering::Release);
+            }
             side.rooms.remove(&room);
             side.index.rows_deleted(
                 &mut lock_recent(&side.recent),
