@@ -63,6 +63,8 @@ pub struct Client {
     pub hello: Hello,
     /// How long `recv` waits.
     pub timeout: Duration,
+    /// The server's clock minus this machine's at the hello, ms (0 if it did not say).
+    clock_offset: i64,
 }
 
 /// The WebSocket settings of every client socket. tungstenite zeroes its whole read buffer
@@ -130,6 +132,7 @@ impl Client {
                 now: 0,
             },
             timeout: Duration::from_secs(10),
+            clock_offset: 0,
         };
         match client.recv().await? {
             ServerFrame::Hello {
@@ -149,6 +152,9 @@ impl Client {
                     history,
                     now,
                 };
+                if now > 0 {
+                    client.clock_offset = now - crate::store::now_ms();
+                }
                 Ok(client)
             }
             other => Err(ClientError::Protocol(format!(
@@ -268,6 +274,12 @@ impl Client {
         };
         self.send_json(&frame.to_json()).await?;
         self.recv().await
+    }
+
+    /// Now by the server's clock (as of its hello), to date a message by: the server takes a
+    /// `send` only within a day of its own epoch, whatever this machine's clock says.
+    pub fn server_now(&self) -> i64 {
+        crate::store::now_ms() + self.clock_offset
     }
 
     /// Send an already encrypted message.

@@ -247,6 +247,12 @@ async fn bad_frames_get_their_codes_and_the_socket_keeps_working() {
         "hello's now {} outside {before}..={after}",
         c.hello.now
     );
+    // The Rust client dates by it: here the two clocks are one, so it is this clock's now.
+    let dated = c.server_now();
+    assert!(
+        (before..=nanochat::store::now_ms()).contains(&dated),
+        "{dated}"
+    );
     let room = b64u(&keys.room_id);
     let cases: Vec<(String, &str)> = vec![
         ("{not json".into(), "bad_request"),

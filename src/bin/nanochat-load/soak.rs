@@ -348,9 +348,8 @@ async fn one_visit(
     let mut last_ack = 0;
     for i in 0..sends {
         let reference = format!("{round}-{i}");
-        client
-            .send_sealed(&reference, &session.seal("soak", "a message of a soak run"))
-            .await?;
+        let sealed = session.seal_at("soak", "a message of a soak run", client.server_now());
+        client.send_sealed(&reference, &sealed).await?;
         loop {
             match client.recv().await? {
                 ServerFrame::Ack {
