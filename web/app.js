@@ -193,6 +193,21 @@ function timeOf(ts) {
   return d.toLocaleString([], opts);
 }
 
+/**
+ * The hue a nickname is shown in, from its exact characters (FNV-1a over its UTF-16 units): a
+ * look-alike ("alice" with a Cyrillic а, or with an invisible character) almost always gets
+ * another colour, and a name the same colour everywhere. Not an identity: anyone may type the
+ * same name.
+ */
+function nickHue(nick) {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < nick.length; i += 1) {
+    h ^= nick.charCodeAt(i);
+    h = Math.imul(h, 0x01000193);
+  }
+  return (h >>> 0) % 360;
+}
+
 function messageElement(env, seq, own, ts) {
   const li = document.createElement('li');
   li.dataset.seq = seq ?? '';
@@ -200,6 +215,7 @@ function messageElement(env, seq, own, ts) {
   const who = document.createElement('span');
   who.className = 'nick';
   who.textContent = env.nick;
+  who.style.setProperty('--hue', String(nickHue(env.nick)));
   const text = document.createElement('span');
   text.className = 'text';
   appendWithLinks(text, env.text);

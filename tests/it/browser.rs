@@ -1122,6 +1122,46 @@ async fn sends_refused_for_now_go_again_by_themselves() {
 }
 
 #[actix_web::test]
+async fn look_alike_nicknames_show_in_other_colours_and_a_name_in_one_colour_everywhere() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    let (alice, bob, _) = two_people(&browser, &app).await;
+    let lines = [
+        ("alice", "the real one"),
+        ("\u{430}lice", "a Cyrillic а"),
+        ("alice\u{200b}", "an invisible character"),
+        ("alice", "the same name again"),
+    ];
+    say(&alice, lines[0].1).await;
+    wait_for_text(&bob, lines[0].1).await;
+    for (nick, text) in &lines[1..] {
+        set_nick(&bob, nick).await;
+        say(&bob, text).await;
+        wait_for_text(&alice, text).await;
+    }
+    wait_all_sent(&bob, 10).await;
+    let colours = async |page: &Page<'_>| -> Vec<(String, String)> {
+        serde_json::from_value(
+            page.eval(
+                "[...document.querySelectorAll('#messages .nick')] \
+                 .map(n => [n.textContent, getComputedStyle(n).color])",
+            )
+            .await,
+        )
+        .unwrap()
+    };
+    let seen = colours(&alice).await;
+    let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, lines.iter().map(|(n, _)| *n).collect::<Vec<_>>());
+    let real = &seen[0].1;
+    assert_ne!(&seen[1].1, real, "{seen:?}");
+    assert_ne!(&seen[2].1, real, "{seen:?}");
+    assert_eq!(&seen[3].1, real, "{seen:?}");
+    // The writer's own page shows each name in the same colour.
+    assert_eq!(colours(&bob).await, seen);
+}
+
+#[actix_web::test]
 async fn a_nickname_cannot_reorder_the_message_after_it() {
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;
