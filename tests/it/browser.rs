@@ -1685,6 +1685,47 @@ async fn the_link_shows_as_a_qr_code_that_a_camera_reads() {
     assert_same_origin(&alice, &app);
 }
 
+/// A `Notification` that, like Chrome's on Android, will not be made outside a service worker.
+const NOTIFICATIONS_ONLY_FROM_A_WORKER: &str = "(() => { const Real = window.Notification; \
+    window.Notification = class extends Real { constructor() { \
+      throw new TypeError('Illegal constructor. Use ServiceWorkerRegistration.showNotification() instead.'); } }; \
+    })()";
+
+#[actix_web::test]
+async fn where_notifications_cannot_be_made_the_choice_goes_and_the_title_still_counts() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    let alice = browser.new_page("about:blank").await;
+    alice.on_every_load(NOTIFICATIONS_ONLY_FROM_A_WORKER).await;
+    alice.grant("notifications", &origin(&app)).await;
+    alice.goto(&format!("{}/", origin(&app))).await;
+    let link = create_room(&alice).await;
+    let bob = browser.new_page(&link).await;
+    wait_online(&bob).await;
+    let offered = "!document.getElementById('notify').hidden";
+    assert_eq!(alice.eval(offered).await, json!(true));
+    alice
+        .eval("document.getElementById('notify').click(), true")
+        .await;
+    alice
+        .wait_for(
+            "document.getElementById('notify').getAttribute('aria-pressed') === 'true'",
+            10,
+        )
+        .await;
+    alice.open_tab_in_front().await;
+    say(&bob, "one").await;
+    say(&bob, "two").await;
+    alice
+        .wait_for("document.title === '(2) NanoChat'", 10)
+        .await;
+    // The first try failed: the choice is no longer offered, nothing was thrown at the page.
+    assert_eq!(alice.eval(offered).await, json!(false));
+    alice.bring_to_front().await;
+    assert_eq!(alice.eval("document.title").await, json!("NanoChat"));
+    assert_same_origin(&alice, &app);
+}
+
 async fn serve_foreign_page() -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
