@@ -58,6 +58,9 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(5
 /// The longest a truncating checkpoint (after a wipe) waits for readers, holding new writers
 /// back meanwhile.
 const TRUNCATE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+/// Rounds of the checkpointer (half a second each) a truncation after a wipe waits for a
+/// moment when no read holds an older state, before it is tried anyway.
+const TRUNCATE_PATIENCE: u32 = 20;
 /// WAL size (pages) at which the writer checkpoints by itself after a commit: only when the
 /// checkpointer falls behind (a full checkpoint needs a moment without a write in between).
 const WRITER_CHECKPOINT_PAGES: i64 = 4096;
@@ -435,8 +438,9 @@ impl SqliteStore {
 ///
 /// After a wipe (`wiped_in_log`) it also empties the WAL (`TRUNCATE`), whose older frames may
 /// still hold the wiped room's pages as they were before. That checkpoint waits for readers and
-/// holds new writers back meanwhile, so it waits at most [`TRUNCATE_WAIT`] and is tried again at
-/// the next round when readers kept it from finishing.
+/// holds new writers back meanwhile, so it waits at most [`TRUNCATE_WAIT`], is tried when a
+/// passive one has just copied the whole WAL (no read holds an older state; a backup's read
+/// can last minutes) or else every [`TRUNCATE_PATIENCE`] rounds, until it finishes.
 fn spawn_checkpointer(
     path: PathBuf,
     stop: std::sync::mpsc::Receiver<()>,
@@ -448,24 +452,40 @@ fn spawn_checkpointer(
     std::thread::Builder::new()
         .name("sqlite-checkpoint".into())
         .spawn(move || {
+            let mut rounds_waited = 0;
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 stop.recv_timeout(CHECKPOINT_EVERY)
             {
-                let truncate = wiped_in_log.swap(false, Ordering::AcqRel);
-                let sql = if truncate {
-                    "PRAGMA wal_checkpoint(TRUNCATE)"
-                } else {
-                    "PRAGMA wal_checkpoint(PASSIVE)"
-                };
                 // (busy, frames in the log, frames checkpointed); busy = 1: not finished.
-                let finished = match conn.query_row(sql, [], |r| r.get::<_, i64>(0)) {
-                    Ok(busy) => busy == 0,
+                let copied_all = match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                }) {
+                    Ok((busy, log, copied)) => busy == 0 && log == copied,
                     Err(e) => {
                         tracing::debug!(error = %e, "WAL checkpoint failed; the writer will retry");
                         false
                     }
                 };
-                if truncate && !finished {
+                if !wiped_in_log.load(Ordering::Acquire) {
+                    rounds_waited = 0;
+                    continue;
+                }
+                // Everything copied means no read holds an older state, so the truncation
+                // will not wait; a long read (a backup) is waited out for a while first.
+                if !copied_all && rounds_waited < TRUNCATE_PATIENCE {
+                    rounds_waited += 1;
+                    continue;
+                }
+                rounds_waited = 0;
+                wiped_in_log.store(false, Ordering::Release);
+                let truncated = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                });
+                if !matches!(truncated, Ok(0)) {
                     wiped_in_log.store(true, Ordering::Release);
                 }
             }
