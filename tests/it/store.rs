@@ -740,6 +740,34 @@ async fn a_wiped_rooms_ciphertexts_are_left_nowhere_in_the_sqlite_files() {
     });
     // The scan sees what is there: the other room's messages are all still in the files.
     assert!(sqlite_copies_of(dir, kept_marker) >= 200 * 16);
+
+    // A long read (as `nanochat backup`'s) keeps the log from being emptied while it lasts;
+    // once it ends, the log is emptied, and writes went on meanwhile.
+    let again = room(62);
+    create(store, &again, now).await;
+    store
+        .append(&marked(again, wiped_marker, 200), now)
+        .await
+        .unwrap();
+    let reader = rusqlite::Connection::open(dir.join("nanochat.db")).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert!(store.wipe(&again, now).await.unwrap());
+    store
+        .append(&marked(kept, kept_marker, 10), now)
+        .await
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        sqlite_copies_of(dir, wiped_marker) > 0,
+        "the read's state is still in the log"
+    );
+    reader.execute_batch("COMMIT").unwrap();
+    wait_for("the log is emptied once the read is over", &|| {
+        sqlite_copies_of(dir, wiped_marker) == 0
+    });
     let page = store
         .messages(&kept, HistoryQuery::Latest, 200, now)
         .await
