@@ -1969,9 +1969,13 @@ async fn two_people_chat_through_the_shipped_nginx_configuration() {
         )
         .await;
     let statuses: Vec<u16> = serde_json::from_value(statuses).unwrap();
+    // At most the burst (less what the two page loads took, plus what refills meanwhile) gets
+    // through `limit_req`: 60 or more refused (27 without it, all from `limit_conn`). At least
+    // the 64 in progress at once get through both (the burst covers them): at most 136 refused.
+    // Where in between depends on how many are in progress at once (117 seen in CI).
     let refused = statuses.iter().filter(|&&s| s == 429).count();
     assert!(
-        (60..=110).contains(&refused) && statuses.iter().all(|&s| s == 200 || s == 429),
+        (60..=136).contains(&refused) && statuses.iter().all(|&s| s == 200 || s == 429),
         "{refused} of 200 refused: {statuses:?}"
     );
     assert_eq!(app.refused("client_requests"), 0);
