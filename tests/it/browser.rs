@@ -13,7 +13,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use crate::cdp::{Browser, Page};
+use crate::cdp::{Browser, Page, clock_off_by};
 use crate::helpers::{
     Backend, TestApp, send_acked, spawn_app, spawn_app_with, start,
     work_rising_after_a_few_creations,
@@ -1414,9 +1414,7 @@ async fn a_message_too_long_to_send_stays_in_the_box_to_be_shortened() {
 /// this host: another origin, as a foreign site would be. Returns the page's origin.
 /// A page whose `Date` is `ms` off, opened at `url`.
 async fn page_with_clock_off<'a>(browser: &'a Browser, url: &str, ms: i64) -> Page<'a> {
-    let page = browser.new_page("about:blank").await;
-    page.set_clock_off_by(ms).await;
-    page.goto(url).await;
+    let page = browser.new_page_running(url, &clock_off_by(ms)).await;
     // Really off: the page's clock is not the test's.
     let off = page.eval("Date.now()").await.as_i64().unwrap() - nanochat::store::now_ms();
     assert!(
@@ -1503,10 +1501,10 @@ async fn notifications(page: &Page<'_>) -> serde_json::Value {
 async fn notifications_when_asked_for_say_how_many_and_never_who_or_what() {
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;
-    let alice = browser.new_page("about:blank").await;
-    alice.on_every_load(RECORD_NOTIFICATIONS).await;
+    let alice = browser
+        .new_page_running(&format!("{}/", origin(&app)), RECORD_NOTIFICATIONS)
+        .await;
     alice.grant("notifications", &origin(&app)).await;
-    alice.goto(&format!("{}/", origin(&app))).await;
     set_nick(&alice, "alice").await;
     let link = create_room(&alice).await;
     let bob = browser.new_page(&link).await;
@@ -1695,10 +1693,13 @@ const NOTIFICATIONS_ONLY_FROM_A_WORKER: &str = "(() => { const Real = window.Not
 async fn where_notifications_cannot_be_made_the_choice_goes_and_the_title_still_counts() {
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;
-    let alice = browser.new_page("about:blank").await;
-    alice.on_every_load(NOTIFICATIONS_ONLY_FROM_A_WORKER).await;
+    let alice = browser
+        .new_page_running(
+            &format!("{}/", origin(&app)),
+            NOTIFICATIONS_ONLY_FROM_A_WORKER,
+        )
+        .await;
     alice.grant("notifications", &origin(&app)).await;
-    alice.goto(&format!("{}/", origin(&app))).await;
     let link = create_room(&alice).await;
     let bob = browser.new_page(&link).await;
     wait_online(&bob).await;

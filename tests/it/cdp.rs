@@ -176,6 +176,14 @@ impl Browser {
         answer["result"].clone()
     }
 
+    /// `new_page`, with `script` run before the page's own scripts at every load.
+    pub async fn new_page_running(&self, url: &str, script: &str) -> Page<'_> {
+        let page = self.new_page("about:blank").await;
+        page.on_every_load(script).await;
+        page.goto(url).await;
+        page
+    }
+
     /// A page in a fresh browser context (its own storage, like another person's browser).
     pub async fn new_page(&self, url: &str) -> Page<'_> {
         let ctx = self
@@ -210,6 +218,18 @@ impl Browser {
         page.goto(url).await;
         page
     }
+}
+
+/// A script for `new_page_running` that sets the page's clock `ms` off: `Date.now()` and
+/// `new Date()` say so, as on a device whose clock is wrong.
+pub fn clock_off_by(ms: i64) -> String {
+    format!(
+        "(() => {{ const off = {ms}; const Real = Date; const realNow = Real.now.bind(Real); \
+         class Off extends Real {{ \
+           constructor(...a) {{ if (a.length === 0) super(realNow() + off); else super(...a); }} \
+           static now() {{ return realNow() + off; }} }} \
+         globalThis.Date = Off; }})()"
+    )
 }
 
 impl Drop for Browser {
@@ -299,21 +319,8 @@ impl Page<'_> {
         self.wait_for("!document.hidden", 10).await;
     }
 
-    /// Set this page's clock `ms` off (from its next load on): `Date.now()` and `new Date()`
-    /// say so, as on a device whose clock is wrong.
-    pub async fn set_clock_off_by(&self, ms: i64) {
-        let script = format!(
-            "(() => {{ const off = {ms}; const Real = Date; const realNow = Real.now.bind(Real); \
-             class Off extends Real {{ \
-               constructor(...a) {{ if (a.length === 0) super(realNow() + off); else super(...a); }} \
-               static now() {{ return realNow() + off; }} }} \
-             globalThis.Date = Off; }})()"
-        );
-        self.on_every_load(&script).await;
-    }
-
     /// Run `script` in this page before its own scripts, at every load from the next one on.
-    pub async fn on_every_load(&self, script: &str) {
+    async fn on_every_load(&self, script: &str) {
         self.call(
             "Page.addScriptToEvaluateOnNewDocument",
             json!({"source": script}),

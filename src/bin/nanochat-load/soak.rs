@@ -343,7 +343,7 @@ async fn one_visit(
             keys
         }
     };
-    let mut session = RoomSession::new(keys.clone());
+    let mut session = RoomSession::new(keys.clone()).within(client.hello.max_ct);
     let sends = 1 + rand::random::<u32>() % 10;
     let mut last_ack = 0;
     for i in 0..sends {
