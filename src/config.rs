@@ -230,6 +230,10 @@ pub struct StoreSettings {
     /// Writer tasks committing in parallel on Postgres, rooms split between them (each room
     /// stays with one, so its order holds). SQLite always uses one.
     pub writers: usize,
+    /// SQLite: new messages and rooms are refused (`unavailable`) while the data directory's
+    /// volume has less than this many MiB available, so that expiry, wipes and the database's
+    /// own log always find room. 0: never refused before the disk is full.
+    pub min_free_mib: u64,
 }
 
 /// `[log]`
@@ -360,6 +364,7 @@ impl Default for StoreSettings {
             batch_max: 4096,
             queue: 8192,
             writers: 2,
+            min_free_mib: 256,
         }
     }
 }
@@ -673,6 +678,11 @@ impl Settings {
             self.store.writers >= 1 && self.store.writers < self.database.pool_size.max(2),
             "store.writers",
             "must be at least 1 and below database.pool_size",
+        )?;
+        check(
+            self.store.min_free_mib <= 1 << 24,
+            "store.min_free_mib",
+            "must be at most 16777216 (16 TiB)",
         )?;
         Ok(())
     }

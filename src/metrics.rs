@@ -83,6 +83,11 @@ pub struct Metrics {
     pub replay_filter_bytes: IntGauge,
     /// Message partitions present after the last maintenance run (Postgres).
     pub partitions: IntGauge,
+    /// Bytes the database takes on disk, as of the last scrape.
+    pub storage_bytes: IntGauge,
+    /// The data volume's gauges, registered once a backend reports a volume (SQLite), so a
+    /// Postgres node shows no zeros for a disk it cannot see.
+    volume: std::sync::OnceLock<VolumeGauges>,
     /// Duration of maintenance runs.
     pub maintenance_seconds: Histogram,
     /// Unix time of the last successful maintenance run.
@@ -101,6 +106,13 @@ pub struct Metrics {
     /// Cluster listener events: `received` notifications from other nodes, `listening`
     /// (connected), `reconnect`.
     pub cluster_notifications_total: IntCounterVec,
+}
+
+/// The volume under a SQLite data directory.
+struct VolumeGauges {
+    available: IntGauge,
+    size: IntGauge,
+    reserve: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -333,6 +345,15 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            storage_bytes: reg(
+                r,
+                IntGauge::new(
+                    "nanochat_storage_bytes",
+                    "Bytes the database takes on disk: SQLite's database file and write-ahead log, or the Postgres database (pg_database_size).",
+                )
+                .expect("valid metric"),
+            ),
+            volume: std::sync::OnceLock::new(),
             partitions: reg(
                 r,
                 IntGauge::new(
@@ -455,6 +476,40 @@ impl Metrics {
         self.frames_rejected_total
             .with_label_values(&[code.as_str()])
             .inc();
+    }
+
+    /// Record what storage takes and what its volume has left.
+    pub fn set_storage(&self, usage: &crate::store::StorageUsage) {
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.storage_bytes.set(clamp(usage.database_bytes));
+        let Some(v) = usage.volume else {
+            return;
+        };
+        let gauges = self.volume.get_or_init(|| {
+            let gauge = |name: &str, help: &str| {
+                reg(
+                    &self.registry,
+                    IntGauge::new(name, help).expect("valid metric"),
+                )
+            };
+            VolumeGauges {
+                available: gauge(
+                    "nanochat_storage_volume_available_bytes",
+                    "Bytes still available on the volume under the SQLite data directory.",
+                ),
+                size: gauge(
+                    "nanochat_storage_volume_size_bytes",
+                    "Size of the volume under the SQLite data directory.",
+                ),
+                reserve: gauge(
+                    "nanochat_storage_reserve_bytes",
+                    "New messages and rooms are refused while the volume has less than this available (store.min_free_mib; 0: never).",
+                ),
+            }
+        });
+        gauges.available.set(clamp(v.available));
+        gauges.size.set(clamp(v.size));
+        gauges.reserve.set(clamp(v.reserve));
     }
 
     /// The Prometheus text exposition of every metric.

@@ -446,6 +446,9 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// How long a scrape waits for the storage usage before it answers without it.
+const USAGE_WAIT: Duration = Duration::from_secs(2);
+
 async fn metrics_endpoint(state: web::Data<AppState>) -> HttpResponse {
     if let Some(p) = state.store.pool_stats() {
         let g = &state.metrics.store_pool_connections;
@@ -459,6 +462,12 @@ async fn metrics_endpoint(state: web::Data<AppState>) -> HttpResponse {
             .metrics
             .replay_filter_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+    // A database that does not answer in time leaves the last values; the scrape goes on.
+    match tokio::time::timeout(USAGE_WAIT, state.store.usage()).await {
+        Ok(Ok(usage)) => state.metrics.set_storage(&usage),
+        Ok(Err(e)) => tracing::debug!(error = %e, "storage usage not read for metrics"),
+        Err(_) => tracing::debug!("storage usage not read for metrics in time"),
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

@@ -176,6 +176,28 @@ pub struct PoolStats {
     pub waiting: usize,
 }
 
+/// What the stored data takes on disk, and what is left where it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageUsage {
+    /// Bytes the database takes: SQLite's database file and write-ahead log; the whole
+    /// Postgres database as `pg_database_size` counts it.
+    pub database_bytes: u64,
+    /// The volume under the data directory (SQLite; Postgres keeps its files elsewhere).
+    pub volume: Option<VolumeUsage>,
+}
+
+/// The file system holding a SQLite data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeUsage {
+    /// Bytes an unprivileged writer may still use (blocks kept for root not counted).
+    pub available: u64,
+    /// The file system's size.
+    pub size: u64,
+    /// New messages and rooms are refused while `available` is below this
+    /// (`store.min_free_mib`; 0: never).
+    pub reserve: u64,
+}
+
 /// A storage failure. The text is for logs only; clients get a code.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -217,6 +239,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the database answers and is migrated (for `/readyz`).
     async fn ready(&self) -> Result<(), StoreError>;
+
+    /// How much space the data takes, and (SQLite) what its volume has left.
+    async fn usage(&self) -> Result<StorageUsage, StoreError>;
 
     /// Create a room with its wrapped auth key.
     async fn create_room(
@@ -340,7 +365,11 @@ pub async fn open(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
         Some(url) => {
             Arc::new(postgres::PgStore::connect(url, &settings.database, retention).await?)
         }
-        None => Arc::new(sqlite::SqliteStore::open(&settings.server.data_dir, retention).await?),
+        None => {
+            let store = sqlite::SqliteStore::open(&settings.server.data_dir, retention).await?;
+            store.set_min_free(settings.store.min_free_mib * 1024 * 1024);
+            Arc::new(store)
+        }
     })
 }
 

@@ -23,7 +23,8 @@ use tokio_postgres::types::ToSql;
 
 use super::{
     AppendOutcome, CreateOutcome, MaintenanceReport, Millis, NewMessage, Page, Retention,
-    RoomRecord, Store, StoreError, StoredMessage, assign_seqs, finish_page, replay_window_start,
+    RoomRecord, StorageUsage, Store, StoreError, StoredMessage, assign_seqs, finish_page,
+    replay_window_start,
 };
 use crate::config::DatabaseSettings;
 use crate::crypto::{EPOCH_MS, RoomId};
@@ -993,6 +994,19 @@ impl Store for PgStore {
             open: s.size,
             idle: s.available,
             waiting: s.waiting,
+        })
+    }
+
+    async fn usage(&self) -> Result<StorageUsage, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let bytes: i64 = client
+            .query_one("SELECT pg_database_size(current_database())", &[])
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        Ok(StorageUsage {
+            database_bytes: u64::try_from(bytes).unwrap_or(0),
+            volume: None,
         })
     }
 

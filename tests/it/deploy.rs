@@ -160,9 +160,88 @@ async fn the_replay_filter_memory_is_exported_on_sqlite() {
     assert_eq!(held, 2 << 20, "the built filter: 2 bytes x 2^20 keys");
 }
 
+/// The value of a series in a scrape.
+fn value(body: &str, series: &str) -> u64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{series} missing:\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+/// The database file and its write-ahead log, as the test sees them.
+fn sqlite_files(dir: &Path) -> u64 {
+    ["nanochat.db", "nanochat.db-wal"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len()))
+        .sum()
+}
+
+/// What the stored data takes is exported on both backends; on SQLite also the data volume
+/// and the reserve below which new messages are refused (`store.min_free_mib`). Postgres,
+/// whose disk the server cannot see, exports no volume at all rather than zeros.
+#[actix_web::test]
+async fn storage_size_and_the_sqlite_data_volume_are_exported() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let (mut alice, keys) = app.room_creator().await;
+    let mut s = RoomSession::new(keys);
+    for i in 0..50 {
+        send_acked(&mut alice, &mut s, i).await;
+    }
+    let dir = &app.settings.server.data_dir;
+    let before = sqlite_files(dir);
+    let body = app.metrics().await;
+    let after = sqlite_files(dir);
+    let bytes = value(&body, "nanochat_storage_bytes");
+    assert!(
+        bytes >= before.min(after) && bytes <= before.max(after) && bytes > 0,
+        "{bytes} against {before}..{after}"
+    );
+    let v = rustix::fs::statvfs(dir).unwrap();
+    assert_eq!(
+        value(&body, "nanochat_storage_volume_size_bytes"),
+        v.f_blocks * v.f_frsize
+    );
+    // Other tests write to the same disk meanwhile.
+    let seen = value(&body, "nanochat_storage_volume_available_bytes");
+    let now = v.f_bavail * v.f_frsize;
+    assert!(seen.abs_diff(now) < 1 << 30, "{seen} against {now}");
+    assert_eq!(value(&body, "nanochat_storage_reserve_bytes"), 256 << 20);
+
+    let app = spawn_app(Backend::Postgres).await;
+    let (mut alice, keys) = app.room_creator().await;
+    let mut s = RoomSession::new(keys);
+    send_acked(&mut alice, &mut s, 0).await;
+    let body = app.metrics().await;
+    let url = app.settings.database.url.clone().unwrap();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    actix_web::rt::spawn(conn);
+    let size: i64 = client
+        .query_one("SELECT pg_database_size(current_database())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let bytes = value(&body, "nanochat_storage_bytes");
+    assert!(
+        bytes.abs_diff(size as u64) < 1 << 20,
+        "{bytes} against {size}"
+    );
+    assert!(
+        !body.contains("nanochat_storage_volume") && !body.contains("nanochat_storage_reserve"),
+        "no volume on Postgres:\n{body}"
+    );
+}
+
 #[actix_web::test]
 async fn dashboards_and_alerts_cover_exactly_the_exported_metrics() {
+    // Postgres exports what only it has (pool, partitions); SQLite its filter and volume.
     let body = scrape_after_traffic().await;
+    let sqlite = spawn_app(Backend::Sqlite).await;
+    let (mut alice, keys) = sqlite.room_creator().await;
+    send_acked(&mut alice, &mut RoomSession::new(keys), 0).await;
+    let body = body + &sqlite.metrics().await;
     let exported = metric_names(&body);
     let strip = |n: &str| {
         ["_bucket", "_count", "_sum"]

@@ -228,7 +228,9 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers_without_loss_or_corrupti
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let _mount = TmpfsMount::new(&data, "16m");
-    let (mut server, port, _log, rx) = crate::binary::spawn_server(dir.path(), &[]);
+    // Without the reserve, which would refuse every message on so small a volume.
+    let (mut server, port, _log, rx) =
+        crate::binary::spawn_server(dir.path(), &[("NANOCHAT__STORE__MIN_FREE_MIB", "0")]);
     let url = format!("ws://127.0.0.1:{port}/ws");
     let keys = crate::helpers::random_room();
     let mut alice = nanochat::client::Client::connect(&url).await.unwrap();
@@ -301,12 +303,200 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers_without_loss_or_corrupti
     }
 }
 
+/// Write into `path` until the volume under it has at most `left` bytes available.
+fn fill_until_available(path: &std::path::Path, left: u64) {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while available(path) > left {
+        f.write_all(&chunk).unwrap();
+        f.sync_all().unwrap();
+    }
+}
+
+/// Bytes available to an unprivileged writer on the volume holding `path`.
+fn available(path: &std::path::Path) -> u64 {
+    let v = rustix::fs::statvfs(path).unwrap();
+    v.f_bavail * v.f_frsize
+}
+
+/// A value of the server's metrics, by its full series name.
+fn metric(body: &str, series: &str) -> u64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{series} missing:\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+/// `store.min_free_mib` keeps a volume from filling up with messages: below it new messages
+/// and rooms are refused with `unavailable`, before the disk is full, while reading and the
+/// panic button (whose deletes need room in SQLite's log) go on; once space is freed sending
+/// resumes by itself. Nothing acknowledged is lost, nothing refused is stored.
+#[actix_web::test]
+async fn a_volume_low_on_space_refuses_new_messages_before_it_is_full_and_wipes_still_work() {
+    const MIB: u64 = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _mount = TmpfsMount::new(&data, "64m");
+    let (mut server, port, log, rx) = crate::binary::spawn_server(
+        dir.path(),
+        &[
+            ("NANOCHAT__STORE__MIN_FREE_MIB", "16"),
+            ("NANOCHAT__LIMITS__FRAMES_PER_SECOND", "100000"),
+            ("NANOCHAT__LIMITS__FRAMES_BURST", "10000"),
+            ("NANOCHAT__RATE__CLIENT_FRAMES__PER_MINUTE", "600000"),
+            ("NANOCHAT__RATE__CLIENT_FRAMES__BURST", "10000"),
+            ("NANOCHAT__RATE__CLIENT_MESSAGES__PER_MINUTE", "600000"),
+            ("NANOCHAT__RATE__CLIENT_MESSAGES__BURST", "10000"),
+            ("NANOCHAT__RATE__ROOM_MESSAGES__PER_MINUTE", "600000"),
+            ("NANOCHAT__RATE__ROOM_MESSAGES__BURST", "10000"),
+        ],
+    );
+    let listening: serde_json::Value = serde_json::from_str(log.last().unwrap()).unwrap();
+    let admin = listening["admin_port"].as_u64().unwrap() as u16;
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let keys = crate::helpers::random_room();
+    let mut alice = nanochat::client::Client::connect(&url).await.unwrap();
+    alice.create(&keys).await.unwrap();
+    let mut s = RoomSession::new(keys.clone());
+    // A second room, to be wiped while space is low.
+    let other = crate::helpers::random_room();
+    let mut bob = nanochat::client::Client::connect(&url).await.unwrap();
+    bob.create(&other).await.unwrap();
+    let mut bob_s = RoomSession::new(other.clone());
+    for i in 0..20 {
+        let (_, o) = send(&mut bob, &mut bob_s, i, 2048).await;
+        assert_eq!(o, "acked");
+    }
+    let mut outcome: HashMap<String, &'static str> = HashMap::new();
+    let mut i = 0;
+    for _ in 0..10 {
+        let (r, o) = send(&mut alice, &mut s, i, 2048).await;
+        assert_eq!(o, "acked");
+        outcome.insert(r, o);
+        i += 1;
+    }
+
+    // Leave 2 MiB above the reserve, then send until refused.
+    fill_until_available(&data.join("filler"), 18 * MIB);
+    let mut acked_near_the_reserve = 0;
+    let mut refused = 0;
+    while refused < 5 {
+        assert!(i < 5000, "the reserve never refused a message");
+        let (r, o) = send(&mut alice, &mut s, i, 2048).await;
+        outcome.insert(r, o);
+        i += 1;
+        match o {
+            "refused" => refused += 1,
+            _ => acked_near_the_reserve += 1,
+        }
+    }
+    assert!(
+        acked_near_the_reserve > 0,
+        "the 2 MiB above the reserve take messages"
+    );
+    let left = available(&data);
+    assert!(
+        left > 15 * MIB,
+        "refused before the reserve is used up: {left} bytes left"
+    );
+    // The operator sees why: metrics and the log.
+    let files = || {
+        ["nanochat.db", "nanochat.db-wal"]
+            .iter()
+            .map(|f| std::fs::metadata(data.join(f)).unwrap().len())
+            .sum::<u64>()
+    };
+    let before = files();
+    let body = crate::helpers::http_get(admin, "/metrics").await.body;
+    let after = files();
+    assert_eq!(metric(&body, "nanochat_storage_reserve_bytes"), 16 * MIB);
+    assert_eq!(
+        metric(&body, "nanochat_storage_volume_size_bytes"),
+        64 * MIB
+    );
+    let seen = metric(&body, "nanochat_storage_volume_available_bytes");
+    assert!(seen < 16 * MIB && seen > 15 * MIB, "{seen}");
+    // The checkpointer may still be copying the last pages into the database file.
+    let bytes = metric(&body, "nanochat_storage_bytes");
+    assert!(
+        bytes >= before.min(after) && bytes <= before.max(after),
+        "{bytes} against {before}..{after}"
+    );
+    let mut said = Vec::new();
+    while let Ok(line) = rx.try_recv() {
+        said.push(line);
+    }
+    assert!(
+        said.iter().any(|l| l.contains("store.min_free_mib")),
+        "the log names the reserve: {said:?}"
+    );
+    // No new room either.
+    let mut dave = nanochat::client::Client::connect(&url).await.unwrap();
+    let answer = dave.create(&crate::helpers::random_room()).await;
+    assert!(
+        matches!(&answer, Ok(ServerFrame::Error { code, .. }) if code == "unavailable"),
+        "{answer:?}"
+    );
+    // Reading goes on, and so does the panic button.
+    let mut carol = nanochat::client::Client::connect(&url).await.unwrap();
+    let ServerFrame::Joined { messages, .. } = carol.join(&keys, None).await.unwrap() else {
+        panic!("carol joins");
+    };
+    assert!(!messages.is_empty());
+    bob.send_json(&serde_json::json!({"type": "panic"}))
+        .await
+        .unwrap();
+    assert!(
+        matches!(bob.recv().await, Ok(ServerFrame::Nuked)),
+        "the wipe works on a volume at its reserve"
+    );
+    let mut erin = nanochat::client::Client::connect(&url).await.unwrap();
+    let answer = erin.join(&other, None).await.unwrap();
+    assert!(
+        matches!(&answer, ServerFrame::Error { code, .. } if code == "room_gone"),
+        "{answer:?}"
+    );
+
+    std::fs::remove_file(data.join("filler")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut acked_after = 0;
+    while acked_after < 10 {
+        assert!(Instant::now() < deadline, "sending did not resume");
+        let (r, o) = send(&mut alice, &mut s, i, 2048).await;
+        if o == "acked" {
+            acked_after += 1;
+        }
+        outcome.insert(r, o);
+        i += 1;
+    }
+    drop((alice, bob, carol, dave, erin));
+    terminate(&mut server);
+
+    // Only the first room's messages are left (the wiped one's are gone): each acked once,
+    // none of the refused.
+    let stored = check_database(&data.join("nanochat.db"), &keys);
+    assert_eq!(stored.values().sum::<usize>(), stored.len());
+    for (text, o) in &outcome {
+        match *o {
+            "acked" => assert_eq!(stored.get(text), Some(&1), "acked {text}"),
+            _ => assert_eq!(stored.get(text), None, "refused {text} was stored"),
+        }
+    }
+    assert_eq!(
+        stored.len(),
+        outcome.values().filter(|o| **o == "acked").count()
+    );
+}
+
 #[actix_web::test]
 async fn a_read_only_data_directory_stops_the_start_with_a_clear_error_and_harms_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mount = TmpfsMount::new(&data, "16m");
-    let (mut server, port, _log, _rx) = crate::binary::spawn_server(dir.path(), &[]);
+    let no_reserve = [("NANOCHAT__STORE__MIN_FREE_MIB", "0")];
+    let (mut server, port, _log, _rx) = crate::binary::spawn_server(dir.path(), &no_reserve);
     let url = format!("ws://127.0.0.1:{port}/ws");
     let keys = crate::helpers::random_room();
     let mut alice = nanochat::client::Client::connect(&url).await.unwrap();

@@ -29,7 +29,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     AppendOutcome, CreateOutcome, MaintenanceReport, Millis, NewMessage, Page, Retention,
-    RoomRecord, Store, StoreError, StoredMessage, finish_page, replay_window_start,
+    RoomRecord, StorageUsage, Store, StoreError, StoredMessage, VolumeUsage, finish_page,
+    replay_window_start,
 };
 use crate::crypto::RoomId;
 use crate::protocol::HistoryQuery;
@@ -93,7 +94,7 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     /// Held for the life of the store: one process per data directory.
-    _lock: std::fs::File,
+    lock: std::fs::File,
     writer: Mutex<WriteSide>,
     /// Where history reads find the messages not yet in `message_seqs` (the writer's too).
     recent: Arc<Mutex<RecentSeqs>>,
@@ -111,6 +112,46 @@ struct Inner {
     wiped_in_log: Arc<std::sync::atomic::AtomicBool>,
     /// The writer's replay key filters' memory.
     filter_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes the data directory's volume must keep available for new messages and rooms to
+    /// be taken (`store.min_free_mib`); 0: no such check.
+    min_free: std::sync::atomic::AtomicU64,
+}
+
+impl Inner {
+    /// The data directory's volume, asked through the lock file held open in it.
+    fn volume(&self) -> std::io::Result<VolumeUsage> {
+        let v = rustix::fs::fstatvfs(&self.lock)?;
+        Ok(VolumeUsage {
+            available: v.f_bavail.saturating_mul(v.f_frsize),
+            size: v.f_blocks.saturating_mul(v.f_frsize),
+            reserve: self.min_free.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Refuse to add data while the volume has less than the reserve available: what frees
+    /// space (expiry, wipes) and SQLite's own log must never find the disk full. One
+    /// `fstatvfs` per transaction, about a microsecond.
+    fn check_room_to_grow(&self) -> Result<(), StoreError> {
+        let reserve = self.min_free.load(Ordering::Relaxed);
+        if reserve == 0 {
+            return Ok(());
+        }
+        match self.volume() {
+            Ok(v) if v.available < reserve => Err(StoreError::Unavailable(format!(
+                "the data directory's volume has {} MiB available, less than \
+                 store.min_free_mib ({} MiB): new messages and rooms are refused until space \
+                 is freed",
+                v.available >> 20,
+                reserve >> 20
+            ))),
+            Ok(_) => Ok(()),
+            // Not knowing is no reason to refuse; a really full disk refuses by itself.
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the data volume's free space");
+                Ok(())
+            }
+        }
+    }
 }
 
 /// The writer connection, what it remembers of the rooms it has written to, and the index
@@ -332,7 +373,7 @@ impl SqliteStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
-                _lock: lock,
+                lock,
                 writer: Mutex::new(WriteSide {
                     conn: writer,
                     rooms: HashMap::new(),
@@ -341,6 +382,7 @@ impl SqliteStore {
                     filter,
                 }),
                 filter_bytes,
+                min_free: std::sync::atomic::AtomicU64::new(0),
                 recent,
                 readers: Mutex::new(Vec::new()),
                 read_turns: Arc::new(tokio::sync::Semaphore::new(READ_POOL)),
@@ -355,6 +397,12 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Refuse new messages and rooms while the data directory's volume has less than `bytes`
+    /// available (0, the default: never).
+    pub fn set_min_free(&self, bytes: u64) {
+        self.inner.min_free.store(bytes, Ordering::Relaxed);
     }
 
     /// Run `f` with the writer connection on the blocking pool.
@@ -804,6 +852,26 @@ impl Store for SqliteStore {
         )
     }
 
+    async fn usage(&self) -> Result<StorageUsage, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let len = |suffix: &str| {
+                let mut name = inner.path.clone().into_os_string();
+                name.push(suffix);
+                std::fs::metadata(name).map_or(0, |m| m.len())
+            };
+            let volume = inner
+                .volume()
+                .map_err(|e| StoreError::Unavailable(format!("data volume: {e}")))?;
+            Ok(StorageUsage {
+                database_bytes: len("") + len("-wal"),
+                volume: Some(volume),
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("storage task failed: {e}")))?
+    }
+
     async fn ready(&self) -> Result<(), StoreError> {
         self.read(|conn, _| {
             let version: i64 = conn
@@ -834,6 +902,7 @@ impl Store for SqliteStore {
         let room = *room;
         let wrapped = auth_wrapped.to_vec();
         self.write(move |side, inner| {
+            inner.check_room_to_grow()?;
             // The row must be current before its idleness is judged; a room that gets a new
             // row starts afresh in the writer's memory.
             if let Some(live) = side.rooms.get(&room) {
@@ -918,8 +987,11 @@ impl Store for SqliteStore {
     ) -> Result<Vec<AppendOutcome>, StoreError> {
         // The blocking pool needs owned data; the copy is small next to an fsync.
         let batch = batch.to_vec();
-        self.write(move |side, _| append_tx(side, &batch, now).map_err(db_err))
-            .await
+        self.write(move |side, inner| {
+            inner.check_room_to_grow()?;
+            append_tx(side, &batch, now).map_err(db_err)
+        })
+        .await
     }
 
     async fn messages(
