@@ -130,7 +130,7 @@ fn limiter_benches(c: &mut Criterion) {
     let limits = Limits::new(&settings, Arc::new(nanochat::metrics::Metrics::new()));
     for k in 0..settings.rate.max_keys as u128 / 2 {
         let _ = limits.client(ClientLimit::Frame, Client::Ip(k << 64));
-        let _ = limits.client(ClientLimit::Message, Client::Ip(k << 64));
+        let _ = limits.client(ClientLimit::Message(1), Client::Ip(k << 64));
     }
     let socket = DirectLimiter::new("socket_frames", UNLIMITED, 1);
     let me = Client::Ip(42 << 64);
@@ -150,15 +150,14 @@ fn limiter_benches(c: &mut Criterion) {
             limits.client(ClientLimit::Frame, me).unwrap();
             socket.check().unwrap();
             let parsed = parse_client_frame(black_box(&frame), &frame_limits).unwrap();
-            limits.client(ClientLimit::Message, me).unwrap();
-            limits.room_message(&room).unwrap();
+            let nanochat::protocol::ClientFrame::Send { epoch, ct, .. } = parsed else {
+                unreachable!()
+            };
+            let cost = nanochat::protocol::message_cost(ct.len());
+            limits.client(ClientLimit::Message(cost), me).unwrap();
+            limits.room_message(&room, cost).unwrap();
             let current = crypto::epoch_of(nanochat::store::now_ms());
-            match parsed {
-                nanochat::protocol::ClientFrame::Send { epoch, .. } => {
-                    assert!(epoch.abs_diff(current) <= 1)
-                }
-                _ => unreachable!(),
-            }
+            assert!(epoch.abs_diff(current) <= 1);
         })
     });
 }

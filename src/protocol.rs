@@ -18,6 +18,19 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_REF_CHARS: usize = 64;
 /// Largest `limit` of a `history` request.
 pub const MAX_HISTORY_LIMIT: u32 = 200;
+
+/// Bytes of a message's content that count as one message against the message limits.
+pub const MESSAGE_COST_UNIT: usize = 1024;
+
+/// What a `send` costs against the message limits: one per started KiB of its content (the
+/// ciphertext less its tag), at least one. The page pads ordinary messages to 256-byte blocks,
+/// so everything up to a KiB counts once, and the largest message (8 KiB at the default
+/// `limits.max_ct_bytes`) eight times: the limits bound the bytes a client stores, not only
+/// its messages.
+pub fn message_cost(ct_len: usize) -> u32 {
+    let content = ct_len.saturating_sub(TAG_LEN);
+    u32::try_from(content.div_ceil(MESSAGE_COST_UNIT).max(1)).unwrap_or(u32::MAX)
+}
 /// Largest sequence number a client may name (JavaScript's safe integer range).
 pub const MAX_SEQ: u64 = (1 << 53) - 1;
 
@@ -610,6 +623,21 @@ mod tests {
         }
         // Both outcomes were exercised.
         assert!(accepted > 10_000 && accepted < 190_000, "{accepted}");
+    }
+
+    #[test]
+    fn a_message_costs_one_per_started_kib_of_content() {
+        use super::message_cost;
+        // The page's short messages (one 256-byte block and its tag), up to a KiB of content.
+        for ct in [16, 272, 1024, 1040] {
+            assert_eq!(message_cost(ct), 1, "{ct}");
+        }
+        assert_eq!(message_cost(1041), 2);
+        assert_eq!(message_cost(7168 + 16), 7);
+        // The largest at the default limits.max_ct_bytes, and one at the largest allowed.
+        assert_eq!(message_cost(8192), 8);
+        assert_eq!(message_cost(1 << 20), 1024);
+        assert_eq!(message_cost(0), 1);
     }
 
     #[test]

@@ -1033,11 +1033,12 @@ impl Conn {
             return Err(with_ref(ErrorCode::NotJoined, "join or create a room first").into());
         };
         let room = joined.room;
-        // Per client before per room.
+        // Per client before per room; a long message counts as several.
+        let cost = crate::protocol::message_cost(ct.len());
         self.state
             .limits
-            .client(ClientLimit::Message, self.peer.client)
-            .and_then(|()| self.state.limits.room_message(&room))
+            .client(ClientLimit::Message(cost), self.peer.client)
+            .and_then(|()| self.state.limits.room_message(&room, cost))
             .map_err(|r| Refusal::Limited(r, Some(reference.clone())))?;
         let current = crypto::epoch_of(now_ms());
         if epoch.abs_diff(current) > 1 {

@@ -80,15 +80,14 @@ fn quota(rate: Rate, factor: u32) -> Quota {
 pub struct DirectLimiter {
     name: &'static str,
     inner: DefaultDirectRateLimiter,
+    /// The most cells one check may take: the whole bucket.
+    burst: u32,
 }
 
 impl DirectLimiter {
     /// A limiter named `name` with this rate (times `factor`).
     pub fn new(name: &'static str, rate: Rate, factor: u32) -> Self {
-        Self {
-            name,
-            inner: RateLimiter::direct(quota(rate, factor)),
-        }
+        Self::with_quota(name, quota(rate, factor))
     }
 
     /// A limiter from a raw quota.
@@ -96,6 +95,7 @@ impl DirectLimiter {
         Self {
             name,
             inner: RateLimiter::direct(quota),
+            burst: quota.burst_size().get(),
         }
     }
 
@@ -104,9 +104,9 @@ impl DirectLimiter {
         self.check_n(1)
     }
 
-    /// Take `n` cells at once (refused if the bucket cannot ever hold them, too).
+    /// Take `n` cells at once; more than the whole bucket takes the whole bucket.
     pub fn check_n(&self, n: u32) -> Result<(), Refused> {
-        let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        let n = NonZeroU32::new(n.min(self.burst)).unwrap_or(NonZeroU32::MIN);
         refusal(self.name, self.inner.check_n(n), self.inner.clock())
     }
 }
@@ -126,8 +126,7 @@ fn refusal(
             limiter,
             retry_after: not_until.wait_time_from(clock.now()),
         }),
-        // More than a whole burst: never, but the configuration makes sure no client frame
-        // asks for that much.
+        // More than a whole burst: never, `check_n` takes at most the whole bucket.
         Err(_) => Err(Refused {
             limiter,
             retry_after: Duration::from_secs(60),
@@ -140,6 +139,8 @@ pub struct KeyedLimiter {
     name: &'static str,
     inner: DefaultKeyedRateLimiter<u128>,
     overflow: DefaultDirectRateLimiter,
+    /// The most cells one check may take: a key's whole bucket.
+    burst: u32,
     cap: usize,
     started: Instant,
     last_full_sweep_ms: AtomicU64,
@@ -162,6 +163,7 @@ impl KeyedLimiter {
             name,
             inner: RateLimiter::keyed(quota(rate, 1)),
             overflow: RateLimiter::direct(quota(rate, 16)),
+            burst: rate.burst.max(1),
             cap,
             started: Instant::now(),
             last_full_sweep_ms: AtomicU64::new(0),
@@ -181,9 +183,10 @@ impl KeyedLimiter {
         self.check_n(key, 1)
     }
 
-    /// Take `n` cells for `key` at once (refused if its bucket cannot ever hold them, too).
+    /// Take `n` cells for `key` at once; more than a whole bucket takes the whole bucket (a
+    /// message longer than the burst allows still passes, on a full bucket).
     pub fn check_n(&self, key: u128, n: u32) -> Result<(), Refused> {
-        let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        let n = NonZeroU32::new(n.min(self.burst)).unwrap_or(NonZeroU32::MIN);
         let due = self
             .checks
             .fetch_add(1, Ordering::Relaxed)
@@ -259,8 +262,8 @@ pub enum ClientLimit {
     Connection,
     /// Any frame.
     Frame,
-    /// A `send`.
-    Message,
+    /// A `send`, by its cost ([`crate::protocol::message_cost`]).
+    Message(u32),
     /// A `create`.
     Creation,
     /// A `pow` token request.
@@ -362,7 +365,7 @@ impl Limits {
             Client::Ip(key) => match what {
                 ClientLimit::Connection => self.client_connections.check(key),
                 ClientLimit::Frame => self.client_frames.check(key),
-                ClientLimit::Message => self.client_messages.check(key),
+                ClientLimit::Message(n) => self.client_messages.check_n(key, n),
                 ClientLimit::Creation => self.client_creations.check(key),
                 ClientLimit::PowToken => self.client_pow_tokens.check(key),
                 ClientLimit::Read(n) => self.client_reads.check_n(key, n),
@@ -371,7 +374,7 @@ impl Limits {
             Client::Onion => match what {
                 ClientLimit::Connection => self.onion.connections.check(),
                 ClientLimit::Frame => self.onion.frames.check(),
-                ClientLimit::Message => self.onion.messages.check(),
+                ClientLimit::Message(n) => self.onion.messages.check_n(n),
                 ClientLimit::Creation => self.onion.creations.check(),
                 ClientLimit::PowToken => self.onion.pow_tokens.check(),
                 ClientLimit::Read(n) => self.onion.reads.check_n(n),
@@ -381,10 +384,10 @@ impl Limits {
         result.map_err(|r| self.note(r))
     }
 
-    /// A per-room message check.
-    pub fn room_message(&self, room: &[u8; 16]) -> Result<(), Refused> {
+    /// A per-room message check, for a message of this cost.
+    pub fn room_message(&self, room: &[u8; 16], cost: u32) -> Result<(), Refused> {
         self.room_messages
-            .check(u128::from_be_bytes(*room))
+            .check_n(u128::from_be_bytes(*room), cost)
             .map_err(|r| self.note(r))
     }
 
@@ -595,6 +598,28 @@ mod tests {
             refused.retry_after > Duration::ZERO && refused.retry_after <= Duration::from_secs(1)
         );
         assert!(limiter.check(2).is_ok());
+    }
+
+    #[test]
+    fn a_check_of_more_than_the_burst_takes_the_whole_bucket() {
+        let rate = Rate {
+            per_minute: 60,
+            burst: 5,
+        };
+        let keyed = KeyedLimiter::new("test", rate, 10);
+        let direct = DirectLimiter::new("test", rate, 1);
+        // A cost above the burst passes on a full bucket and empties it...
+        assert!(keyed.check_n(1, 9).is_ok());
+        assert!(direct.check_n(9).is_ok());
+        // ...so the next cell waits about a second (60 a minute), not the minute an
+        // impossible request would be told.
+        for refused in [keyed.check(1).unwrap_err(), direct.check().unwrap_err()] {
+            assert!(refused.retry_after <= Duration::from_secs(1), "{refused:?}");
+        }
+        // Below the burst, the cost is taken as it is.
+        assert!(keyed.check_n(2, 4).is_ok());
+        assert!(keyed.check_n(2, 1).is_ok());
+        assert!(keyed.check(2).is_err());
     }
 
     #[test]

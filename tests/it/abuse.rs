@@ -48,14 +48,21 @@ async fn join_from(app: &TestApp, from: &str, keys: &RoomKeys) -> Client {
 
 /// Send `n` messages without waiting, then collect the answers: (acked, rate_limited).
 async fn burst(c: &mut Client, keys: &RoomKeys, n: usize) -> (usize, usize) {
+    let (acked, waits) = burst_of(c, keys, n, "flood").await;
+    (acked, waits.len())
+}
+
+/// Send `n` messages of `text` without waiting, then collect the answers: how many were
+/// acked, and the `retry_after_ms` of each refused one, in order.
+async fn burst_of(c: &mut Client, keys: &RoomKeys, n: usize, text: &str) -> (usize, Vec<u64>) {
     let mut s = RoomSession::new(keys.clone());
     for i in 0..n {
-        c.send_sealed(&i.to_string(), &s.seal("x", "flood"))
+        c.send_sealed(&i.to_string(), &s.seal("x", text))
             .await
             .unwrap();
     }
-    let (mut acked, mut limited) = (0, 0);
-    while acked + limited < n {
+    let (mut acked, mut waits) = (0, Vec::new());
+    while acked + waits.len() < n {
         match c.recv().await.unwrap() {
             ServerFrame::Ack { .. } => acked += 1,
             ServerFrame::Error {
@@ -67,13 +74,52 @@ async fn burst(c: &mut Client, keys: &RoomKeys, n: usize) -> (usize, usize) {
                 assert_eq!(code, "rate_limited");
                 assert!(retry_after_ms.unwrap() > 0);
                 assert!(reference.is_some(), "a refused send carries its ref");
-                limited += 1;
+                waits.push(retry_after_ms.unwrap());
             }
             ServerFrame::Msg(_) => {}
             other => panic!("{other:?}"),
         }
     }
-    (acked, limited)
+    (acked, waits)
+}
+
+/// A message counts once per started KiB of its content against the message limits, so they
+/// bound the bytes a client or a room stores, not only the messages: the burst that lets 30
+/// short messages through lets 4 of 7 KiB, and the next one waits for the 5 KiB it lacks.
+#[actix_web::test]
+async fn long_messages_count_once_per_kib_against_the_message_limits() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.rate.client_messages = Rate {
+            per_minute: 60,
+            burst: 30,
+        };
+        s.rate.room_messages = Rate {
+            per_minute: 60,
+            burst: 40,
+        };
+    })
+    .await;
+    // About 7 000 bytes of envelope, padded to 7 168: 7 KiB of content.
+    let long = "x".repeat(7000);
+    let (mut a, keys) = create_from(&app, "127.0.0.2").await;
+    let (acked, waits) = burst_of(&mut a, &keys, 6, &long).await;
+    assert_eq!(acked, 4, "28 of the 30 the burst holds");
+    assert_eq!(waits.len(), 2);
+    assert!(
+        (4_000..=5_000).contains(&waits[0]),
+        "5 more at one a second: {waits:?}"
+    );
+    // Short messages count once each: another client's 30 all pass.
+    let (mut b, other) = create_from(&app, "127.0.0.3").await;
+    assert_eq!(burst(&mut b, &other, 30).await, (30, 0));
+    // The room counts the same way: 28 of its 40 are spent, so a member from elsewhere gets
+    // one more long message and then short ones for the rest.
+    let mut c = join_from(&app, "127.0.0.4", &keys).await;
+    let (acked, waits) = burst_of(&mut c, &keys, 2, &long).await;
+    assert_eq!((acked, waits.len()), (1, 1));
+    let refused = app.refused("room_messages");
+    assert_eq!(burst(&mut c, &keys, 5).await, (5, 0));
+    assert_eq!(refused, 1);
 }
 
 #[actix_web::test]

@@ -229,8 +229,9 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers_without_loss_or_corrupti
     let data = dir.path().join("data");
     let _mount = TmpfsMount::new(&data, "16m");
     // Without the reserve, which would refuse every message on so small a volume.
-    let (mut server, port, _log, rx) =
-        crate::binary::spawn_server(dir.path(), &[("NANOCHAT__STORE__MIN_FREE_MIB", "0")]);
+    let mut env = SEND_FREELY.to_vec();
+    env.push(("NANOCHAT__STORE__MIN_FREE_MIB", "0"));
+    let (mut server, port, _log, rx) = crate::binary::spawn_server(dir.path(), &env);
     let url = format!("ws://127.0.0.1:{port}/ws");
     let keys = crate::helpers::random_room();
     let mut alice = nanochat::client::Client::connect(&url).await.unwrap();
@@ -303,6 +304,19 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers_without_loss_or_corrupti
     }
 }
 
+/// Message and frame limits high enough for a test that sends a few hundred messages of 2 KiB
+/// (each counts three times against the message limits) from one address.
+const SEND_FREELY: [(&str, &str); 8] = [
+    ("NANOCHAT__LIMITS__FRAMES_PER_SECOND", "100000"),
+    ("NANOCHAT__LIMITS__FRAMES_BURST", "10000"),
+    ("NANOCHAT__RATE__CLIENT_FRAMES__PER_MINUTE", "600000"),
+    ("NANOCHAT__RATE__CLIENT_FRAMES__BURST", "10000"),
+    ("NANOCHAT__RATE__CLIENT_MESSAGES__PER_MINUTE", "600000"),
+    ("NANOCHAT__RATE__CLIENT_MESSAGES__BURST", "10000"),
+    ("NANOCHAT__RATE__ROOM_MESSAGES__PER_MINUTE", "600000"),
+    ("NANOCHAT__RATE__ROOM_MESSAGES__BURST", "10000"),
+];
+
 /// Write into `path` until the volume under it has at most `left` bytes available.
 fn fill_until_available(path: &std::path::Path, left: u64) {
     use std::io::Write as _;
@@ -339,20 +353,9 @@ async fn a_volume_low_on_space_refuses_new_messages_before_it_is_full_and_wipes_
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let _mount = TmpfsMount::new(&data, "64m");
-    let (mut server, port, log, rx) = crate::binary::spawn_server(
-        dir.path(),
-        &[
-            ("NANOCHAT__STORE__MIN_FREE_MIB", "16"),
-            ("NANOCHAT__LIMITS__FRAMES_PER_SECOND", "100000"),
-            ("NANOCHAT__LIMITS__FRAMES_BURST", "10000"),
-            ("NANOCHAT__RATE__CLIENT_FRAMES__PER_MINUTE", "600000"),
-            ("NANOCHAT__RATE__CLIENT_FRAMES__BURST", "10000"),
-            ("NANOCHAT__RATE__CLIENT_MESSAGES__PER_MINUTE", "600000"),
-            ("NANOCHAT__RATE__CLIENT_MESSAGES__BURST", "10000"),
-            ("NANOCHAT__RATE__ROOM_MESSAGES__PER_MINUTE", "600000"),
-            ("NANOCHAT__RATE__ROOM_MESSAGES__BURST", "10000"),
-        ],
-    );
+    let mut env = SEND_FREELY.to_vec();
+    env.push(("NANOCHAT__STORE__MIN_FREE_MIB", "16"));
+    let (mut server, port, log, rx) = crate::binary::spawn_server(dir.path(), &env);
     let listening: serde_json::Value = serde_json::from_str(log.last().unwrap()).unwrap();
     let admin = listening["admin_port"].as_u64().unwrap() as u16;
     let url = format!("ws://127.0.0.1:{port}/ws");
