@@ -234,6 +234,10 @@ pub struct StoreSettings {
     /// volume has less than this many MiB available, so that expiry, wipes and the database's
     /// own log always find room. 0: never refused before the disk is full.
     pub min_free_mib: u64,
+    /// New messages and rooms are refused (`unavailable`) while the stored data takes at
+    /// least this many MiB (SQLite: the database's pages in use; Postgres: the database's
+    /// size), checked every second. 0: no cap.
+    pub max_database_mib: u64,
 }
 
 /// `[log]`
@@ -365,6 +369,7 @@ impl Default for StoreSettings {
             queue: 8192,
             writers: 2,
             min_free_mib: 256,
+            max_database_mib: 0,
         }
     }
 }
@@ -683,6 +688,11 @@ impl Settings {
             self.store.min_free_mib <= 1 << 24,
             "store.min_free_mib",
             "must be at most 16777216 (16 TiB)",
+        )?;
+        check(
+            self.store.max_database_mib <= 1 << 30,
+            "store.max_database_mib",
+            "must be at most 1073741824 (1 PiB); 0 for no cap",
         )?;
         Ok(())
     }

@@ -85,6 +85,10 @@ pub struct Metrics {
     pub partitions: IntGauge,
     /// Bytes the database takes on disk, as of the last scrape.
     pub storage_bytes: IntGauge,
+    /// Bytes counted against `store.max_database_mib`.
+    pub storage_used_bytes: IntGauge,
+    /// `store.max_database_mib` in bytes (0: no cap).
+    pub storage_cap_bytes: IntGauge,
     /// The data volume's gauges, registered once a backend reports a volume (SQLite), so a
     /// Postgres node shows no zeros for a disk it cannot see.
     volume: std::sync::OnceLock<VolumeGauges>,
@@ -353,6 +357,22 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            storage_used_bytes: reg(
+                r,
+                IntGauge::new(
+                    "nanochat_storage_used_bytes",
+                    "Bytes the stored data takes, as counted against store.max_database_mib: SQLite's pages in use (freed pages are reused first), Postgres's database size.",
+                )
+                .expect("valid metric"),
+            ),
+            storage_cap_bytes: reg(
+                r,
+                IntGauge::new(
+                    "nanochat_storage_cap_bytes",
+                    "New messages and rooms are refused while nanochat_storage_used_bytes is at least this (store.max_database_mib; 0: no cap).",
+                )
+                .expect("valid metric"),
+            ),
             volume: std::sync::OnceLock::new(),
             partitions: reg(
                 r,
@@ -482,6 +502,7 @@ impl Metrics {
     pub fn set_storage(&self, usage: &crate::store::StorageUsage) {
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.storage_bytes.set(clamp(usage.database_bytes));
+        self.storage_used_bytes.set(clamp(usage.used_bytes));
         let Some(v) = usage.volume else {
             return;
         };

@@ -46,6 +46,8 @@ const STRIKE_RATE_LIMITED: u32 = 1;
 const STRIKE_INVALID: u32 = 4;
 /// Most live frames written to a socket in one write.
 const DELIVER_BATCH: usize = 64;
+/// The refusal of a message or room while the stored data is at `store.max_database_mib`.
+const STORAGE_FULL: &str = "the server's storage is full; nothing was stored, try again later";
 /// Pending sends a socket keeps room for once all are answered; a larger burst's room is freed.
 const INFLIGHT_KEPT: usize = 8;
 
@@ -876,6 +878,9 @@ impl Conn {
         pow: Option<PowSolution>,
     ) -> Result<crate::hub::Subscription, Refusal> {
         self.ensure_not_joined()?;
+        if self.state.storage_full() {
+            return Err(refuse(ErrorCode::Unavailable, STORAGE_FULL).into());
+        }
         // Global before per client, then the cluster-wide count, then the work itself.
         self.state
             .limits
@@ -1033,6 +1038,9 @@ impl Conn {
             return Err(with_ref(ErrorCode::NotJoined, "join or create a room first").into());
         };
         let room = joined.room;
+        if self.state.storage_full() {
+            return Err(with_ref(ErrorCode::Unavailable, STORAGE_FULL).into());
+        }
         // Per client before per room; a long message counts as several.
         let cost = crate::protocol::message_cost(ct.len());
         self.state

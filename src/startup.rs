@@ -82,6 +82,9 @@ pub struct AppState {
     pub tasks: tokio_util::sync::CancellationToken,
     /// The last storage check for `/readyz`, and one check at a time.
     readiness: Readiness,
+    /// Set while the stored data is at `store.max_database_mib`: new messages and rooms are
+    /// refused. Kept by [`storage_loop`].
+    storage_full: std::sync::atomic::AtomicBool,
 }
 
 /// `/readyz` is public and free to ask: without this, each request would take a database
@@ -105,6 +108,11 @@ impl AppState {
         self.shutting_down
             .store(true, std::sync::atomic::Ordering::Release);
         self.shutdown.cancel();
+    }
+
+    /// Whether the stored data is at its cap (`store.max_database_mib`) as of the last check.
+    pub fn storage_full(&self) -> bool {
+        self.storage_full.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether [`AppState::begin_shutdown`] has been called.
@@ -526,6 +534,53 @@ async fn maintenance_loop(state: Arc<AppState>) {
     }
 }
 
+/// How often the stored data's size is compared with `store.max_database_mib`.
+const STORAGE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Compare the stored data with its cap every [`STORAGE_CHECK_EVERY`], and keep the storage
+/// gauges current between scrapes. On Postgres that is one `pg_database_size` a second per
+/// process (a look at the database directory's files).
+async fn storage_loop(state: Arc<AppState>) {
+    let cap = state
+        .settings
+        .store
+        .max_database_mib
+        .saturating_mul(1 << 20);
+    state
+        .metrics
+        .storage_cap_bytes
+        .set(i64::try_from(cap).unwrap_or(i64::MAX));
+    let mut ticker = tokio::time::interval(STORAGE_CHECK_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let usage = match tokio::time::timeout(USAGE_WAIT, state.store.usage()).await {
+            Ok(Ok(usage)) => usage,
+            // Storage trouble shows elsewhere (readiness, refused writes); keep the last answer.
+            _ => continue,
+        };
+        state.metrics.set_storage(&usage);
+        let full = cap > 0 && usage.used_bytes >= cap;
+        let was = state
+            .storage_full
+            .swap(full, std::sync::atomic::Ordering::Relaxed);
+        if full && !was {
+            tracing::warn!(
+                used_mib = usage.used_bytes >> 20,
+                cap_mib = cap >> 20,
+                "the stored data reached store.max_database_mib: new messages and rooms are \
+                 refused until expiry or wipes free space, or the cap is raised"
+            );
+        } else if was && !full {
+            tracing::info!(
+                used_mib = usage.used_bytes >> 20,
+                cap_mib = cap >> 20,
+                "the stored data is below store.max_database_mib again: new messages are taken"
+            );
+        }
+    }
+}
+
 /// One maintenance run with its metrics and log line.
 pub async fn run_maintenance(state: &AppState) {
     let m = &state.metrics;
@@ -713,6 +768,7 @@ impl Application {
             shutting_down: Default::default(),
             tasks: tokio_util::sync::CancellationToken::new(),
             readiness: Readiness::default(),
+            storage_full: Default::default(),
         });
         let handshake_timeout = Duration::from_secs(state.settings.limits.handshake_timeout_secs);
         let data = web::Data::from(state.clone());
@@ -784,6 +840,7 @@ impl Application {
         .run();
 
         background(&state, maintenance_loop(state.clone()));
+        background(&state, storage_loop(state.clone()));
         background(
             &state,
             crate::cluster::fill_held_gaps(

@@ -182,6 +182,9 @@ pub struct StorageUsage {
     /// Bytes the database takes: SQLite's database file and write-ahead log; the whole
     /// Postgres database as `pg_database_size` counts it.
     pub database_bytes: u64,
+    /// Bytes counted against `store.max_database_mib`: SQLite's pages in use (pages freed by
+    /// expiry and wipes stay in the file and are reused first); Postgres's database size.
+    pub used_bytes: u64,
     /// The volume under the data directory (SQLite; Postgres keeps its files elsewhere).
     pub volume: Option<VolumeUsage>,
 }

@@ -1004,8 +1004,10 @@ impl Store for PgStore {
             .await
             .map_err(pg_err)?
             .get(0);
+        let bytes = u64::try_from(bytes).unwrap_or(0);
         Ok(StorageUsage {
-            database_bytes: u64::try_from(bytes).unwrap_or(0),
+            database_bytes: bytes,
+            used_bytes: bytes,
             volume: None,
         })
     }

@@ -7,7 +7,7 @@ use nanochat::client::RoomSession;
 use nanochat::protocol::{HistoryQuery, ServerFrame};
 use nanochat::store::now_ms;
 
-use crate::helpers::{http_get, start, test_settings};
+use crate::helpers::{Backend, http_get, second_node, spawn_app_with, start, test_settings};
 use crate::pg::PgCluster;
 
 /// Send message `i` (its text `m<i>`, then `padding` more bytes, so a full disk is reached
@@ -544,4 +544,130 @@ async fn a_read_only_data_directory_stops_the_start_with_a_clear_error_and_harms
     terminate(&mut server);
     let stored = check_database(&data.join("nanochat.db"), &keys);
     assert_eq!(stored.len(), 5);
+}
+
+/// `store.max_database_mib` caps the stored data: at the cap new messages and rooms get
+/// `unavailable` while reading and the panic button go on; on SQLite the cap counts pages in
+/// use, so a wipe, whose pages new messages reuse, lets sending resume, although the file
+/// itself never shrinks.
+#[actix_web::test]
+async fn a_database_at_its_cap_refuses_new_messages_until_a_wipe_frees_pages() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.store.max_database_mib = 2).await;
+    let (mut alice, keys) = app.room_creator().await;
+    let mut s = RoomSession::new(keys.clone());
+    let (mut bob, other) = app.room_creator().await;
+    let mut bob_s = RoomSession::new(other.clone());
+    assert_eq!(send(&mut bob, &mut bob_s, 0, 0).await.1, "acked");
+    // Fill the first room until the cap refuses.
+    let mut i = 0;
+    loop {
+        assert!(i < 20_000, "the cap never refused a message");
+        let (_, o) = send(&mut alice, &mut s, i, 2048).await;
+        i += 1;
+        if o == "refused" {
+            break;
+        }
+    }
+    let body = app.metrics().await;
+    let gauge = |name: &str| metric(&body, name);
+    assert_eq!(gauge("nanochat_storage_cap_bytes"), 2 << 20);
+    assert!(gauge("nanochat_storage_used_bytes") >= 2 << 20, "{body}");
+    // Everyone is refused, and told why; no room can be created.
+    bob.send_sealed("b1", &bob_s.seal("bob", "b1"))
+        .await
+        .unwrap();
+    match bob.recv().await.unwrap() {
+        ServerFrame::Error { code, message, .. } => {
+            assert_eq!(code, "unavailable");
+            assert!(message.contains("storage is full"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut carol = app.client().await;
+    let answer = carol.create(&crate::helpers::random_room()).await.unwrap();
+    assert!(
+        matches!(&answer, ServerFrame::Error { code, .. } if code == "unavailable"),
+        "{answer:?}"
+    );
+    // Reading goes on.
+    let ServerFrame::Joined { messages, .. } = carol.join(&keys, None).await.unwrap() else {
+        panic!("carol joins");
+    };
+    assert!(!messages.is_empty());
+    // The first room is wiped: its pages are free for new messages, the file keeps its size.
+    let file = std::fs::metadata(app.settings.server.data_dir.join("nanochat.db"))
+        .unwrap()
+        .len();
+    alice
+        .send_json(&serde_json::json!({"type": "panic"}))
+        .await
+        .unwrap();
+    loop {
+        match alice.recv().await {
+            Ok(ServerFrame::Nuked) => break,
+            Ok(ServerFrame::Ack { .. } | ServerFrame::Error { .. }) => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 1;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "sending did not resume after the wipe"
+        );
+        let (_, o) = send(&mut bob, &mut bob_s, n, 0).await;
+        n += 1;
+        if o == "acked" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = std::fs::metadata(app.settings.server.data_dir.join("nanochat.db"))
+        .unwrap()
+        .len();
+    assert!(now >= file, "the file did not shrink: {now} against {file}");
+    assert!(app.metrics().await.contains("nanochat_storage_used_bytes"));
+    assert!(!app.state.storage_full());
+}
+
+/// On Postgres the cap counts the database's size; each process of a cluster checks it
+/// itself. A node whose cap is below what the database already takes refuses new messages
+/// and rooms, while another node without a cap takes them and both serve readers.
+#[actix_web::test]
+async fn a_postgres_node_refuses_new_messages_while_the_database_is_at_its_cap() {
+    let a = spawn_app_with(Backend::Postgres, |_| {}).await;
+    let (mut alice, keys) = a.room_creator().await;
+    let mut s = RoomSession::new(keys.clone());
+    assert_eq!(send(&mut alice, &mut s, 0, 0).await.1, "acked");
+    // A fresh database takes several MiB: 1 is below it.
+    let b = second_node(&a, |s| s.store.max_database_mib = 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.state.storage_full() {
+        assert!(Instant::now() < deadline, "the capped node never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut bob = b.client().await;
+    let ServerFrame::Joined { messages, .. } = bob.join(&keys, None).await.unwrap() else {
+        panic!("bob joins through the capped node");
+    };
+    assert_eq!(messages.len(), 1, "reading goes on");
+    let mut bob_s = RoomSession::new(keys.clone());
+    assert_eq!(send(&mut bob, &mut bob_s, 1, 0).await.1, "refused");
+    let answer = b
+        .client()
+        .await
+        .create(&crate::helpers::random_room())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&answer, ServerFrame::Error { code, .. } if code == "unavailable"),
+        "{answer:?}"
+    );
+    let body = b.metrics().await;
+    assert_eq!(metric(&body, "nanochat_storage_cap_bytes"), 1 << 20);
+    assert!(metric(&body, "nanochat_storage_used_bytes") > 1 << 20);
+    // The node without a cap goes on taking messages.
+    assert_eq!(send(&mut alice, &mut s, 2, 0).await.1, "acked");
+    assert!(!a.state.storage_full());
 }

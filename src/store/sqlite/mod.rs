@@ -853,23 +853,31 @@ impl Store for SqliteStore {
     }
 
     async fn usage(&self) -> Result<StorageUsage, StoreError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        self.read(|conn, inner| {
             let len = |suffix: &str| {
                 let mut name = inner.path.clone().into_os_string();
                 name.push(suffix);
                 std::fs::metadata(name).map_or(0, |m| m.len())
             };
+            // As of the latest commit, the write-ahead log included.
+            let (pages, free, page_size): (i64, i64, i64) = conn
+                .query_row(
+                    "SELECT page_count, freelist_count, page_size
+                     FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .map_err(db_err)?;
             let volume = inner
                 .volume()
                 .map_err(|e| StoreError::Unavailable(format!("data volume: {e}")))?;
             Ok(StorageUsage {
                 database_bytes: len("") + len("-wal"),
+                used_bytes: u64::try_from((pages - free).max(0) * page_size).unwrap_or(0),
                 volume: Some(volume),
             })
         })
         .await
-        .map_err(|e| StoreError::Unavailable(format!("storage task failed: {e}")))?
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
