@@ -539,7 +539,7 @@ const STORAGE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Compare the stored data with its cap every [`STORAGE_CHECK_EVERY`], and keep the storage
 /// gauges current between scrapes. On Postgres that is one `pg_database_size` a second per
-/// process (a look at the database directory's files).
+/// process (a look at the database directory's files); without a cap, nothing is asked.
 async fn storage_loop(state: Arc<AppState>) {
     let cap = state
         .settings
@@ -550,6 +550,9 @@ async fn storage_loop(state: Arc<AppState>) {
         .metrics
         .storage_cap_bytes
         .set(i64::try_from(cap).unwrap_or(i64::MAX));
+    if cap == 0 {
+        return;
+    }
     let mut ticker = tokio::time::interval(STORAGE_CHECK_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

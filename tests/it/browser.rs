@@ -1866,14 +1866,18 @@ async fn start_nginx(app: &TestApp) -> Nginx {
             format!("    ssl_certificate_key {};", path("key.pem"))
         } else {
             line.replace(
-                "http://127.0.0.1:8080",
-                &format!("http://127.0.0.1:{}", app.port),
+                "server 127.0.0.1:8080;",
+                &format!("server 127.0.0.1:{};", app.port),
             )
         };
         site.push_str(&line);
         site.push('\n');
     }
     assert!(site.contains(&format!("127.0.0.1:{https} ssl")), "{site}");
+    assert!(
+        site.contains(&format!("server 127.0.0.1:{};", app.port)),
+        "{site}"
+    );
     std::fs::write(path("site.conf"), site).unwrap();
     let temp = |what: &str| format!("{what}_temp_path {};", path(what));
     std::fs::write(

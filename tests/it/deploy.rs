@@ -475,6 +475,13 @@ fn kubernetes_and_systemd_files_are_well_formed_and_hardened() {
     // One address cannot hold all of nginx's connections.
     assert!(nginx.contains("limit_conn_zone $binary_remote_addr zone=nanochat_conn:10m;"));
     assert!(nginx.contains("limit_conn nanochat_conn 64;"));
+    // Each client address stays with one process, whose per-client limits then hold.
+    let upstream = nginx
+        .split("upstream nanochat {")
+        .nth(1)
+        .expect("an upstream block");
+    assert!(upstream.contains("hash $binary_remote_addr consistent;"));
+    assert_eq!(nginx.matches("proxy_pass http://nanochat;").count(), 2);
     // The Tor settings file is a valid server configuration.
     nanochat::config::Settings::load_from(
         Some(&root().join("deploy/tor/nanochat.toml")),
