@@ -10,7 +10,7 @@ use nanochat::client::RoomSession;
 use nanochat::protocol::ServerFrame;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::helpers::{Backend, random_room, spawn_app};
+use crate::helpers::{Backend, metric_value, random_room, spawn_app};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -160,15 +160,6 @@ async fn the_replay_filter_memory_is_exported_on_sqlite() {
     assert_eq!(held, 2 << 20, "the built filter: 2 bytes x 2^20 keys");
 }
 
-/// The value of a series in a scrape.
-fn value(body: &str, series: &str) -> u64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("{series} missing:\n{body}"))
-        .parse()
-        .unwrap()
-}
-
 /// The database file and its write-ahead log, as the test sees them.
 fn sqlite_files(dir: &Path) -> u64 {
     ["nanochat.db", "nanochat.db-wal"]
@@ -192,21 +183,24 @@ async fn storage_size_and_the_sqlite_data_volume_are_exported() {
     let before = sqlite_files(dir);
     let body = app.metrics().await;
     let after = sqlite_files(dir);
-    let bytes = value(&body, "nanochat_storage_bytes");
+    let bytes = metric_value(&body, "nanochat_storage_bytes");
     assert!(
         bytes >= before.min(after) && bytes <= before.max(after) && bytes > 0,
         "{bytes} against {before}..{after}"
     );
     let v = rustix::fs::statvfs(dir).unwrap();
     assert_eq!(
-        value(&body, "nanochat_storage_volume_size_bytes"),
+        metric_value(&body, "nanochat_storage_volume_size_bytes"),
         v.f_blocks * v.f_frsize
     );
     // Other tests write to the same disk meanwhile.
-    let seen = value(&body, "nanochat_storage_volume_available_bytes");
+    let seen = metric_value(&body, "nanochat_storage_volume_available_bytes");
     let now = v.f_bavail * v.f_frsize;
     assert!(seen.abs_diff(now) < 1 << 30, "{seen} against {now}");
-    assert_eq!(value(&body, "nanochat_storage_reserve_bytes"), 256 << 20);
+    assert_eq!(
+        metric_value(&body, "nanochat_storage_reserve_bytes"),
+        256 << 20
+    );
 
     let app = spawn_app(Backend::Postgres).await;
     let (mut alice, keys) = app.room_creator().await;
@@ -223,7 +217,7 @@ async fn storage_size_and_the_sqlite_data_volume_are_exported() {
         .await
         .unwrap()
         .get(0);
-    let bytes = value(&body, "nanochat_storage_bytes");
+    let bytes = metric_value(&body, "nanochat_storage_bytes");
     assert!(
         bytes.abs_diff(size as u64) < 1 << 20,
         "{bytes} against {size}"

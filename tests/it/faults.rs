@@ -7,7 +7,9 @@ use nanochat::client::RoomSession;
 use nanochat::protocol::{HistoryQuery, ServerFrame};
 use nanochat::store::now_ms;
 
-use crate::helpers::{Backend, http_get, second_node, spawn_app_with, start, test_settings};
+use crate::helpers::{
+    Backend, http_get, metric_value, second_node, spawn_app_with, start, test_settings,
+};
 use crate::pg::PgCluster;
 
 /// Send message `i` (its text `m<i>`, then `padding` more bytes, so a full disk is reached
@@ -223,6 +225,79 @@ fn check_database(
     stored
 }
 
+/// Some line the server has logged so far contains `words`.
+fn assert_logged(log: &std::sync::mpsc::Receiver<String>, words: &str) {
+    let said: Vec<String> = log.try_iter().collect();
+    assert!(
+        said.iter().any(|l| l.contains(words)),
+        "the log names {words:?}: {said:?}"
+    );
+}
+
+/// One client sending numbered 2 KiB messages into its room, remembering what became of each.
+struct Sender {
+    client: nanochat::client::Client,
+    session: RoomSession,
+    next: usize,
+    outcome: HashMap<String, &'static str>,
+}
+
+impl Sender {
+    async fn create(url: &str, keys: &nanochat::crypto::RoomKeys) -> Self {
+        let mut client = nanochat::client::Client::connect(url).await.unwrap();
+        client.create(keys).await.unwrap();
+        Self {
+            client,
+            session: RoomSession::new(keys.clone()),
+            next: 0,
+            outcome: HashMap::new(),
+        }
+    }
+
+    /// Send the next message: "acked" or "refused" (`unavailable`).
+    async fn send(&mut self) -> &'static str {
+        let (r, o) = send(&mut self.client, &mut self.session, self.next, 2048).await;
+        self.next += 1;
+        self.outcome.insert(r, o);
+        o
+    }
+
+    /// Send `n` messages, each of which must be acked.
+    async fn all_acked(&mut self, n: usize) {
+        for _ in 0..n {
+            assert_eq!(self.send().await, "acked");
+        }
+    }
+
+    /// Send until `n` more are acked, within 10 s.
+    async fn until_acked(&mut self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut acked = 0;
+        while acked < n {
+            assert!(
+                Instant::now() < deadline,
+                "sending did not resume: {:?}",
+                self.outcome
+            );
+            if self.send().await == "acked" {
+                acked += 1;
+            }
+        }
+    }
+
+    /// The stored messages of its room are exactly the acked ones, each once.
+    fn assert_stored_as_answered(&self, stored: &HashMap<String, usize>) {
+        for (text, o) in &self.outcome {
+            match *o {
+                "acked" => assert_eq!(stored.get(text), Some(&1), "acked {text}"),
+                _ => assert_eq!(stored.get(text), None, "refused {text} was stored"),
+            }
+        }
+        let acked = self.outcome.values().filter(|o| **o == "acked").count();
+        assert_eq!(stored.values().sum::<usize>(), acked);
+    }
+}
+
 #[actix_web::test]
 async fn a_full_disk_refuses_sends_clearly_and_recovers_without_loss_or_corruption() {
     let dir = tempfile::tempdir().unwrap();
@@ -234,33 +309,25 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers_without_loss_or_corrupti
     let (mut server, port, _log, rx) = crate::binary::spawn_server(dir.path(), &env);
     let url = format!("ws://127.0.0.1:{port}/ws");
     let keys = crate::helpers::random_room();
-    let mut alice = nanochat::client::Client::connect(&url).await.unwrap();
-    alice.create(&keys).await.unwrap();
-    let mut s = RoomSession::new(keys.clone());
-    let mut outcome: HashMap<String, &'static str> = HashMap::new();
-    let mut i = 0;
-    for _ in 0..10 {
-        let (r, o) = send(&mut alice, &mut s, i, 2048).await;
-        assert_eq!(o, "acked");
-        outcome.insert(r, o);
-        i += 1;
-    }
+    let mut alice = Sender::create(&url, &keys).await;
+    alice.all_acked(10).await;
 
     let filler = data.join("filler");
     fill_disk(&filler);
     let mut refused = 0;
     for _ in 0..200 {
-        let (r, o) = send(&mut alice, &mut s, i, 2048).await;
-        outcome.insert(r, o);
-        i += 1;
-        if o == "refused" {
+        if alice.send().await == "refused" {
             refused += 1;
             if refused == 5 {
                 break;
             }
         }
     }
-    assert_eq!(refused, 5, "a full disk must refuse sends: {outcome:?}");
+    assert_eq!(
+        refused, 5,
+        "a full disk must refuse sends: {:?}",
+        alice.outcome
+    );
     // The server stays up for everyone: a new client is greeted and can read.
     let mut bob = nanochat::client::Client::connect(&url).await.unwrap();
     assert!(matches!(
@@ -268,40 +335,13 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers_without_loss_or_corrupti
         ServerFrame::Joined { .. }
     ));
     // The operator is told why, in words.
-    let mut said = Vec::new();
-    while let Ok(line) = rx.try_recv() {
-        said.push(line);
-    }
-    assert!(
-        said.iter().any(|l| l.contains("full")),
-        "the log names the full disk: {said:?}"
-    );
+    assert_logged(&rx, "full");
 
     std::fs::remove_file(&filler).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut acked_after = 0;
-    while acked_after < 10 {
-        assert!(
-            Instant::now() < deadline,
-            "sending did not recover: {outcome:?}"
-        );
-        let (r, o) = send(&mut alice, &mut s, i, 2048).await;
-        if o == "acked" {
-            acked_after += 1;
-        }
-        outcome.insert(r, o);
-        i += 1;
-    }
-    drop((alice, bob));
+    alice.until_acked(10).await;
+    drop(bob);
     terminate(&mut server);
-
-    let stored = check_database(&data.join("nanochat.db"), &keys);
-    for (text, o) in &outcome {
-        match *o {
-            "acked" => assert_eq!(stored.get(text), Some(&1), "acked {text}"),
-            _ => assert_eq!(stored.get(text), None, "refused {text} was stored"),
-        }
-    }
+    alice.assert_stored_as_answered(&check_database(&data.join("nanochat.db"), &keys));
 }
 
 /// Message and frame limits high enough for a test that sends a few hundred messages of 2 KiB
@@ -334,15 +374,6 @@ fn available(path: &std::path::Path) -> u64 {
     v.f_bavail * v.f_frsize
 }
 
-/// A value of the server's metrics, by its full series name.
-fn metric(body: &str, series: &str) -> u64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("{series} missing:\n{body}"))
-        .parse()
-        .unwrap()
-}
-
 /// `store.min_free_mib` keeps a volume from filling up with messages: below it new messages
 /// and rooms are refused with `unavailable`, before the disk is full, while reading and the
 /// panic button (whose deletes need room in SQLite's log) go on; once space is freed sending
@@ -360,37 +391,20 @@ async fn a_volume_low_on_space_refuses_new_messages_before_it_is_full_and_wipes_
     let admin = listening["admin_port"].as_u64().unwrap() as u16;
     let url = format!("ws://127.0.0.1:{port}/ws");
     let keys = crate::helpers::random_room();
-    let mut alice = nanochat::client::Client::connect(&url).await.unwrap();
-    alice.create(&keys).await.unwrap();
-    let mut s = RoomSession::new(keys.clone());
+    let mut alice = Sender::create(&url, &keys).await;
     // A second room, to be wiped while space is low.
     let other = crate::helpers::random_room();
-    let mut bob = nanochat::client::Client::connect(&url).await.unwrap();
-    bob.create(&other).await.unwrap();
-    let mut bob_s = RoomSession::new(other.clone());
-    for i in 0..20 {
-        let (_, o) = send(&mut bob, &mut bob_s, i, 2048).await;
-        assert_eq!(o, "acked");
-    }
-    let mut outcome: HashMap<String, &'static str> = HashMap::new();
-    let mut i = 0;
-    for _ in 0..10 {
-        let (r, o) = send(&mut alice, &mut s, i, 2048).await;
-        assert_eq!(o, "acked");
-        outcome.insert(r, o);
-        i += 1;
-    }
+    let mut bob = Sender::create(&url, &other).await;
+    bob.all_acked(20).await;
+    alice.all_acked(10).await;
 
     // Leave 2 MiB above the reserve, then send until refused.
     fill_until_available(&data.join("filler"), 18 * MIB);
     let mut acked_near_the_reserve = 0;
     let mut refused = 0;
     while refused < 5 {
-        assert!(i < 5000, "the reserve never refused a message");
-        let (r, o) = send(&mut alice, &mut s, i, 2048).await;
-        outcome.insert(r, o);
-        i += 1;
-        match o {
+        assert!(alice.next < 5000, "the reserve never refused a message");
+        match alice.send().await {
             "refused" => refused += 1,
             _ => acked_near_the_reserve += 1,
         }
@@ -414,27 +428,23 @@ async fn a_volume_low_on_space_refuses_new_messages_before_it_is_full_and_wipes_
     let before = files();
     let body = crate::helpers::http_get(admin, "/metrics").await.body;
     let after = files();
-    assert_eq!(metric(&body, "nanochat_storage_reserve_bytes"), 16 * MIB);
     assert_eq!(
-        metric(&body, "nanochat_storage_volume_size_bytes"),
+        metric_value(&body, "nanochat_storage_reserve_bytes"),
+        16 * MIB
+    );
+    assert_eq!(
+        metric_value(&body, "nanochat_storage_volume_size_bytes"),
         64 * MIB
     );
-    let seen = metric(&body, "nanochat_storage_volume_available_bytes");
+    let seen = metric_value(&body, "nanochat_storage_volume_available_bytes");
     assert!(seen < 16 * MIB && seen > 15 * MIB, "{seen}");
     // The checkpointer may still be copying the last pages into the database file.
-    let bytes = metric(&body, "nanochat_storage_bytes");
+    let bytes = metric_value(&body, "nanochat_storage_bytes");
     assert!(
         bytes >= before.min(after) && bytes <= before.max(after),
         "{bytes} against {before}..{after}"
     );
-    let mut said = Vec::new();
-    while let Ok(line) = rx.try_recv() {
-        said.push(line);
-    }
-    assert!(
-        said.iter().any(|l| l.contains("store.min_free_mib")),
-        "the log names the reserve: {said:?}"
-    );
+    assert_logged(&rx, "store.min_free_mib");
     // No new room either.
     let mut dave = nanochat::client::Client::connect(&url).await.unwrap();
     let answer = dave.create(&crate::helpers::random_room()).await;
@@ -448,11 +458,12 @@ async fn a_volume_low_on_space_refuses_new_messages_before_it_is_full_and_wipes_
         panic!("carol joins");
     };
     assert!(!messages.is_empty());
-    bob.send_json(&serde_json::json!({"type": "panic"}))
+    bob.client
+        .send_json(&serde_json::json!({"type": "panic"}))
         .await
         .unwrap();
     assert!(
-        matches!(bob.recv().await, Ok(ServerFrame::Nuked)),
+        matches!(bob.client.recv().await, Ok(ServerFrame::Nuked)),
         "the wipe works on a volume at its reserve"
     );
     let mut erin = nanochat::client::Client::connect(&url).await.unwrap();
@@ -463,34 +474,12 @@ async fn a_volume_low_on_space_refuses_new_messages_before_it_is_full_and_wipes_
     );
 
     std::fs::remove_file(data.join("filler")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut acked_after = 0;
-    while acked_after < 10 {
-        assert!(Instant::now() < deadline, "sending did not resume");
-        let (r, o) = send(&mut alice, &mut s, i, 2048).await;
-        if o == "acked" {
-            acked_after += 1;
-        }
-        outcome.insert(r, o);
-        i += 1;
-    }
-    drop((alice, bob, carol, dave, erin));
+    alice.until_acked(10).await;
+    drop((bob, carol, dave, erin));
     terminate(&mut server);
-
-    // Only the first room's messages are left (the wiped one's are gone): each acked once,
-    // none of the refused.
-    let stored = check_database(&data.join("nanochat.db"), &keys);
-    assert_eq!(stored.values().sum::<usize>(), stored.len());
-    for (text, o) in &outcome {
-        match *o {
-            "acked" => assert_eq!(stored.get(text), Some(&1), "acked {text}"),
-            _ => assert_eq!(stored.get(text), None, "refused {text} was stored"),
-        }
-    }
-    assert_eq!(
-        stored.len(),
-        outcome.values().filter(|o| **o == "acked").count()
-    );
+    // Only the first room's messages are left (the wiped one's are gone, or they would not
+    // open with this room's keys): each acked once, none of the refused.
+    alice.assert_stored_as_answered(&check_database(&data.join("nanochat.db"), &keys));
 }
 
 #[actix_web::test]
@@ -569,7 +558,7 @@ async fn a_database_at_its_cap_refuses_new_messages_until_a_wipe_frees_pages() {
         }
     }
     let body = app.metrics().await;
-    let gauge = |name: &str| metric(&body, name);
+    let gauge = |name: &str| metric_value(&body, name);
     assert_eq!(gauge("nanochat_storage_cap_bytes"), 2 << 20);
     assert!(gauge("nanochat_storage_used_bytes") >= 2 << 20, "{body}");
     // Everyone is refused, and told why; no room can be created.
@@ -665,8 +654,8 @@ async fn a_postgres_node_refuses_new_messages_while_the_database_is_at_its_cap()
         "{answer:?}"
     );
     let body = b.metrics().await;
-    assert_eq!(metric(&body, "nanochat_storage_cap_bytes"), 1 << 20);
-    assert!(metric(&body, "nanochat_storage_used_bytes") > 1 << 20);
+    assert_eq!(metric_value(&body, "nanochat_storage_cap_bytes"), 1 << 20);
+    assert!(metric_value(&body, "nanochat_storage_used_bytes") > 1 << 20);
     // The node without a cap goes on taking messages.
     assert_eq!(send(&mut alice, &mut s, 2, 0).await.1, "acked");
     assert!(!a.state.storage_full());

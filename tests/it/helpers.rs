@@ -259,6 +259,15 @@ pub async fn http_get(port: u16, path: &str) -> HttpResponse {
     http_request(port, "GET", path, "").await
 }
 
+/// The value of a series in a Prometheus scrape, by its full name (labels included).
+pub fn metric_value(body: &str, series: &str) -> u64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{series} missing:\n{body}"))
+        .parse()
+        .unwrap()
+}
+
 /// Seal `text` in `session`, send it and wait for its `ack`; any other answer fails the test.
 pub async fn send_acked(client: &mut Client, session: &mut RoomSession, nick: &str, text: &str) {
     client
