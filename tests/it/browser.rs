@@ -1794,6 +1794,8 @@ struct Nginx {
     child: std::process::Child,
     https: u16,
     http: u16,
+    /// The HTTPS server block's port without TLS, for clients that speak no TLS.
+    plain: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -1822,6 +1824,11 @@ fn run_ok(cmd: &mut std::process::Command, what: &str) {
 
 /// Start the shipped nginx configuration in front of `app`: checked with `nginx -t` first.
 async fn start_nginx(app: &TestApp) -> Nginx {
+    start_nginx_before(&[app.port]).await
+}
+
+/// Start the shipped nginx configuration with these server ports in its upstream block.
+async fn start_nginx_before(ports: &[u16]) -> Nginx {
     let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .find(|p| std::path::Path::new(p).is_file())
@@ -1846,7 +1853,7 @@ async fn start_nginx(app: &TestApp) -> Nginx {
         ]),
         "openssl",
     );
-    let (https, http) = (free_port(), free_port());
+    let (https, http, plain) = (free_port(), free_port(), free_port());
     let shipped = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/nanochat.conf"),
     )
@@ -1859,25 +1866,28 @@ async fn start_nginx(app: &TestApp) -> Nginx {
         } else if t == "listen 80;" {
             format!("    listen 127.0.0.1:{http};")
         } else if t.starts_with("listen 443 ") {
-            line.replace("listen 443 ", &format!("listen 127.0.0.1:{https} "))
+            let tls = line.replace("listen 443 ", &format!("listen 127.0.0.1:{https} "));
+            format!("{tls}\n    listen 127.0.0.1:{plain};")
         } else if t.starts_with("ssl_certificate ") {
             format!("    ssl_certificate {};", path("cert.pem"))
         } else if t.starts_with("ssl_certificate_key ") {
             format!("    ssl_certificate_key {};", path("key.pem"))
+        } else if t == "server 127.0.0.1:8080;" {
+            ports
+                .iter()
+                .map(|p| format!("    server 127.0.0.1:{p};"))
+                .collect::<Vec<_>>()
+                .join("\n")
         } else {
-            line.replace(
-                "server 127.0.0.1:8080;",
-                &format!("server 127.0.0.1:{};", app.port),
-            )
+            line.to_owned()
         };
         site.push_str(&line);
         site.push('\n');
     }
     assert!(site.contains(&format!("127.0.0.1:{https} ssl")), "{site}");
-    assert!(
-        site.contains(&format!("server 127.0.0.1:{};", app.port)),
-        "{site}"
-    );
+    for p in ports {
+        assert!(site.contains(&format!("server 127.0.0.1:{p};")), "{site}");
+    }
     std::fs::write(path("site.conf"), site).unwrap();
     let temp = |what: &str| format!("{what}_temp_path {};", path(what));
     std::fs::write(
@@ -1919,8 +1929,54 @@ async fn start_nginx(app: &TestApp) -> Nginx {
         child,
         https,
         http,
+        plain,
         _dir: dir,
     }
+}
+
+/// With several processes on one Postgres, the shipped upstream block keeps each client address
+/// on one of them, so the per-client limits, which each process counts for itself, hold for
+/// the whole instance: every socket an address opens through nginx lands on the same process,
+/// and different addresses are spread over both.
+#[actix_web::test]
+async fn the_shipped_nginx_upstream_keeps_each_client_address_on_one_process() {
+    let trust = |s: &mut nanochat::config::Settings| s.proxy.trusted = vec!["127.0.0.1".into()];
+    let a = spawn_app_with(Backend::Postgres, trust).await;
+    let b = crate::helpers::second_node(&a, trust).await;
+    let nginx = start_nginx_before(&[a.port, b.port]).await;
+    let url = format!("ws://127.0.0.1:{}/ws", nginx.plain);
+    let open = || {
+        (
+            a.state.metrics.connections_open.get(),
+            b.state.metrics.connections_open.get(),
+        )
+    };
+    let mut held = Vec::new();
+    let mut on_a = 0;
+    for n in 2..18 {
+        let from: std::net::IpAddr = format!("127.0.0.{n}").parse().unwrap();
+        let before = open();
+        for _ in 0..6 {
+            let client = nanochat::client::Client::connect_from(&url, from)
+                .await
+                .expect("a socket through nginx");
+            held.push(client);
+        }
+        let after = open();
+        let landed = (after.0 - before.0, after.1 - before.1);
+        assert!(
+            landed == (6, 0) || landed == (0, 6),
+            "{from}: {} sockets on one process, {} on the other",
+            landed.0,
+            landed.1
+        );
+        on_a += usize::from(landed.0 == 6);
+    }
+    // 16 addresses all on one of two processes would happen once in 30 000 runs.
+    assert!(
+        (1..16).contains(&on_a),
+        "{on_a} of 16 addresses on the first process"
+    );
 }
 
 /// The whole path an operator sets up: TLS and the WebSocket upgrade in nginx with the shipped
