@@ -250,8 +250,11 @@ fn backup(settings: &Settings, dir: &std::path::Path) -> ExitCode {
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
-        let size =
-            nanochat::store::sqlite::backup(&settings.server.data_dir, &dir.join("nanochat.db"))?;
+        let size = nanochat::store::sqlite::backup(
+            &settings.server.data_dir,
+            &dir.join("nanochat.db"),
+            settings.store.min_free_mib.saturating_mul(1 << 20),
+        )?;
         let secret = dir.join("secret");
         std::fs::copy(settings.secret_path(), &secret).map_err(|e| {
             anyhow::anyhow!(
@@ -273,6 +276,9 @@ fn backup(settings: &Settings, dir: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
+            // Leave nothing behind: the directory was made here, and is empty unless the copy
+            // got that far (then it stays, for the operator to look at).
+            let _ = std::fs::remove_dir(dir);
             eprintln!("nanochat: backup: {e:#}");
             ExitCode::FAILURE
         }

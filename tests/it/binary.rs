@@ -728,6 +728,25 @@ async fn an_operator_takes_a_reported_link_down_through_the_running_server() {
     assert!(err.contains("is it running?"), "{err}");
 }
 
+/// A new room on the server at `url`: its creator's socket, its keys, and a session to seal
+/// messages in.
+async fn room_at(
+    url: &str,
+) -> (
+    Client,
+    nanochat::crypto::RoomKeys,
+    nanochat::client::RoomSession,
+) {
+    let keys = random_room();
+    let mut client = Client::connect(url).await.unwrap();
+    assert!(matches!(
+        client.create(&keys).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    let session = nanochat::client::RoomSession::new(keys.clone());
+    (client, keys, session)
+}
+
 /// `nanochat backup DIR` with the server's directory as its working directory.
 fn backup(
     dir: &std::path::Path,
@@ -742,28 +761,59 @@ fn backup(
     )
 }
 
+/// A backup that would not fit is refused before it writes anything: on the data directory's
+/// own volume it must also leave the server's reserve (`store.min_free_mib`), which keeps room
+/// for wipes and expiry. Elsewhere the same copy is taken, and the server goes on taking
+/// messages throughout.
+#[actix_web::test]
+async fn a_backup_that_would_eat_the_disk_reserve_is_refused_before_it_writes() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _mount = crate::faults::TmpfsMount::new(&data, "48m");
+    let mut env = crate::faults::SEND_FREELY.to_vec();
+    env.push(("NANOCHAT__STORE__MIN_FREE_MIB", "16"));
+    let (_server, port, _, _) = spawn_server(dir.path(), &env);
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let (mut alice, _, mut session) = room_at(&url).await;
+    let page = "x".repeat(4000);
+    for i in 0..600 {
+        crate::helpers::send_acked(&mut alice, &mut session, "alice", &format!("{i} {page}")).await;
+    }
+    // About 2.5 MiB of messages; 1 MiB above the reserve is left.
+    crate::faults::fill_until_available(&data.join("filler"), 17 * MIB);
+    let before = crate::faults::available(&data);
+
+    let copy = data.join("backup");
+    let (code, out, err) = backup(dir.path(), &copy, &env);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("the copy needs about") && err.contains("store.min_free_mib (16 MiB)"),
+        "{err}"
+    );
+    assert!(!copy.exists(), "nothing is left behind");
+    assert!(crate::faults::available(&data) + MIB / 2 >= before);
+    crate::helpers::send_acked(&mut alice, &mut session, "alice", "still taken").await;
+
+    let elsewhere = dir.path().join("backup");
+    let (code, out, err) = backup(dir.path(), &elsewhere, &env);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        std::fs::metadata(elsewhere.join("nanochat.db"))
+            .unwrap()
+            .len()
+            > 2 * MIB
+    );
+}
+
 #[actix_web::test]
 async fn a_backup_taken_while_the_server_writes_restores_every_room_and_message_of_its_moment() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().unwrap();
     // A writer sending as fast as it is answered, unhindered by the message and frame limits.
-    let unlimited = [
-        ("NANOCHAT__RATE__CLIENT_MESSAGES__PER_MINUTE", "6000000"),
-        ("NANOCHAT__RATE__CLIENT_MESSAGES__BURST", "100000"),
-        ("NANOCHAT__RATE__ROOM_MESSAGES__PER_MINUTE", "6000000"),
-        ("NANOCHAT__RATE__ROOM_MESSAGES__BURST", "100000"),
-        ("NANOCHAT__LIMITS__FRAMES_PER_SECOND", "100000"),
-        ("NANOCHAT__LIMITS__FRAMES_BURST", "100000"),
-    ];
-    let (server, port, _, _) = spawn_server(dir.path(), &unlimited);
+    let (server, port, _, _) = spawn_server(dir.path(), &crate::faults::SEND_FREELY);
     let url = format!("ws://127.0.0.1:{port}/ws");
-    let keys = random_room();
-    let mut alice = Client::connect(&url).await.unwrap();
-    assert!(matches!(
-        alice.create(&keys).await.unwrap(),
-        ServerFrame::Joined { .. }
-    ));
-    let mut session = nanochat::client::RoomSession::new(keys.clone());
+    let (mut alice, keys, mut session) = room_at(&url).await;
     for text in ["before 1", "before 2", "before 3"] {
         crate::helpers::send_acked(&mut alice, &mut session, "alice", text).await;
     }

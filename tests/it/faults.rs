@@ -122,10 +122,10 @@ async fn postgres_crashing_mid_stream_refuses_sends_and_loses_no_acknowledged_me
 
 /// A small tmpfs mounted for one test, unmounted (lazily, so a still-open file cannot block
 /// it) when the test lets go.
-struct TmpfsMount(std::path::PathBuf);
+pub(crate) struct TmpfsMount(std::path::PathBuf);
 
 impl TmpfsMount {
-    fn new(at: &std::path::Path, size: &str) -> Self {
+    pub(crate) fn new(at: &std::path::Path, size: &str) -> Self {
         std::fs::create_dir_all(at).unwrap();
         let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -346,7 +346,7 @@ async fn a_full_disk_refuses_sends_clearly_and_recovers_without_loss_or_corrupti
 
 /// Message and frame limits high enough for a test that sends a few hundred messages of 2 KiB
 /// (each counts three times against the message limits) from one address.
-const SEND_FREELY: [(&str, &str); 8] = [
+pub(crate) const SEND_FREELY: [(&str, &str); 8] = [
     ("NANOCHAT__LIMITS__FRAMES_PER_SECOND", "100000"),
     ("NANOCHAT__LIMITS__FRAMES_BURST", "10000"),
     ("NANOCHAT__RATE__CLIENT_FRAMES__PER_MINUTE", "600000"),
@@ -358,7 +358,7 @@ const SEND_FREELY: [(&str, &str); 8] = [
 ];
 
 /// Write into `path` until the volume under it has at most `left` bytes available.
-fn fill_until_available(path: &std::path::Path, left: u64) {
+pub(crate) fn fill_until_available(path: &std::path::Path, left: u64) {
     use std::io::Write as _;
     let mut f = std::fs::File::create(path).unwrap();
     let chunk = vec![0u8; 64 * 1024];
@@ -369,7 +369,7 @@ fn fill_until_available(path: &std::path::Path, left: u64) {
 }
 
 /// Bytes available to an unprivileged writer on the volume holding `path`.
-fn available(path: &std::path::Path) -> u64 {
+pub(crate) fn available(path: &std::path::Path) -> u64 {
     let v = rustix::fs::statvfs(path).unwrap();
     v.f_bavail * v.f_frsize
 }

@@ -260,14 +260,51 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
 /// Index entries the server had not yet sorted into their tables are put there when a server
 /// opens the copy, as after an unclean stop. The copy is readable by its owner only. Returns
 /// its size in bytes.
-pub fn backup(data_dir: &Path, dest: &Path) -> anyhow::Result<u64> {
-    use std::os::unix::fs::PermissionsExt as _;
+///
+/// Nothing is written when the copy would not fit: it takes about the database's pages in use,
+/// and on the data directory's own volume it must also leave `reserve` bytes there
+/// (`store.min_free_mib`), which the running server keeps for what frees space.
+pub fn backup(data_dir: &Path, dest: &Path, reserve: u64) -> anyhow::Result<u64> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let src = data_dir.join("nanochat.db");
     anyhow::ensure!(src.is_file(), "there is no database at {}", src.display());
     anyhow::ensure!(!dest.exists(), "{} exists already", dest.display());
     let conn = Connection::open_with_flags(&src, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
         .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", src.display()))?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    let needed: i64 = conn.query_row(
+        "SELECT (page_count - freelist_count) * page_size
+         FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
+        [],
+        |r| r.get(0),
+    )?;
+    let needed = u64::try_from(needed).unwrap_or(0);
+    let into = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let volume = rustix::fs::statvfs(into)
+        .map_err(|e| anyhow::anyhow!("cannot look at {}: {e}", into.display()))?;
+    let available = volume.f_bavail.saturating_mul(volume.f_frsize);
+    let shared = std::fs::metadata(into)?.dev() == std::fs::metadata(data_dir)?.dev();
+    let keep = if shared { reserve } else { 0 };
+    if available < needed.saturating_add(keep) {
+        let kept = if shared && reserve > 0 {
+            format!(
+                ", and the server keeps store.min_free_mib ({} MiB) free on that volume",
+                reserve >> 20
+            )
+        } else {
+            String::new()
+        };
+        anyhow::bail!(
+            "the copy needs about {} MiB; {} has {} MiB available{kept}: free space there, or \
+             back up to another volume",
+            needed.div_ceil(1 << 20),
+            into.display(),
+            available >> 20
+        );
+    }
     let to = dest
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("{} is not a UTF-8 path", dest.display()))?;
