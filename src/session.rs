@@ -237,6 +237,9 @@ fn refuse(code: ErrorCode, message: &'static str) -> FrameError {
 }
 
 fn store_refusal(e: &StoreError, op: &'static str, state: &AppState) -> FrameError {
+    if let StoreError::Full(_) = e {
+        return refuse(ErrorCode::Unavailable, STORAGE_FULL);
+    }
     tracing::warn!(error = %e, op, "storage operation failed");
     state
         .metrics
@@ -249,6 +252,7 @@ fn store_refusal(e: &StoreError, op: &'static str, state: &AppState) -> FrameErr
             "storage is unavailable right now; nothing was changed, try again shortly",
         ),
         StoreError::Corrupt(_) => refuse(ErrorCode::Internal, "internal error"),
+        StoreError::Full(_) => refuse(ErrorCode::Unavailable, STORAGE_FULL),
     }
 }
 

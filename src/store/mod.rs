@@ -210,6 +210,10 @@ pub enum StoreError {
     /// Stored data is not what this version expects.
     #[error("storage inconsistent: {0}")]
     Corrupt(String),
+    /// New data is refused on purpose: the disk is at the operator's reserve. Not a failure of
+    /// storage; logged once when it begins (by the store), not for every refusal.
+    #[error("storage full: {0}")]
+    Full(String),
 }
 
 /// The storage operations the server needs.

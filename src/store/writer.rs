@@ -242,11 +242,15 @@ fn answer(done: Finished, hub: &Hub, metrics: &Metrics) {
                 .observe(committed.elapsed().as_secs_f64());
         }
         Err(e) => {
-            tracing::warn!(error = %e, batch = msgs.len(), "message batch not stored");
-            metrics
-                .store_errors_total
-                .with_label_values(&["append"])
-                .inc();
+            // A refusal on purpose (the disk at its reserve) is logged by the store when it
+            // begins and shows in its own gauges; it is not a storage error.
+            if !matches!(e, super::StoreError::Full(_)) {
+                tracing::warn!(error = %e, batch = msgs.len(), "message batch not stored");
+                metrics
+                    .store_errors_total
+                    .with_label_values(&["append"])
+                    .inc();
+            }
             for (_, _, reply) in metas {
                 let _ = reply.send(Err(ErrorCode::Unavailable));
             }

@@ -115,6 +115,9 @@ struct Inner {
     /// Bytes the data directory's volume must keep available for new messages and rooms to
     /// be taken (`store.min_free_mib`); 0: no such check.
     min_free: std::sync::atomic::AtomicU64,
+    /// Whether the last check found the volume below the reserve (so that the change is
+    /// logged once each way, not every refused batch).
+    below_reserve: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -137,14 +140,29 @@ impl Inner {
             return Ok(());
         }
         match self.volume() {
-            Ok(v) if v.available < reserve => Err(StoreError::Unavailable(format!(
-                "the data directory's volume has {} MiB available, less than \
-                 store.min_free_mib ({} MiB): new messages and rooms are refused until space \
-                 is freed",
-                v.available >> 20,
-                reserve >> 20
-            ))),
-            Ok(_) => Ok(()),
+            Ok(v) if v.available < reserve => {
+                let why = format!(
+                    "the data directory's volume has {} MiB available, less than \
+                     store.min_free_mib ({} MiB): new messages and rooms are refused until \
+                     space is freed",
+                    v.available >> 20,
+                    reserve >> 20
+                );
+                if !self.below_reserve.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("{why}");
+                }
+                Err(StoreError::Full(why))
+            }
+            Ok(v) => {
+                if self.below_reserve.swap(false, Ordering::Relaxed) {
+                    tracing::info!(
+                        available_mib = v.available >> 20,
+                        "the data directory's volume is above store.min_free_mib again: new \
+                         messages are taken"
+                    );
+                }
+                Ok(())
+            }
             // Not knowing is no reason to refuse; a really full disk refuses by itself.
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the data volume's free space");
@@ -420,6 +438,7 @@ impl SqliteStore {
                 }),
                 filter_bytes,
                 min_free: std::sync::atomic::AtomicU64::new(0),
+                below_reserve: std::sync::atomic::AtomicBool::new(false),
                 recent,
                 readers: Mutex::new(Vec::new()),
                 read_turns: Arc::new(tokio::sync::Semaphore::new(READ_POOL)),
