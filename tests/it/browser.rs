@@ -189,12 +189,7 @@ async fn two_people_chat_both_ways_and_the_room_id_alone_is_useless() {
     wait_all_sent(&alice, 10).await;
     assert_eq!(shown(&alice).await, expected);
     // Text is rendered as text: no element was created from the message.
-    assert_eq!(
-        alice
-            .eval("document.querySelectorAll('#messages b').length")
-            .await,
-        json!(0)
-    );
+    assert_eq!(alice.count("#messages b").await, 0);
 
     // The server learns a message's length only to within a block: every one of these short
     // messages is stored as one padded block and its tag.
@@ -335,11 +330,7 @@ async fn panic_wipes_the_room_in_every_open_window() {
     for page in [&alice, &bob, &bob2] {
         page.wait_for("!document.getElementById('gone').hidden", 20)
             .await;
-        assert_eq!(
-            page.eval("document.querySelectorAll('#messages li').length")
-                .await,
-            json!(0)
-        );
+        assert_eq!(page.count("#messages li").await, 0);
     }
     assert_eq!(bob.eval(remembered).await, json!(0));
     // The link afterwards says the room is gone.
@@ -1112,11 +1103,7 @@ async fn sends_refused_for_now_go_again_by_themselves() {
         texts,
         (1..=5).map(|i| format!("quick {i}")).collect::<Vec<_>>()
     );
-    assert_eq!(
-        bob.eval("document.querySelectorAll('#messages li.failed').length")
-            .await,
-        json!(0)
-    );
+    assert_eq!(bob.count("#messages li.failed").await, 0);
     let refused = app.refused("room_messages");
     assert!(refused >= 3, "{refused} refusals");
 }
@@ -1445,11 +1432,7 @@ async fn people_whose_clocks_are_days_off_can_still_chat() {
     wait_all_sent(&alice, 10).await;
     wait_all_sent(&bob, 10).await;
     for page in [&alice, &bob] {
-        assert_eq!(
-            page.eval("document.querySelectorAll('#messages li.failed').length")
-                .await,
-            json!(0)
-        );
+        assert_eq!(page.count("#messages li.failed").await, 0);
         // Every message is from today by the server's clock, so it shows a time without a
         // date (the page's own clock would call them days old, or days ahead).
         let dated = page
@@ -1488,6 +1471,17 @@ const RECORD_NOTIFICATIONS: &str = "(() => { const Real = window.Notification; w
       this.close = () => { seen.closed = true; close(); }; } } \
     window.Notification = Recorded; })()";
 
+/// Click "Notify me" and wait until the page says it is on.
+async fn turn_notifications_on(page: &Page<'_>) {
+    page.eval("document.getElementById('notify').click(), true")
+        .await;
+    page.wait_for(
+        "document.getElementById('notify').getAttribute('aria-pressed') === 'true'",
+        10,
+    )
+    .await;
+}
+
 async fn notify_pressed(page: &Page<'_>) -> serde_json::Value {
     page.eval("document.getElementById('notify').getAttribute('aria-pressed')")
         .await
@@ -1525,15 +1519,7 @@ async fn notifications_when_asked_for_say_how_many_and_never_who_or_what() {
     assert_eq!(notifications(&alice).await, json!([]));
     alice.bring_to_front().await;
 
-    alice
-        .eval("document.getElementById('notify').click(), true")
-        .await;
-    alice
-        .wait_for(
-            "document.getElementById('notify').getAttribute('aria-pressed') === 'true'",
-            10,
-        )
-        .await;
+    turn_notifications_on(&alice).await;
     // The choice is this device's: it stays after a reload.
     alice.reload().await;
     wait_online(&alice).await;
@@ -1640,12 +1626,7 @@ async fn the_link_shows_as_a_qr_code_that_a_camera_reads() {
     alice.eval(&format!("{toggle}, {toggle}")).await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(alice.eval(qr_hidden).await, json!(true));
-    assert_eq!(
-        alice
-            .eval("document.querySelectorAll('#qr svg, #qr .warning').length")
-            .await,
-        json!(0)
-    );
+    assert_eq!(alice.count("#qr svg, #qr .warning").await, 0);
     // A link too long for a code (a host name of 300 characters) is said to be so.
     alice
         .eval(&format!(
@@ -1705,15 +1686,7 @@ async fn where_notifications_cannot_be_made_the_choice_goes_and_the_title_still_
     wait_online(&bob).await;
     let offered = "!document.getElementById('notify').hidden";
     assert_eq!(alice.eval(offered).await, json!(true));
-    alice
-        .eval("document.getElementById('notify').click(), true")
-        .await;
-    alice
-        .wait_for(
-            "document.getElementById('notify').getAttribute('aria-pressed') === 'true'",
-            10,
-        )
-        .await;
+    turn_notifications_on(&alice).await;
     alice.open_tab_in_front().await;
     say(&bob, "one").await;
     say(&bob, "two").await;

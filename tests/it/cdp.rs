@@ -258,6 +258,12 @@ impl Page<'_> {
     }
 
     /// Evaluate an expression (promises are awaited) and return its JSON value.
+    /// How many elements of the page match a CSS selector.
+    pub async fn count(&self, selector: &str) -> u64 {
+        let expression = format!("document.querySelectorAll({}).length", json!(selector));
+        self.eval(&expression).await.as_u64().expect("a count")
+    }
+
     pub async fn eval(&self, expression: &str) -> Value {
         let r = self
             .call(
