@@ -31,6 +31,7 @@ pub fn message_cost(ct_len: usize) -> u32 {
     let content = ct_len.saturating_sub(TAG_LEN);
     u32::try_from(content.div_ceil(MESSAGE_COST_UNIT).max(1)).unwrap_or(u32::MAX)
 }
+
 /// Largest sequence number a client may name (JavaScript's safe integer range).
 pub const MAX_SEQ: u64 = (1 << 53) - 1;
 

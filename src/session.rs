@@ -237,23 +237,22 @@ fn refuse(code: ErrorCode, message: &'static str) -> FrameError {
 }
 
 fn store_refusal(e: &StoreError, op: &'static str, state: &AppState) -> FrameError {
-    if let StoreError::Full(_) = e {
-        return refuse(ErrorCode::Unavailable, STORAGE_FULL);
-    }
+    let refusal = match e {
+        // On purpose, not a failure: the store logged it when it began.
+        StoreError::Full(_) => return refuse(ErrorCode::Unavailable, STORAGE_FULL),
+        StoreError::Unavailable(_) => refuse(
+            ErrorCode::Unavailable,
+            "storage is unavailable right now; nothing was changed, try again shortly",
+        ),
+        StoreError::Corrupt(_) => refuse(ErrorCode::Internal, "internal error"),
+    };
     tracing::warn!(error = %e, op, "storage operation failed");
     state
         .metrics
         .store_errors_total
         .with_label_values(&[op])
         .inc();
-    match e {
-        StoreError::Unavailable(_) => refuse(
-            ErrorCode::Unavailable,
-            "storage is unavailable right now; nothing was changed, try again shortly",
-        ),
-        StoreError::Corrupt(_) => refuse(ErrorCode::Internal, "internal error"),
-        StoreError::Full(_) => refuse(ErrorCode::Unavailable, STORAGE_FULL),
-    }
+    refusal
 }
 
 fn wire_messages(page: Page) -> (Vec<WireMsg>, bool, i64) {

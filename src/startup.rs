@@ -563,7 +563,7 @@ async fn storage_loop(state: Arc<AppState>) {
             _ => continue,
         };
         state.metrics.set_storage(&usage);
-        let full = cap > 0 && usage.used_bytes >= cap;
+        let full = usage.used_bytes >= cap;
         let was = state
             .storage_full
             .swap(full, std::sync::atomic::Ordering::Relaxed);

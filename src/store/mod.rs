@@ -374,7 +374,7 @@ pub async fn open(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
         }
         None => {
             let store = sqlite::SqliteStore::open(&settings.server.data_dir, retention).await?;
-            store.set_min_free(settings.store.min_free_mib * 1024 * 1024);
+            store.set_min_free(settings.store.min_free_mib.saturating_mul(1 << 20));
             Arc::new(store)
         }
     })

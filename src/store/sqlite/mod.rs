@@ -272,6 +272,19 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// The database's pages in use, in bytes, as of the latest commit (the write-ahead log
+/// included): what a compacted copy takes, and what new data grows once the free pages that
+/// expiry and wipes leave in the file are used up.
+fn bytes_in_use(conn: &Connection) -> rusqlite::Result<u64> {
+    let bytes: i64 = conn.query_row(
+        "SELECT (page_count - freelist_count) * page_size
+         FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(u64::try_from(bytes).unwrap_or(0))
+}
+
 /// Write a consistent copy of `<data_dir>/nanochat.db` to `dest`, also while a server is using
 /// it: `VACUUM INTO` reads the whole database in one read transaction (the server's writer
 /// goes on beside it, as WAL allows), so the copy is the database as of one moment, compacted.
@@ -290,13 +303,7 @@ pub fn backup(data_dir: &Path, dest: &Path, reserve: u64) -> anyhow::Result<u64>
     let conn = Connection::open_with_flags(&src, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
         .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", src.display()))?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
-    let needed: i64 = conn.query_row(
-        "SELECT (page_count - freelist_count) * page_size
-         FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
-        [],
-        |r| r.get(0),
-    )?;
-    let needed = u64::try_from(needed).unwrap_or(0);
+    let needed = bytes_in_use(&conn)?;
     let into = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -915,21 +922,13 @@ impl Store for SqliteStore {
                 name.push(suffix);
                 std::fs::metadata(name).map_or(0, |m| m.len())
             };
-            // As of the latest commit, the write-ahead log included.
-            let (pages, free, page_size): (i64, i64, i64) = conn
-                .query_row(
-                    "SELECT page_count, freelist_count, page_size
-                     FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .map_err(db_err)?;
+            let used = bytes_in_use(conn).map_err(db_err)?;
             let volume = inner
                 .volume()
                 .map_err(|e| StoreError::Unavailable(format!("data volume: {e}")))?;
             Ok(StorageUsage {
                 database_bytes: len("") + len("-wal"),
-                used_bytes: u64::try_from((pages - free).max(0) * page_size).unwrap_or(0),
+                used_bytes: used,
                 volume: Some(volume),
             })
         })
