@@ -165,7 +165,8 @@ pub struct Rate {
 }
 
 impl Rate {
-    const fn new(per_minute: u32, burst: u32) -> Self {
+    /// `per_minute` sustained, `burst` at once.
+    pub const fn new(per_minute: u32, burst: u32) -> Self {
         Self { per_minute, burst }
     }
 }

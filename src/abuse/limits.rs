@@ -541,14 +541,7 @@ mod tests {
         // for the map, its shards and allocator slack. Without the cap, a million keys take
         // well over 40 MB.
         const BOUND: usize = 24 << 20;
-        let limiter = KeyedLimiter::new(
-            "test",
-            Rate {
-                per_minute: 60,
-                burst: 5,
-            },
-            CAP,
-        );
+        let limiter = KeyedLimiter::new("test", Rate::new(60, 5), CAP);
         let before = rss_bytes();
         let mut refused = 0u32;
         for i in 0..1_000_000u128 {
@@ -581,14 +574,7 @@ mod tests {
 
     #[test]
     fn a_key_is_limited_to_its_burst_and_others_are_not() {
-        let limiter = KeyedLimiter::new(
-            "test",
-            Rate {
-                per_minute: 60,
-                burst: 3,
-            },
-            10,
-        );
+        let limiter = KeyedLimiter::new("test", Rate::new(60, 3), 10);
         for _ in 0..3 {
             assert!(limiter.check(1).is_ok());
         }
@@ -602,10 +588,7 @@ mod tests {
 
     #[test]
     fn a_check_of_more_than_the_burst_takes_the_whole_bucket() {
-        let rate = Rate {
-            per_minute: 60,
-            burst: 5,
-        };
+        let rate = Rate::new(60, 5);
         let keyed = KeyedLimiter::new("test", rate, 10);
         let direct = DirectLimiter::new("test", rate, 1);
         // A cost above the burst passes on a full bucket and empties it...

@@ -89,14 +89,8 @@ async fn burst_of(c: &mut Client, keys: &RoomKeys, n: usize, text: &str) -> (usi
 #[actix_web::test]
 async fn long_messages_count_once_per_kib_against_the_message_limits() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.rate.client_messages = Rate {
-            per_minute: 60,
-            burst: 30,
-        };
-        s.rate.room_messages = Rate {
-            per_minute: 60,
-            burst: 40,
-        };
+        s.rate.client_messages = Rate::new(60, 30);
+        s.rate.room_messages = Rate::new(60, 40);
     })
     .await;
     // About 7 000 bytes of envelope, padded to 7 168: 7 KiB of content.
@@ -125,10 +119,7 @@ async fn long_messages_count_once_per_kib_against_the_message_limits() {
 #[actix_web::test]
 async fn a_flooding_client_is_cut_to_its_rate_and_others_keep_chatting() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.rate.client_messages = Rate {
-            per_minute: 60,
-            burst: 5,
-        };
+        s.rate.client_messages = Rate::new(60, 5);
     })
     .await;
     let (mut flooder, keys) = create_from(&app, "127.0.0.2").await;
@@ -175,10 +166,7 @@ async fn sends_over_a_sockets_frame_rate_are_refused_by_name_and_counted() {
 #[actix_web::test]
 async fn one_room_is_protected_from_the_sum_of_its_members() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.rate.room_messages = Rate {
-            per_minute: 60,
-            burst: 6,
-        };
+        s.rate.room_messages = Rate::new(60, 6);
     })
     .await;
     let (mut a, keys) = create_from(&app, "127.0.0.2").await;
@@ -225,10 +213,7 @@ pub(crate) async fn upgrade(
 #[actix_web::test]
 async fn upgrades_past_the_connection_rate_get_429_before_the_handshake() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.rate.client_connections = Rate {
-            per_minute: 6,
-            burst: 3,
-        };
+        s.rate.client_connections = Rate::new(6, 3);
     })
     .await;
     let mut open = Vec::new();
@@ -257,10 +242,7 @@ async fn upgrades_past_the_connection_rate_get_429_before_the_handshake() {
 #[actix_web::test]
 async fn pages_of_other_origins_cannot_open_a_websocket() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.rate.client_connections = Rate {
-            per_minute: 6,
-            burst: 3,
-        };
+        s.rate.client_connections = Rate::new(6, 3);
     })
     .await;
     let foreign = [
@@ -364,10 +346,7 @@ async fn the_server_wide_socket_cap_answers_503() {
 async fn forwarded_addresses_count_only_from_trusted_proxies() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
         s.proxy.trusted = vec!["127.0.0.1".into()];
-        s.rate.client_connections = Rate {
-            per_minute: 6,
-            burst: 2,
-        };
+        s.rate.client_connections = Rate::new(6, 2);
     })
     .await;
     let mut keep = Vec::new();
@@ -411,10 +390,7 @@ async fn the_onion_listener_shares_one_bucket_and_always_needs_work() {
         s.pow.mode = PowMode::Off;
         s.pow.base_bits = 6;
         s.rate.onion_factor = 1;
-        s.rate.client_connections = Rate {
-            per_minute: 6,
-            burst: 2,
-        };
+        s.rate.client_connections = Rate::new(6, 2);
     })
     .await;
     let onion = app.state.onion_port.expect("onion listener");
@@ -598,10 +574,7 @@ fn wait_asked(answer: &ServerFrame) -> f64 {
 async fn reading_is_limited_per_client_by_the_messages_asked_for() {
     // Ten messages a second per client, 400 at once; a join returns up to 100.
     let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.rate.client_reads = Rate {
-            per_minute: 600,
-            burst: 400,
-        };
+        s.rate.client_reads = Rate::new(600, 400);
         s.limits.history = 100;
     })
     .await;
@@ -656,18 +629,9 @@ async fn a_client_told_no_work_is_needed_does_it_when_the_creation_is_refused_fo
 #[actix_web::test]
 async fn room_creations_and_token_requests_are_limited_per_client_and_globally() {
     let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.rate.client_creations = Rate {
-            per_minute: 6,
-            burst: 2,
-        };
-        s.rate.global_creations = Rate {
-            per_minute: 6,
-            burst: 4,
-        };
-        s.rate.client_pow_tokens = Rate {
-            per_minute: 6,
-            burst: 2,
-        };
+        s.rate.client_creations = Rate::new(6, 2);
+        s.rate.global_creations = Rate::new(6, 4);
+        s.rate.client_pow_tokens = Rate::new(6, 2);
     })
     .await;
     let create = |from: &'static str| {

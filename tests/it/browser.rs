@@ -1076,10 +1076,7 @@ async fn a_creation_refused_for_want_of_work_does_the_work_and_goes_on() {
 async fn sends_refused_for_now_go_again_by_themselves() {
     // Two messages at once per room, then two a second.
     let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.rate.room_messages = Rate {
-            per_minute: 120,
-            burst: 2,
-        };
+        s.rate.room_messages = Rate::new(120, 2);
     })
     .await;
     let browser = Browser::launch().await;
@@ -1250,10 +1247,7 @@ async fn a_catch_up_refused_for_now_goes_on_when_the_server_says() {
 async fn a_long_catch_up_keeps_to_the_read_limit_instead_of_being_refused_page_after_page() {
     // 200 messages a second may be read, 400 at once; joins return 100 and pages ask for 200.
     let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.rate.client_reads = Rate {
-            per_minute: 12_000,
-            burst: 400,
-        };
+        s.rate.client_reads = Rate::new(12_000, 400);
         s.limits.strike_budget = 40;
     })
     .await;
@@ -1345,10 +1339,7 @@ async fn a_join_refused_for_now_is_tried_again_when_the_server_says() {
     // Every page here comes from 127.0.0.1, one client: two frames at once, then one every ten
     // seconds.
     let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.rate.client_frames = Rate {
-            per_minute: 6,
-            burst: 2,
-        };
+        s.rate.client_frames = Rate::new(6, 2);
     })
     .await;
     let browser = Browser::launch().await;

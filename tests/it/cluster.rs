@@ -464,10 +464,7 @@ async fn a_node_that_loses_its_database_connections_recovers_and_its_clients_mis
 #[actix_web::test]
 async fn the_server_wide_creation_limit_counts_the_whole_cluster() {
     let limit = |s: &mut nanochat::config::Settings| {
-        s.rate.global_creations = nanochat::config::Rate {
-            per_minute: 3,
-            burst: 1000,
-        };
+        s.rate.global_creations = nanochat::config::Rate::new(3, 1000);
     };
     let a = spawn_app_with(Backend::Postgres, limit).await;
     let b = second_node(&a, limit).await;

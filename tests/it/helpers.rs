@@ -43,10 +43,7 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
     // limits they exercise.
     s.limits.frames_per_second = 10_000;
     s.limits.frames_burst = 10_000;
-    let lots = Rate {
-        per_minute: 10_000_000,
-        burst: 1_000_000,
-    };
+    let lots = Rate::new(10_000_000, 1_000_000);
     let r = &mut s.rate;
     for rate in [
         &mut r.client_connections,

@@ -135,10 +135,7 @@ async fn the_page_says_how_long_this_server_keeps_messages() {
 async fn the_pages_files_are_limited_per_client_and_a_refusal_is_small() {
     // Five files at once, then one a second; the client as a trusted proxy names it.
     let app = spawn_app_with(Backend::Sqlite, |s| {
-        s.rate.client_requests = nanochat::config::Rate {
-            per_minute: 60,
-            burst: 5,
-        };
+        s.rate.client_requests = nanochat::config::Rate::new(60, 5);
         s.proxy.trusted = vec!["127.0.0.1/32".into()];
     })
     .await;
