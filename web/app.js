@@ -4,6 +4,27 @@ import { RoomKeys, RoomSession, b64u, fromB64u, joinProof, randomBytes } from '.
 
 const $ = (id) => document.getElementById(id);
 
+/** The page's two workers: proof of work, and notifications (see notifyWorker()). */
+const POW_WORKER = new URL('./pow-worker.js', import.meta.url).href;
+const NOTIFY_WORKER = new URL('./notify-worker.js', import.meta.url).href;
+
+/**
+ * The Content-Security-Policy requires Trusted Types: the one policy the page may make admits
+ * the URLs of the two workers and nothing else.
+ */
+const scriptUrls = globalThis.trustedTypes?.createPolicy('nanochat', {
+  createScriptURL: (url) => {
+    if (url !== POW_WORKER && url !== NOTIFY_WORKER) {
+      throw new TypeError(`not a script of this page: ${url}`);
+    }
+    return url;
+  },
+});
+
+function scriptUrl(url) {
+  return scriptUrls ? scriptUrls.createScriptURL(url) : url;
+}
+
 /** How many days this server keeps messages (its `retention.days`, written into the page). */
 const RETENTION_DAYS = Number(document.querySelector('meta[name="nanochat-retention-days"]')?.content) || 30;
 
@@ -60,7 +81,8 @@ const state = {
   resendTimer: null,
   resendWait: 1000,
   clockOffset: 0, // the server's clock minus this device's, from `hello`
-  notification: null, // the system notification shown for unread messages, if any
+  notification: null, // the system notification shown for unread messages, if made here
+  notified: false, // one may be shown for this room: closed once the messages are seen
   notifyBroken: false, // this browser refused to show one: see notifyUnread()
 };
 
@@ -444,6 +466,17 @@ async function toggleQr() {
  */
 const NOTIFY = 'nanochat.notify';
 
+/**
+ * Where there is one (any browser but Tor Browser and private windows of some), the page shows
+ * its notifications through web/notify-worker.js: Chrome on Android shows them only from a
+ * service worker. The worker is registered while notifications are on and unregistered when
+ * they are turned off. Elsewhere the page makes them itself.
+ */
+/** How long registering the worker may take before the page makes its notifications itself. */
+const WORKER_READY_MS = 10_000;
+/** This tab, to the worker: a click on its notification brings it to the front. */
+const TAB = b64u(randomBytes(12));
+
 function notifyOn() {
   try {
     return localStorage.getItem(NOTIFY) === '1' && Notification.permission === 'granted';
@@ -472,21 +505,82 @@ async function toggleNotify() {
   } catch {
     // Storage disabled: the choice cannot be kept.
   }
+  if (!on) forgetNotifyWorker();
   showNotifyChoice();
 }
 
-function notifyUnread() {
-  if (!document.hidden || !notifyOn() || state.notifyBroken) return;
-  const body = state.unread === 1 ? '1 new message' : `${state.unread} new messages`;
+/** The worker's registration once it is active; null where there is none. */
+async function notifyWorker() {
+  const container = navigator.serviceWorker;
+  if (!container) return null;
   try {
-    state.notification = new Notification('NanoChat', { body, tag: `nanochat-${roomKey()}` });
+    // Registering again what is registered is answered with the registration: no download.
+    const reg = await container.register(scriptUrl(NOTIFY_WORKER), { updateViaCache: 'none' });
+    if (reg.active) return reg;
+    const worker = reg.installing ?? reg.waiting;
+    return await new Promise((resolve) => {
+      const timer = setTimeout(() => resolve(null), WORKER_READY_MS);
+      worker?.addEventListener('statechange', () => {
+        if (worker.state === 'activated' || worker.state === 'redundant') {
+          clearTimeout(timer);
+          resolve(worker.state === 'activated' ? reg : null);
+        }
+      });
+    });
+  } catch {
+    return null;
+  }
+}
+
+/** Turned off: this site's notifications go, and so does the worker. */
+async function forgetNotifyWorker() {
+  closeNotification();
+  try {
+    const reg = await navigator.serviceWorker?.getRegistration(NOTIFY_WORKER);
+    if (!reg) return;
+    for (const n of await reg.getNotifications()) n.close();
+    await reg.unregister();
+  } catch {
+    // Nothing registered, or storage disabled.
+  }
+}
+
+/** Tell the worker whether a notification it was clicked on is this tab's. */
+function answerNotifyWorker() {
+  const container = navigator.serviceWorker;
+  if (!container) return;
+  container.addEventListener('message', (e) => {
+    if (e.data?.nanochatTab !== undefined) e.ports[0]?.postMessage(e.data.nanochatTab === TAB);
+  });
+  container.startMessages();
+}
+
+function notificationTag() {
+  return `nanochat-${roomKey()}`;
+}
+
+async function notifyUnread() {
+  if (!document.hidden || !notifyOn() || state.notifyBroken) return;
+  const tag = notificationTag();
+  const body = () => (state.unread === 1 ? '1 new message' : `${state.unread} new messages`);
+  state.notified = true;
+  const reg = await notifyWorker();
+  // Seen, or another message came, while the worker was asked for: this call has no work.
+  if (!document.hidden || state.unread === 0 || tag !== notificationTag()) return;
+  try {
+    if (reg) {
+      await reg.showNotification('NanoChat', { body: body(), tag, data: { tab: TAB } });
+      if (!document.hidden || state.unread === 0) closeNotification();
+      return;
+    }
+    state.notification = new Notification('NanoChat', { body: body(), tag });
     state.notification.onclick = () => {
       window.focus();
       state.notification?.close();
     };
   } catch {
-    // Browsers that show notifications only from a service worker (Chrome on Android): the
-    // tab's title still counts, and the choice is not offered again.
+    // Neither a worker nor the page may show one here: the tab's title still counts, and the
+    // choice is not offered again.
     state.notifyBroken = true;
     showNotifyChoice();
   }
@@ -495,6 +589,13 @@ function notifyUnread() {
 function closeNotification() {
   state.notification?.close();
   state.notification = null;
+  if (!state.notified || !state.keys) return;
+  state.notified = false;
+  const tag = notificationTag();
+  navigator.serviceWorker?.getRegistration(NOTIFY_WORKER)
+    .then((reg) => reg?.getNotifications({ tag }))
+    .then((shown) => shown?.forEach((n) => n.close()))
+    .catch(() => {});
 }
 
 /** Show a pending message's state: 'sending', 'sent' (`detail`: when it was stored, if known)
@@ -584,26 +685,11 @@ async function sendText(text) {
 
 // ---- proof of work ---------------------------------------------------------------------
 
-/**
- * The proof-of-work worker's URL. The Content-Security-Policy requires Trusted Types: the one
- * policy the page may make admits this URL and nothing else.
- */
-const POW_WORKER = new URL('./pow-worker.js', import.meta.url).href;
-const scriptUrls = globalThis.trustedTypes?.createPolicy('nanochat', {
-  createScriptURL: (url) => {
-    if (url !== POW_WORKER) throw new TypeError(`not a script of this page: ${url}`);
-    return url;
-  },
-});
-
-function workerUrl() {
-  return scriptUrls ? scriptUrls.createScriptURL(POW_WORKER) : POW_WORKER;
-}
 
 function solvePow(token, roomId, bits) {
   return new Promise((resolve, reject) => {
     const expected = 2 ** bits;
-    const worker = new Worker(workerUrl(), { type: 'module' });
+    const worker = new Worker(scriptUrl(POW_WORKER), { type: 'module' });
     state.worker = worker;
     $('pow').hidden = false;
     $('pow-progress').value = 0;
@@ -990,6 +1076,7 @@ function init() {
   });
   $('pow-cancel').addEventListener('click', cancelPow);
   $('notify').addEventListener('click', toggleNotify);
+  answerNotifyWorker();
   $('show-qr').addEventListener('click', toggleQr);
   $('copy-link').addEventListener('click', async () => {
     try {

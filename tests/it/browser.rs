@@ -1453,14 +1453,46 @@ async fn people_whose_clocks_are_days_off_can_still_chat() {
     }
 }
 
-/// Every system notification the page makes, as `window.shown`: `{title, body, tag, closed}`.
-/// The real `Notification` still shows each one.
-const RECORD_NOTIFICATIONS: &str = "(() => { const Real = window.Notification; window.shown = []; \
+/// Every system notification the page asks for, as `window.shown`: `{via, title, body, tag,
+/// data, closed, done}`, `via` saying who made it: `"page"` (`new Notification`) or `"worker"`
+/// (its service worker's registration; `done` once the browser says it is shown). The real
+/// browser still shows each one.
+const RECORD_NOTIFICATIONS: &str = "(() => { window.shown = []; const Real = window.Notification; \
     class Recorded extends Real { constructor(title, options) { super(title, options); \
-      const seen = { title, body: options?.body, tag: options?.tag, closed: false }; \
+      const seen = { via: 'page', title, body: options?.body, tag: options?.tag, closed: false }; \
       window.shown.push(seen); const close = this.close.bind(this); \
       this.close = () => { seen.closed = true; close(); }; } } \
-    window.Notification = Recorded; })()";
+    window.Notification = Recorded; \
+    const proto = globalThis.ServiceWorkerRegistration?.prototype; if (!proto) return; \
+    const show = proto.showNotification; \
+    proto.showNotification = function (title, options) { const seen = { via: 'worker', \
+      title, body: options?.body, tag: options?.tag, data: options?.data, done: false }; \
+      window.shown.push(seen); const made = show.call(this, title, options); \
+      made.then(() => { seen.done = true; }, () => {}); return made; }; })()";
+
+/// Once the page's last notification is shown: Chromium may leave out of `getNotifications()`
+/// a notification one tab shows while another tab asks for the list.
+async fn wait_shown(page: &Page<'_>, body: &str) {
+    page.wait_for(
+        &format!("window.shown.some(n => n.body === {body:?} && n.done)"),
+        10,
+    )
+    .await;
+}
+
+/// The notifications of this page's site that the browser shows now (made by its service worker).
+async fn shown_by_the_worker(page: &Page<'_>) -> serde_json::Value {
+    page.eval(
+        "navigator.serviceWorker.getRegistration().then(r => r ? r.getNotifications() : []) \
+         .then(all => all.map(n => ({ title: n.title, body: n.body, tag: n.tag, data: n.data })))",
+    )
+    .await
+}
+
+/// The notify worker's URL on `app`.
+fn notify_worker(app: &TestApp) -> String {
+    format!("{}/notify-worker.js", origin(app))
+}
 
 /// Click "Notify me" and wait until the page says it is on.
 async fn turn_notifications_on(page: &Page<'_>) {
@@ -1524,28 +1556,57 @@ async fn notifications_when_asked_for_say_how_many_and_never_who_or_what() {
         .await;
     let notes = notifications(&alice).await;
     let notes = notes.as_array().unwrap();
-    assert_eq!(notes[0]["body"], json!("1 new message"), "{notes:?}");
+    let tag = json!(format!("nanochat-{}", b64u(&keys_of(&link).room_id)));
     for n in notes {
+        // Made through the page's service worker where there is one.
+        assert_eq!(n["via"], json!("worker"), "{n}");
         assert_eq!(n["title"], json!("NanoChat"));
-        // One per room, each replacing the last; nothing of who or what.
-        assert_eq!(
-            n["tag"],
-            json!(format!("nanochat-{}", b64u(&keys_of(&link).room_id)))
+        assert!(
+            [json!("1 new message"), json!("2 new messages")].contains(&n["body"]),
+            "{n}"
         );
+        // One per room, each replacing the last; nothing of who or what. The data the worker
+        // gets is the tab's token, nothing else.
+        assert_eq!(n["tag"], tag);
+        let data = n["data"].as_object().expect("data");
+        assert_eq!(data.keys().collect::<Vec<_>>(), ["tab"], "{n}");
         let text = n.to_string();
         for secret in ["bob", "mill", "papers"] {
             assert!(!text.contains(secret), "{text}");
         }
     }
-    // Seen: the notification goes (the earlier ones were replaced by it: same tag).
+    // The browser shows one: the last, which replaced the first.
+    wait_shown(&alice, "2 new messages").await;
+    alice
+        .wait_for(
+            "navigator.serviceWorker.getRegistration().then(r => r.getNotifications()) \
+             .then(all => all.length === 1 && all[0].body === '2 new messages')",
+            10,
+        )
+        .await;
+    let now_shown = shown_by_the_worker(&alice).await;
+    assert_eq!(now_shown[0]["tag"], tag, "{now_shown}");
+    // Seen: the notification goes.
     alice.bring_to_front().await;
-    alice.wait_for("window.shown.at(-1).closed", 10).await;
+    alice
+        .wait_for(
+            "navigator.serviceWorker.getRegistration().then(r => r.getNotifications()) \
+             .then(all => all.length === 0)",
+            10,
+        )
+        .await;
 
-    // Turned off again: nothing more is shown.
+    // Turned off again: nothing more is shown, and the worker is gone.
     alice
         .eval("document.getElementById('notify').click(), true")
         .await;
     assert_eq!(notify_pressed(&alice).await, json!("false"));
+    alice
+        .wait_for(
+            "navigator.serviceWorker.getRegistrations().then(all => all.length === 0)",
+            10,
+        )
+        .await;
     let before = notes.len();
     alice.open_tab_in_front().await;
     say(&bob, "after turning off").await;
@@ -1661,34 +1722,162 @@ const NOTIFICATIONS_ONLY_FROM_A_WORKER: &str = "(() => { const Real = window.Not
       throw new TypeError('Illegal constructor. Use ServiceWorkerRegistration.showNotification() instead.'); } }; \
     })()";
 
+/// No service workers, as in Tor Browser (and private windows of some browsers).
+const NO_SERVICE_WORKERS: &str = "Object.defineProperty(Navigator.prototype, 'serviceWorker', \
+    { get: () => undefined, configurable: true })";
+
 #[actix_web::test]
-async fn where_notifications_cannot_be_made_the_choice_goes_and_the_title_still_counts() {
+async fn notifications_come_the_way_each_browser_allows_and_where_none_can_the_choice_goes() {
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;
-    let alice = browser
+    let home = format!("{}/", origin(&app));
+    let android = browser
         .new_page_running(
-            &format!("{}/", origin(&app)),
-            NOTIFICATIONS_ONLY_FROM_A_WORKER,
+            &home,
+            &format!("{NOTIFICATIONS_ONLY_FROM_A_WORKER}; {RECORD_NOTIFICATIONS}"),
         )
         .await;
-    alice.grant("notifications", &origin(&app)).await;
-    let link = create_room(&alice).await;
+    android.grant("notifications", &origin(&app)).await;
+    let link = create_room(&android).await;
+    let tor = browser
+        .new_page_running(
+            &link,
+            &format!("{NO_SERVICE_WORKERS}; {RECORD_NOTIFICATIONS}"),
+        )
+        .await;
+    let neither = browser
+        .new_page_running(
+            &link,
+            &format!(
+                "{NOTIFICATIONS_ONLY_FROM_A_WORKER}; {NO_SERVICE_WORKERS}; {RECORD_NOTIFICATIONS}"
+            ),
+        )
+        .await;
     let bob = browser.new_page(&link).await;
     wait_online(&bob).await;
     let offered = "!document.getElementById('notify').hidden";
-    assert_eq!(alice.eval(offered).await, json!(true));
-    turn_notifications_on(&alice).await;
-    alice.open_tab_in_front().await;
+    for page in [&android, &tor, &neither] {
+        page.grant("notifications", &origin(&app)).await;
+        wait_online(page).await;
+        assert_eq!(page.eval(offered).await, json!(true));
+        turn_notifications_on(page).await;
+        page.open_tab_in_front().await;
+    }
     say(&bob, "one").await;
     say(&bob, "two").await;
-    alice
+
+    // Only from a service worker (Chrome on Android): from the page's.
+    wait_shown(&android, "2 new messages").await;
+    android
+        .wait_for(
+            "navigator.serviceWorker.getRegistration().then(r => r?.getNotifications()) \
+             .then(all => all?.length === 1 && all[0].body === '2 new messages')",
+            10,
+        )
+        .await;
+    let made = notifications(&android).await;
+    assert!(
+        made.as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["via"] == json!("worker")),
+        "{made}"
+    );
+    // No service workers (Tor Browser): the page makes them itself, and closes them when seen.
+    tor.wait_for("window.shown.some(n => n.body === '2 new messages')", 10)
+        .await;
+    let made = notifications(&tor).await;
+    assert!(
+        made.as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["via"] == json!("page")),
+        "{made}"
+    );
+    tor.bring_to_front().await;
+    tor.wait_for("window.shown.at(-1).closed", 10).await;
+    // Neither: the first try failed, the choice is no longer offered, nothing was thrown at
+    // the page, and the tab's title still counts.
+    neither
         .wait_for("document.title === '(2) NanoChat'", 10)
         .await;
-    // The first try failed: the choice is no longer offered, nothing was thrown at the page.
-    assert_eq!(alice.eval(offered).await, json!(false));
-    alice.bring_to_front().await;
-    assert_eq!(alice.eval("document.title").await, json!("NanoChat"));
-    assert_same_origin(&alice, &app);
+    assert_eq!(neither.eval(offered).await, json!(false));
+    assert_eq!(notifications(&neither).await, json!([]));
+    neither.bring_to_front().await;
+    assert_eq!(neither.eval("document.title").await, json!("NanoChat"));
+    for page in [&android, &tor, &neither] {
+        assert_same_origin(page, &app);
+        let thrown: Vec<_> = page
+            .logs()
+            .into_iter()
+            .filter(|l| l.starts_with("exception"))
+            .collect();
+        assert!(thrown.is_empty(), "{thrown:?}");
+    }
+}
+
+#[actix_web::test]
+async fn a_click_on_a_notification_brings_the_tab_that_showed_it_to_the_front() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let browser = Browser::launch().await;
+    // One person with two rooms open in two tabs of one browser; Bob in one, Carol in the other.
+    let first = browser
+        .new_page_running(&format!("{}/", origin(&app)), RECORD_NOTIFICATIONS)
+        .await;
+    first.grant("notifications", &origin(&app)).await;
+    let room_a = create_room(&first).await;
+    let carol = browser.new_page(&format!("{}/", origin(&app))).await;
+    let room_b = create_room(&carol).await;
+    let bob = browser.new_page(&room_a).await;
+    wait_online(&bob).await;
+    turn_notifications_on(&first).await;
+    let second = first.open_beside(&room_b, RECORD_NOTIFICATIONS).await;
+    wait_online(&second).await;
+    let picked = "navigator.serviceWorker.addEventListener('message', e => { \
+        if (e.data === 'picked') window.picked = (window.picked ?? 0) + 1; }), true";
+    for tab in [&first, &second] {
+        tab.eval(picked).await;
+        tab.open_tab_in_front().await;
+    }
+    say(&bob, "to the first tab").await;
+    say(&carol, "to the second tab").await;
+    for tab in [&first, &second] {
+        wait_shown(tab, "1 new message").await;
+    }
+    first
+        .wait_for(
+            "navigator.serviceWorker.getRegistration().then(r => r.getNotifications()) \
+             .then(all => all.length === 2)",
+            10,
+        )
+        .await;
+    let shown = shown_by_the_worker(&first).await;
+    let token = |room: &str| {
+        let tag = json!(format!("nanochat-{}", b64u(&keys_of(room).room_id)));
+        let n = shown.as_array().unwrap().iter().find(|n| n["tag"] == tag);
+        n.unwrap_or_else(|| panic!("{shown}"))["data"]["tab"].clone()
+    };
+    let (token_a, token_b) = (token(&room_a), token(&room_b));
+    assert_ne!(token_a, token_b);
+
+    // What the worker does on a click, up to the focus (which only a real click may do).
+    let worker = first.service_worker(&notify_worker(&app)).await;
+    for (token, tab, other) in [(&token_a, &first, &second), (&token_b, &second, &first)] {
+        let before = other.eval("window.picked ?? 0").await;
+        worker
+            .eval(&format!(
+                "tabOf({token}).then(c => (c.postMessage('picked'), true))"
+            ))
+            .await;
+        tab.wait_for("window.picked === 1", 10).await;
+        tab.eval("window.picked = 0, true").await;
+        assert_eq!(other.eval("window.picked ?? 0").await, before);
+    }
+    // A notification whose tab has closed brings a tab of the site, if any is open.
+    assert_eq!(
+        worker.eval("tabOf('gone').then(c => c !== null)").await,
+        json!(true)
+    );
 }
 
 async fn serve_foreign_page() -> String {

@@ -189,24 +189,19 @@ impl Browser {
         let ctx = self
             .call(None, "Target.createBrowserContext", json!({}))
             .await;
+        self.new_page_in(&ctx["browserContextId"], url).await
+    }
+
+    /// A page in the browser context `context`.
+    async fn new_page_in(&self, context: &Value, url: &str) -> Page<'_> {
         let target = self
             .call(
                 None,
                 "Target.createTarget",
-                json!({"url": "about:blank", "browserContextId": ctx["browserContextId"]}),
+                json!({"url": "about:blank", "browserContextId": context}),
             )
             .await;
-        let attached = self
-            .call(
-                None,
-                "Target.attachToTarget",
-                json!({"targetId": target["targetId"], "flatten": true}),
-            )
-            .await;
-        let page = Page {
-            browser: self,
-            session: attached["sessionId"].as_str().unwrap().to_owned(),
-        };
+        let page = self.attach(&target["targetId"]).await;
         for domain in [
             "Page.enable",
             "Runtime.enable",
@@ -217,6 +212,21 @@ impl Browser {
         }
         page.goto(url).await;
         page
+    }
+
+    /// A session with the target `id` (a page or a worker).
+    async fn attach(&self, id: &Value) -> Page<'_> {
+        let attached = self
+            .call(
+                None,
+                "Target.attachToTarget",
+                json!({"targetId": id, "flatten": true}),
+            )
+            .await;
+        Page {
+            browser: self,
+            session: attached["sessionId"].as_str().unwrap().to_owned(),
+        }
     }
 }
 
@@ -257,13 +267,13 @@ impl Page<'_> {
             .await;
     }
 
-    /// Evaluate an expression (promises are awaited) and return its JSON value.
     /// How many elements of the page match a CSS selector.
     pub async fn count(&self, selector: &str) -> u64 {
         let expression = format!("document.querySelectorAll({}).length", json!(selector));
         self.eval(&expression).await.as_u64().expect("a count")
     }
 
+    /// Evaluate an expression (promises are awaited) and return its JSON value.
     pub async fn eval(&self, expression: &str) -> Value {
         let r = self
             .call(
@@ -334,10 +344,53 @@ impl Page<'_> {
         .await;
     }
 
+    /// This page's browser context.
+    async fn context(&self) -> Value {
+        let info = self.call("Target.getTargetInfo", json!({})).await;
+        info["targetInfo"]["browserContextId"].clone()
+    }
+
+    /// Another tab in this page's browser context (the same person's browser), at `url`,
+    /// running `script` as `new_page_running` does.
+    pub async fn open_beside(&self, url: &str, script: &str) -> Page<'_> {
+        let page = self
+            .browser
+            .new_page_in(&self.context().await, "about:blank")
+            .await;
+        page.on_every_load(script).await;
+        page.goto(url).await;
+        page
+    }
+
+    /// The service worker whose script is at `url`, running for this page's browser context
+    /// (waits up to 10 s for it to start): `eval` runs in its global scope.
+    pub async fn service_worker(&self, url: &str) -> Page<'_> {
+        let context = self.context().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let targets = self
+                .browser
+                .call(None, "Target.getTargets", json!({}))
+                .await;
+            let worker = targets["targetInfos"].as_array().and_then(|all| {
+                all.iter().find(|t| {
+                    t["type"] == "service_worker"
+                        && t["url"] == url
+                        && t["browserContextId"] == context
+                })
+            });
+            if let Some(worker) = worker {
+                return self.browser.attach(&worker["targetId"]).await;
+            }
+            assert!(Instant::now() < deadline, "no service worker {url} started");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Grant this page's browser context a permission (as "Allow" in the browser's prompt)
     /// for `origin`.
     pub async fn grant(&self, permission: &str, origin: &str) {
-        let info = self.call("Target.getTargetInfo", json!({})).await;
+        let context = self.context().await;
         self.browser
             .call(
                 None,
@@ -345,7 +398,7 @@ impl Page<'_> {
                 json!({
                     "permissions": [permission],
                     "origin": origin,
-                    "browserContextId": info["targetInfo"]["browserContextId"],
+                    "browserContextId": context,
                 }),
             )
             .await;
@@ -384,7 +437,6 @@ impl Page<'_> {
         .await;
     }
 
-    /// A PNG of the viewport.
     /// A PNG of what the element `selector` covers, scrolled into view first.
     pub async fn screenshot_of(&self, selector: &str) -> Vec<u8> {
         let rect = self
@@ -408,6 +460,7 @@ impl Page<'_> {
             .expect("base64 PNG")
     }
 
+    /// A PNG of the viewport.
     pub async fn screenshot(&self) -> Vec<u8> {
         self.capture(json!({"format": "png"})).await
     }
