@@ -75,6 +75,17 @@ pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(8 * 1024)
 }
 
+/// The line Tor starts a connection to an onion service with when it exports circuit ids
+/// (`HiddenServiceExportCircuitID haproxy`): PROXY protocol version 1, the circuit in the low
+/// 32 bits of the source address.
+pub fn tor_circuit_line(circuit: u32) -> String {
+    format!(
+        "PROXY TCP6 fc00:dead:beef:4dad::{:x}:{:x} ::1 65535 42\r\n",
+        circuit >> 16,
+        circuit & 0xffff
+    )
+}
+
 impl Client {
     /// Connect to `ws://host:port/ws` and read the hello.
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
@@ -110,6 +121,32 @@ impl Client {
             .connect((remote, port).into())
             .await
             .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+        Self::over(request, stream).await
+    }
+
+    /// Connect to an onion listener as Tor does for a visitor on circuit `circuit` with
+    /// `HiddenServiceExportCircuitID haproxy`: its PROXY line first, then the WebSocket.
+    pub async fn connect_as_circuit(url: &str, circuit: u32) -> Result<Client, ClientError> {
+        use tokio::io::AsyncWriteExt as _;
+        let request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?;
+        let host = request.uri().host().unwrap_or("127.0.0.1").to_owned();
+        let port = request.uri().port_u16().unwrap_or(80);
+        let io = |e| tokio_tungstenite::tungstenite::Error::Io(e);
+        let mut stream = TcpStream::connect((host.trim_matches(['[', ']']), port))
+            .await
+            .map_err(io)?;
+        stream
+            .write_all(tor_circuit_line(circuit).as_bytes())
+            .await
+            .map_err(io)?;
+        Self::over(request, stream).await
+    }
+
+    async fn over(
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+        stream: TcpStream,
+    ) -> Result<Client, ClientError> {
         let (ws, _) = tokio_tungstenite::client_async_with_config(
             request,
             MaybeTlsStream::Plain(stream),

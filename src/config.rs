@@ -51,6 +51,9 @@ pub struct ServerSettings {
     /// Optional listener for a Tor onion service (or any shared-address front): every client
     /// there shares one set of limits, headers are never trusted, creation always needs work.
     pub onion_listen: Option<String>,
+    /// Tor tells the onion listener each connection's circuit (`HiddenServiceExportCircuitID
+    /// haproxy`): limits per circuit within the onion share. See [`crate::abuse::circuit`].
+    pub onion_circuit_ids: bool,
     /// Origins of web pages that may open a WebSocket (`https://chat.example.org`), or `*` for
     /// any; empty = pages of the requested host. See [`crate::abuse::origin`].
     pub allowed_origins: Vec<String>,
@@ -270,6 +273,7 @@ impl Default for ServerSettings {
             secret_file: None,
             workers: 0,
             onion_listen: None,
+            onion_circuit_ids: false,
             allowed_origins: Vec::new(),
             shutdown_grace_secs: 20,
         }
@@ -645,6 +649,11 @@ impl Settings {
             )?;
         }
         check(
+            !self.server.onion_circuit_ids || self.server.onion_listen.is_some(),
+            "server.onion_circuit_ids",
+            "needs server.onion_listen (Tor's circuit ids are read there only)",
+        )?;
+        check(
             l.send_queue_bytes >= l.max_frame_bytes,
             "limits.send_queue_bytes",
             "must be at least limits.max_frame_bytes",
@@ -781,6 +790,12 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("server.allowed_origins"), "{e}");
         assert!(e.to_string().contains("`chat.example.org`"), "{e}");
+        let e = Settings::load_from(
+            None,
+            env(&[("NANOCHAT__SERVER__ONION_CIRCUIT_IDS", "true")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("server.onion_listen"), "{e}");
         let e =
             Settings::load_from(None, env(&[("NANOCHAT__LIMITS__HISTORY", "many")])).unwrap_err();
         assert!(e.to_string().contains("history"), "{e}");

@@ -9,12 +9,14 @@
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix_codec::Framed;
 use actix_http::body::{BodySize, BoxBody};
-use actix_http::{ConnectionType, HttpService, Request, Response, h1, ws};
-use actix_service::{IntoServiceFactory as _, fn_service, map_config};
+use actix_http::error::DispatchError;
+use actix_http::{ConnectionType, HttpService, Protocol, Request, Response, h1, ws};
+use actix_service::{IntoServiceFactory as _, ServiceFactoryExt as _, fn_service, map_config};
 use actix_web::dev::{AppConfig, Service as _, ServiceRequest};
 use actix_web::http::header;
 use actix_web::middleware::DefaultHeaders;
@@ -23,6 +25,7 @@ use anyhow::Context as _;
 use futures_util::SinkExt as _;
 use tokio::net::TcpStream;
 
+use crate::abuse::circuit;
 use crate::abuse::client_ip::ClientIdentity;
 use crate::abuse::limits::{self, Client, Limits};
 use crate::abuse::origin::OriginPolicy;
@@ -276,6 +279,48 @@ fn upgrade(
     }
 }
 
+/// A new connection on a public listener, for the HTTP dispatcher: with its peer's address, or
+/// on an onion listener with `server.onion_circuit_ids`, its Tor circuit's ([`circuit`]). A
+/// connection that does not start with Tor's line is closed: counted, and logged at most once
+/// a minute per listener (`warned`: when last), since it means torrc lacks the line.
+async fn accept(
+    state: Arc<AppState>,
+    circuits: bool,
+    warned: Arc<AtomicU64>,
+    mut io: TcpStream,
+    within: Duration,
+) -> Result<(TcpStream, Protocol, Option<std::net::SocketAddr>), DispatchError> {
+    if !circuits {
+        let peer = io.peer_addr().ok();
+        return Ok((io, Protocol::Http1, peer));
+    }
+    match circuit::read(&mut io, within).await {
+        Ok(peer) => Ok((io, Protocol::Http1, Some(peer))),
+        Err(e) => {
+            state
+                .metrics
+                .upgrades_refused_total
+                .with_label_values(&["onion_circuit_id"])
+                .inc();
+            let now = now_ms().max(1) as u64;
+            let last = warned.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= 60_000
+                && warned
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    error = %e,
+                    "an onion connection did not start with Tor's circuit id: closed. \
+                     server.onion_circuit_ids needs `HiddenServiceExportCircuitID haproxy` in \
+                     torrc (see deploy/tor/torrc); set both or neither"
+                );
+            }
+            Err(DispatchError::Io(e))
+        }
+    }
+}
+
 /// Admit the client and answer its upgrade: the socket's two halves when accepted, `None` when
 /// refused (the refusal is sent) or when the client is gone.
 async fn handshake(
@@ -322,7 +367,8 @@ async fn handshake(
 }
 
 /// Who a request's client is for the limits: its address (or the one a trusted proxy names),
-/// grouped by prefix; everyone on the onion listener is one client.
+/// grouped by prefix; on the onion listener its Tor circuit when Tor names it
+/// (`server.onion_circuit_ids`), else everyone there together.
 fn client_of(
     state: &AppState,
     onion: bool,
@@ -330,7 +376,11 @@ fn client_of(
     headers: &actix_http::header::HeaderMap,
 ) -> Client {
     if onion {
-        return Client::Onion;
+        let circuit = peer.and_then(|p| circuit::of(p.ip()));
+        return match circuit {
+            Some(c) if state.settings.server.onion_circuit_ids => Client::Circuit(c),
+            _ => Client::Onion,
+        };
     }
     let peer = peer.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
     Client::Ip(
@@ -785,6 +835,7 @@ impl Application {
         let listeners = std::iter::once((listener, false)).chain(onion_listener.map(|l| (l, true)));
         for (listener, onion) in listeners {
             let name = format!("public-{}", listener.local_addr()?);
+            let warned = Arc::new(AtomicU64::new(0));
             let (data, files, state) = (data.clone(), files.clone(), state.clone());
             public = public.listen(name, listener, move || {
                 let (data, files, state) = (data.clone(), files.clone(), state.clone());
@@ -814,7 +865,10 @@ impl Application {
                     .route("/readyz", web::head().to(readyz))
                     .route("/{path:.*}", web::get().to(assets::serve))
                     .route("/{path:.*}", web::head().to(assets::serve));
-                HttpService::build()
+                let circuits = onion && state.settings.server.onion_circuit_ids;
+                let accepted = state.clone();
+                let warned = warned.clone();
+                let http = HttpService::build()
                     .client_request_timeout(handshake_timeout)
                     .client_disconnect_timeout(Duration::from_secs(1))
                     .upgrade(fn_service(
@@ -822,8 +876,12 @@ impl Application {
                             upgrade(state.clone(), onion, req, framed)
                         },
                     ))
-                    .finish(map_config(app.into_factory(), |_| AppConfig::default()))
-                    .tcp()
+                    .finish(map_config(app.into_factory(), |_| AppConfig::default()));
+                fn_service(move |io: TcpStream| {
+                    let (state, warned) = (accepted.clone(), warned.clone());
+                    accept(state, circuits, warned, io, handshake_timeout)
+                })
+                .and_then(http)
             })?;
         }
         let public = public.run();

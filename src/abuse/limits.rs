@@ -58,6 +58,15 @@ pub enum Client {
     Ip(u128),
     /// Anyone on the onion listener: one shared bucket.
     Onion,
+    /// One Tor circuit on the onion listener (`server.onion_circuit_ids`): a client's limits
+    /// of its own, keyed by its address ([`crate::abuse::circuit::address`]), within the
+    /// shared onion bucket.
+    Circuit(u32),
+}
+
+/// The keyed limiters' key of a circuit: its address's bits.
+fn circuit_key(circuit: u32) -> u128 {
+    crate::abuse::circuit::key(circuit)
 }
 
 /// A refusal: which limiter, and when to retry.
@@ -362,26 +371,38 @@ impl Limits {
         };
         global.map_err(|r| self.note(r))?;
         let result = match client {
-            Client::Ip(key) => match what {
-                ClientLimit::Connection => self.client_connections.check(key),
-                ClientLimit::Frame => self.client_frames.check(key),
-                ClientLimit::Message(n) => self.client_messages.check_n(key, n),
-                ClientLimit::Creation => self.client_creations.check(key),
-                ClientLimit::PowToken => self.client_pow_tokens.check(key),
-                ClientLimit::Read(n) => self.client_reads.check_n(key, n),
-                ClientLimit::Request => self.client_requests.check(key),
-            },
-            Client::Onion => match what {
-                ClientLimit::Connection => self.onion.connections.check(),
-                ClientLimit::Frame => self.onion.frames.check(),
-                ClientLimit::Message(n) => self.onion.messages.check_n(n),
-                ClientLimit::Creation => self.onion.creations.check(),
-                ClientLimit::PowToken => self.onion.pow_tokens.check(),
-                ClientLimit::Read(n) => self.onion.reads.check_n(n),
-                ClientLimit::Request => self.onion.requests.check(),
-            },
+            Client::Ip(key) => self.keyed_check(what, key),
+            Client::Onion => self.onion_check(what),
+            // The circuit's own limit first: what it sends past that costs the others nothing.
+            Client::Circuit(c) => self
+                .keyed_check(what, circuit_key(c))
+                .and_then(|()| self.onion_check(what)),
         };
         result.map_err(|r| self.note(r))
+    }
+
+    fn keyed_check(&self, what: ClientLimit, key: u128) -> Result<(), Refused> {
+        match what {
+            ClientLimit::Connection => self.client_connections.check(key),
+            ClientLimit::Frame => self.client_frames.check(key),
+            ClientLimit::Message(n) => self.client_messages.check_n(key, n),
+            ClientLimit::Creation => self.client_creations.check(key),
+            ClientLimit::PowToken => self.client_pow_tokens.check(key),
+            ClientLimit::Read(n) => self.client_reads.check_n(key, n),
+            ClientLimit::Request => self.client_requests.check(key),
+        }
+    }
+
+    fn onion_check(&self, what: ClientLimit) -> Result<(), Refused> {
+        match what {
+            ClientLimit::Connection => self.onion.connections.check(),
+            ClientLimit::Frame => self.onion.frames.check(),
+            ClientLimit::Message(n) => self.onion.messages.check_n(n),
+            ClientLimit::Creation => self.onion.creations.check(),
+            ClientLimit::PowToken => self.onion.pow_tokens.check(),
+            ClientLimit::Read(n) => self.onion.reads.check_n(n),
+            ClientLimit::Request => self.onion.requests.check(),
+        }
     }
 
     /// A per-room message check, for a message of this cost.
@@ -403,23 +424,14 @@ impl Limits {
             return Err(self.note(refused("max_connections")));
         }
         let admitted = match client {
-            Client::Onion => {
-                if self.onion_sockets.fetch_add(1, Ordering::AcqRel) >= self.onion_max_sockets {
-                    self.onion_sockets.fetch_sub(1, Ordering::AcqRel);
-                    false
-                } else {
-                    true
-                }
-            }
-            Client::Ip(key) => {
-                let mut map = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
-                let n = map.entry(key).or_insert(0);
-                if *n >= self.client_max_sockets {
-                    false
-                } else {
-                    *n += 1;
-                    true
-                }
+            Client::Onion => self.take_onion_socket(),
+            Client::Ip(key) => self.take_client_socket(key),
+            Client::Circuit(c) => {
+                self.take_client_socket(circuit_key(c))
+                    && (self.take_onion_socket() || {
+                        self.release_client_socket(circuit_key(c));
+                        false
+                    })
             }
         };
         if !admitted {
@@ -430,6 +442,38 @@ impl Limits {
             limits: self.clone(),
             client,
         })
+    }
+
+    /// One of the onion listener's shared socket slots, if one is free.
+    fn take_onion_socket(&self) -> bool {
+        if self.onion_sockets.fetch_add(1, Ordering::AcqRel) >= self.onion_max_sockets {
+            self.onion_sockets.fetch_sub(1, Ordering::AcqRel);
+            false
+        } else {
+            true
+        }
+    }
+
+    /// One of the socket slots of the client `key`, if it has one free.
+    fn take_client_socket(&self, key: u128) -> bool {
+        let mut map = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key).or_insert(0);
+        if *n >= self.client_max_sockets {
+            false
+        } else {
+            *n += 1;
+            true
+        }
+    }
+
+    fn release_client_socket(&self, key: u128) {
+        let mut map = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&key);
+            }
+        }
     }
 
     /// Sweep every keyed limiter and publish key counts.
@@ -476,14 +520,10 @@ impl Drop for SocketGuard {
             Client::Onion => {
                 l.onion_sockets.fetch_sub(1, Ordering::AcqRel);
             }
-            Client::Ip(key) => {
-                let mut map = l.sockets.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(n) = map.get_mut(&key) {
-                    *n -= 1;
-                    if *n == 0 {
-                        map.remove(&key);
-                    }
-                }
+            Client::Ip(key) => l.release_client_socket(key),
+            Client::Circuit(c) => {
+                l.onion_sockets.fetch_sub(1, Ordering::AcqRel);
+                l.release_client_socket(circuit_key(c));
             }
         }
     }
@@ -624,5 +664,47 @@ mod tests {
         );
         drop(a1);
         assert!(limits.open_socket(Client::Ip(1)).is_ok());
+    }
+
+    #[test]
+    fn a_tor_circuit_has_a_clients_limits_within_the_onion_share() {
+        let mut settings = Settings::default();
+        settings.rate.client_max_sockets = 2;
+        settings.rate.onion_factor = 2;
+        settings.rate.client_creations = Rate::new(60, 2);
+        let limits = Arc::new(Limits::new(&settings, Arc::new(Metrics::new())));
+        let refused = |r: Result<SocketGuard, Refused>| r.err().map(|r| r.limiter);
+        // Sockets: two per circuit, four for all of the onion listener.
+        let c1 = limits.open_socket(Client::Circuit(1)).unwrap();
+        let _c1 = limits.open_socket(Client::Circuit(1)).unwrap();
+        assert_eq!(
+            refused(limits.open_socket(Client::Circuit(1))),
+            Some("client_max_sockets")
+        );
+        let _c2 = limits.open_socket(Client::Circuit(2)).unwrap();
+        let _c2 = limits.open_socket(Client::Circuit(2)).unwrap();
+        assert_eq!(
+            refused(limits.open_socket(Client::Circuit(3))),
+            Some("client_max_sockets")
+        );
+        // The refused circuit kept no slot of its own; a closed socket frees both of its slots.
+        drop(c1);
+        let _c3 = limits.open_socket(Client::Circuit(3)).unwrap();
+        let _c3 = limits.open_socket(Client::Circuit(3));
+        assert!(limits.sockets.lock().unwrap().get(&circuit_key(3)) == Some(&1));
+        // Rates: the circuit's own bucket first (its excess costs the others nothing), then the
+        // shared one.
+        let create = |c| limits.client(ClientLimit::Creation, Client::Circuit(c));
+        assert!(create(1).is_ok() && create(1).is_ok());
+        assert_eq!(create(1).err().map(|r| r.limiter), Some("client_creations"));
+        assert_eq!(create(1).err().map(|r| r.limiter), Some("client_creations"));
+        assert!(create(2).is_ok() && create(2).is_ok());
+        assert_eq!(create(3).err().map(|r| r.limiter), Some("onion_creations"));
+        // A circuit is not an address: the clearnet client whose key it would be is apart.
+        assert!(
+            limits
+                .client(ClientLimit::Creation, Client::Ip(circuit_key(4)))
+                .is_ok()
+        );
     }
 }

@@ -14,7 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::api::{expect_close, expect_error};
 use crate::helpers::{
-    Backend, TestApp, random_room, send_acked, spawn_app_with, work_rising_after_a_few_creations,
+    Backend, TestApp, metric_value, random_room, send_acked, spawn_app_with,
+    work_rising_after_a_few_creations,
 };
 
 fn ip(s: &str) -> IpAddr {
@@ -187,13 +188,23 @@ pub(crate) async fn upgrade(
     from: &str,
     extra: &str,
 ) -> (u16, String, tokio::net::TcpStream) {
+    upgrade_after(port, from, "", extra).await
+}
+
+/// As `upgrade`, with `first` sent before the request (as Tor's circuit line).
+async fn upgrade_after(
+    port: u16,
+    from: &str,
+    first: &str,
+    extra: &str,
+) -> (u16, String, tokio::net::TcpStream) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind((ip(from), 0).into()).unwrap();
     let mut stream = socket
         .connect((ip("127.0.0.1"), port).into())
         .await
         .unwrap();
-    let request = format!("{}{extra}\r\n", crate::helpers::UPGRADE_HEAD);
+    let request = format!("{first}{}{extra}\r\n", crate::helpers::UPGRADE_HEAD);
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -413,6 +424,116 @@ async fn the_onion_listener_shares_one_bucket_and_always_needs_work() {
         a.create(&keys).await.unwrap(),
         ServerFrame::Joined { .. }
     ));
+}
+
+#[actix_web::test]
+async fn on_the_onion_listener_each_tor_circuit_gets_a_clients_limits_within_the_onion_share() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.server.onion_listen = Some("127.0.0.1:0".into());
+        s.server.onion_circuit_ids = true;
+        s.pow.mode = PowMode::Off;
+        s.pow.base_bits = 6;
+        s.rate.onion_factor = 2;
+        s.rate.client_connections = Rate::new(6, 3);
+        s.rate.client_messages = Rate::new(6, 3);
+    })
+    .await;
+    let onion = app.state.onion_port.expect("onion listener");
+    let url = format!("ws://127.0.0.1:{onion}/ws");
+    let circuit_line = nanochat::client::tor_circuit_line;
+
+    // Messages: circuit 1 floods a room past its own limit; circuit 2 in the same room is not
+    // held back (all Tor visitors shared one bucket before).
+    let mut a = Client::connect_as_circuit(&url, 1).await.unwrap();
+    assert_eq!(a.hello.pow_bits, 6, "creation still needs work there");
+    let keys = random_room();
+    assert!(matches!(
+        a.create(&keys).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    assert_eq!(burst(&mut a, &keys, 4).await, (3, 1));
+    let mut b = Client::connect_as_circuit(&url, 2).await.unwrap();
+    assert!(matches!(
+        b.join(&keys, None).await.unwrap(),
+        ServerFrame::Joined { .. }
+    ));
+    assert_eq!(burst(&mut b, &keys, 3).await, (3, 0));
+
+    // Connections (3 per circuit, 6 for all of them): circuit 1 has used one of its three...
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let (status, _, stream) = upgrade_after(onion, "127.0.0.1", &circuit_line(1), "").await;
+        assert_eq!(status, 101);
+        open.push(stream);
+    }
+    // ... and is refused its fourth, which costs the other circuits nothing ...
+    let (status, _, _) = upgrade_after(onion, "127.0.0.1", &circuit_line(1), "").await;
+    assert_eq!(status, 429);
+    // ... until all circuits together reach the onion share: 1 + 1 + 2 + 2 = 6.
+    for expected in [101, 101, 429] {
+        let (status, _, stream) = upgrade_after(onion, "127.0.0.1", &circuit_line(3), "").await;
+        assert_eq!(status, expected);
+        open.push(stream);
+    }
+    let metrics = app.metrics().await;
+    for (limiter, refused) in [
+        ("client_messages", 1),
+        ("client_connections", 1),
+        ("onion_connections", 1),
+        ("onion_messages", 0),
+    ] {
+        let series = format!("nanochat_rate_limited_total{{limiter=\"{limiter}\"}}");
+        assert_eq!(metric_value(&metrics, &series), refused, "{series}");
+    }
+
+    // The line may come in pieces, and what follows it is the request.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", onion))
+        .await
+        .unwrap();
+    let line = circuit_line(7);
+    let (head, rest) = line.split_at(20);
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tcp.write_all(
+        format!("{rest}GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // A connection without the line (torrc without `HiddenServiceExportCircuitID haproxy`) is
+    // closed unanswered, and counted.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", onion))
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
+    // (reset, as what it sent is left unread.)
+    let closed = match &read {
+        Ok(Ok(0)) => true,
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        _ => false,
+    };
+    assert!(
+        closed && answer.is_empty(),
+        "closed unanswered: {read:?} {answer:?}"
+    );
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "nanochat_upgrades_refused_total{reason=\"onion_circuit_id\"}"
+        ),
+        1
+    );
+    // The clearnet listener reads no such line.
+    let c = client_from(&app, "127.0.0.2").await;
+    assert_eq!(c.hello.pow_bits, 0);
 }
 
 #[actix_web::test]

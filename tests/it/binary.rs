@@ -83,6 +83,59 @@ fn spawn(
     (Proc(child), port, log, rx)
 }
 
+/// The log lines containing `words` that the server writes within `secs` seconds.
+fn logged_within(rx: &std::sync::mpsc::Receiver<String>, words: &str, secs: u64) -> Vec<String> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut said = Vec::new();
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(words) => said.push(line),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    said
+}
+
+#[actix_web::test]
+async fn an_onion_listener_without_tors_circuit_ids_names_the_torrc_line_once() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, _, log, rx) = spawn_server(
+        dir.path(),
+        &[
+            ("NANOCHAT__SERVER__ONION_LISTEN", "127.0.0.1:0"),
+            ("NANOCHAT__SERVER__ONION_CIRCUIT_IDS", "true"),
+        ],
+    );
+    let listening: serde_json::Value = serde_json::from_str(log.last().unwrap()).unwrap();
+    let onion = listening["onion_port"].as_u64().expect("onion_port") as u16;
+    // Tor was not told to send the circuit line: every connection is closed unanswered...
+    for _ in 0..3 {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", onion))
+            .await
+            .unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tcp.read_to_end(&mut answer).await;
+        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    }
+    // ... and the operator is told what is missing, once (not once per connection).
+    let warnings = logged_within(&rx, "HiddenServiceExportCircuitID haproxy", 2);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("\"level\":\"WARN\""),
+        "{}",
+        warnings[0]
+    );
+    // With the line, the same listener serves.
+    let url = format!("ws://127.0.0.1:{onion}/ws");
+    let client = nanochat::client::Client::connect_as_circuit(&url, 9).await;
+    assert!(client.is_ok(), "{:?}", client.err());
+}
+
 #[actix_web::test]
 async fn a_proxy_missing_from_proxy_trusted_is_named_once_in_the_log_without_addresses() {
     let dir = tempfile::tempdir().unwrap();
@@ -99,15 +152,7 @@ async fn a_proxy_missing_from_proxy_trusted_is_named_once_in_the_log_without_add
         assert_eq!(r.status, 200);
     }
     // Logged while the request was handled; two seconds to read it is ample.
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    let mut warnings = Vec::new();
-    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains("proxy.trusted") => warnings.push(line),
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
+    let warnings = logged_within(&rx, "proxy.trusted", 2);
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(
         warnings[0].contains("\"level\":\"WARN\""),

@@ -476,12 +476,15 @@ fn kubernetes_and_systemd_files_are_well_formed_and_hardened() {
         .expect("an upstream block");
     assert!(upstream.contains("hash $binary_remote_addr consistent;"));
     assert_eq!(nginx.matches("proxy_pass http://nanochat;").count(), 2);
-    // The Tor settings file is a valid server configuration.
-    nanochat::config::Settings::load_from(
+    // The Tor settings file is a valid server configuration, and it expects Tor's circuit line
+    // exactly when the torrc has Tor send it (with one and not the other, nothing connects).
+    let tor = nanochat::config::Settings::load_from(
         Some(&root().join("deploy/tor/nanochat.toml")),
         Vec::new(),
     )
     .expect("deploy/tor/nanochat.toml is valid");
+    assert!(tor.server.onion_circuit_ids);
+    assert!(torrc.contains("\nHiddenServiceExportCircuitID haproxy\n"));
 }
 
 #[test]
