@@ -73,6 +73,10 @@ pub struct Metrics {
     pub upgrades_refused_total: IntCounterVec,
     /// Sockets closed for collecting too many refusals.
     pub abuse_disconnects_total: IntCounter,
+    /// Public connections the HTTP layer ended in error, by kind: `malformed` (a request it
+    /// could not parse), `timeout` (a client that did not let the connection close), `io`,
+    /// `other`.
+    pub http_connection_errors_total: IntCounterVec,
     /// Time from a batch's commit until its messages are queued to every member.
     pub fanout_seconds: Histogram,
     /// Duration of history reads (join and history frames).
@@ -308,6 +312,11 @@ impl Metrics {
                 "nanochat_abuse_disconnects_total",
                 "Sockets closed for collecting too many refused or invalid frames.",
             ),
+            http_connection_errors_total: counter_vec(
+                "nanochat_http_connection_errors_total",
+                "Public connections ended by an HTTP error: malformed, timeout, io, other.",
+                &["kind"],
+            ),
             fanout_seconds: reg(
                 r,
                 Histogram::with_opts(
@@ -482,6 +491,9 @@ impl Metrics {
         }
         // The limiters add their own reasons (`Limits::new`); this one is the origin check's.
         m.upgrades_refused_total.with_label_values(&["origin"]);
+        for kind in ["malformed", "timeout", "io", "other"] {
+            m.http_connection_errors_total.with_label_values(&[kind]);
+        }
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();

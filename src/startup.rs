@@ -279,6 +279,18 @@ fn upgrade(
     }
 }
 
+/// How an HTTP connection's error counts in `nanochat_http_connection_errors_total`. The
+/// dispatcher would also log each at error level; that log is turned off (see
+/// [`crate::telemetry`]): any client can cause one per connection.
+fn connection_error_kind(e: &DispatchError) -> &'static str {
+    match e {
+        DispatchError::Parse(_) => "malformed",
+        DispatchError::SlowRequestTimeout | DispatchError::DisconnectTimeout => "timeout",
+        DispatchError::Io(_) => "io",
+        _ => "other",
+    }
+}
+
 /// A new connection on a public listener, for the HTTP dispatcher: with its peer's address, or
 /// on an onion listener with `server.onion_circuit_ids`, its Tor circuit's ([`circuit`]). A
 /// connection that does not start with Tor's line is closed: counted, and logged at most once
@@ -866,6 +878,7 @@ impl Application {
                     .route("/{path:.*}", web::get().to(assets::serve))
                     .route("/{path:.*}", web::head().to(assets::serve));
                 let circuits = onion && state.settings.server.onion_circuit_ids;
+                let errors = state.metrics.http_connection_errors_total.clone();
                 let accepted = state.clone();
                 let warned = warned.clone();
                 let http = HttpService::build()
@@ -876,7 +889,11 @@ impl Application {
                             upgrade(state.clone(), onion, req, framed)
                         },
                     ))
-                    .finish(map_config(app.into_factory(), |_| AppConfig::default()));
+                    .finish(map_config(app.into_factory(), |_| AppConfig::default()))
+                    .map_err(move |e| {
+                        errors.with_label_values(&[connection_error_kind(&e)]).inc();
+                        e
+                    });
                 fn_service(move |io: TcpStream| {
                     let (state, warned) = (accepted.clone(), warned.clone());
                     accept(state, circuits, warned, io, handshake_timeout)

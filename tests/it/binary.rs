@@ -137,6 +137,59 @@ async fn an_onion_listener_without_tors_circuit_ids_names_the_torrc_line_once() 
 }
 
 #[actix_web::test]
+async fn malformed_requests_are_counted_and_no_bad_request_is_logged_as_an_error() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, port, log, rx) = spawn_server(
+        dir.path(),
+        &[("NANOCHAT__LIMITS__HANDSHAKE_TIMEOUT_SECS", "1")],
+    );
+    let listening: serde_json::Value = serde_json::from_str(log.last().unwrap()).unwrap();
+    let admin = listening["admin_port"].as_u64().expect("admin_port") as u16;
+    // Twenty connections that any client could make: ten requests no HTTP parser takes, ten
+    // that never finish their head.
+    for i in 0..20 {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let sent: &[u8] = if i % 2 == 0 {
+            b"GET / HTTQ/9.9\r\n\x01\x02\r\n\r\n"
+        } else {
+            b"GET / HTTP/1.1\r\nHost: x\r\n"
+        };
+        tcp.write_all(sent).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tcp.read_to_end(&mut answer),
+        )
+        .await
+        .expect("the server ends the connection");
+        let answer = String::from_utf8_lossy(&answer);
+        let expected = if i % 2 == 0 {
+            "HTTP/1.1 400"
+        } else {
+            "HTTP/1.1 408"
+        };
+        assert!(answer.starts_with(expected), "{answer}");
+    }
+    // The malformed ones are counted (the slow ones are answered 408 and end without error).
+    let metrics = crate::helpers::http_request(admin, "GET", "/metrics", "").await;
+    let series = "nanochat_http_connection_errors_total{kind=\"malformed\"}";
+    assert_eq!(
+        crate::helpers::metric_value(&metrics.body, series),
+        10,
+        "{series}"
+    );
+    // Not one error line for them: the log stays for the server's own troubles.
+    let errors: Vec<String> = logged_within(&rx, "\"level\":\"", 2)
+        .into_iter()
+        .filter(|l| l.contains("\"level\":\"ERROR\"") || l.contains("stream error"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+#[actix_web::test]
 async fn a_proxy_missing_from_proxy_trusted_is_named_once_in_the_log_without_addresses() {
     let dir = tempfile::tempdir().unwrap();
     let (_child, port, _, rx) = spawn_server(dir.path(), &[]);
