@@ -560,6 +560,38 @@ fn the_abuse_scenario_runs_and_the_flooder_is_thrown_out() {
     );
 }
 
+#[test]
+fn the_abuse_scenario_runs_over_the_onion_listener_with_a_circuit_each() {
+    let report = run(&[
+        "abuse",
+        "--rooms",
+        "2",
+        "--members",
+        "3",
+        "--rate",
+        "2000",
+        "--secs",
+        "2",
+        "--onion",
+        "circuits",
+    ]);
+    assert_eq!(report["onion"], "circuits", "{report}");
+    for phase in ["calm", "flood"] {
+        assert_eq!(
+            report[phase]["delivered"], report[phase]["expected"],
+            "honest circuits lost messages: {report}"
+        );
+        assert!(report[phase]["expected"].as_u64().unwrap() > 0, "{report}");
+    }
+    let flooder = &report["flooder"];
+    assert!(flooder["connects"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        flooder["thrown_out"].as_u64().unwrap() + flooder["refused_handshakes"].as_u64().unwrap()
+            > 0,
+        "{report}"
+    );
+}
+
 /// An 8-second soak: 4 churning clients, 8 watchers, a sample every 2 s.
 const SOAK_TINY: [&str; 8] = [
     "--secs",

@@ -3,6 +3,12 @@
 //! sends, garbage and reconnects as soon as it is thrown out. The server runs its default
 //! limits. The honest members' delivery latency is measured once without and once with the
 //! flood, on the same server, one after the other.
+//!
+//! With `--onion`, everyone comes through the server's onion listener instead: `circuits` runs
+//! the server with `server.onion_circuit_ids`, each member and the flooder a Tor circuit of its
+//! own (the line Tor starts each connection with), and gets a client's limits within the onion
+//! share; `shared` without, as Tor without `HiddenServiceExportCircuitID` (all of Tor one
+//! client).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,7 +19,10 @@ use hdrhistogram::Histogram;
 use nanochat::crypto::{self, RoomKeys};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{Args, Server, cpu_seconds, open, sent_at, timed_send};
+use crate::{Args, Server, cpu_seconds, open, open_as_circuit, sent_at, timed_send};
+
+/// The flooder's circuit on the onion listener (the members' are 1, 2, ...).
+const FLOODER_CIRCUIT: u32 = 0xf100_d000;
 
 #[derive(Default)]
 struct Flood {
@@ -40,6 +49,7 @@ async fn phase(
     let seen = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     let mut n = if flood_on { 1000 } else { 0 };
+    let circuits = args.onion.as_deref() == Some("circuits");
     // Everyone joins before anyone sends: a message sent while a member of its room was still
     // joining would count a delivery to that member that cannot happen.
     let mut members = Vec::new();
@@ -48,7 +58,11 @@ async fn phase(
         rand::fill(&mut secret);
         let keys = RoomKeys::derive(&secret);
         for m in 0..args.members {
-            members.push(open(&server.addr, n, &keys, m == 0).await);
+            members.push(match (&server.onion, circuits) {
+                (Some(onion), true) => open_as_circuit(onion, n as u32 + 1, &keys, m == 0).await,
+                (Some(onion), false) => open(onion, n, &keys, m == 0).await,
+                (None, _) => open(&server.addr, n, &keys, m == 0).await,
+            });
             n += 1;
         }
     }
@@ -89,9 +103,9 @@ async fn phase(
         }));
     }
     let flooder = flood_on.then(|| {
-        let (addr, stop, flood, rate) =
-            (server.addr.clone(), stop.clone(), flood.clone(), args.rate);
-        tokio::spawn(async move { flood_loop(&addr, rate, &stop, &flood).await })
+        let addr = server.onion.clone().unwrap_or_else(|| server.addr.clone());
+        let (stop, flood, rate) = (stop.clone(), flood.clone(), args.rate);
+        tokio::spawn(async move { flood_loop(&addr, circuits, rate, &stop, &flood).await })
     });
     tokio::time::sleep(Duration::from_secs(args.secs)).await;
     stop.store(true, Ordering::Relaxed);
@@ -106,17 +120,23 @@ async fn phase(
     (h, expected, seen.load(Ordering::Relaxed))
 }
 
-/// The flooder: one address (127.0.0.254), `rate` frames per second, half valid sends and
-/// half garbage, reconnecting at once whenever it is thrown out or refused.
-async fn flood_loop(addr: &str, rate: u64, stop: &AtomicBool, flood: &Flood) {
+/// The flooder: one address (127.0.0.254), with `circuit` one Tor circuit, `rate` frames per
+/// second, half valid sends and half garbage, reconnecting at once whenever it is thrown out or
+/// refused.
+async fn flood_loop(addr: &str, circuit: bool, rate: u64, stop: &AtomicBool, flood: &Flood) {
+    use tokio::io::AsyncWriteExt as _;
     let per_ms = (rate / 1000).max(1);
     while !stop.load(Ordering::Relaxed) {
         let local = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 254));
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.bind((local, 0).into()).expect("bind");
-        let Ok(tcp) = socket.connect(addr.parse().expect("addr")).await else {
+        let Ok(mut tcp) = socket.connect(addr.parse().expect("addr")).await else {
             continue;
         };
+        let line = nanochat::client::tor_circuit_line(FLOODER_CIRCUIT);
+        if circuit && tcp.write_all(line.as_bytes()).await.is_err() {
+            continue;
+        }
         flood.connects.fetch_add(1, Ordering::Relaxed);
         let ws = tokio_tungstenite::client_async_with_config(
             format!("ws://{addr}/ws"),
@@ -170,6 +190,7 @@ pub async fn run(args: &Args, server: &Server) {
         "{}",
         serde_json::json!({
             "scenario": "abuse",
+            "onion": args.onion,
             "honest_members": args.rooms * args.members,
             "flood_rate": args.rate,
             "secs": args.secs,

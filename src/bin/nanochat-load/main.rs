@@ -66,6 +66,9 @@ struct Args {
     timeline: bool,
     /// Merge only: the stored hour is past the retention, so maintenance deletes it.
     expired: bool,
+    /// Abuse only: everyone connects to an onion listener, each as a Tor circuit of its own;
+    /// `circuits`: with `server.onion_circuit_ids`, `shared`: without (one bucket for all).
+    onion: Option<String>,
 }
 
 /// What `--help` and a mistaken command line print.
@@ -84,7 +87,7 @@ usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in 
           [--timeline 0|1]
   merge   [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5] [--expired 0|1]
           (SQLite maintenance under write load, in-process)
-  abuse   [--rooms 10] [--members 10] [--rate 10000] [--secs 10]
+  abuse   [--rooms 10] [--members 10] [--rate 10000] [--secs 10] [--onion circuits|shared]
   publish --target nanochat|bare|naive|batch [--senders 16] [--window 8] [--secs 10] [--warmup 0]
           [--postgres URL [--yesterday 0]]
 With --postgres, each run works in a database it creates on that server and drops at the end
@@ -119,6 +122,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         refine: 2,
         timeline: false,
         expired: false,
+        onion: None,
     };
     fn num<T: std::str::FromStr>(k: &str, v: &str) -> Result<T, String> {
         v.parse()
@@ -148,6 +152,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--sample-secs" => a.sample_secs = num(&k, &v)?,
             "--timeline" => a.timeline = num::<u8>(&k, &v)? != 0,
             "--expired" => a.expired = num::<u8>(&k, &v)? != 0,
+            "--onion" if ["circuits", "shared"].contains(&v.as_str()) => a.onion = Some(v),
+            "--onion" => return Err(format!("--onion is circuits or shared, not {v:?}")),
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -160,6 +166,8 @@ struct Server {
     addr: String,
     /// NanoChat's admin listener (`/metrics`); none for the baselines.
     admin: Option<String>,
+    /// NanoChat's onion listener, when it has one.
+    onion: Option<String>,
     /// NanoChat's cluster catch-ups after its listener reconnected, from its log: rooms read
     /// and milliseconds taken (those with no rooms, as at start-up, are left out).
     catch_ups: Arc<Mutex<Vec<(u64, u64)>>>,
@@ -317,7 +325,7 @@ fn spawn_nanochat(
             };
             if v["message"] == "nanochat listening" {
                 let port = |key: &str| v[key].as_u64().unwrap_or(0);
-                let _ = tx.send((port("port"), port("admin_port")));
+                let _ = tx.send((port("port"), port("admin_port"), port("onion_port")));
             }
             if v["message"] == "cluster listener caught up" {
                 let rooms = v["rooms"].as_u64().unwrap_or(0);
@@ -332,13 +340,14 @@ fn spawn_nanochat(
             }
         }
     });
-    let (port, admin_port) = rx
+    let (port, admin_port, onion_port) = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("nanochat started");
     Server {
         child,
         addr: format!("127.0.0.1:{port}"),
         admin: Some(format!("127.0.0.1:{admin_port}")),
+        onion: (onion_port > 0).then(|| format!("127.0.0.1:{onion_port}")),
         catch_ups,
     }
 }
@@ -383,6 +392,7 @@ fn spawn_baseline(mut cmd: Command, what: &str) -> Server {
         child,
         addr,
         admin: None,
+        onion: None,
         catch_ups: Arc::default(),
     }
 }
@@ -395,9 +405,22 @@ type Ws =
 /// work if asked) or `join` with the proof for this socket's challenge.
 async fn open(addr: &str, n: usize, keys: &RoomKeys, create: bool) -> Ws {
     let local = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (n % 250) as u8));
-    let mut client = Client::connect_from(&format!("ws://{addr}/ws"), local)
+    let client = Client::connect_from(&format!("ws://{addr}/ws"), local)
         .await
         .expect("connect and read the hello");
+    enter(client, keys, create).await
+}
+
+/// As [`open`], through an onion listener as the Tor circuit `circuit`.
+async fn open_as_circuit(addr: &str, circuit: u32, keys: &RoomKeys, create: bool) -> Ws {
+    let client = Client::connect_as_circuit(&format!("ws://{addr}/ws"), circuit)
+        .await
+        .expect("connect and read the hello");
+    enter(client, keys, create).await
+}
+
+/// Create or join the room of `keys`; the socket.
+async fn enter(mut client: Client, keys: &RoomKeys, create: bool) -> Ws {
     let answer = if create {
         client.create(keys).await
     } else {
@@ -547,9 +570,19 @@ async fn main() {
 async fn run_scenario(cmd: &str, args: &Args) {
     let dir = std::env::temp_dir().join(format!("nanochat-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let extra: &[(&str, &str)] = match cmd {
-        "soak" => &soak::SERVER_ENV,
-        "expiry" => &expiry::SERVER_ENV,
+    let onion = args.onion.as_deref().map(|mode| {
+        [
+            ("NANOCHAT__SERVER__ONION_LISTEN", "127.0.0.1:0"),
+            (
+                "NANOCHAT__SERVER__ONION_CIRCUIT_IDS",
+                if mode == "circuits" { "true" } else { "false" },
+            ),
+        ]
+    });
+    let extra: &[(&str, &str)] = match (cmd, &onion) {
+        ("soak", _) => &soak::SERVER_ENV,
+        ("expiry", _) => &expiry::SERVER_ENV,
+        ("abuse", Some(onion)) => onion,
         _ => &[],
     };
     if cmd == "publish" && !["nanochat", "bare"].contains(&args.target.as_str()) {
@@ -1223,6 +1256,14 @@ mod tests {
         assert_eq!(
             parse("--colour red").err().unwrap(),
             "unknown option --colour"
+        );
+        assert_eq!(
+            parse("--onion circuits").unwrap().onion.as_deref(),
+            Some("circuits")
+        );
+        assert_eq!(
+            parse("--onion yes").err().unwrap(),
+            "--onion is circuits or shared, not \"yes\""
         );
     }
 
