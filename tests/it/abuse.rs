@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::api::{expect_close, expect_error};
 use crate::helpers::{
-    Backend, TestApp, metric_value, random_room, send_acked, spawn_app_with,
+    Backend, TestApp, exchange, metric_value, random_room, send_acked, spawn_app_with,
     work_rising_after_a_few_creations,
 };
 
@@ -505,18 +505,11 @@ async fn on_the_onion_listener_each_tor_circuit_gets_a_clients_limits_within_the
 
     // A connection without the line (torrc without `HiddenServiceExportCircuitID haproxy`) is
     // closed unanswered, and counted.
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", onion))
-        .await
-        .unwrap();
-    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
+    let (answer, read) = exchange(onion, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     // (reset, as what it sent is left unread.)
     let closed = match &read {
-        Ok(Ok(0)) => true,
-        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
         _ => false,
     };
     assert!(
@@ -561,16 +554,8 @@ async fn a_client_that_keeps_sending_invalid_frames_is_disconnected() {
 #[actix_web::test]
 async fn a_slow_handshake_is_cut_off() {
     let app = spawn_app_with(Backend::Sqlite, |s| s.limits.handshake_timeout_secs = 1).await;
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
-        .await
-        .unwrap();
-    tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "the server kept a half-sent request open");
-    let text = String::from_utf8_lossy(&buf);
+    let (answer, _) = exchange(app.port, b"GET /ws HTTP/1.1\r\nHost: x\r\n").await;
+    let text = String::from_utf8_lossy(&answer);
     assert!(
         text.is_empty() || text.starts_with("HTTP/1.1 408"),
         "{text}"

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use nanochat::client::Client;
 use nanochat::protocol::ServerFrame;
 
-use crate::helpers::random_room;
+use crate::helpers::{exchange, random_room};
 
 /// A server process that is killed when the test lets go of it.
 pub(crate) struct Proc(pub(crate) std::process::Child);
@@ -99,7 +99,6 @@ fn logged_within(rx: &std::sync::mpsc::Receiver<String>, words: &str, secs: u64)
 
 #[actix_web::test]
 async fn an_onion_listener_without_tors_circuit_ids_names_the_torrc_line_once() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let dir = tempfile::tempdir().unwrap();
     let (_child, _, log, rx) = spawn_server(
         dir.path(),
@@ -112,14 +111,7 @@ async fn an_onion_listener_without_tors_circuit_ids_names_the_torrc_line_once() 
     let onion = listening["onion_port"].as_u64().expect("onion_port") as u16;
     // Tor was not told to send the circuit line: every connection is closed unanswered...
     for _ in 0..3 {
-        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", onion))
-            .await
-            .unwrap();
-        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        let _ = tcp.read_to_end(&mut answer).await;
+        let (answer, _) = exchange(onion, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
     }
     // ... and the operator is told what is missing, once (not once per connection).
@@ -138,7 +130,6 @@ async fn an_onion_listener_without_tors_circuit_ids_names_the_torrc_line_once() 
 
 #[actix_web::test]
 async fn malformed_requests_are_counted_and_no_bad_request_is_logged_as_an_error() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let dir = tempfile::tempdir().unwrap();
     let (_child, port, log, rx) = spawn_server(
         dir.path(),
@@ -149,22 +140,12 @@ async fn malformed_requests_are_counted_and_no_bad_request_is_logged_as_an_error
     // Twenty connections that any client could make: ten requests no HTTP parser takes, ten
     // that never finish their head.
     for i in 0..20 {
-        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
         let sent: &[u8] = if i % 2 == 0 {
             b"GET / HTTQ/9.9\r\n\x01\x02\r\n\r\n"
         } else {
             b"GET / HTTP/1.1\r\nHost: x\r\n"
         };
-        tcp.write_all(sent).await.unwrap();
-        let mut answer = Vec::new();
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            tcp.read_to_end(&mut answer),
-        )
-        .await
-        .expect("the server ends the connection");
+        let (answer, _) = exchange(port, sent).await;
         let answer = String::from_utf8_lossy(&answer);
         let expected = if i % 2 == 0 {
             "HTTP/1.1 400"

@@ -1489,6 +1489,19 @@ async fn shown_by_the_worker(page: &Page<'_>) -> serde_json::Value {
     .await
 }
 
+/// Wait until the notifications the browser shows for the page's site (made by its service
+/// worker), as `all`, make `test` true.
+async fn wait_worker_shows(page: &Page<'_>, test: &str) {
+    page.wait_for(
+        &format!(
+            "navigator.serviceWorker.getRegistration().then(r => r ? r.getNotifications() : []) \
+             .then(all => {test})"
+        ),
+        10,
+    )
+    .await;
+}
+
 /// The notify worker's URL on `app`.
 fn notify_worker(app: &TestApp) -> String {
     format!("{}/notify-worker.js", origin(app))
@@ -1577,24 +1590,16 @@ async fn notifications_when_asked_for_say_how_many_and_never_who_or_what() {
     }
     // The browser shows one: the last, which replaced the first.
     wait_shown(&alice, "2 new messages").await;
-    alice
-        .wait_for(
-            "navigator.serviceWorker.getRegistration().then(r => r.getNotifications()) \
-             .then(all => all.length === 1 && all[0].body === '2 new messages')",
-            10,
-        )
-        .await;
+    wait_worker_shows(
+        &alice,
+        "all.length === 1 && all[0].body === '2 new messages'",
+    )
+    .await;
     let now_shown = shown_by_the_worker(&alice).await;
     assert_eq!(now_shown[0]["tag"], tag, "{now_shown}");
     // Seen: the notification goes.
     alice.bring_to_front().await;
-    alice
-        .wait_for(
-            "navigator.serviceWorker.getRegistration().then(r => r.getNotifications()) \
-             .then(all => all.length === 0)",
-            10,
-        )
-        .await;
+    wait_worker_shows(&alice, "all.length === 0").await;
 
     // Turned off again: nothing more is shown, and the worker is gone.
     alice
@@ -1768,13 +1773,11 @@ async fn notifications_come_the_way_each_browser_allows_and_where_none_can_the_c
 
     // Only from a service worker (Chrome on Android): from the page's.
     wait_shown(&android, "2 new messages").await;
-    android
-        .wait_for(
-            "navigator.serviceWorker.getRegistration().then(r => r?.getNotifications()) \
-             .then(all => all?.length === 1 && all[0].body === '2 new messages')",
-            10,
-        )
-        .await;
+    wait_worker_shows(
+        &android,
+        "all.length === 1 && all[0].body === '2 new messages'",
+    )
+    .await;
     let made = notifications(&android).await;
     assert!(
         made.as_array()
@@ -1844,13 +1847,7 @@ async fn a_click_on_a_notification_brings_the_tab_that_showed_it_to_the_front() 
     for tab in [&first, &second] {
         wait_shown(tab, "1 new message").await;
     }
-    first
-        .wait_for(
-            "navigator.serviceWorker.getRegistration().then(r => r.getNotifications()) \
-             .then(all => all.length === 2)",
-            10,
-        )
-        .await;
+    wait_worker_shows(&first, "all.length === 2").await;
     let shown = shown_by_the_worker(&first).await;
     let token = |room: &str| {
         let tag = json!(format!("nanochat-{}", b64u(&keys_of(room).room_id)));

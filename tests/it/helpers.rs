@@ -210,6 +210,25 @@ pub struct HttpResponse {
     pub bytes: Vec<u8>,
 }
 
+/// Send `bytes` on a new connection to `port` and read until the server ends it (within 10 s,
+/// else the test fails): what came back, and how the read ended (a reset where the server
+/// closed with some of the bytes unread).
+pub async fn exchange(port: u16, bytes: &[u8]) -> (Vec<u8>, std::io::Result<usize>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    tcp.write_all(bytes).await.expect("send");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tcp.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the server ends the connection within 10 s");
+    (answer, read)
+}
+
 /// Send raw request bytes and read the whole response (the request should close the
 /// connection).
 pub async fn http_raw(port: u16, request: &str) -> HttpResponse {
