@@ -531,19 +531,22 @@ async fn the_publish_scenario_runs_against_both_baselines_on_postgres() {
     assert_eq!(tables, 0, "the runs wrote into the database of the URL");
 }
 
+/// A 2-second abuse run: 2 rooms of 3, a flooder offering 2 000 frames/s.
+const ABUSE_TINY: [&str; 9] = [
+    "abuse",
+    "--rooms",
+    "2",
+    "--members",
+    "3",
+    "--rate",
+    "2000",
+    "--secs",
+    "2",
+];
+
 #[test]
 fn the_abuse_scenario_runs_and_the_flooder_is_thrown_out() {
-    let report = run(&[
-        "abuse",
-        "--rooms",
-        "2",
-        "--members",
-        "3",
-        "--rate",
-        "2000",
-        "--secs",
-        "2",
-    ]);
+    let report = run(&ABUSE_TINY);
     honest_whole_and_flooder_out(&report);
 }
 
@@ -568,19 +571,7 @@ fn honest_whole_and_flooder_out(report: &serde_json::Value) {
 
 #[test]
 fn the_abuse_scenario_runs_over_the_onion_listener_with_a_circuit_each() {
-    let report = run(&[
-        "abuse",
-        "--rooms",
-        "2",
-        "--members",
-        "3",
-        "--rate",
-        "2000",
-        "--secs",
-        "2",
-        "--onion",
-        "circuits",
-    ]);
+    let report = run(&[&ABUSE_TINY[..], &["--onion", "circuits"]].concat());
     assert_eq!(report["onion"], "circuits", "{report}");
     honest_whole_and_flooder_out(&report);
 }

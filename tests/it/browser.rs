@@ -1527,14 +1527,27 @@ async fn notifications(page: &Page<'_>) -> serde_json::Value {
     page.eval("window.shown ?? []").await
 }
 
+/// Every notification the page made so far was made `via` the page or its worker.
+async fn all_made_by(page: &Page<'_>, via: &str) {
+    let made = notifications(page).await;
+    let all = made.as_array().expect("a list");
+    assert!(all.iter().all(|n| n["via"] == json!(via)), "{made}");
+}
+
+/// The start page of `app`, its notifications recorded and allowed (as after "Allow").
+async fn page_allowed_to_notify<'b>(browser: &'b Browser, app: &TestApp) -> Page<'b> {
+    let page = browser
+        .new_page_running(&format!("{}/", origin(app)), RECORD_NOTIFICATIONS)
+        .await;
+    page.grant("notifications", &origin(app)).await;
+    page
+}
+
 #[actix_web::test]
 async fn notifications_when_asked_for_say_how_many_and_never_who_or_what() {
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;
-    let alice = browser
-        .new_page_running(&format!("{}/", origin(&app)), RECORD_NOTIFICATIONS)
-        .await;
-    alice.grant("notifications", &origin(&app)).await;
+    let alice = page_allowed_to_notify(&browser, &app).await;
     set_nick(&alice, "alice").await;
     let link = create_room(&alice).await;
     let bob = browser.new_page(&link).await;
@@ -1778,25 +1791,11 @@ async fn notifications_come_the_way_each_browser_allows_and_where_none_can_the_c
         "all.length === 1 && all[0].body === '2 new messages'",
     )
     .await;
-    let made = notifications(&android).await;
-    assert!(
-        made.as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["via"] == json!("worker")),
-        "{made}"
-    );
+    all_made_by(&android, "worker").await;
     // No service workers (Tor Browser): the page makes them itself, and closes them when seen.
     tor.wait_for("window.shown.some(n => n.body === '2 new messages')", 10)
         .await;
-    let made = notifications(&tor).await;
-    assert!(
-        made.as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["via"] == json!("page")),
-        "{made}"
-    );
+    all_made_by(&tor, "page").await;
     tor.bring_to_front().await;
     tor.wait_for("window.shown.at(-1).closed", 10).await;
     // Neither: the first try failed, the choice is no longer offered, nothing was thrown at
@@ -1824,10 +1823,7 @@ async fn a_click_on_a_notification_brings_the_tab_that_showed_it_to_the_front() 
     let app = spawn_app(Backend::Sqlite).await;
     let browser = Browser::launch().await;
     // One person with two rooms open in two tabs of one browser; Bob in one, Carol in the other.
-    let first = browser
-        .new_page_running(&format!("{}/", origin(&app)), RECORD_NOTIFICATIONS)
-        .await;
-    first.grant("notifications", &origin(&app)).await;
+    let first = page_allowed_to_notify(&browser, &app).await;
     let room_a = create_room(&first).await;
     let carol = browser.new_page(&format!("{}/", origin(&app))).await;
     let room_b = create_room(&carol).await;

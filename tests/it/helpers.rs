@@ -9,7 +9,6 @@ use nanochat::config::{PowMode, Rate, Settings};
 use nanochat::crypto::RoomKeys;
 use nanochat::protocol::ServerFrame;
 use nanochat::startup::{AppState, Application, ServerHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::pg::{TestDb, cluster};
 
@@ -212,13 +211,15 @@ pub struct HttpResponse {
 
 /// Send `bytes` on a new connection to `port` and read until the server ends it (within 10 s,
 /// else the test fails): what came back, and how the read ended (a reset where the server
-/// closed with some of the bytes unread).
+/// closed with some of the bytes unread). A server may answer and close before a huge request
+/// is fully written (a 431, say); then the write or the read meets a reset, and the answer is
+/// whatever arrived.
 pub async fn exchange(port: u16, bytes: &[u8]) -> (Vec<u8>, std::io::Result<usize>) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
-    tcp.write_all(bytes).await.expect("send");
+    let _ = tcp.write_all(bytes).await;
     let mut answer = Vec::new();
     let read = tokio::time::timeout(
         std::time::Duration::from_secs(10),
@@ -232,20 +233,8 @@ pub async fn exchange(port: u16, bytes: &[u8]) -> (Vec<u8>, std::io::Result<usiz
 /// Send raw request bytes and read the whole response (the request should close the
 /// connection).
 pub async fn http_raw(port: u16, request: &str) -> HttpResponse {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    // A server may answer and close before a huge request is fully written (a 431, say); then
-    // the write or the read meets a reset, and the answer is whatever arrived (status 0 if
-    // nothing did).
-    let _ = stream.write_all(request.as_bytes()).await;
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        stream.read_to_end(&mut buf),
-    )
-    .await
-    .expect("response in time");
+    // Status 0 if nothing came back.
+    let (buf, _) = exchange(port, request.as_bytes()).await;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
