@@ -291,33 +291,36 @@ fn connection_error_kind(e: &DispatchError) -> &'static str {
     }
 }
 
+/// An onion listener that reads Tor's circuit line (`server.onion_circuit_ids`): what a
+/// connection without it counts in, and when the log last said so.
+struct CircuitLines {
+    refused: prometheus::IntCounter,
+    /// Milliseconds since the epoch of the last warning (0: none yet).
+    warned: AtomicU64,
+}
+
 /// A new connection on a public listener, for the HTTP dispatcher: with its peer's address, or
-/// on an onion listener with `server.onion_circuit_ids`, its Tor circuit's ([`circuit`]). A
-/// connection that does not start with Tor's line is closed: counted, and logged at most once
-/// a minute per listener (`warned`: when last), since it means torrc lacks the line.
+/// on an onion listener that reads Tor's circuit line (`lines`), its circuit's ([`circuit`]). A
+/// connection that does not start with the line is closed: counted, and logged at most once a
+/// minute per listener, since it means torrc lacks the line.
 async fn accept(
-    state: Arc<AppState>,
-    circuits: bool,
-    warned: Arc<AtomicU64>,
+    lines: Option<Arc<CircuitLines>>,
     mut io: TcpStream,
     within: Duration,
 ) -> Result<(TcpStream, Protocol, Option<std::net::SocketAddr>), DispatchError> {
-    if !circuits {
+    let Some(lines) = lines else {
         let peer = io.peer_addr().ok();
         return Ok((io, Protocol::Http1, peer));
-    }
+    };
     match circuit::read(&mut io, within).await {
         Ok(peer) => Ok((io, Protocol::Http1, Some(peer))),
         Err(e) => {
-            state
-                .metrics
-                .upgrades_refused_total
-                .with_label_values(&["onion_circuit_id"])
-                .inc();
+            lines.refused.inc();
             let now = now_ms().max(1) as u64;
-            let last = warned.load(Ordering::Relaxed);
+            let last = lines.warned.load(Ordering::Relaxed);
             if now.saturating_sub(last) >= 60_000
-                && warned
+                && lines
+                    .warned
                     .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
             {
@@ -847,7 +850,15 @@ impl Application {
         let listeners = std::iter::once((listener, false)).chain(onion_listener.map(|l| (l, true)));
         for (listener, onion) in listeners {
             let name = format!("public-{}", listener.local_addr()?);
-            let warned = Arc::new(AtomicU64::new(0));
+            let lines = (onion && state.settings.server.onion_circuit_ids).then(|| {
+                Arc::new(CircuitLines {
+                    refused: state
+                        .metrics
+                        .upgrades_refused_total
+                        .with_label_values(&["onion_circuit_id"]),
+                    warned: AtomicU64::new(0),
+                })
+            });
             let (data, files, state) = (data.clone(), files.clone(), state.clone());
             public = public.listen(name, listener, move || {
                 let (data, files, state) = (data.clone(), files.clone(), state.clone());
@@ -877,10 +888,8 @@ impl Application {
                     .route("/readyz", web::head().to(readyz))
                     .route("/{path:.*}", web::get().to(assets::serve))
                     .route("/{path:.*}", web::head().to(assets::serve));
-                let circuits = onion && state.settings.server.onion_circuit_ids;
                 let errors = state.metrics.http_connection_errors_total.clone();
-                let accepted = state.clone();
-                let warned = warned.clone();
+                let lines = lines.clone();
                 let http = HttpService::build()
                     .client_request_timeout(handshake_timeout)
                     .client_disconnect_timeout(Duration::from_secs(1))
@@ -894,11 +903,8 @@ impl Application {
                         errors.with_label_values(&[connection_error_kind(&e)]).inc();
                         e
                     });
-                fn_service(move |io: TcpStream| {
-                    let (state, warned) = (accepted.clone(), warned.clone());
-                    accept(state, circuits, warned, io, handshake_timeout)
-                })
-                .and_then(http)
+                fn_service(move |io: TcpStream| accept(lines.clone(), io, handshake_timeout))
+                    .and_then(http)
             })?;
         }
         let public = public.run();

@@ -83,6 +83,14 @@ fn spawn(
     (Proc(child), port, log, rx)
 }
 
+/// The port the server's "listening" line (the last of `log` from `spawn_server`) names under
+/// `key` (`port`, `admin_port`, `onion_port`).
+fn listening_port(log: &[String], key: &str) -> u16 {
+    let listening: serde_json::Value = serde_json::from_str(log.last().unwrap()).unwrap();
+    let port = listening[key].as_u64();
+    port.unwrap_or_else(|| panic!("no {key} in {listening}")) as u16
+}
+
 /// The log lines containing `words` that the server writes within `secs` seconds.
 fn logged_within(rx: &std::sync::mpsc::Receiver<String>, words: &str, secs: u64) -> Vec<String> {
     let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
@@ -107,8 +115,7 @@ async fn an_onion_listener_without_tors_circuit_ids_names_the_torrc_line_once() 
             ("NANOCHAT__SERVER__ONION_CIRCUIT_IDS", "true"),
         ],
     );
-    let listening: serde_json::Value = serde_json::from_str(log.last().unwrap()).unwrap();
-    let onion = listening["onion_port"].as_u64().expect("onion_port") as u16;
+    let onion = listening_port(&log, "onion_port");
     // Tor was not told to send the circuit line: every connection is closed unanswered...
     for _ in 0..3 {
         let (answer, _) = exchange(onion, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -135,8 +142,7 @@ async fn malformed_requests_are_counted_and_no_bad_request_is_logged_as_an_error
         dir.path(),
         &[("NANOCHAT__LIMITS__HANDSHAKE_TIMEOUT_SECS", "1")],
     );
-    let listening: serde_json::Value = serde_json::from_str(log.last().unwrap()).unwrap();
-    let admin = listening["admin_port"].as_u64().expect("admin_port") as u16;
+    let admin = listening_port(&log, "admin_port");
     // Twenty connections that any client could make: ten requests no HTTP parser takes, ten
     // that never finish their head.
     for i in 0..20 {
@@ -155,7 +161,7 @@ async fn malformed_requests_are_counted_and_no_bad_request_is_logged_as_an_error
         assert!(answer.starts_with(expected), "{answer}");
     }
     // The malformed ones are counted (the slow ones are answered 408 and end without error).
-    let metrics = crate::helpers::http_request(admin, "GET", "/metrics", "").await;
+    let metrics = crate::helpers::http_get(admin, "/metrics").await;
     let series = "nanochat_http_connection_errors_total{kind=\"malformed\"}";
     assert_eq!(
         crate::helpers::metric_value(&metrics.body, series),
@@ -589,8 +595,7 @@ async fn a_hard_open_file_limit_too_small_lowers_max_connections_to_what_fits() 
         "{warning}"
     );
     // Operators see the limit in force.
-    let listening: serde_json::Value = serde_json::from_str(log.last().unwrap()).unwrap();
-    let admin = listening["admin_port"].as_u64().unwrap() as u16;
+    let admin = listening_port(&log, "admin_port");
     let metrics = crate::helpers::http_get(admin, "/metrics").await;
     assert!(
         metrics
