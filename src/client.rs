@@ -4,6 +4,7 @@
 //! and tools build on it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -91,6 +92,22 @@ impl Client {
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
         let (ws, _) =
             tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), false).await?;
+        Self::handshake(ws).await
+    }
+
+    /// Connect to `wss://host:port/ws`, trusting what `tls` trusts (tests and load runs give
+    /// it their own certificate authority).
+    pub async fn connect_tls(
+        url: &str,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Client, ClientError> {
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+            url,
+            Some(ws_config()),
+            false,
+            Some(tokio_tungstenite::Connector::Rustls(tls)),
+        )
+        .await?;
         Self::handshake(ws).await
     }
 

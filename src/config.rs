@@ -30,6 +30,8 @@ pub struct Settings {
     pub proxy: ProxySettings,
     /// Group commit of messages.
     pub store: StoreSettings,
+    /// HTTPS on the public listener itself.
+    pub tls: TlsSettings,
     /// Logging.
     pub log: LogSettings,
 }
@@ -244,6 +246,27 @@ pub struct StoreSettings {
     pub max_database_mib: u64,
 }
 
+/// `[tls]`: HTTPS served by the server itself, for an instance without a proxy in front.
+/// See [`crate::tls`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// PEM file with the certificate chain, the server's own certificate first (certbot's
+    /// `fullchain.pem`). Set with `key`: `server.listen` then speaks HTTPS only.
+    pub cert: Option<PathBuf>,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// Seconds between looks at both files: a renewed certificate is served from the next
+    /// handshake on, without a restart.
+    pub reload_interval_secs: u64,
+    /// Plain-HTTP listener (normally `0.0.0.0:80`) that sends every request to the same path
+    /// over HTTPS, and serves ACME http-01 challenges from `acme_webroot`.
+    pub redirect_listen: Option<String>,
+    /// Directory given to `certbot --webroot -w`: the redirect listener serves the files
+    /// certbot puts in its `.well-known/acme-challenge/`, so renewals need no downtime.
+    pub acme_webroot: Option<PathBuf>,
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -375,6 +398,18 @@ impl Default for StoreSettings {
             writers: 2,
             min_free_mib: 256,
             max_database_mib: 0,
+        }
+    }
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            reload_interval_secs: 60,
+            redirect_listen: None,
+            acme_webroot: None,
         }
     }
 }
@@ -653,6 +688,34 @@ impl Settings {
             "server.onion_circuit_ids",
             "needs server.onion_listen (Tor's circuit ids are read there only)",
         )?;
+        let tls = &self.tls;
+        check(
+            tls.cert.is_some() == tls.key.is_some(),
+            "tls.cert",
+            "and tls.key are set together or not at all",
+        )?;
+        check(
+            (1..=86400).contains(&tls.reload_interval_secs),
+            "tls.reload_interval_secs",
+            "must be between 1 and 86400",
+        )?;
+        if let Some(redirect) = &tls.redirect_listen {
+            check(
+                redirect.parse::<SocketAddr>().is_ok(),
+                "tls.redirect_listen",
+                "must be an address like 0.0.0.0:80",
+            )?;
+            check(
+                tls.cert.is_some(),
+                "tls.redirect_listen",
+                "needs tls.cert and tls.key (it sends visitors to HTTPS)",
+            )?;
+        }
+        check(
+            tls.acme_webroot.is_none() || tls.redirect_listen.is_some(),
+            "tls.acme_webroot",
+            "needs tls.redirect_listen (challenges are served there)",
+        )?;
         check(
             l.send_queue_bytes >= l.max_frame_bytes,
             "limits.send_queue_bytes",
@@ -814,5 +877,31 @@ mod tests {
         let ok = Settings::load_from(None, env(&[("NANOCHAT__RATE__CLIENT_READS__BURST", "200")]))
             .unwrap();
         assert_eq!(ok.rate.client_reads.burst, 200);
+    }
+
+    #[test]
+    fn tls_keys_come_together_and_the_redirect_needs_tls() {
+        let load = |pairs: &[(&str, &str)]| Settings::load_from(None, env(pairs));
+        let cert = ("NANOCHAT__TLS__CERT", "/etc/nanochat/fullchain.pem");
+        let key = ("NANOCHAT__TLS__KEY", "/etc/nanochat/privkey.pem");
+        let redirect = ("NANOCHAT__TLS__REDIRECT_LISTEN", "0.0.0.0:80");
+        let webroot = ("NANOCHAT__TLS__ACME_WEBROOT", "/var/lib/nanochat/acme");
+        for alone in [cert, key] {
+            let e = load(&[alone]).unwrap_err();
+            assert!(e.to_string().contains("tls.cert"), "{e}");
+        }
+        let e = load(&[redirect]).unwrap_err();
+        assert!(e.to_string().contains("tls.redirect_listen"), "{e}");
+        let e = load(&[cert, key, ("NANOCHAT__TLS__REDIRECT_LISTEN", ":80")]).unwrap_err();
+        assert!(e.to_string().contains("tls.redirect_listen"), "{e}");
+        let e = load(&[cert, key, webroot]).unwrap_err();
+        assert!(e.to_string().contains("tls.acme_webroot"), "{e}");
+        let e = load(&[cert, key, ("NANOCHAT__TLS__RELOAD_INTERVAL_SECS", "0")]).unwrap_err();
+        assert!(e.to_string().contains("tls.reload_interval_secs"), "{e}");
+        let s = load(&[cert, key, redirect, webroot]).unwrap();
+        assert_eq!(s.tls.cert, Some(PathBuf::from(cert.1)));
+        assert_eq!(s.tls.redirect_listen.as_deref(), Some(redirect.1));
+        assert_eq!(s.tls.acme_webroot, Some(PathBuf::from(webroot.1)));
+        assert_eq!(s.tls.reload_interval_secs, 60);
     }
 }

@@ -15,6 +15,7 @@
 //! - [`websocket`]: WebSocket framing on a connection taken over from the HTTP dispatcher.
 //! - [`store`]: the `Store` trait, its SQLite and Postgres backends, and the group-commit writer.
 //! - [`startup`]: `Application`: listeners, routes, background tasks.
+//! - [`tls`]: HTTPS on the public listener itself, certificates reloaded when renewed.
 //! - [`assets`]: the browser client's files, embedded, gzip-compressed once, with ETags.
 //! - [`cluster`]: several processes on one Postgres: cross-node fan-out with LISTEN/NOTIFY.
 //! - [`client`]: a Rust client of the protocol (tests, benchmarks, tools).
@@ -32,4 +33,5 @@ pub mod session;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod websocket;

@@ -75,7 +75,7 @@ pub struct Metrics {
     pub abuse_disconnects_total: IntCounter,
     /// Public connections the HTTP layer ended in error, by kind: `malformed` (a request it
     /// could not parse), `timeout` (a client that did not let the connection close), `io`,
-    /// `other`.
+    /// `other`, and with `[tls]` on, `tls` (no TLS handshake within the handshake timeout).
     pub http_connection_errors_total: IntCounterVec,
     /// Time from a batch's commit until its messages are queued to every member.
     pub fanout_seconds: Histogram,
@@ -96,6 +96,9 @@ pub struct Metrics {
     /// The data volume's gauges, registered once a backend reports a volume (SQLite), so a
     /// Postgres node shows no zeros for a disk it cannot see.
     volume: std::sync::OnceLock<VolumeGauges>,
+    /// HTTPS's metrics, registered when `[tls]` is on (an expiry of 0 would look like an
+    /// expired certificate).
+    tls: std::sync::OnceLock<TlsMetrics>,
     /// Duration of maintenance runs.
     pub maintenance_seconds: Histogram,
     /// Unix time of the last successful maintenance run.
@@ -121,6 +124,14 @@ struct VolumeGauges {
     available: IntGauge,
     size: IntGauge,
     reserve: IntGauge,
+}
+
+/// The certificate served on the public listener.
+pub struct TlsMetrics {
+    /// Unix time after which the served certificate is no longer valid.
+    pub expiry: IntGauge,
+    /// Looks at changed certificate files, by result: `loaded`, `failed`.
+    pub reloads: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -383,6 +394,7 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             volume: std::sync::OnceLock::new(),
+            tls: std::sync::OnceLock::new(),
             partitions: reg(
                 r,
                 IntGauge::new(
@@ -543,6 +555,38 @@ impl Metrics {
         gauges.available.set(clamp(v.available));
         gauges.size.set(clamp(v.size));
         gauges.reserve.set(clamp(v.reserve));
+    }
+
+    /// HTTPS's metrics, registered on first use.
+    pub fn tls(&self) -> &TlsMetrics {
+        self.tls.get_or_init(|| {
+            self.http_connection_errors_total.with_label_values(&["tls"]);
+            let reloads = reg(
+                &self.registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "nanochat_tls_reloads_total",
+                        "Changed TLS certificate files looked at, by result: loaded, failed (the old certificate is still served).",
+                    ),
+                    &["result"],
+                )
+                .expect("valid metric"),
+            );
+            for result in ["loaded", "failed"] {
+                reloads.with_label_values(&[result]);
+            }
+            TlsMetrics {
+                expiry: reg(
+                    &self.registry,
+                    IntGauge::new(
+                        "nanochat_tls_certificate_expiry_timestamp_seconds",
+                        "Unix time after which the certificate served on the public listener is no longer valid.",
+                    )
+                    .expect("valid metric"),
+                ),
+                reloads,
+            }
+        })
     }
 
     /// The Prometheus text exposition of every metric.

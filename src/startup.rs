@@ -17,7 +17,7 @@ use actix_http::body::{BodySize, BoxBody};
 use actix_http::error::DispatchError;
 use actix_http::{ConnectionType, HttpService, Protocol, Request, Response, h1, ws};
 use actix_service::{IntoServiceFactory as _, ServiceFactoryExt as _, fn_service, map_config};
-use actix_web::dev::{AppConfig, Service as _, ServiceRequest};
+use actix_web::dev::{AppConfig, Service as _};
 use actix_web::http::header;
 use actix_web::middleware::DefaultHeaders;
 use actix_web::{App, HttpMessage as _, HttpRequest, HttpResponse, HttpServer, web};
@@ -39,6 +39,7 @@ use crate::protocol::{b64u, from_b64u};
 use crate::session;
 use crate::store::writer::Writer;
 use crate::store::{self, Store, now_ms};
+use crate::tls::{Conn, Tls};
 use crate::websocket;
 
 /// The Content-Security-Policy of every public response: own origin only, no inline script,
@@ -268,7 +269,7 @@ fn upgrade(
     state: Arc<AppState>,
     onion: bool,
     req: Request,
-    framed: Framed<TcpStream, h1::Codec>,
+    framed: Framed<Conn, h1::Codec>,
 ) -> impl Future<Output = Result<(), actix_http::Error>> {
     let handshake = Box::pin(handshake(state.clone(), onion, req, framed));
     async move {
@@ -299,21 +300,70 @@ struct CircuitLines {
     warned: AtomicU64,
 }
 
+/// What a public listener does with a new connection before HTTP.
+#[derive(Clone)]
+enum Front {
+    /// Nothing: plain HTTP.
+    Plain,
+    /// An onion listener that reads Tor's circuit line first.
+    Circuits(Arc<CircuitLines>),
+    /// HTTPS (`[tls]`).
+    Tls(Arc<Https>),
+}
+
+/// What an HTTPS listener needs before HTTP.
+struct Https {
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// Failed handshakes (`nanochat_http_connection_errors_total{kind="tls"}`).
+    errors: prometheus::IntCounter,
+    state: Arc<AppState>,
+}
+
 /// A new connection on a public listener, for the HTTP dispatcher: with its peer's address, or
-/// on an onion listener that reads Tor's circuit line (`lines`), its circuit's ([`circuit`]). A
+/// on an onion listener that reads Tor's circuit line, its circuit's ([`circuit`]). A
 /// connection that does not start with the line is closed: counted, and logged at most once a
-/// minute per listener, since it means torrc lacks the line.
+/// minute per listener, since it means torrc lacks the line. With TLS, each handshake counts
+/// as one of the client's requests (`rate.client_requests`: a handshake costs the server a
+/// signature, so past the limit the connection is closed before one), and a connection whose
+/// handshake fails or does not end within `within` is closed and counted.
 async fn accept(
-    lines: Option<Arc<CircuitLines>>,
+    front: Front,
     mut io: TcpStream,
     within: Duration,
-) -> Result<(TcpStream, Protocol, Option<std::net::SocketAddr>), DispatchError> {
-    let Some(lines) = lines else {
-        let peer = io.peer_addr().ok();
-        return Ok((io, Protocol::Http1, peer));
+) -> Result<(Conn, Protocol, Option<std::net::SocketAddr>), DispatchError> {
+    let lines = match front {
+        Front::Plain => {
+            let peer = io.peer_addr().ok();
+            return Ok((Conn::Plain(io), Protocol::Http1, peer));
+        }
+        Front::Tls(https) => {
+            let peer = io.peer_addr().ok();
+            if let Some(peer) = peer {
+                let client = Client::Ip(https.state.identity.key(peer.ip()));
+                let limits = &https.state.limits;
+                if limits.client(limits::ClientLimit::Request, client).is_err() {
+                    return Err(DispatchError::Io(
+                        std::io::ErrorKind::ConnectionRefused.into(),
+                    ));
+                }
+            }
+            let tls = match tokio::time::timeout(within, https.acceptor.accept(io)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    https.errors.inc();
+                    return Err(DispatchError::Io(e));
+                }
+                Err(_) => {
+                    https.errors.inc();
+                    return Err(DispatchError::Io(std::io::ErrorKind::TimedOut.into()));
+                }
+            };
+            return Ok((Conn::Tls(Box::new(tls)), Protocol::Http1, peer));
+        }
+        Front::Circuits(lines) => lines,
     };
     match circuit::read(&mut io, within).await {
-        Ok(peer) => Ok((io, Protocol::Http1, Some(peer))),
+        Ok(peer) => Ok((Conn::Plain(io), Protocol::Http1, Some(peer))),
         Err(e) => {
             lines.refused.inc();
             let now = now_ms().max(1) as u64;
@@ -342,7 +392,7 @@ async fn handshake(
     state: Arc<AppState>,
     onion: bool,
     req: Request,
-    mut framed: Framed<TcpStream, h1::Codec>,
+    mut framed: Framed<Conn, h1::Codec>,
 ) -> Option<(websocket::Reader, websocket::Writer, Peer)> {
     match admit(&state, onion, &req) {
         Ok(peer) => {
@@ -410,7 +460,7 @@ fn client_of(
 /// it can be, without the security headers (nothing in it to protect), and it closes the
 /// connection - though the dispatcher still answers requests pipelined behind it, each with
 /// this same small answer.
-fn over_request_limit(state: &AppState, onion: bool, req: &ServiceRequest) -> Option<HttpResponse> {
+fn over_request_limit(state: &AppState, onion: bool, req: &HttpRequest) -> Option<HttpResponse> {
     if matches!(req.path(), "/healthz" | "/readyz") {
         return None;
     }
@@ -428,6 +478,74 @@ fn over_request_limit(state: &AppState, onion: bool, req: &ServiceRequest) -> Op
             ))
             .finish(),
     )
+}
+
+/// The plain-HTTP listener beside an HTTPS one (`tls.redirect_listen`): where it sends
+/// visitors, and where certbot leaves its challenges.
+struct Redirect {
+    state: Arc<AppState>,
+    /// The HTTPS listener's port, named in the new address unless it is 443.
+    https_port: u16,
+    webroot: Option<std::path::PathBuf>,
+}
+
+/// Any request on the redirect listener: the same host and path over HTTPS (301), within the
+/// client's request limit; 400 without a `Host` naming a server.
+async fn to_https(req: HttpRequest, to: web::Data<Redirect>) -> HttpResponse {
+    if let Some(refused) = over_request_limit(&to.state, false, &req) {
+        return refused;
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| crate::abuse::origin::split_authority(h.trim()));
+    let Some((host, _)) = host else {
+        return HttpResponse::BadRequest()
+            .content_type("text/plain; charset=utf-8")
+            .body("a Host header naming this server is needed\n");
+    };
+    let port = match to.https_port {
+        443 => String::new(),
+        p => format!(":{p}"),
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    HttpResponse::MovedPermanently()
+        .insert_header((header::LOCATION, format!("https://{host}{port}{path}")))
+        .finish()
+}
+
+/// The largest ACME challenge file served (a key authorization is under 100 bytes).
+const ACME_FILE_MAX: u64 = 4096;
+
+/// `/.well-known/acme-challenge/{token}` on the redirect listener: the file certbot put under
+/// `tls.acme_webroot` for an http-01 challenge. Only token-shaped names (base64url) are looked
+/// up; anything else, or nothing there, is 404.
+async fn acme_challenge(
+    req: HttpRequest,
+    token: web::Path<String>,
+    to: web::Data<Redirect>,
+) -> HttpResponse {
+    if let Some(refused) = over_request_limit(&to.state, false, &req) {
+        return refused;
+    }
+    let token_shaped = (1..=256).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let file = match &to.webroot {
+        Some(dir) if token_shaped => dir.join(".well-known/acme-challenge").join(&*token),
+        _ => return HttpResponse::NotFound().finish(),
+    };
+    let small = tokio::fs::metadata(&file)
+        .await
+        .is_ok_and(|m| m.is_file() && m.len() <= ACME_FILE_MAX);
+    match tokio::fs::read(&file).await {
+        Ok(body) if small => HttpResponse::Ok()
+            .content_type("application/octet-stream")
+            .body(body),
+        _ => HttpResponse::NotFound().finish(),
+    }
 }
 
 /// Decide who the client is and whether it may connect, *before* accepting the upgrade.
@@ -561,9 +679,16 @@ const SECURITY_HEADERS: [(&str, &str); 7] = [
     ),
 ];
 
-fn security_headers() -> DefaultHeaders {
+/// What HTTPS adds: browsers that saw it use `https://` for this host for two years, even
+/// when a link or a typed address says `http://`.
+const STRICT_TRANSPORT_SECURITY: (&str, &str) = ("strict-transport-security", "max-age=63072000");
+
+/// [`SECURITY_HEADERS`], and on an HTTPS listener [`STRICT_TRANSPORT_SECURITY`].
+fn security_headers(https: bool) -> DefaultHeaders {
+    let https = https.then_some(&STRICT_TRANSPORT_SECURITY);
     SECURITY_HEADERS
         .iter()
+        .chain(https)
         .fold(DefaultHeaders::new(), |h, &(name, value)| {
             h.add((name, value))
         })
@@ -739,6 +864,7 @@ pub fn fit_open_file_limit(limits: &mut LimitSettings) {
 pub struct Application {
     port: u16,
     admin_port: u16,
+    redirect_port: Option<u16>,
     state: Arc<AppState>,
     public: actix_web::dev::Server,
     admin: actix_web::dev::Server,
@@ -760,6 +886,12 @@ impl Application {
             settings.secret_path().display()
         );
         let metrics = Arc::new(Metrics::new());
+        let tls = match (&settings.tls.cert, &settings.tls.key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                Tls::new(cert, key, &metrics).context("cannot serve HTTPS (tls.cert, tls.key)")?,
+            )),
+            _ => None,
+        };
         metrics
             .connections_max
             .set(i64::try_from(settings.limits.max_connections).unwrap_or(i64::MAX));
@@ -802,6 +934,22 @@ impl Application {
                 settings.server.admin_listen
             )
         })?;
+        if let Some(webroot) = &settings.tls.acme_webroot {
+            let challenges = webroot.join(".well-known/acme-challenge");
+            std::fs::create_dir_all(&challenges).with_context(|| {
+                format!(
+                    "cannot create {} for tls.acme_webroot",
+                    challenges.display()
+                )
+            })?;
+        }
+        let redirect_listener = match &settings.tls.redirect_listen {
+            Some(addr) => Some(
+                listen(addr)
+                    .with_context(|| format!("cannot listen on tls.redirect_listen {addr}"))?,
+            ),
+            None => None,
+        };
         let onion_listener = match &settings.server.onion_listen {
             Some(addr) => Some(
                 listen(addr)
@@ -812,6 +960,10 @@ impl Application {
         let port = listener.local_addr()?.port();
         let admin_port = admin_listener.local_addr()?.port();
         let onion_port = match &onion_listener {
+            Some(l) => Some(l.local_addr()?.port()),
+            None => None,
+        };
+        let redirect_port = match &redirect_listener {
             Some(l) => Some(l.local_addr()?.port()),
             None => None,
         };
@@ -850,15 +1002,27 @@ impl Application {
         let listeners = std::iter::once((listener, false)).chain(onion_listener.map(|l| (l, true)));
         for (listener, onion) in listeners {
             let name = format!("public-{}", listener.local_addr()?);
-            let lines = (onion && state.settings.server.onion_circuit_ids).then(|| {
-                Arc::new(CircuitLines {
-                    refused: state
+            let front = match &tls {
+                _ if onion && state.settings.server.onion_circuit_ids => {
+                    Front::Circuits(Arc::new(CircuitLines {
+                        refused: state
+                            .metrics
+                            .upgrades_refused_total
+                            .with_label_values(&["onion_circuit_id"]),
+                        warned: AtomicU64::new(0),
+                    }))
+                }
+                Some(tls) if !onion => Front::Tls(Arc::new(Https {
+                    acceptor: tls.acceptor.clone(),
+                    errors: state
                         .metrics
-                        .upgrades_refused_total
-                        .with_label_values(&["onion_circuit_id"]),
-                    warned: AtomicU64::new(0),
-                })
-            });
+                        .http_connection_errors_total
+                        .with_label_values(&["tls"]),
+                    state: state.clone(),
+                })),
+                _ => Front::Plain,
+            };
+            let https = matches!(front, Front::Tls(..));
             let (data, files, state) = (data.clone(), files.clone(), state.clone());
             public = public.listen(name, listener, move || {
                 let (data, files, state) = (data.clone(), files.clone(), state.clone());
@@ -866,10 +1030,10 @@ impl Application {
                 let app = App::new()
                     .app_data(data)
                     .app_data(files)
-                    .wrap(security_headers())
+                    .wrap(security_headers(https))
                     // Outside the security headers: a refusal goes out bare.
                     .wrap_fn(move |req, service| {
-                        let refusal = over_request_limit(&limited, onion, &req);
+                        let refusal = over_request_limit(&limited, onion, req.request());
                         let answer = match refusal {
                             Some(r) => Err(req.into_response(r).map_into_right_body()),
                             None => Ok(service.call(req)),
@@ -889,12 +1053,12 @@ impl Application {
                     .route("/{path:.*}", web::get().to(assets::serve))
                     .route("/{path:.*}", web::head().to(assets::serve));
                 let errors = state.metrics.http_connection_errors_total.clone();
-                let lines = lines.clone();
+                let front = front.clone();
                 let http = HttpService::build()
                     .client_request_timeout(handshake_timeout)
                     .client_disconnect_timeout(Duration::from_secs(1))
                     .upgrade(fn_service(
-                        move |(req, framed): (Request, Framed<TcpStream, h1::Codec>)| {
+                        move |(req, framed): (Request, Framed<Conn, h1::Codec>)| {
                             upgrade(state.clone(), onion, req, framed)
                         },
                     ))
@@ -903,7 +1067,36 @@ impl Application {
                         errors.with_label_values(&[connection_error_kind(&e)]).inc();
                         e
                     });
-                fn_service(move |io: TcpStream| accept(lines.clone(), io, handshake_timeout))
+                fn_service(move |io: TcpStream| accept(front.clone(), io, handshake_timeout))
+                    .and_then(http)
+            })?;
+        }
+        if let Some(listener) = redirect_listener {
+            let name = format!("redirect-{}", listener.local_addr()?);
+            let to = web::Data::new(Redirect {
+                state: state.clone(),
+                https_port: port,
+                webroot: state.settings.tls.acme_webroot.clone(),
+            });
+            let errors = state.metrics.http_connection_errors_total.clone();
+            public = public.listen(name, listener, move || {
+                let app = App::new()
+                    .app_data(to.clone())
+                    .route(
+                        "/.well-known/acme-challenge/{token}",
+                        web::get().to(acme_challenge),
+                    )
+                    .default_service(web::to(to_https));
+                let errors = errors.clone();
+                let http = HttpService::build()
+                    .client_request_timeout(handshake_timeout)
+                    .client_disconnect_timeout(Duration::from_secs(1))
+                    .finish(map_config(app.into_factory(), |_| AppConfig::default()))
+                    .map_err(move |e| {
+                        errors.with_label_values(&[connection_error_kind(&e)]).inc();
+                        e
+                    });
+                fn_service(move |io: TcpStream| accept(Front::Plain, io, handshake_timeout))
                     .and_then(http)
             })?;
         }
@@ -923,6 +1116,16 @@ impl Application {
         .listen(admin_listener)?
         .run();
 
+        let https = tls.is_some();
+        if let Some(tls) = tls {
+            background(
+                &state,
+                tls.reload_loop(
+                    Duration::from_secs(state.settings.tls.reload_interval_secs),
+                    state.metrics.clone(),
+                ),
+            );
+        }
         background(&state, maintenance_loop(state.clone()));
         background(&state, storage_loop(state.clone()));
         background(
@@ -967,12 +1170,15 @@ impl Application {
             port,
             admin_port,
             backend = state.store.backend(),
+            https,
             onion_port,
+            redirect_port,
             "nanochat listening"
         );
         Ok(Application {
             port,
             admin_port,
+            redirect_port,
             state,
             public,
             admin,
@@ -987,6 +1193,11 @@ impl Application {
     /// Port of the admin listener.
     pub fn admin_port(&self) -> u16 {
         self.admin_port
+    }
+
+    /// Port of the redirect listener (`tls.redirect_listen`), if configured.
+    pub fn redirect_port(&self) -> Option<u16> {
+        self.redirect_port
     }
 
     /// Port of the onion listener, if configured.

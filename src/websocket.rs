@@ -17,9 +17,13 @@ use actix_codec::Decoder;
 use actix_http::ws::{Codec, Frame, Item, ProtocolError};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
-use tokio::io::{AsyncRead, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::tls::Conn;
+
+type TlsStream = Box<tokio_rustls::server::TlsStream<TcpStream>>;
 
 /// Bytes asked of the kernel per read. They land in a buffer on the stack, and only what
 /// arrived is copied to the heap, so a socket holds no read buffer between messages and a
@@ -59,11 +63,22 @@ pub enum ReadError {
 
 /// Split an upgraded connection into its reading and writing halves. `early` holds whatever
 /// the client sent after its handshake request and the dispatcher already read.
-pub fn split(io: TcpStream, early: BytesMut, max_message: usize) -> (Reader, Writer) {
+pub fn split(io: Conn, early: BytesMut, max_message: usize) -> (Reader, Writer) {
     // Frames are written whole, and several at once when they queue up; waiting to fill a
     // packet (Nagle) would only delay them.
-    let _ = io.set_nodelay(true);
-    let (read, write) = io.into_split();
+    let (read, write) = match io {
+        Conn::Plain(io) => {
+            let _ = io.set_nodelay(true);
+            let (read, write) = io.into_split();
+            (ReadHalf::Plain(read), WriteHalf::Plain(write))
+        }
+        Conn::Tls(io) => {
+            let _ = io.get_ref().0.set_nodelay(true);
+            // TLS has one state for both directions: its halves share it behind a lock.
+            let (read, write) = tokio::io::split(io);
+            (ReadHalf::Tls(read), WriteHalf::Tls(write))
+        }
+    };
     (
         Reader {
             io: read,
@@ -80,9 +95,55 @@ pub fn split(io: TcpStream, early: BytesMut, max_message: usize) -> (Reader, Wri
     )
 }
 
+enum ReadHalf {
+    Plain(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream>),
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            ReadHalf::Tls(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+enum WriteHalf {
+    Plain(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream>),
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Plain(io) => Pin::new(io).poll_write(cx, b),
+            WriteHalf::Tls(io) => Pin::new(io).poll_write(cx, b),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(io) => Pin::new(io).poll_flush(cx),
+            WriteHalf::Tls(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            WriteHalf::Tls(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
 /// The reading half: frames in, messages out.
 pub struct Reader {
-    io: OwnedReadHalf,
+    io: ReadHalf,
     buf: BytesMut,
     codec: Codec,
     /// A message arriving in continuations: whether it is text, its bytes so far, and in how
@@ -233,7 +294,7 @@ fn put_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
 /// The writing half. Frames are queued with [`Writer::queue_text`] and written together by
 /// [`Writer::flush`]; the other methods write at once.
 pub struct Writer {
-    io: OwnedWriteHalf,
+    io: WriteHalf,
     /// Frames waiting for `flush`.
     out: Vec<u8>,
     /// A write was abandoned part-way (its future dropped): the stream is cut mid-frame, so
@@ -259,6 +320,8 @@ impl Writer {
         let out = std::mem::take(&mut self.out);
         self.broken = true;
         self.io.write_all(&out).await?;
+        // TLS may keep the tail of what it encrypted until asked (TCP's flush is free).
+        self.io.flush().await?;
         self.broken = false;
         Ok(())
     }
@@ -302,7 +365,7 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let (reader, writer) = split(server, BytesMut::new(), max_message);
+        let (reader, writer) = split(Conn::Plain(server), BytesMut::new(), max_message);
         (reader, writer, client)
     }
 

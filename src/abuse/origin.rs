@@ -50,7 +50,7 @@ impl Origin {
 /// Split `host[:port]` (a `Host` header, or an origin after its scheme): the host lowercased
 /// (an IPv6 address keeps its brackets) and the port if one is given. `None` for anything
 /// else: a path, a user, spaces, an empty host, a port that is not a number from 1 to 65535.
-fn split_authority(s: &str) -> Option<(String, Option<u16>)> {
+pub(crate) fn split_authority(s: &str) -> Option<(String, Option<u16>)> {
     let (host, port) = match s.strip_prefix('[') {
         Some(rest) => {
             let (inner, after) = rest.split_once(']')?;

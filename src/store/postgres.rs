@@ -302,9 +302,24 @@ pub fn partition_day(name: &str) -> Option<i64> {
     let y: i64 = digits[..4].parse().ok()?;
     let m: u32 = digits[4..6].parse().ok()?;
     let d: u32 = digits[6..].parse().ok()?;
-    // Invert civil_from_days by searching near the estimate; names are always ours.
-    let estimate = (y - 1970) * 365 + (y - 1969) / 4 + i64::from(m - 1) * 30 + i64::from(d) - 1;
-    (estimate - 40..estimate + 40).find(|&day| civil_from_days(day) == (y, m, d))
+    days_from_civil(y, m, d)
+}
+
+/// The day number since 1970-01-01 of a civil date; `None` for a date that does not exist
+/// (month 13, February 30).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> Option<i64> {
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Years counted from March, so that the leap day ends the year.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let doy = (153 * i64::from((m + 9) % 12) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let day = era * 146_097 + doe - 719_468;
+    // Day 31 of a 30-day month would land on the next month's first.
+    (civil_from_days(day).2 == d).then_some(day)
 }
 
 /// Rows of `(room_id, seq, created_at, epoch, iv, ct)`, as [`READ_RANGES`] and [`READ_AFTER`]
@@ -1418,6 +1433,16 @@ mod tests {
             assert_eq!(partition_day(&partition_name(day)), Some(day), "day {day}");
         }
         assert_eq!(partition_day("messages_default"), None);
+        assert_eq!(partition_day("messages_p20250230"), None);
+        assert_eq!(partition_day("messages_p20251131"), None);
+        assert_eq!(days_from_civil(2000, 2, 29), Some(11_016));
+        assert_eq!(days_from_civil(2001, 2, 29), None);
+        assert_eq!(days_from_civil(1969, 12, 31), Some(-1));
+        assert_eq!(days_from_civil(2026, 13, 1), None);
+        for day in (-800_000..800_000).step_by(997) {
+            let (y, m, d) = civil_from_days(day);
+            assert_eq!(days_from_civil(y, m, d), Some(day));
+        }
         assert_eq!(crate::crypto::epoch_of(20_417 * EPOCH_MS), 20_417);
     }
 

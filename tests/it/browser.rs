@@ -2188,6 +2188,31 @@ async fn two_people_chat_through_the_shipped_nginx_configuration() {
     assert_eq!(app.refused("client_requests"), 0);
 }
 
+/// An instance with no proxy in front: the server's own HTTPS (`[tls]`). A visitor who types
+/// the http:// address lands on https:// through the redirect listener, and two people chat.
+#[actix_web::test]
+async fn two_people_chat_over_the_servers_own_https() {
+    let ca = crate::tls::TestCa::new();
+    let app = crate::tls::spawn_tls_app(Backend::Sqlite, &ca.issue((2030, 6, 15)), |s| {
+        s.tls.redirect_listen = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let browser = Browser::launch_with(&["--ignore-certificate-errors"]).await;
+    let typed = format!("http://127.0.0.1:{}/", app.redirect_port.unwrap());
+    let alice = browser.new_page(&typed).await;
+    set_nick(&alice, "alice").await;
+    let link = create_room(&alice).await;
+    let https = format!("https://127.0.0.1:{}/#", app.port);
+    assert!(link.starts_with(&https), "{link}");
+    let bob = browser.new_page(&link).await;
+    set_nick(&bob, "bob").await;
+    wait_online(&bob).await;
+    say(&alice, "no proxy needed").await;
+    wait_for_text(&bob, "no proxy needed").await;
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("nanochat_connections_open 2"), "{metrics}");
+}
+
 /// The accessibility problems axe-core (run inside the page) finds there: `id (impact): nodes`.
 async fn accessibility_violations(page: &Page<'_>) -> Vec<String> {
     let path = concat!(

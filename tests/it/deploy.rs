@@ -232,8 +232,10 @@ async fn storage_size_and_the_sqlite_data_volume_are_exported() {
 async fn dashboards_and_alerts_cover_exactly_the_exported_metrics() {
     // Postgres exports what only it has (pool, partitions); SQLite its filter and volume.
     let body = scrape_after_traffic().await;
-    let sqlite = spawn_app(Backend::Sqlite).await;
-    let (mut alice, keys) = sqlite.room_creator().await;
+    // With its own HTTPS, so that the certificate's metrics are exported too.
+    let ca = crate::tls::TestCa::new();
+    let sqlite = crate::tls::spawn_tls_app(Backend::Sqlite, &ca.issue((2030, 6, 15)), |_| {}).await;
+    let (mut alice, keys) = crate::tls::tls_room_creator(&sqlite, &ca).await;
     send_acked(&mut alice, &mut RoomSession::new(keys), 0).await;
     let body = body + &sqlite.metrics().await;
     let exported = metric_names(&body);
@@ -457,6 +459,35 @@ fn kubernetes_and_systemd_files_are_well_formed_and_hardened() {
     ] {
         assert!(unit.contains(directive), "{directive}");
     }
+    // The HTTPS drop-in: one capability, to bind 443 and 80, and settings the server takes.
+    let https = std::fs::read_to_string(root().join("deploy/systemd/nanochat-https.conf")).unwrap();
+    assert!(https.contains("\nCapabilityBoundingSet=CAP_NET_BIND_SERVICE\n"));
+    assert!(https.contains("\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n"));
+    let env: Vec<(String, String)> = https
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .map(|kv| kv.replace("%d", "/run/credentials/nanochat.service"))
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_owned(), v.to_owned())
+        })
+        .collect();
+    let settings =
+        nanochat::config::Settings::load_from(None, env).expect("the drop-in's settings are valid");
+    assert_eq!(settings.server.listen, "[::]:443");
+    assert_eq!(settings.tls.redirect_listen.as_deref(), Some("[::]:80"));
+    for (key, credential) in [
+        (&settings.tls.cert, "fullchain.pem"),
+        (&settings.tls.key, "privkey.pem"),
+    ] {
+        let key = key.as_ref().expect("tls.cert and tls.key set");
+        assert!(key.ends_with(credential), "{}", key.display());
+        assert!(https.contains(&format!(
+            "\nLoadCredential={credential}:/etc/letsencrypt/live/"
+        )));
+    }
+    let webroot = settings.tls.acme_webroot.expect("tls.acme_webroot set");
+    assert!(https.contains(&format!("--webroot -w {}", webroot.display())));
     let nginx = std::fs::read_to_string(root().join("deploy/nginx/nanochat.conf")).unwrap();
     assert!(nginx.contains("proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"));
     assert!(nginx.contains("proxy_set_header Upgrade $http_upgrade;"));

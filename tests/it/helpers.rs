@@ -23,6 +23,8 @@ pub enum Backend {
 pub struct TestApp {
     pub port: u16,
     pub admin_port: u16,
+    /// The redirect listener's port (`tls.redirect_listen`), if one is configured.
+    pub redirect_port: Option<u16>,
     pub state: Arc<AppState>,
     pub settings: Settings,
     pub dir: tempfile::TempDir,
@@ -122,6 +124,7 @@ pub async fn start(settings: Settings, dir: tempfile::TempDir, db: Option<TestDb
     TestApp {
         port: app.port(),
         admin_port: app.admin_port(),
+        redirect_port: app.redirect_port(),
         state: app.state(),
         settings,
         dir,
@@ -233,9 +236,13 @@ pub async fn exchange(port: u16, bytes: &[u8]) -> (Vec<u8>, std::io::Result<usiz
 /// Send raw request bytes and read the whole response (the request should close the
 /// connection).
 pub async fn http_raw(port: u16, request: &str) -> HttpResponse {
-    // Status 0 if nothing came back.
     let (buf, _) = exchange(port, request.as_bytes()).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
+    parse_response(&buf)
+}
+
+/// A whole HTTP/1.1 response as it came off the wire (status 0 if nothing came back).
+pub fn parse_response(buf: &[u8]) -> HttpResponse {
+    let text = String::from_utf8_lossy(buf).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
     let status = lines

@@ -18,4 +18,5 @@ mod lifecycle;
 mod pg;
 mod security;
 mod store;
+mod tls;
 mod vectors;
