@@ -114,6 +114,23 @@ impl Client {
     /// Connect from a chosen local address (load generators spread sockets over 127.0.0.x so
     /// each looks like another client and ports do not run out).
     pub async fn connect_from(url: &str, local: std::net::IpAddr) -> Result<Client, ClientError> {
+        Self::connect_from_over(url, local, None).await
+    }
+
+    /// As [`Client::connect_from`], to a `wss://` URL, trusting what `tls` trusts.
+    pub async fn connect_tls_from(
+        url: &str,
+        local: std::net::IpAddr,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Client, ClientError> {
+        Self::connect_from_over(url, local, Some(tls)).await
+    }
+
+    async fn connect_from_over(
+        url: &str,
+        local: std::net::IpAddr,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Client, ClientError> {
         let request =
             tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?;
         let host = request
@@ -121,7 +138,10 @@ impl Client {
             .host()
             .unwrap_or("127.0.0.1")
             .trim_matches(['[', ']']);
-        let port = request.uri().port_u16().unwrap_or(80);
+        let port = request
+            .uri()
+            .port_u16()
+            .unwrap_or(if tls.is_some() { 443 } else { 80 });
         let remote: std::net::IpAddr = host
             .parse()
             .map_err(|_| ClientError::Protocol(format!("connect_from needs an IP host: {host}")))?;
@@ -138,7 +158,19 @@ impl Client {
             .connect((remote, port).into())
             .await
             .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
-        Self::over(request, stream).await
+        match tls {
+            None => Self::over(request, stream).await,
+            Some(tls) => {
+                let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
+                    request,
+                    stream,
+                    Some(ws_config()),
+                    Some(tokio_tungstenite::Connector::Rustls(tls)),
+                )
+                .await?;
+                Self::handshake(ws).await
+            }
+        }
     }
 
     /// Connect to an onion listener as Tor does for a visitor on circuit `circuit` with

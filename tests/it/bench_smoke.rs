@@ -349,7 +349,8 @@ async fn the_fanout_scenario_runs_on_two_nodes_over_postgres_with_two_senders_pe
 
 #[test]
 fn the_idle_memory_scenario_runs() {
-    for target in ["bare", "nanochat"] {
+    // NanoChat also with its own HTTPS: every socket through a TLS handshake.
+    for (target, tls) in [("bare", "0"), ("nanochat", "0"), ("nanochat", "1")] {
         let report = run(&[
             "idle",
             "--target",
@@ -360,17 +361,22 @@ fn the_idle_memory_scenario_runs() {
             "4",
             "--secs",
             "1",
+            "--tls",
+            tls,
         ]);
         assert_eq!(report["sockets"], 20, "{report}");
+        assert_eq!(report["tls"], tls == "1", "{report}");
         assert!(report["rss_after_bytes"].as_u64().unwrap() > 0, "{report}");
     }
 }
 
 #[test]
 fn the_storm_scenario_runs() {
-    for target in ["bare", "nanochat"] {
-        let report = run(&["storm", "--target", target, "--clients", "30"]);
+    // NanoChat also with its own HTTPS: a TLS handshake before each upgrade.
+    for (target, tls) in [("bare", "0"), ("nanochat", "0"), ("nanochat", "1")] {
+        let report = run(&["storm", "--target", target, "--clients", "30", "--tls", tls]);
         assert_eq!(report["clients"], 30, "{report}");
+        assert_eq!(report["tls"], tls == "1", "{report}");
         // Each client from its own address, within every default limit: all are let in.
         assert_eq!(
             report["answers"],
@@ -723,6 +729,10 @@ fn the_load_generator_refuses_runs_it_cannot_do() {
             "more than 1 is for fanout, sweep and soak with --target nanochat --postgres",
         ),
         (&["fanout", "--nodes", "0"][..], "--nodes is at least 1"),
+        (
+            &["idle", "--target", "bare", "--tls", "1"][..],
+            "--tls is for idle and storm with --target nanochat",
+        ),
         (
             &["soak", "--cut-listeners", "1"][..],
             "--cut-listeners is for fanout --target nanochat --postgres and soak --postgres",

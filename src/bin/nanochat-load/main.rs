@@ -69,6 +69,9 @@ struct Args {
     /// Abuse only: everyone connects to an onion listener, each as a Tor circuit of its own;
     /// `circuits`: with `server.onion_circuit_ids`, `shared`: without (one bucket for all).
     onion: Option<String>,
+    /// Idle and storm only: NanoChat serves HTTPS itself (`[tls]`, a certificate made by
+    /// `openssl` for the run) and every socket is `wss://`.
+    tls: bool,
 }
 
 /// What `--help` and a mistaken command line print.
@@ -79,8 +82,9 @@ usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in 
           [--room-senders 1] [--cut-listeners 0]
   sweep   --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 1000]
           [--secs 6] [--warmup 0] [--steps 12] [--refine 2] [--postgres URL] [--nodes 1]
-  idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5]
-  storm   --target nanochat|bare [--clients 40]   (all ask for a socket at the same instant)
+  idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5] [--tls 0|1]
+  storm   --target nanochat|bare [--clients 40] [--tls 0|1]
+          (all ask for a socket at the same instant)
   soak    [--secs 1800] [--clients 40] [--watchers 50] [--sample-secs 10]
           [--postgres URL [--nodes 1] [--cut-listeners 0]]
   expiry  --postgres URL [--rows 1000000] [--senders 16] [--rate 2000] [--secs 5]
@@ -123,6 +127,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         timeline: false,
         expired: false,
         onion: None,
+        tls: false,
     };
     fn num<T: std::str::FromStr>(k: &str, v: &str) -> Result<T, String> {
         v.parse()
@@ -152,6 +157,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--sample-secs" => a.sample_secs = num(&k, &v)?,
             "--timeline" => a.timeline = num::<u8>(&k, &v)? != 0,
             "--expired" => a.expired = num::<u8>(&k, &v)? != 0,
+            "--tls" => a.tls = num::<u8>(&k, &v)? != 0,
             "--onion" if ["circuits", "shared"].contains(&v.as_str()) => a.onion = Some(v),
             "--onion" => return Err(format!("--onion is circuits or shared, not {v:?}")),
             other => return Err(format!("unknown option {other}")),
@@ -411,6 +417,74 @@ async fn open(addr: &str, n: usize, keys: &RoomKeys, create: bool) -> Ws {
     enter(client, keys, create).await
 }
 
+/// As [`open`], over TLS (`wss://`), trusting what `tls` trusts.
+async fn open_tls(
+    addr: &str,
+    n: usize,
+    keys: &RoomKeys,
+    create: bool,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Ws {
+    let local = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (n % 250) as u8));
+    let client = Client::connect_tls_from(&format!("wss://{addr}/ws"), local, tls.clone())
+        .await
+        .expect("connect over TLS and read the hello");
+    enter(client, keys, create).await
+}
+
+/// A certificate for 127.0.0.1 made by `openssl` in `dir` (ECDSA P-256, as certbot makes them
+/// by default), for a run over TLS: the server's settings for it, and a client configuration
+/// that trusts it.
+fn run_certificate(
+    dir: &std::path::Path,
+) -> ([(&'static str, String); 2], Arc<rustls::ClientConfig>) {
+    use rustls::pki_types::pem::PemObject as _;
+    let (cert, key) = (dir.join("tls.pem"), dir.join("tls.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "90", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl makes the run's certificate (apt-get install -y openssl)");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(
+            rustls::pki_types::CertificateDer::from_pem_file(&cert).expect("the run's certificate"),
+        )
+        .expect("a usable certificate");
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    (
+        [
+            ("NANOCHAT__TLS__CERT", cert.display().to_string()),
+            ("NANOCHAT__TLS__KEY", key.display().to_string()),
+        ],
+        Arc::new(client),
+    )
+}
+
 /// As [`open`], through an onion listener as the Tor circuit `circuit`.
 async fn open_as_circuit(addr: &str, circuit: u32, keys: &RoomKeys, create: bool) -> Ws {
     let client = Client::connect_as_circuit(&format!("ws://{addr}/ws"), circuit)
@@ -504,6 +578,10 @@ async fn main() {
         );
         std::process::exit(2);
     }
+    if args.tls && (!["idle", "storm"].contains(&cmd.as_str()) || args.target != "nanochat") {
+        eprintln!("nanochat-load {cmd}: --tls is for idle and storm with --target nanochat");
+        std::process::exit(2);
+    }
     if args.yesterday > 0
         && (cmd != "publish" || args.target != "nanochat" || args.postgres.is_none())
     {
@@ -579,10 +657,16 @@ async fn run_scenario(cmd: &str, args: &Args) {
             ),
         ]
     });
+    let tls = args.tls.then(|| run_certificate(&dir));
+    let tls_env: Vec<(&str, &str)> = tls
+        .iter()
+        .flat_map(|(env, _)| env.iter().map(|(k, v)| (*k, v.as_str())))
+        .collect();
     let extra: &[(&str, &str)] = match (cmd, &onion) {
         ("soak", _) => &soak::SERVER_ENV,
         ("expiry", _) => &expiry::SERVER_ENV,
         ("abuse", Some(onion)) => onion,
+        ("idle" | "storm", _) => &tls_env,
         _ => &[],
     };
     if cmd == "publish" && !["nanochat", "bare"].contains(&args.target.as_str()) {
@@ -611,8 +695,8 @@ async fn run_scenario(cmd: &str, args: &Args) {
         "abuse" => abuse::run(args, single).await,
         "publish" => publish::over_sockets(args, single, rooms).await,
         "soak" => soak::run(args, &servers, &dir.join("node0")).await,
-        "idle" => idle(args, single).await,
-        "storm" => storm::run(args, single).await,
+        "idle" => idle(args, single, tls.clone().map(|(_, client)| client)).await,
+        "storm" => storm::run(args, single, tls.map(|(_, client)| client)).await,
         _ => println!("{}", fanout(args, servers).await),
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -1159,8 +1243,17 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
 
 /// Idle memory: open rooms x members joined sockets, let them sit, and compare the server's
 /// resident memory with what it used after one warm-up room.
-async fn idle(args: &Args, server: &Server) {
+async fn idle(args: &Args, server: &Server, tls: Option<Arc<rustls::ClientConfig>>) {
     let pid = server.child.id();
+    let open = |n, keys: &RoomKeys, create| {
+        let (tls, keys) = (tls.clone(), keys.clone());
+        async move {
+            match &tls {
+                Some(tls) => open_tls(&server.addr, n, &keys, create, tls).await,
+                None => open(&server.addr, n, &keys, create).await,
+            }
+        }
+    };
     let mut sockets = Vec::new();
     // Warm up: one room, so allocator arenas, thread stacks and caches exist before measuring.
     let mut n = 0;
@@ -1171,7 +1264,7 @@ async fn idle(args: &Args, server: &Server) {
     };
     let warm = room_keys();
     for m in 0..args.members {
-        let ws = open(&server.addr, n, &warm, m == 0).await;
+        let ws = open(n, &warm, m == 0).await;
         n += 1;
         sockets.push(ws);
     }
@@ -1181,7 +1274,7 @@ async fn idle(args: &Args, server: &Server) {
     for _ in 0..args.rooms {
         let keys = room_keys();
         for m in 0..args.members {
-            let ws = open(&server.addr, n, &keys, m == 0).await;
+            let ws = open(n, &keys, m == 0).await;
             n += 1;
             sockets.push(ws);
         }
@@ -1192,6 +1285,7 @@ async fn idle(args: &Args, server: &Server) {
     let report = serde_json::json!({
         "scenario": "idle",
         "target": args.target,
+        "tls": args.tls,
         "rooms": args.rooms,
         "members": args.members,
         "sockets": opened,
@@ -1265,6 +1359,8 @@ mod tests {
             parse("--onion yes").err().unwrap(),
             "--onion is circuits or shared, not \"yes\""
         );
+        assert!(parse("--tls 1").unwrap().tls);
+        assert!(!parse("").unwrap().tls);
     }
 
     /// The reading counts user time: spinning in user space must move it.
