@@ -13,7 +13,7 @@ usage: nanochat [--config PATH] [COMMAND]
 commands:
   serve          run the server (default)
   migrate        apply database migrations and exit
-  config check   validate the configuration and exit
+  config check   validate the configuration (and load tls.cert and tls.key) and exit
   backup DIR     copy the SQLite database (consistent, also while the server runs) and the
                  server secret into the new directory DIR; restore by putting both into
                  server.data_dir while no server runs there
@@ -144,6 +144,21 @@ fn main() -> ExitCode {
     };
     match command {
         Command::ConfigCheck => {
+            // The certificate pair too: a server would not start without a usable one.
+            if let (Some(cert), Some(key)) = (&settings.tls.cert, &settings.tls.key) {
+                match nanochat::tls::load(cert, key) {
+                    Ok(loaded) => {
+                        let day = loaded.not_after.div_euclid(86_400);
+                        let (y, m, d) = nanochat::store::postgres::civil_from_days(day);
+                        let left = day - nanochat::store::now_ms().div_euclid(86_400_000);
+                        println!("TLS certificate valid until {y:04}-{m:02}-{d:02} ({left} days)");
+                    }
+                    Err(e) => {
+                        eprintln!("nanochat: tls.cert, tls.key: {e:#}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             println!("configuration is valid");
             return ExitCode::SUCCESS;
         }

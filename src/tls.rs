@@ -7,6 +7,9 @@
 //! logged and counted, and the one already loaded goes on being served. The certificate's
 //! expiry is exported so an alert can say when renewals stopped working.
 //!
+//! There is no session resumption: a resumed session would link a browser's connections
+//! across addresses and rooms (see [`Tls::new`]).
+//!
 //! Connections are [`Conn`]s for the HTTP layer either way; the WebSocket code reads and
 //! writes a TLS connection's two halves through [`tokio::io::split`] (see
 //! [`crate::websocket::split`]).
@@ -204,6 +207,11 @@ impl Tls {
             .with_no_client_auth()
             .with_cert_resolver(certificates.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // No session resumption: a session id or ticket would let the server tell that two
+        // connections, from different addresses or to different rooms, come from one browser.
+        // Every handshake is a full one (about 170 µs of CPU here, benches/README.md).
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(Tls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             certificates,

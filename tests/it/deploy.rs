@@ -491,6 +491,9 @@ fn kubernetes_and_systemd_files_are_well_formed_and_hardened() {
     let nginx = std::fs::read_to_string(root().join("deploy/nginx/nanochat.conf")).unwrap();
     assert!(nginx.contains("proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"));
     assert!(nginx.contains("proxy_set_header Upgrade $http_upgrade;"));
+    // No TLS session resumption, which would link a browser's connections.
+    assert!(nginx.contains("\n    ssl_session_tickets off;\n"));
+    assert!(!nginx.contains("ssl_session_cache"));
     // The origin check compares the page with the host the browser asked for.
     let ws_block = nginx.split("location = /ws").nth(1).expect("a /ws block");
     assert!(ws_block.contains("proxy_set_header Host $host;"));

@@ -250,6 +250,42 @@ async fn an_instance_serves_its_pages_and_sockets_over_https_itself() {
     assert!(!metrics.contains("kind=\"tls\""), "{metrics}");
 }
 
+/// Whether a browser's connection resumes an earlier one's TLS session: never, since that
+/// would let the server link a visitor's connections across addresses and rooms.
+#[actix_web::test]
+async fn no_tls_session_is_ever_resumed() {
+    let ca = TestCa::new();
+    let app = spawn_tls_app(Backend::Sqlite, &ca.issue((2030, 6, 15)), |_| {}).await;
+    // One client configuration keeps its sessions and tickets, as a browser does.
+    let client = ca.client();
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
+            .await
+            .unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(client.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        // Reading the answer also takes in any ticket the server sends after its handshake.
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        assert_eq!(parse_response(&answer).status, 200);
+        kinds.push(stream.get_ref().1.handshake_kind());
+    }
+    assert!(
+        kinds
+            .iter()
+            .all(|k| *k == Some(rustls::HandshakeKind::Full)),
+        "{kinds:?}"
+    );
+}
+
 /// A handshake costs the server a signature: each counts as one of the client's requests, and
 /// past the limit the connection is closed before any.
 #[actix_web::test]
@@ -387,6 +423,46 @@ async fn the_redirect_listener_sends_visitors_to_https_and_serves_certbots_chall
         statuses.push(get("/", "chat.example.org").await.status);
     }
     assert_eq!(statuses, [301, 301, 301, 429]);
+}
+
+/// `config check` loads the pair as the server would, and says how long it is valid.
+#[test]
+fn config_check_loads_the_certificate_pair() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = tls_files(dir.path());
+    let (one, other) = (ca.issue((2030, 6, 15)), ca.issue((2030, 6, 15)));
+    std::fs::write(&cert, &one.cert_pem).unwrap();
+    std::fs::write(&key, &other.key_pem).unwrap();
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nanochat"))
+            .args(["config", "check"])
+            .env_remove("NANOCHAT_CONFIG")
+            .env("NANOCHAT__TLS__CERT", &cert)
+            .env("NANOCHAT__TLS__KEY", &key)
+            .output()
+            .unwrap()
+    };
+    let bad = check();
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("tls.key") && stderr.contains("usable pair"),
+        "{stderr}"
+    );
+    std::fs::write(&key, &one.key_pem).unwrap();
+    let good = check();
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert!(
+        stdout.contains("TLS certificate valid until 2030-06-15 ("),
+        "{stdout}"
+    );
+    assert!(stdout.contains("configuration is valid"), "{stdout}");
 }
 
 #[actix_web::test]
