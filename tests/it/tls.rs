@@ -242,6 +242,10 @@ async fn an_instance_serves_its_pages_and_sockets_over_https_itself() {
     assert_eq!(metric_value(&metrics, TLS_ERRORS), 2);
     assert_eq!(metric_value(&metrics, EXPIRY), expiry_of(&issued.der));
     assert_eq!(metric_value(&metrics, "nanochat_connections_open"), 2);
+    // A graceful shutdown reaches TLS sockets too: close 1012, "reconnect".
+    app.state.begin_shutdown();
+    crate::api::expect_close(&mut alice, 1012).await;
+    crate::api::expect_close(&mut bob, 1012).await;
 
     // A server without [tls] exports none of this.
     let plain_app = spawn_app(Backend::Sqlite).await;
@@ -357,6 +361,31 @@ async fn a_renewed_certificate_is_served_from_the_next_connection_and_a_broken_o
     std::fs::remove_file(&key_path).unwrap();
     wait_metric(&app, "nanochat_tls_reloads_total{result=\"failed\"}", 2).await;
     assert_eq!(https_get(app.port, ca.client(), "/").await.1, second.der);
+
+    // Renewed as Kubernetes updates a mounted Secret: the names are links through `..data`,
+    // and a renewal writes a new directory and swaps that one link.
+    let version = |name: &str, issued: &Issued| {
+        let d = dir.join(name);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("tls.pem"), &issued.cert_pem).unwrap();
+        std::fs::write(d.join("tls.key"), &issued.key_pem).unwrap();
+    };
+    version("..v3", &second);
+    std::os::unix::fs::symlink("..v3", dir.join("..data")).unwrap();
+    std::fs::remove_file(&cert_path).unwrap();
+    std::os::unix::fs::symlink("..data/tls.pem", &cert_path).unwrap();
+    std::os::unix::fs::symlink("..data/tls.key", &key_path).unwrap();
+    wait_metric(&app, "nanochat_tls_reloads_total{result=\"loaded\"}", 2).await;
+    let third = ca.issue((2031, 6, 1));
+    version("..v4", &third);
+    std::os::unix::fs::symlink("..v4", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    wait_metric(&app, "nanochat_tls_reloads_total{result=\"loaded\"}", 3).await;
+    assert_eq!(https_get(app.port, ca.client(), "/").await.1, third.der);
+    assert_eq!(
+        metric_value(&app.metrics().await, EXPIRY),
+        expiry_of(&third.der)
+    );
 }
 
 #[actix_web::test]
