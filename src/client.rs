@@ -101,10 +101,12 @@ impl Client {
         url: &str,
         tls: Arc<rustls::ClientConfig>,
     ) -> Result<Client, ClientError> {
+        // No Nagle, as browsers do: TLS writes its last handshake message and the request
+        // separately, and the second would wait for the server's delayed ACK (40 ms).
         let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
             url,
             Some(ws_config()),
-            false,
+            true,
             Some(tokio_tungstenite::Connector::Rustls(tls)),
         )
         .await?;
@@ -161,6 +163,8 @@ impl Client {
         match tls {
             None => Self::over(request, stream).await,
             Some(tls) => {
+                // As in `connect_tls`.
+                let _ = stream.set_nodelay(true);
                 let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
                     request,
                     stream,

@@ -24,6 +24,7 @@ use actix_web::{App, HttpMessage as _, HttpRequest, HttpResponse, HttpServer, we
 use anyhow::Context as _;
 use futures_util::SinkExt as _;
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 use crate::abuse::circuit;
 use crate::abuse::client_ip::ClientIdentity;
@@ -334,7 +335,7 @@ async fn accept(
     let lines = match front {
         Front::Plain => {
             let peer = io.peer_addr().ok();
-            return Ok((Conn::Plain(io), Protocol::Http1, peer));
+            return Ok((Either::Left(io), Protocol::Http1, peer));
         }
         Front::Tls(https) => {
             let peer = io.peer_addr().ok();
@@ -347,6 +348,9 @@ async fn accept(
                     ));
                 }
             }
+            // Nothing waits to fill a packet: TLS writes a handshake flight and then records
+            // that must not wait for the peer's delayed ACK.
+            let _ = io.set_nodelay(true);
             // Boxed: inline, the handshake's state would be part of every connection's task
             // for the connection's whole life (1.6 KB more per idle socket, plain ones too).
             let handshake = Box::pin(tokio::time::timeout(within, https.acceptor.accept(io)));
@@ -361,12 +365,12 @@ async fn accept(
                     return Err(DispatchError::Io(std::io::ErrorKind::TimedOut.into()));
                 }
             };
-            return Ok((Conn::Tls(Box::new(tls)), Protocol::Http1, peer));
+            return Ok((Either::Right(Box::new(tls)), Protocol::Http1, peer));
         }
         Front::Circuits(lines) => lines,
     };
     match circuit::read(&mut io, within).await {
-        Ok(peer) => Ok((Conn::Plain(io), Protocol::Http1, Some(peer))),
+        Ok(peer) => Ok((Either::Left(io), Protocol::Http1, Some(peer))),
         Err(e) => {
             lines.refused.inc();
             let now = now_ms().max(1) as u64;

@@ -17,9 +17,10 @@ use actix_codec::Decoder;
 use actix_http::ws::{Codec, Frame, Item, ProtocolError};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::either::Either;
 
 use crate::tls::Conn;
 
@@ -66,17 +67,17 @@ pub enum ReadError {
 pub fn split(io: Conn, early: BytesMut, max_message: usize) -> (Reader, Writer) {
     // Frames are written whole, and several at once when they queue up; waiting to fill a
     // packet (Nagle) would only delay them.
-    let (read, write) = match io {
-        Conn::Plain(io) => {
-            let _ = io.set_nodelay(true);
-            let (read, write) = io.into_split();
-            (ReadHalf::Plain(read), WriteHalf::Plain(write))
+    let (read, write): (ReadHalf, WriteHalf) = match io {
+        Either::Left(tcp) => {
+            let _ = tcp.set_nodelay(true);
+            let (read, write) = tcp.into_split();
+            (Either::Left(read), Either::Left(write))
         }
-        Conn::Tls(io) => {
-            let _ = io.get_ref().0.set_nodelay(true);
+        Either::Right(tls) => {
+            let _ = tls.get_ref().0.set_nodelay(true);
             // TLS has one state for both directions: its halves share it behind a lock.
-            let (read, write) = tokio::io::split(io);
-            (ReadHalf::Tls(read), WriteHalf::Tls(write))
+            let (read, write) = tokio::io::split(tls);
+            (Either::Right(read), Either::Right(write))
         }
     };
     (
@@ -95,51 +96,11 @@ pub fn split(io: Conn, early: BytesMut, max_message: usize) -> (Reader, Writer) 
     )
 }
 
-enum ReadHalf {
-    Plain(OwnedReadHalf),
-    Tls(tokio::io::ReadHalf<TlsStream>),
-}
+/// The reading side of a plain (`Left`) or TLS (`Right`) connection.
+type ReadHalf = Either<OwnedReadHalf, tokio::io::ReadHalf<TlsStream>>;
 
-impl AsyncRead for ReadHalf {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ReadHalf::Plain(io) => Pin::new(io).poll_read(cx, buf),
-            ReadHalf::Tls(io) => Pin::new(io).poll_read(cx, buf),
-        }
-    }
-}
-
-enum WriteHalf {
-    Plain(OwnedWriteHalf),
-    Tls(tokio::io::WriteHalf<TlsStream>),
-}
-
-impl AsyncWrite for WriteHalf {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteHalf::Plain(io) => Pin::new(io).poll_write(cx, b),
-            WriteHalf::Tls(io) => Pin::new(io).poll_write(cx, b),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteHalf::Plain(io) => Pin::new(io).poll_flush(cx),
-            WriteHalf::Tls(io) => Pin::new(io).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteHalf::Plain(io) => Pin::new(io).poll_shutdown(cx),
-            WriteHalf::Tls(io) => Pin::new(io).poll_shutdown(cx),
-        }
-    }
-}
+/// The writing side of a plain (`Left`) or TLS (`Right`) connection.
+type WriteHalf = Either<OwnedWriteHalf, tokio::io::WriteHalf<TlsStream>>;
 
 /// The reading half: frames in, messages out.
 pub struct Reader {
@@ -365,7 +326,7 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let (reader, writer) = split(Conn::Plain(server), BytesMut::new(), max_message);
+        let (reader, writer) = split(Either::Left(server), BytesMut::new(), max_message);
         (reader, writer, client)
     }
 

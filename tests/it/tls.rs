@@ -120,19 +120,27 @@ async fn https_get(
         .expect("a TLS handshake with a certificate the test's authority issued")
 }
 
+/// A TLS connection to the server on `port` as 127.0.0.1, trusting `tls`.
+async fn tls_connect(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+}
+
 /// [`https_get`], or the error of a handshake that did not happen.
 async fn try_https_get(
     port: u16,
     tls: Arc<rustls::ClientConfig>,
     path: &str,
 ) -> std::io::Result<(HttpResponse, CertificateDer<'static>)> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let name = ServerName::try_from("127.0.0.1").unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await?;
+    let mut stream = tls_connect(port, tls).await?;
     let presented = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
     stream
         .write_all(
@@ -264,14 +272,7 @@ async fn no_tls_session_is_ever_resumed() {
     let client = ca.client();
     let mut kinds = Vec::new();
     for _ in 0..3 {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
-            .await
-            .unwrap();
-        let name = ServerName::try_from("127.0.0.1").unwrap();
-        let mut stream = tokio_rustls::TlsConnector::from(client.clone())
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let mut stream = tls_connect(app.port, client.clone()).await.unwrap();
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             .await

@@ -40,6 +40,9 @@ async fn upgrade(
     let mut stream: Box<dyn Stream> = match tls {
         None => Box::new(tcp),
         Some(tls) => {
+            // No Nagle, as browsers do: TLS writes its last handshake message and the request
+            // separately, and the second would wait for the server's delayed ACK.
+            tcp.set_nodelay(true)?;
             let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
             Box::new(
                 tokio_rustls::TlsConnector::from(tls)
