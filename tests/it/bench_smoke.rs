@@ -71,6 +71,10 @@ fn the_fanout_scenario_runs_against_every_baseline_and_nanochat() {
     assert_complete(&node);
     let ours = run(&[&["fanout", "--target", "nanochat"][..], &TINY].concat());
     assert_complete(&ours);
+    // And over NanoChat's own HTTPS.
+    let tls = run(&[&["fanout", "--target", "nanochat", "--tls", "1"][..], &TINY].concat());
+    assert_complete(&tls);
+    assert_eq!((&ours["tls"], &tls["tls"]), (&false.into(), &true.into()));
     assert!(ours["server_cpu_s"].as_f64().is_some());
     // How much of the run the VM's host took away, for reading noisy results.
     for report in [&bare, &nodelay, &node, &ours] {
@@ -731,7 +735,7 @@ fn the_load_generator_refuses_runs_it_cannot_do() {
         (&["fanout", "--nodes", "0"][..], "--nodes is at least 1"),
         (
             &["idle", "--target", "bare", "--tls", "1"][..],
-            "--tls is for idle and storm with --target nanochat",
+            "--tls is for idle, storm and fanout with --target nanochat",
         ),
         (
             &["soak", "--cut-listeners", "1"][..],

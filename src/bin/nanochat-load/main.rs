@@ -69,8 +69,8 @@ struct Args {
     /// Abuse only: everyone connects to an onion listener, each as a Tor circuit of its own;
     /// `circuits`: with `server.onion_circuit_ids`, `shared`: without (one bucket for all).
     onion: Option<String>,
-    /// Idle and storm only: NanoChat serves HTTPS itself (`[tls]`, a certificate made by
-    /// `openssl` for the run) and every socket is `wss://`.
+    /// Idle, storm and fanout only: NanoChat serves HTTPS itself (`[tls]`, a certificate made
+    /// by `openssl` for the run) and every socket is `wss://`.
     tls: bool,
 }
 
@@ -79,7 +79,7 @@ const USAGE: &str = "\
 usage: nanochat-load SCENARIO [--option value ...]   (loopback only, bounded in time)
   fanout  --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 2000]
           [--secs 10] [--warmup 0] [--postgres URL] [--nodes 1] [--timeline 0|1]
-          [--room-senders 1] [--cut-listeners 0]
+          [--room-senders 1] [--cut-listeners 0] [--tls 0|1]
   sweep   --target nanochat|bare|bare-nodelay|node [--rooms 100] [--members 10] [--rate 1000]
           [--secs 6] [--warmup 0] [--steps 12] [--refine 2] [--postgres URL] [--nodes 1]
   idle    --target nanochat|bare [--rooms 1000] [--members 10] [--secs 5] [--tls 0|1]
@@ -406,29 +406,31 @@ fn spawn_baseline(mut cmd: Command, what: &str) -> Server {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// The run's TLS client configuration when NanoChat serves HTTPS itself (`--tls 1`): set once
+/// before the server starts, and every socket [`open`] makes is then `wss://`.
+static TLS: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+
 /// A socket in a room, opened through the crate's client from 127.0.0.2–251 (by `n`, so no
-/// single source address runs out of ports): the handshake, then `create` (solving proof of
-/// work if asked) or `join` with the proof for this socket's challenge.
+/// single source address runs out of ports): the handshake (over TLS in a `--tls` run), then
+/// `create` (solving proof of work if asked) or `join` with the proof for this socket's
+/// challenge.
 async fn open(addr: &str, n: usize, keys: &RoomKeys, create: bool) -> Ws {
     let local = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (n % 250) as u8));
-    let client = Client::connect_from(&format!("ws://{addr}/ws"), local)
-        .await
-        .expect("connect and read the hello");
+    let client = match TLS.get() {
+        Some(tls) => {
+            Client::connect_tls_from(&format!("wss://{addr}/ws"), local, tls.clone()).await
+        }
+        None => Client::connect_from(&format!("ws://{addr}/ws"), local).await,
+    }
+    .expect("connect and read the hello");
     enter(client, keys, create).await
 }
 
-/// As [`open`], over TLS (`wss://`), trusting what `tls` trusts.
-async fn open_tls(
-    addr: &str,
-    n: usize,
-    keys: &RoomKeys,
-    create: bool,
-    tls: &Arc<rustls::ClientConfig>,
-) -> Ws {
-    let local = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (n % 250) as u8));
-    let client = Client::connect_tls_from(&format!("wss://{addr}/ws"), local, tls.clone())
+/// As [`open`], through an onion listener as the Tor circuit `circuit`.
+async fn open_as_circuit(addr: &str, circuit: u32, keys: &RoomKeys, create: bool) -> Ws {
+    let client = Client::connect_as_circuit(&format!("ws://{addr}/ws"), circuit)
         .await
-        .expect("connect over TLS and read the hello");
+        .expect("connect and read the hello");
     enter(client, keys, create).await
 }
 
@@ -483,14 +485,6 @@ fn run_certificate(
         ],
         Arc::new(client),
     )
-}
-
-/// As [`open`], through an onion listener as the Tor circuit `circuit`.
-async fn open_as_circuit(addr: &str, circuit: u32, keys: &RoomKeys, create: bool) -> Ws {
-    let client = Client::connect_as_circuit(&format!("ws://{addr}/ws"), circuit)
-        .await
-        .expect("connect and read the hello");
-    enter(client, keys, create).await
 }
 
 /// Create or join the room of `keys`; the socket.
@@ -578,8 +572,12 @@ async fn main() {
         );
         std::process::exit(2);
     }
-    if args.tls && (!["idle", "storm"].contains(&cmd.as_str()) || args.target != "nanochat") {
-        eprintln!("nanochat-load {cmd}: --tls is for idle and storm with --target nanochat");
+    if args.tls
+        && (!["idle", "storm", "fanout"].contains(&cmd.as_str()) || args.target != "nanochat")
+    {
+        eprintln!(
+            "nanochat-load {cmd}: --tls is for idle, storm and fanout with --target nanochat"
+        );
         std::process::exit(2);
     }
     if args.yesterday > 0
@@ -657,16 +655,20 @@ async fn run_scenario(cmd: &str, args: &Args) {
             ),
         ]
     });
-    let tls = args.tls.then(|| run_certificate(&dir));
-    let tls_env: Vec<(&str, &str)> = tls
-        .iter()
-        .flat_map(|(env, _)| env.iter().map(|(k, v)| (*k, v.as_str())))
-        .collect();
+    let tls_env = match args.tls {
+        true => {
+            let (env, client) = run_certificate(&dir);
+            let _ = TLS.set(client);
+            env.to_vec()
+        }
+        false => Vec::new(),
+    };
+    let tls_env: Vec<(&str, &str)> = tls_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let extra: &[(&str, &str)] = match (cmd, &onion) {
         ("soak", _) => &soak::SERVER_ENV,
         ("expiry", _) => &expiry::SERVER_ENV,
         ("abuse", Some(onion)) => onion,
-        ("idle" | "storm", _) => &tls_env,
+        ("idle" | "storm" | "fanout", _) => &tls_env,
         _ => &[],
     };
     if cmd == "publish" && !["nanochat", "bare"].contains(&args.target.as_str()) {
@@ -695,8 +697,8 @@ async fn run_scenario(cmd: &str, args: &Args) {
         "abuse" => abuse::run(args, single).await,
         "publish" => publish::over_sockets(args, single, rooms).await,
         "soak" => soak::run(args, &servers, &dir.join("node0")).await,
-        "idle" => idle(args, single, tls.clone().map(|(_, client)| client)).await,
-        "storm" => storm::run(args, single, tls.map(|(_, client)| client)).await,
+        "idle" => idle(args, single).await,
+        "storm" => storm::run(args, single, TLS.get().cloned()).await,
         _ => println!("{}", fanout(args, servers).await),
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -1208,6 +1210,7 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
     let mut report = serde_json::json!({
         "scenario": "fanout",
         "target": args.target,
+        "tls": args.tls,
         "nodes": args.nodes,
         "backend": if args.postgres.is_some() { "postgres" } else { "sqlite" },
         "rooms": args.rooms,
@@ -1243,17 +1246,8 @@ async fn fanout(args: &Args, servers: Vec<Server>) -> serde_json::Value {
 
 /// Idle memory: open rooms x members joined sockets, let them sit, and compare the server's
 /// resident memory with what it used after one warm-up room.
-async fn idle(args: &Args, server: &Server, tls: Option<Arc<rustls::ClientConfig>>) {
+async fn idle(args: &Args, server: &Server) {
     let pid = server.child.id();
-    let open = |n, keys: &RoomKeys, create| {
-        let (tls, keys) = (tls.clone(), keys.clone());
-        async move {
-            match &tls {
-                Some(tls) => open_tls(&server.addr, n, &keys, create, tls).await,
-                None => open(&server.addr, n, &keys, create).await,
-            }
-        }
-    };
     let mut sockets = Vec::new();
     // Warm up: one room, so allocator arenas, thread stacks and caches exist before measuring.
     let mut n = 0;
@@ -1264,7 +1258,7 @@ async fn idle(args: &Args, server: &Server, tls: Option<Arc<rustls::ClientConfig
     };
     let warm = room_keys();
     for m in 0..args.members {
-        let ws = open(n, &warm, m == 0).await;
+        let ws = open(&server.addr, n, &warm, m == 0).await;
         n += 1;
         sockets.push(ws);
     }
@@ -1274,7 +1268,7 @@ async fn idle(args: &Args, server: &Server, tls: Option<Arc<rustls::ClientConfig
     for _ in 0..args.rooms {
         let keys = room_keys();
         for m in 0..args.members {
-            let ws = open(n, &keys, m == 0).await;
+            let ws = open(&server.addr, n, &keys, m == 0).await;
             n += 1;
             sockets.push(ws);
         }
