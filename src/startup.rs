@@ -293,6 +293,18 @@ fn connection_error_kind(e: &DispatchError) -> &'static str {
     }
 }
 
+/// An HTTP service's error handler for a public listener: counts each error by kind in
+/// `errors` (`nanochat_http_connection_errors_total`) and passes it on.
+fn count_connection_error(
+    errors: &prometheus::IntCounterVec,
+) -> impl Fn(DispatchError) -> DispatchError + Clone + use<> {
+    let errors = errors.clone();
+    move |e| {
+        errors.with_label_values(&[connection_error_kind(&e)]).inc();
+        e
+    }
+}
+
 /// An onion listener that reads Tor's circuit line (`server.onion_circuit_ids`): what a
 /// connection without it counts in, and when the log last said so.
 struct CircuitLines {
@@ -1059,8 +1071,8 @@ impl Application {
                     .route("/readyz", web::head().to(readyz))
                     .route("/{path:.*}", web::get().to(assets::serve))
                     .route("/{path:.*}", web::head().to(assets::serve));
-                let errors = state.metrics.http_connection_errors_total.clone();
                 let front = front.clone();
+                let counted = count_connection_error(&state.metrics.http_connection_errors_total);
                 let http = HttpService::build()
                     .client_request_timeout(handshake_timeout)
                     .client_disconnect_timeout(Duration::from_secs(1))
@@ -1070,10 +1082,7 @@ impl Application {
                         },
                     ))
                     .finish(map_config(app.into_factory(), |_| AppConfig::default()))
-                    .map_err(move |e| {
-                        errors.with_label_values(&[connection_error_kind(&e)]).inc();
-                        e
-                    });
+                    .map_err(counted);
                 fn_service(move |io: TcpStream| accept(front.clone(), io, handshake_timeout))
                     .and_then(http)
             })?;
@@ -1094,15 +1103,11 @@ impl Application {
                         web::get().to(acme_challenge),
                     )
                     .default_service(web::to(to_https));
-                let errors = errors.clone();
                 let http = HttpService::build()
                     .client_request_timeout(handshake_timeout)
                     .client_disconnect_timeout(Duration::from_secs(1))
                     .finish(map_config(app.into_factory(), |_| AppConfig::default()))
-                    .map_err(move |e| {
-                        errors.with_label_values(&[connection_error_kind(&e)]).inc();
-                        e
-                    });
+                    .map_err(count_connection_error(&errors));
                 fn_service(move |io: TcpStream| accept(Front::Plain, io, handshake_timeout))
                     .and_then(http)
             })?;
